@@ -1,0 +1,87 @@
+"""The FastAPI application: wiring, lifespan and the one mapping of domain errors to HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from api.deps import Services
+from api.routes import ops, runs, stream, threads
+from broker.connection import connect
+from broker.errors import Conflict, InvalidEventId, NotFound
+from broker.graphs import shared_registry
+from broker.settings import Settings, get_settings
+
+log = logging.getLogger("tokenrelay.api")
+
+EXPOSED_HEADERS = ["Location", "Content-Location"]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (read from the environment when omitted)."""
+    cfg = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(cfg.resolved_redis_url())
+        registry = shared_registry(json.dumps(cfg.graphs, sort_keys=True), cfg.checkpointer)
+        svc = Services.build(cfg, redis, registry)
+        await svc.fanout.start()
+        app.state.services = svc
+        try:
+            yield
+        finally:
+            await svc.fanout.stop()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="tokenrelay",
+        summary="Resumable LangGraph streams over Redis, Agent Server compatible.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    if cfg.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cfg.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            allow_credentials=True,
+        )
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(InvalidEventId)
+    async def _bad_event_id(request: Request, exc: InvalidEventId) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unavailable: %s", exc)
+        return JSONResponse(
+            {"detail": "Redis is unavailable; retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    app.include_router(ops.router)
+    app.include_router(threads.router)
+    app.include_router(runs.router)
+    app.include_router(stream.router)
+    return app

@@ -1,0 +1,52 @@
+"""What a request handler needs, built once per process in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from redis.asyncio import Redis
+
+from api.fanout import Fanout
+from broker.graphs import GraphRegistry
+from broker.keys import Keys
+from broker.log import EventLog
+from broker.queue import RunQueue
+from broker.runs import RunStore
+from broker.settings import Settings
+from broker.threads import ThreadStore
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    redis: Redis
+    keys: Keys
+    log: EventLog
+    runs: RunStore
+    threads: ThreadStore
+    queue: RunQueue
+    fanout: Fanout
+    registry: GraphRegistry
+
+    @classmethod
+    def build(cls, settings: Settings, redis: Redis, registry: GraphRegistry) -> Services:
+        keys = Keys(settings.key_prefix)
+        return cls(
+            settings=settings,
+            redis=redis,
+            keys=keys,
+            log=EventLog(
+                redis, keys, maxlen=settings.stream_maxlen, ttl_seconds=settings.retention_seconds
+            ),
+            runs=RunStore(redis, keys, ttl_seconds=settings.retention_seconds),
+            threads=ThreadStore(redis, keys),
+            queue=RunQueue(redis, keys),
+            fanout=Fanout(redis, keys),
+            registry=registry,
+        )
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc

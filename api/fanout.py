@@ -1,0 +1,174 @@
+"""Live fan-out: one pub/sub connection per API process, one subscription per run, shared by all
+of that run's clients through reference counting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker.keys import Keys
+from broker.log import LiveBatch
+
+log = logging.getLogger("tokenrelay.fanout")
+
+
+class Subscription:
+    """One client's view of a run's live feed: a bounded queue of batches.
+
+    Past the bound the queue is dropped and the client is told to catch up from the stream, so a
+    slow client costs at most `limit` batches of memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._queue: deque[LiveBatch] = deque()
+        self._ready = asyncio.Event()
+        self._overflowed = False
+
+    @property
+    def overflowed(self) -> bool:
+        return self._overflowed
+
+    def push(self, batch: LiveBatch) -> None:
+        if self._overflowed:
+            return
+        if len(self._queue) >= self._limit:
+            self._queue.clear()
+            self._overflowed = True
+        else:
+            self._queue.append(batch)
+        self._ready.set()
+
+    def mark_overflowed(self) -> None:
+        self._queue.clear()
+        self._overflowed = True
+        self._ready.set()
+
+    def reset(self) -> None:
+        self._queue.clear()
+        self._overflowed = False
+        self._ready.clear()
+
+    async def get(self, timeout: float) -> LiveBatch | None:
+        if not self._queue:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                return None
+            if not self._queue:
+                return None
+        return self._queue.popleft()
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.subscribers: set[Subscription] = set()
+        self.confirmed = asyncio.Event()
+
+
+class Fanout:
+    """Shares one Redis pub/sub connection among every live reader of this process."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, queue_limit: int = 1024) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._limit = queue_limit
+        self._channels: dict[bytes, _Channel] = {}
+        self._pubsub: PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    async def start(self) -> None:
+        self._pubsub = self._redis.pubsub()
+        self._task = asyncio.create_task(self._reader(), name="fanout")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._channels.clear()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, run_id: str) -> AsyncIterator[Subscription]:
+        """A subscription to `run_id`'s live batches, active (confirmed by Redis) on entry."""
+        assert self._pubsub is not None, "Fanout.start() was not called"
+        name = self._keys.live(run_id).encode()
+        sub = Subscription(self._limit)
+        async with self._lock:
+            channel = self._channels.get(name)
+            first = channel is None
+            if channel is None:
+                channel = self._channels[name] = _Channel()
+            channel.subscribers.add(sub)
+            if first:
+                await self._pubsub.subscribe(name)
+        try:
+            # Readers go on to read history, so the subscription must be live first; a missed
+            # confirmation only costs a catch-up read, never an event.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.confirmed.wait(), 2.0)
+            yield sub
+        finally:
+            async with self._lock:
+                channel.subscribers.discard(sub)
+                if not channel.subscribers and self._channels.get(name) is channel:
+                    del self._channels[name]
+                    with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                        await self._pubsub.unsubscribe(name)
+
+    async def _reader(self) -> None:
+        assert self._pubsub is not None
+        pubsub = self._pubsub
+        while True:
+            try:
+                if not pubsub.subscribed:
+                    await asyncio.sleep(0.05)
+                    continue
+                msg = await pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("pub/sub connection lost: %s", exc)
+                self._all_catch_up()
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None:
+                continue
+            kind = msg["type"]
+            channel = self._channels.get(msg["channel"])
+            if channel is None:
+                continue
+            if kind == "subscribe":
+                channel.confirmed.set()
+                # After a reconnect redis-py re-subscribes; readers may have missed batches.
+                for sub in channel.subscribers:
+                    sub.mark_overflowed()
+            elif kind == "message":
+                try:
+                    batch = LiveBatch.decode(msg["data"])
+                except Exception:  # a malformed publish must not stop fan-out
+                    log.exception("undecodable live batch on %r", msg["channel"])
+                    continue
+                for sub in channel.subscribers:
+                    sub.push(batch)
+
+    def _all_catch_up(self) -> None:
+        for channel in self._channels.values():
+            for sub in channel.subscribers:
+                sub.mark_overflowed()

@@ -1,0 +1,46 @@
+"""Liveness, readiness and server info."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from api.deps import Services, services
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/ok")
+async def ok() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(svc: Services = Depends(services)) -> dict[str, str] | JSONResponse:
+    """Redis answers."""
+    try:
+        await svc.redis.ping()
+    except Exception as exc:  # any failure means not ready
+        return JSONResponse(
+            {"status": "unavailable", "detail": f"redis: {exc}"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+    return {"status": "ok"}
+
+
+@router.get("/info")
+async def info() -> dict[str, Any]:
+    return {
+        "version": "0.1.0",
+        "flags": {"assistants": True, "crons": False, "langsmith": False},
+        "metadata": {"server": "tokenrelay"},
+    }

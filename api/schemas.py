@@ -1,0 +1,107 @@
+"""HTTP bodies (pydantic, at the edge only) and the JSON shapes of threads and runs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from broker.runs import RunRecord
+from broker.threads import ThreadRecord
+
+StreamModeName = Literal[
+    "values", "updates", "messages-tuple", "messages", "custom", "debug", "tasks", "checkpoints"
+]  # fmt: skip
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
+
+
+class ThreadCreate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    thread_id: str | None = Field(default=None, min_length=1, max_length=128)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    if_exists: Literal["raise", "do_nothing"] = "raise"
+
+    @field_validator("thread_id")
+    @classmethod
+    def _no_braces(cls, v: str | None) -> str | None:
+        if v is not None and any(c in v for c in "{}:\x00"):
+            raise ValueError("thread_id must not contain '{', '}', ':' or NUL")
+        return v
+
+
+class RunCreate(BaseModel):
+    """The body of ``POST /threads/{tid}/runs[/stream|/wait]``, as the Agent Server takes it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    assistant_id: str = Field(min_length=1)
+    input: dict[str, Any] | list[Any] | str | int | float | bool | None = None
+    command: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    stream_mode: StreamModeName | list[StreamModeName] = "values"
+    stream_subgraphs: bool = False
+    stream_resumable: bool = False
+    on_disconnect: Literal["continue", "cancel"] = "continue"
+    multitask_strategy: Literal["reject", "interrupt", "rollback", "enqueue"] = "enqueue"
+    checkpoint_id: str | None = None
+    checkpoint: dict[str, Any] | None = None
+    if_not_exists: Literal["create", "reject"] = "reject"
+
+    def stream_modes(self) -> list[str]:
+        modes = [self.stream_mode] if isinstance(self.stream_mode, str) else self.stream_mode
+        return list(dict.fromkeys(modes)) or ["values"]
+
+    def run_kwargs(self) -> dict[str, Any]:
+        checkpoint_id = self.checkpoint_id or (self.checkpoint or {}).get("checkpoint_id")
+        return {
+            "input": self.input,
+            "command": self.command,
+            "config": self.config or {},
+            "context": self.context or {},
+            "stream_mode": self.stream_modes(),
+            "subgraphs": self.stream_subgraphs,
+            "resumable": self.stream_resumable,
+            "checkpoint_id": checkpoint_id,
+        }
+
+
+def thread_json(thread: ThreadRecord, status: str, values: Any = None) -> dict[str, Any]:
+    return {
+        "thread_id": thread.thread_id,
+        "created_at": iso(thread.created_at),
+        "updated_at": iso(thread.updated_at),
+        "state_updated_at": iso(thread.updated_at),
+        "metadata": thread.metadata,
+        "status": status,
+        "config": {},
+        "values": values,
+        "interrupts": {},
+        "error": None,
+    }
+
+
+def run_json(run: RunRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "run_id": run.run_id,
+        "thread_id": run.thread_id,
+        "assistant_id": run.assistant_id,
+        "created_at": iso(run.created_at),
+        "updated_at": iso(run.updated_at),
+        "status": run.status.value,
+        "metadata": run.metadata,
+        "kwargs": {**run.kwargs, "on_disconnect": run.on_disconnect},
+        "multitask_strategy": run.multitask_strategy,
+        "attempt": run.attempt,
+    }
+    if run.error:
+        out["error"] = run.error
+    if run.checkpoint_id:
+        out["checkpoint_id"] = run.checkpoint_id
+    return out

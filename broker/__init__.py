@@ -1,0 +1,1 @@
+"""Redis side of tokenrelay, shared by the API and the worker."""

@@ -1,0 +1,70 @@
+"""The only encoders: msgpack for the internal wire, JSON (orjson) for what clients see."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import orjson
+
+_JSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def _default(obj: Any) -> Any:
+    # LangChain messages and other pydantic models: the same dict the Agent Server sends.
+    model_dump = getattr(obj, "model_dump", None)
+    if callable(model_dump):
+        return model_dump()
+    to_json = getattr(obj, "to_json", None)
+    if callable(to_json):
+        return to_json()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", errors="replace")
+    if isinstance(obj, BaseException):
+        return {"error": type(obj).__name__, "message": str(obj)}
+    return repr(obj)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Encode `obj` for the wire, once; non-JSON types render as the Agent Server renders them."""
+    return orjson.dumps(obj, default=_default, option=_JSON_OPTS)
+
+
+def json_loads(data: bytes | str) -> Any:
+    return orjson.loads(data)
+
+
+def json_fragment(data: bytes) -> orjson.Fragment:
+    """Embed already-encoded JSON in a larger document without decoding it."""
+    return orjson.Fragment(data)
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack for queue jobs, pub/sub batches and control messages."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def splice_tuple(first: bytes, second: bytes) -> bytes:
+    """``[<first>,<second>]`` from two encoded JSON values, without decoding either."""
+    return b"[" + first + b"," + second + b"]"
+
+
+def error_payload(error: str, message: str) -> bytes:
+    return json_bytes({"error": error, "message": message})
+
+
+def unpack_raw(data: bytes) -> Any:
+    """msgpack with strings left as bytes: for payloads that go to the wire untouched."""
+    return msgpack.unpackb(data, raw=True)

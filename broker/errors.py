@@ -1,0 +1,44 @@
+"""Domain errors; the API maps each to an HTTP status in one place (``api/app.py``)."""
+
+from __future__ import annotations
+
+
+class TokenrelayError(Exception):
+    """Base of every error tokenrelay raises on purpose."""
+
+
+class NotFound(TokenrelayError):
+    """A thread, run or assistant that does not exist."""
+
+
+class ThreadNotFound(NotFound):
+    def __init__(self, thread_id: str) -> None:
+        super().__init__(f"Thread with ID {thread_id} not found")
+
+
+class RunNotFound(NotFound):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"Run with ID {run_id} not found")
+
+
+class AssistantNotFound(NotFound):
+    def __init__(self, assistant_id: str) -> None:
+        super().__init__(f"Assistant with ID {assistant_id} not found")
+
+
+class InvalidEventId(TokenrelayError):
+    """A Last-Event-ID that is not a stream entry id."""
+
+    def __init__(self, value: str) -> None:
+        super().__init__(
+            f"Invalid Last-Event-ID {value!r}: expected '<ms>-<seq>' as sent in `id:`, or -1/0 "
+            "to replay from the start"
+        )
+
+
+class Conflict(TokenrelayError):
+    """The request conflicts with current state (for example a thread that already exists)."""
+
+
+class GraphLoadError(TokenrelayError):
+    """A graph spec in TOKENRELAY_GRAPHS that cannot be loaded."""

@@ -1,0 +1,121 @@
+"""The graph registry and the checkpointer, shared by the API (thread state) and the worker (runs).
+
+A graph spec is ``"package.module:attr"`` or ``"path/to/file.py:attr"``, as in ``langgraph.json``;
+the attribute is a compiled graph, an uncompiled ``StateGraph``, or a factory returning either.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import StateGraph
+from langgraph.pregel import Pregel
+
+from broker.errors import AssistantNotFound, GraphLoadError
+
+# The Agent Server derives a default assistant id per graph as uuid5(this namespace, graph id).
+_ASSISTANT_NAMESPACE = uuid.UUID("6ba7b821-9dad-11d1-80b4-00c04fd430c8")
+
+
+def assistant_uuid(graph_id: str) -> str:
+    return str(uuid.uuid5(_ASSISTANT_NAMESPACE, graph_id))
+
+
+@functools.cache
+def shared_registry(specs_json: str, checkpointer: str) -> GraphRegistry:
+    """One registry per process and configuration, so an API and a worker in one process
+    (``tokenrelay dev``) share the same graphs and in-memory checkpointer."""
+    registry = GraphRegistry(json.loads(specs_json), make_checkpointer(checkpointer))
+    registry.load_all()
+    return registry
+
+
+def make_checkpointer(spec: str) -> BaseCheckpointSaver[Any]:
+    """The checkpointer named by TOKENRELAY_CHECKPOINTER (``memory`` for now)."""
+    if spec == "memory":
+        return InMemorySaver()
+    raise GraphLoadError(f"TOKENRELAY_CHECKPOINTER={spec!r} is not supported: use 'memory'")
+
+
+def _import_attr(spec: str) -> Any:
+    if ":" not in spec:
+        raise GraphLoadError(f"graph spec {spec!r} must look like 'module:attr' or 'file.py:attr'")
+    target, attr = spec.rsplit(":", 1)
+    try:
+        if target.endswith(".py") or "/" in target:
+            path = Path(target).resolve()
+            mod_name = f"tokenrelay_graph_{path.stem}"
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise GraphLoadError(f"graph spec {spec!r}: cannot load file {path}")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except GraphLoadError:
+        raise
+    except Exception as exc:
+        raise GraphLoadError(f"graph spec {spec!r}: cannot import {target!r}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise GraphLoadError(f"graph spec {spec!r}: {target!r} has no attribute {attr!r}") from None
+
+
+class GraphRegistry:
+    """The configured graphs by id, each bound to the shared checkpointer."""
+
+    def __init__(self, specs: dict[str, str], checkpointer: BaseCheckpointSaver[Any]) -> None:
+        self.specs = dict(specs)
+        self.checkpointer = checkpointer
+        self._graphs: dict[str, Pregel[Any, Any, Any, Any]] = {}
+        self._by_uuid = {assistant_uuid(gid): gid for gid in specs}
+
+    def load_all(self) -> None:
+        """Import every graph now, so a wrong spec fails at start with its name."""
+        for graph_id in self.specs:
+            self.get(graph_id)
+
+    def graph_id(self, assistant_id: str) -> str:
+        """Resolve an assistant id (a graph id or its uuid) to a graph id."""
+        if assistant_id in self.specs:
+            return assistant_id
+        try:
+            return self._by_uuid[assistant_id]
+        except KeyError:
+            raise AssistantNotFound(assistant_id) from None
+
+    def get(self, assistant_id: str) -> Pregel[Any, Any, Any, Any]:
+        graph_id = self.graph_id(assistant_id)
+        graph = self._graphs.get(graph_id)
+        if graph is None:
+            graph = self._build(graph_id, self.specs[graph_id])
+            self._graphs[graph_id] = graph
+        return graph
+
+    def _build(self, graph_id: str, spec: str) -> Pregel[Any, Any, Any, Any]:
+        obj = _import_attr(spec)
+        if not isinstance(obj, (Pregel, StateGraph)) and callable(obj):
+            if inspect.iscoroutinefunction(obj):
+                raise GraphLoadError(
+                    f"graph {graph_id!r} ({spec}): async factories are not supported"
+                )
+            obj = obj()
+        if isinstance(obj, StateGraph):
+            obj = obj.compile()
+        if not isinstance(obj, Pregel):
+            raise GraphLoadError(
+                f"graph {graph_id!r} ({spec}) is a {type(obj).__name__}, not a LangGraph graph"
+            )
+        return obj.copy(update={"checkpointer": self.checkpointer})

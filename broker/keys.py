@@ -1,0 +1,52 @@
+"""Every Redis key and channel tokenrelay uses, and nothing else builds one.
+
+Keys of a run share the hash tag ``{run_id}`` and keys of a thread share ``{thread_id}``, so each
+multi-key script touches one slot and runs unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "tr"
+
+    def run_events(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:events"
+
+    def run_meta(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:meta"
+
+    def run_blobs(self, run_id: str) -> str:
+        """Hash of the distinct `messages` metadata blobs of a run, stored once each."""
+        return f"{self.prefix}:run:{{{run_id}}}:blobs"
+
+    def run_cancel(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:cancel"
+
+    def live(self, run_id: str) -> str:
+        return f"{self.prefix}:live:{{{run_id}}}"
+
+    def thread_meta(self, thread_id: str) -> str:
+        return f"{self.prefix}:thread:{{{thread_id}}}:meta"
+
+    def thread_active(self, thread_id: str) -> str:
+        return f"{self.prefix}:thread:{{{thread_id}}}:active"
+
+    def thread_runs(self, thread_id: str) -> str:
+        """Sorted set of a thread's run ids by creation time."""
+        return f"{self.prefix}:thread:{{{thread_id}}}:runs"
+
+    def threads_index(self) -> str:
+        return f"{self.prefix}:threads"
+
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def ctl(self, worker_id: str) -> str:
+        return f"{self.prefix}:ctl:{worker_id}"

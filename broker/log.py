@@ -1,0 +1,218 @@
+"""A run's event log: append a batch (one Lua call), read history, and tail it live.
+
+Tailing subscribes to the run's live channel first, then reads history with XRANGE, then goes
+live, dropping any live entry whose id is not greater than the last one delivered. Every live
+batch names the id that preceded it, so a reader that missed a batch notices and catches up
+from the stream instead of skipping events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+
+from broker import codec, scripts
+from broker.keys import Keys
+from broker.models import ZERO_ID, Entry, Event, RunStatus, StreamId
+
+PAGE_SIZE = 512
+
+Row = tuple[str, bytes, bytes]
+StreamRow = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveBatch:
+    """One append batch as published on a run's live channel."""
+
+    prev: StreamId | None
+    entries: list[Entry]
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LiveBatch:
+        prev_raw, rows = codec.unpack_raw(payload)
+        prev = StreamId.parse(prev_raw) if prev_raw else None
+        return cls(prev, [_entry(r[0], r[1], r[2], r[3]) for r in rows])
+
+
+class LiveSubscription(Protocol):
+    """What a tail needs from a live feed of one run (see ``api/fanout.py``)."""
+
+    @property
+    def overflowed(self) -> bool: ...
+
+    def reset(self) -> None:
+        """Drop queued batches and clear the overflow flag before a catch-up read."""
+
+    async def get(self, timeout: float) -> LiveBatch | None:
+        """The next batch, or None after `timeout` seconds without one."""
+
+
+def _entry(id_: bytes, name: bytes, data: bytes, blob_ref: bytes | None) -> Entry:
+    return Entry(StreamId.parse(id_), name.decode(), data, blob_ref or None)
+
+
+class EventLog:
+    """Append, read and tail the event streams of runs."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, maxlen: int, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._maxlen = maxlen
+        self._ttl = ttl_seconds
+        self._append = scripts.script("append")
+
+    def append_in(
+        self,
+        pipe: Pipeline,
+        run_id: str,
+        rows: Sequence[Row],
+        *,
+        blobs: Sequence[tuple[bytes, bytes]] = (),
+        status: RunStatus | None = None,
+        seq: int = 0,
+    ) -> None:
+        """Queue one append of `rows` on `pipe`; its result is the run's cancel request or None.
+
+        A row is (event name, JSON data, blob ref or b""); `blobs` are the (ref, blob) pairs
+        first referenced in this batch. A positive `seq` (increasing per run) makes a retried
+        batch a no-op once it was applied.
+        """
+        k = self._keys
+        args: list[Any] = [
+            self._maxlen,
+            self._ttl,
+            int(time.time() * 1000),
+            status.value if status else "",
+            seq,
+            len(blobs),
+        ]
+        for ref, blob in blobs:
+            args += [ref, blob]
+        for row in rows:
+            args += row
+        keys = [
+            k.run_events(run_id),
+            k.run_blobs(run_id),
+            k.run_meta(run_id),
+            k.run_cancel(run_id),
+            k.live(run_id),
+        ]
+        self._append.queue(pipe, keys, args)
+
+    async def append(
+        self, run_id: str, events: Sequence[Event], *, status: RunStatus | None = None
+    ) -> bytes | None:
+        """Append `events` (blobs inlined) in one round trip; returns the run's cancel request."""
+        rows = [
+            (e.name, codec.splice_tuple(e.data, e.blob) if e.blob else e.data, b"") for e in events
+        ]
+        pipe = self._redis.pipeline(transaction=False)
+        self.append_in(pipe, run_id, rows, status=status)
+        (result,) = await pipe.execute(raise_on_error=False)
+        if isinstance(result, NoScriptError):
+            await self._append.load(self._redis)
+            return await self.append(run_id, events, status=status)
+        if isinstance(result, Exception):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    async def load_scripts(self) -> None:
+        await self._append.load(self._redis)
+
+    async def read(self, run_id: str, after: StreamId, count: int = PAGE_SIZE) -> list[Entry]:
+        """Up to `count` entries with ids greater than `after`, oldest first."""
+        rows = cast(
+            list[StreamRow],
+            await self._redis.xrange(
+                self._keys.run_events(run_id), min=f"({after}", max="+", count=count
+            ),
+        )
+        return [_entry(id_, f[b"e"], f[b"d"], f.get(b"m")) for id_, f in rows]
+
+    async def last_entry(self, run_id: str) -> Entry | None:
+        """The newest entry, or None for an empty or missing stream."""
+        rows = cast(
+            list[StreamRow], await self._redis.xrevrange(self._keys.run_events(run_id), count=1)
+        )
+        if not rows:
+            return None
+        id_, f = rows[0]
+        return _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
+
+    async def has_after(self, run_id: str, after: StreamId) -> bool:
+        """Whether any entry newer than `after` exists."""
+        return bool(await self.read(run_id, after, count=1))
+
+    async def blob(self, run_id: str, ref: bytes) -> bytes | None:
+        return cast(bytes | None, await self._redis.hget(self._keys.run_blobs(run_id), ref))  # type: ignore[misc]
+
+    async def tail(
+        self,
+        run_id: str,
+        after: StreamId,
+        live: LiveSubscription,
+        *,
+        idle_seconds: float,
+    ) -> AsyncIterator[Entry | None]:
+        """Every entry after `after` in order, then live ones, up to and including `end`.
+
+        Yields None each time `idle_seconds` pass without an entry (for heartbeats); the caller
+        must have subscribed `live` before calling, so nothing falls between history and live.
+        """
+        last = after
+        blobs = _BlobResolver(self, run_id)
+        while True:
+            # Catch up from the stream.
+            live.reset()
+            while True:
+                page = await self.read(run_id, last)
+                for entry in page:
+                    yield await blobs.resolve(entry)
+                    last = entry.id
+                    if entry.is_end:
+                        return
+                if len(page) < PAGE_SIZE:
+                    break
+            # Live until the feed overflows, misses a batch or goes quiet.
+            while not live.overflowed:
+                batch = await live.get(idle_seconds)
+                if batch is None:
+                    yield None
+                    break  # re-read the stream: cheap, and covers a lost pub/sub message
+                if batch.prev is not None and batch.prev > last and last != ZERO_ID:
+                    break
+                if batch.prev is not None and last == ZERO_ID:
+                    break
+                for entry in batch.entries:
+                    if entry.id <= last:
+                        continue
+                    yield await blobs.resolve(entry)
+                    last = entry.id
+                    if entry.is_end:
+                        return
+
+
+class _BlobResolver:
+    """Splices a `messages` chunk with its run-level metadata blob, fetching each blob once."""
+
+    def __init__(self, log: EventLog, run_id: str) -> None:
+        self._log = log
+        self._run_id = run_id
+        self._cache: dict[bytes, bytes] = {}
+
+    async def resolve(self, entry: Entry) -> Entry:
+        ref = entry.blob_ref
+        if ref is None:
+            return entry
+        blob = self._cache.get(ref)
+        if blob is None:
+            blob = await self._log.blob(self._run_id, ref) or b"{}"
+            self._cache[ref] = blob
+        return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))

@@ -1,0 +1,135 @@
+"""Run records (``tr:run:{R}:meta``) and a thread's runs, as both processes see them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from broker import codec, scripts
+from broker.errors import RunNotFound
+from broker.keys import Keys
+from broker.models import Job, RunStatus
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(slots=True)
+class RunRecord:
+    run_id: str
+    thread_id: str
+    assistant_id: str
+    status: RunStatus
+    created_at: int
+    updated_at: int
+    attempt: int = 1
+    worker: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    multitask_strategy: str = "reject"
+    on_disconnect: str = "continue"
+    error: str = ""
+    checkpoint_id: str = ""
+    seq: int = 0
+    """Last event batch applied to the run's stream (see scripts/append.lua)."""
+
+    @property
+    def stream_modes(self) -> list[str]:
+        return list(self.kwargs.get("stream_mode") or ["values"])
+
+    def to_hash(self) -> dict[str, bytes | str | int]:
+        return {
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "assistant_id": self.assistant_id,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "attempt": self.attempt,
+            "worker": self.worker,
+            "metadata": codec.json_bytes(self.metadata),
+            "kwargs": codec.json_bytes(self.kwargs),
+            "multitask_strategy": self.multitask_strategy,
+            "on_disconnect": self.on_disconnect,
+            "error": self.error,
+            "checkpoint_id": self.checkpoint_id,
+        }
+
+    @classmethod
+    def from_hash(cls, h: dict[bytes, bytes]) -> RunRecord:
+        s = {k.decode(): v.decode() for k, v in h.items()}
+        return cls(
+            run_id=s["run_id"],
+            thread_id=s["thread_id"],
+            assistant_id=s["assistant_id"],
+            status=RunStatus(s["status"]),
+            created_at=int(s["created_at"]),
+            updated_at=int(s["updated_at"]),
+            attempt=int(s.get("attempt") or 1),
+            worker=s.get("worker", ""),
+            metadata=codec.json_loads(s.get("metadata") or "{}"),
+            kwargs=codec.json_loads(s.get("kwargs") or "{}"),
+            multitask_strategy=s.get("multitask_strategy", "reject"),
+            on_disconnect=s.get("on_disconnect", "continue"),
+            error=s.get("error", ""),
+            checkpoint_id=s.get("checkpoint_id", ""),
+            seq=int(s.get("seq") or 0),
+        )
+
+
+class RunStore:
+    """Create, read and update run records; hand new runs to the queue."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl = ttl_seconds
+        self._release = scripts.script("release_active")
+
+    async def create(self, run: RunRecord) -> Job:
+        """Store `run` as pending, make it the thread's active run and return its queue job."""
+        k = self._keys
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(k.run_meta(run.run_id), mapping=run.to_hash())  # type: ignore[arg-type]
+        pipe.expire(k.run_meta(run.run_id), self._ttl)
+        await pipe.execute()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
+        pipe.set(k.thread_active(run.thread_id), run.run_id)
+        await pipe.execute()
+        return Job(run.run_id, run.thread_id, run.assistant_id, run.attempt)
+
+    async def get(self, run_id: str) -> RunRecord:
+        h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.run_meta(run_id)))  # type: ignore[misc]
+        if not h or b"run_id" not in h:
+            raise RunNotFound(run_id)
+        return RunRecord.from_hash(h)
+
+    async def find(self, thread_id: str, run_id: str) -> RunRecord:
+        """The run `run_id` if it belongs to `thread_id`."""
+        run = await self.get(run_id)
+        if run.thread_id != thread_id:
+            raise RunNotFound(run_id)
+        return run
+
+    async def update(self, run_id: str, **fields: str | int) -> None:
+        fields.setdefault("updated_at", now_ms())
+        await self._redis.hset(self._keys.run_meta(run_id), mapping=fields)  # type: ignore[misc,arg-type]
+
+    async def active_run(self, thread_id: str) -> str | None:
+        rid = cast(bytes | None, await self._redis.get(self._keys.thread_active(thread_id)))
+        return rid.decode() if rid else None
+
+    async def release_active(self, thread_id: str, run_id: str) -> bool:
+        """Clear the thread's active pointer if it still names `run_id`."""
+        cleared = await self._release(self._redis, [self._keys.thread_active(thread_id)], [run_id])
+        return bool(cleared)

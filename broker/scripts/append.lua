@@ -1,0 +1,49 @@
+-- Append a batch of events to a run's stream and fan the batch out, in one round trip.
+-- KEYS: 1 events stream, 2 blob hash, 3 meta hash, 4 cancel key, 5 live channel
+-- ARGV: 1 maxlen, 2 ttl seconds, 3 now (ms), 4 status ('' keeps it), 5 batch sequence number
+--       (0: none), 6 number of new blobs, then [blob_ref, blob] pairs, then
+--       [event, data, blob_ref ('' for none)] triples.
+-- A batch whose sequence number was already applied is skipped, so a producer may retry a batch
+-- after a lost reply without duplicating it. Publishes msgpack [prev_id, [[id, event, data,
+-- blob_ref], ...]]: prev_id lets a reader see that it missed a batch. Returns the run's cancel
+-- request, if any.
+local cancel = redis.call('GET', KEYS[4])
+local seq = tonumber(ARGV[5])
+if seq > 0 then
+  local applied = tonumber(redis.call('HGET', KEYS[3], 'seq') or '0')
+  if seq <= applied then return cancel end
+  redis.call('HSET', KEYS[3], 'seq', seq)
+end
+local maxlen = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local nblobs = tonumber(ARGV[6])
+local i = 7
+for _ = 1, nblobs do
+  redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local prev = ''
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then prev = last[1][1] end
+local batch = {}
+while i <= #ARGV do
+  local e, d, m = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local id
+  if m == '' then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', e, 'd', d)
+  else
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', e, 'd', d, 'm', m)
+  end
+  batch[#batch + 1] = {id, e, d, m}
+  i = i + 3
+end
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[3], 'status', ARGV[4], 'updated_at', ARGV[3])
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+if #batch > 0 then
+  redis.call('PUBLISH', KEYS[5], cmsgpack.pack({prev, batch}))
+end
+return cancel

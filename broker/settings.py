@@ -1,0 +1,50 @@
+"""Settings read from the environment (prefix ``TOKENRELAY_``); every one has a working default."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_GRAPHS = {"agent": "producer.demo:graph"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENRELAY_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://, rediss:// or cluster URL; `tokenrelay dev` embeds one when unset.",
+    )
+    graphs: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_GRAPHS))
+    checkpointer: str = "memory"
+    key_prefix: str = "tr"
+
+    retention_seconds: int = Field(default=3600, ge=1)
+    stream_maxlen: int = Field(default=100_000, ge=10)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    stream_max_seconds: float = Field(default=0.0, ge=0, description="0 means no budget.")
+    flush_ms: float = Field(default=5.0, ge=0)
+    flush_max_events: int = Field(default=256, ge=1)
+    lease_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    cancel_ttl_seconds: int = Field(default=3600, ge=1)
+    worker_concurrency: int = Field(default=64, ge=1)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+
+    api_keys: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+
+    demo_reply_words: int = Field(default=200, ge=0)
+    demo_token_delay_ms: float = Field(default=20.0, ge=0)
+
+    def resolved_redis_url(self) -> str:
+        """The configured Redis URL, or the local default for `api`/`worker`."""
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,86 @@
+"""Thread records (``tr:thread:{T}:meta``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from broker import codec
+from broker.errors import Conflict, ThreadNotFound
+from broker.keys import Keys
+from broker.runs import new_id, now_ms
+
+
+@dataclass(slots=True)
+class ThreadRecord:
+    thread_id: str
+    created_at: int
+    updated_at: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class ThreadStore:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+
+    async def create(
+        self,
+        thread_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        if_exists: str = "raise",
+    ) -> ThreadRecord:
+        """Create a thread; an existing id raises Conflict, or is returned with `do_nothing`."""
+        tid = thread_id or new_id()
+        key = self._keys.thread_meta(tid)
+        ts = now_ms()
+        created = await self._redis.hsetnx(key, "thread_id", tid)  # type: ignore[misc]
+        if not created:
+            if if_exists == "do_nothing":
+                return await self.get(tid)
+            raise Conflict(f"Thread with ID {tid} already exists")
+        record = ThreadRecord(tid, ts, ts, dict(metadata or {}))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(
+            key,
+            mapping={
+                "created_at": ts,
+                "updated_at": ts,
+                "metadata": codec.json_bytes(record.metadata),
+            },
+        )
+        pipe.zadd(self._keys.threads_index(), {tid: ts})
+        await pipe.execute()
+        return record
+
+    async def get(self, thread_id: str) -> ThreadRecord:
+        h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.thread_meta(thread_id)))  # type: ignore[misc]
+        if not h or b"created_at" not in h:
+            raise ThreadNotFound(thread_id)
+        return ThreadRecord(
+            thread_id=thread_id,
+            created_at=int(h[b"created_at"]),
+            updated_at=int(h[b"updated_at"]),
+            metadata=codec.json_loads(h.get(b"metadata") or b"{}"),
+        )
+
+    async def exists(self, thread_id: str) -> bool:
+        return bool(await self._redis.hexists(self._keys.thread_meta(thread_id), "created_at"))  # type: ignore[misc]
+
+    async def touch(self, thread_id: str) -> None:
+        await self._redis.hset(self._keys.thread_meta(thread_id), "updated_at", now_ms())  # type: ignore[misc]
+
+    async def set_status(self, thread_id: str, status: str) -> None:
+        """Record how the thread's last run left it: idle, error or interrupted."""
+        await self._redis.hset(  # type: ignore[misc]
+            self._keys.thread_meta(thread_id), mapping={"status": status, "updated_at": now_ms()}
+        )
+
+    async def last_status(self, thread_id: str) -> str:
+        raw = cast(
+            bytes | None, await self._redis.hget(self._keys.thread_meta(thread_id), "status")
+        )  # type: ignore[misc]
+        return raw.decode() if raw else "idle"

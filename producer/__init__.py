@@ -1,0 +1,1 @@
+"""The worker side of tokenrelay: claims runs, executes graphs, publishes their events."""

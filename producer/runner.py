@@ -1,0 +1,136 @@
+"""Runs one graph for one run and turns what it streams into wire events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from langchain_core.messages import BaseMessage, BaseMessageChunk
+from langgraph.types import Command
+
+from broker import codec
+from broker.graphs import GraphRegistry
+from broker.models import Event
+from broker.runs import RunRecord
+
+log = logging.getLogger("tokenrelay.runner")
+
+# Wire stream mode -> LangGraph stream mode.
+_GRAPH_MODE = {
+    "values": "values",
+    "updates": "updates",
+    "messages-tuple": "messages",
+    "messages": "messages",
+    "custom": "custom",
+    "debug": "debug",
+    "tasks": "tasks",
+    "checkpoints": "checkpoints",
+}
+STREAM_MODES = frozenset(_GRAPH_MODE)
+
+
+def run_config(run: RunRecord, graph_id: str) -> dict[str, Any]:
+    """The RunnableConfig of a run: the client's config plus thread and run identity."""
+    user = dict(run.kwargs.get("config") or {})
+    configurable = dict(user.get("configurable") or {})
+    configurable.update(
+        thread_id=run.thread_id, run_id=run.run_id, assistant_id=run.assistant_id, graph_id=graph_id
+    )
+    checkpoint_id = run.kwargs.get("checkpoint_id")
+    if checkpoint_id:
+        configurable["checkpoint_id"] = checkpoint_id
+    metadata = dict(user.get("metadata") or {})
+    metadata.update(run.metadata)
+    metadata.update(
+        run_id=run.run_id,
+        thread_id=run.thread_id,
+        assistant_id=run.assistant_id,
+        graph_id=graph_id,
+        run_attempt=run.attempt,
+    )
+    config: dict[str, Any] = {**user, "configurable": configurable, "metadata": metadata}
+    config.setdefault("recursion_limit", 25)
+    return config
+
+
+class _MessageAccumulator:
+    """Renders the legacy `messages` mode: metadata once, then the accumulated partial message."""
+
+    def __init__(self) -> None:
+        self._partials: dict[str, BaseMessageChunk] = {}
+
+    def events(self, suffix: str, message: BaseMessage, meta: dict[str, Any]) -> list[Event]:
+        msg_id = message.id or ""
+        out: list[Event] = []
+        if isinstance(message, BaseMessageChunk):
+            known = self._partials.get(msg_id)
+            if known is None:
+                out.append(
+                    Event(
+                        "messages/metadata" + suffix,
+                        codec.json_bytes({msg_id: {"metadata": meta}}),
+                    )
+                )
+                merged = message
+            else:
+                merged = known + message
+            self._partials[msg_id] = merged
+            out.append(Event("messages/partial" + suffix, codec.json_bytes([merged])))
+        else:
+            if msg_id not in self._partials:
+                out.append(
+                    Event(
+                        "messages/metadata" + suffix,
+                        codec.json_bytes({msg_id: {"metadata": meta}}),
+                    )
+                )
+            self._partials.pop(msg_id, None)
+            out.append(Event("messages/complete" + suffix, codec.json_bytes([message])))
+        return out
+
+
+class GraphRun:
+    """Executes a run's graph with the requested stream modes and yields its events in order."""
+
+    def __init__(self, registry: GraphRegistry, run: RunRecord) -> None:
+        self.run = run
+        self.graph_id = registry.graph_id(run.assistant_id)
+        self.graph = registry.get(run.assistant_id)
+        self.modes = [m for m in run.stream_modes if m in STREAM_MODES] or ["values"]
+        self._accumulator = _MessageAccumulator()
+
+    def _input(self) -> Any:
+        command = self.run.kwargs.get("command")
+        if command:
+            return Command(**command)
+        return self.run.kwargs.get("input")
+
+    async def events(self) -> AsyncIterator[Event]:
+        graph_modes = sorted({_GRAPH_MODE[m] for m in self.modes})
+        kwargs: dict[str, Any] = {}
+        context = self.run.kwargs.get("context")
+        if context:
+            kwargs["context"] = context
+        subgraphs = bool(self.run.kwargs.get("subgraphs"))
+        stream = self.graph.astream(  # type: ignore[call-overload]
+            self._input(),
+            run_config(self.run, self.graph_id),  # type: ignore[arg-type]
+            stream_mode=graph_modes,  # type: ignore[arg-type]
+            subgraphs=subgraphs,
+            **kwargs,
+        )
+        async for chunk in stream:
+            ns, mode, data = chunk if subgraphs else ((), *chunk)
+            suffix = "|" + "|".join(ns) if ns else ""
+            if mode == "messages":
+                message, meta = data
+                if "messages-tuple" in self.modes:
+                    yield Event(
+                        "messages" + suffix, codec.json_bytes(message), blob=codec.json_bytes(meta)
+                    )
+                if "messages" in self.modes:
+                    for event in self._accumulator.events(suffix, message, meta):
+                        yield event
+            else:
+                yield Event(mode + suffix, codec.json_bytes(data))

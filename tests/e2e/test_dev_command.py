@@ -1,0 +1,80 @@
+"""`tokenrelay dev` with no Redis configured: it embeds one and serves a run end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from broker.embedded import free_port
+
+
+@pytest.fixture
+def dev_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    env.update(TOKENRELAY_DEMO_REPLY_WORDS="12", TOKENRELAY_DEMO_TOKEN_DELAY_MS="5")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ok", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise AssertionError(f"tokenrelay dev did not start: {proc.communicate()[0]}")
+    yield url, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_dev_serves_a_run_on_embedded_redis(
+    dev_server: tuple[str, subprocess.Popen[str]],
+) -> None:
+    url, proc = dev_server
+    tid = httpx.post(url + "/threads", json={}).json()["thread_id"]
+    body = {
+        "assistant_id": "agent",
+        "input": {"messages": [{"role": "user", "content": "hi"}]},
+        "stream_mode": ["messages-tuple", "values"],
+    }
+    with httpx.stream("POST", f"{url}/threads/{tid}/runs/stream", json=body, timeout=30) as r:
+        text = r.read().decode()
+    blocks = [b for b in text.split("\n\n") if b.startswith("event:")]
+    assert blocks[0].startswith("event: metadata\n")
+    assert all("\nid: " in b for b in blocks)
+    words = [b for b in blocks if b.startswith("event: messages\n")]
+    assert len(words) >= 12
+    assert httpx.get(url + "/readyz").json() == {"status": "ok"}
+
+    # The embedded Redis goes away with the process.
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=15)
+    assert "tokenrelay dev: " + url in out
+    assert "curl" in out
+    redis_port = int(out.split("redis://127.0.0.1:")[1].split("/")[0])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()

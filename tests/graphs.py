@@ -1,0 +1,52 @@
+"""Graphs the tests register, next to the demo graph."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import BaseMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, MessagesState, StateGraph
+
+from producer.demo import FakeStreamingChatModel
+
+FAST_WORDS = 40
+fast_model = FakeStreamingChatModel(reply_words=FAST_WORDS, token_delay_ms=2)
+slow_model = FakeStreamingChatModel(reply_words=60, token_delay_ms=25)
+
+
+def _chat(model: FakeStreamingChatModel) -> Any:
+    async def llm(state: MessagesState, config: RunnableConfig) -> dict[str, list[BaseMessage]]:
+        return {"messages": [await model.ainvoke(state["messages"], config)]}
+
+    return (
+        StateGraph(MessagesState)
+        .add_node("llm", llm)
+        .add_edge(START, "llm")
+        .add_edge("llm", END)
+        .compile()
+    )
+
+
+fast = _chat(fast_model)
+slow = _chat(slow_model)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+async def _explode(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+    # Stream a little first, so the failure happens mid-stream.
+    await fast_model.ainvoke(state["messages"], config)
+    raise Boom("the model caught fire")
+
+
+failing = StateGraph(MessagesState).add_node("llm", _explode).add_edge(START, "llm").compile()
+
+GRAPHS = {
+    "agent": "producer.demo:graph",
+    "fast": "tests.graphs:fast",
+    "slow": "tests.graphs:slow",
+    "failing": "tests.graphs:failing",
+}

@@ -1,0 +1,146 @@
+"""The event log on a real Redis: append, read and tail, including lost live batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from api.fanout import Fanout, Subscription
+from broker import codec
+from broker.connection import connect
+from broker.embedded import EmbeddedRedis
+from broker.keys import Keys
+from broker.log import EventLog, LiveBatch
+from broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus
+from broker.runs import new_id
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+async def log(redis_server: EmbeddedRedis) -> AsyncIterator[tuple[EventLog, Fanout]]:
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    keys = Keys(s.key_prefix)
+    fanout = Fanout(redis, keys, queue_limit=4)
+    await fanout.start()
+    yield EventLog(redis, keys, maxlen=10_000, ttl_seconds=60), fanout
+    await fanout.stop()
+    await redis.aclose()
+
+
+def ev(i: int) -> Event:
+    return Event("custom", codec.json_bytes({"i": i}))
+
+
+async def collect(it: AsyncIterator[Entry | None]) -> list[Entry]:
+    return [e async for e in it if e is not None]
+
+
+async def test_append_then_read_in_order(log: tuple[EventLog, Fanout]) -> None:
+    elog, _ = log
+    rid = new_id()
+    await elog.append(rid, [ev(i) for i in range(5)])
+    await elog.append(rid, [Event(END_EVENT, b"")], status=RunStatus.SUCCESS)
+    entries = await elog.read(rid, ZERO_ID)
+    assert [e.name for e in entries] == ["custom"] * 5 + [END_EVENT]
+    assert [codec.json_loads(e.data)["i"] for e in entries[:5]] == list(range(5))
+    assert await elog.read(rid, entries[2].id) == entries[3:]
+
+
+async def test_tail_catches_up_then_goes_live(log: tuple[EventLog, Fanout]) -> None:
+    elog, fanout = log
+    rid = new_id()
+    await elog.append(rid, [ev(i) for i in range(3)])
+
+    async def produce() -> None:
+        for i in range(3, 40):
+            await elog.append(rid, [ev(i)])
+            await asyncio.sleep(0.002)
+        await elog.append(rid, [Event(END_EVENT, b"")])
+
+    async with fanout.subscribe(rid) as live:
+        task = asyncio.create_task(produce())
+        got = await collect(elog.tail(rid, ZERO_ID, live, idle_seconds=1))
+        await task
+    assert [codec.json_loads(e.data)["i"] for e in got[:-1]] == list(range(40))
+    assert got[-1].is_end
+
+
+class LossyFeed:
+    """A live feed that loses every other batch, as a dropped pub/sub message would."""
+
+    def __init__(self, inner: Subscription) -> None:
+        self.inner = inner
+        self.n = 0
+
+    @property
+    def overflowed(self) -> bool:
+        return self.inner.overflowed
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    async def get(self, timeout: float) -> LiveBatch | None:
+        while True:
+            batch = await self.inner.get(timeout)
+            self.n += 1
+            if batch is None or self.n % 2:
+                return batch
+
+
+async def test_a_lost_live_batch_is_recovered_from_the_stream(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    elog, fanout = log
+    rid = new_id()
+
+    async def produce() -> None:
+        await asyncio.sleep(0.05)
+        for i in range(30):
+            await elog.append(rid, [ev(2 * i), ev(2 * i + 1)])
+            await asyncio.sleep(0.005)
+        await elog.append(rid, [Event(END_EVENT, b"")])
+
+    async with fanout.subscribe(rid) as live:
+        task = asyncio.create_task(produce())
+        # a long idle timeout: recovery must come from the batch's prev id, not from polling
+        got = await collect(elog.tail(rid, ZERO_ID, LossyFeed(live), idle_seconds=30))
+        await task
+    assert [codec.json_loads(e.data)["i"] for e in got[:-1]] == list(range(60))
+
+
+async def test_slow_reader_overflows_to_catch_up_reads(log: tuple[EventLog, Fanout]) -> None:
+    elog, fanout = log  # queue_limit=4 batches
+    rid = new_id()
+    async with fanout.subscribe(rid) as live:
+        tail = elog.tail(rid, ZERO_ID, live, idle_seconds=5)
+        await elog.append(rid, [ev(0)])
+        first = await anext(tail)
+        assert first is not None
+        for i in range(1, 200):  # the reader is not reading: its queue overflows
+            await elog.append(rid, [ev(i)])
+        await elog.append(rid, [Event(END_EVENT, b"")])
+        await asyncio.sleep(0.1)
+        assert live.overflowed
+        rest = await collect(tail)
+    assert [codec.json_loads(e.data)["i"] for e in [first, *rest[:-1]]] == list(range(200))
+
+
+async def test_metadata_blob_is_stored_once_and_spliced(log: tuple[EventLog, Fanout]) -> None:
+    elog, fanout = log
+    rid = new_id()
+    meta = codec.json_bytes({"langgraph_node": "llm", "padding": "x" * 900})
+    pipe = elog._redis.pipeline(transaction=False)
+    rows = [("messages", codec.json_bytes({"content": f"w{i}"}), b"1.0") for i in range(50)]
+    elog.append_in(pipe, rid, rows, blobs=[(b"1.0", meta)], seq=1)
+    elog.append_in(pipe, rid, rows, blobs=[(b"1.0", meta)], seq=1)  # a retried batch: a no-op
+    await pipe.execute()
+    await elog.append(rid, [Event(END_EVENT, b"")])
+    async with fanout.subscribe(rid) as live:
+        got = await collect(elog.tail(rid, ZERO_ID, live, idle_seconds=1))
+    assert len(got) == 51
+    assert codec.json_loads(got[3].data) == [{"content": "w3"}, codec.json_loads(meta)]
+    stream_bytes = await elog._redis.memory_usage(elog._keys.run_events(rid))
+    assert stream_bytes is not None and stream_bytes < 50 * len(meta)

@@ -1,0 +1,67 @@
+"""Stream ids, Last-Event-ID parsing and SSE framing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from api.sse import HEARTBEAT, format_event
+from broker import codec
+from broker.errors import InvalidEventId
+from broker.models import ZERO_ID, Entry, StreamId
+from tests.sse import SSE, Comment, parse_block
+
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@given(u64, u64)
+def test_stream_id_round_trips(ms: int, seq: int) -> None:
+    sid = StreamId(ms, seq)
+    assert StreamId.parse(str(sid)) == sid
+    assert StreamId.parse_last_event_id(str(sid)) == sid
+
+
+@given(u64, u64, u64, u64)
+def test_stream_ids_order_like_redis(a: int, b: int, c: int, d: int) -> None:
+    assert (StreamId(a, b) < StreamId(c, d)) == ((a, b) < (c, d))
+
+
+@pytest.mark.parametrize("value", ["-1", "0", " -1 ", "0-0"])
+def test_replay_from_start(value: str) -> None:
+    assert StreamId.parse_last_event_id(value) == ZERO_ID
+
+
+@given(st.text())
+def test_anything_else_is_either_an_id_or_invalid(value: str) -> None:
+    try:
+        sid = StreamId.parse_last_event_id(value)
+    except InvalidEventId as exc:
+        assert "Last-Event-ID" in str(exc)
+    else:
+        assert sid == ZERO_ID or str(sid) == value.strip()
+
+
+@given(
+    st.from_regex(r"[a-z/|:-]{1,20}", fullmatch=True),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        max_leaves=10,
+    ),
+    u64,
+    u64,
+)
+def test_sse_frame_parses_back(name: str, payload: object, ms: int, seq: int) -> None:
+    data = codec.json_bytes(payload)
+    frame = format_event(Entry(StreamId(ms, seq), name, data)).decode()
+    assert frame.endswith("\n\n") and frame.count("\n\n") == 1  # JSON never holds a raw newline
+    parsed = parse_block(frame[:-2])
+    assert parsed == SSE(name, data.decode(), f"{ms}-{seq}")
+    assert parse_block(HEARTBEAT.decode()[:-2]) == Comment("heartbeat")
+
+
+def test_splice_tuple_is_the_json_pair() -> None:
+    chunk, meta = {"content": "hi", "type": "AIMessageChunk"}, {"langgraph_node": "llm"}
+    spliced = codec.splice_tuple(codec.json_bytes(chunk), codec.json_bytes(meta))
+    assert codec.json_loads(spliced) == [chunk, meta]
