@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from langchain_core.messages import BaseMessage
@@ -44,7 +45,22 @@ async def _explode(state: MessagesState, config: RunnableConfig) -> dict[str, An
 
 failing = StateGraph(MessagesState).add_node("llm", _explode).add_edge(START, "llm").compile()
 
+
+async def _think_then_answer(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+    await asyncio.sleep(2.5)  # longer than the tests' 1 s heartbeat interval
+    return {"messages": [await fast_model.ainvoke(state["messages"], config)]}
+
+
+quiet = (
+    StateGraph(MessagesState)
+    .add_node("llm", _think_then_answer)
+    .add_edge(START, "llm")
+    .add_edge("llm", END)
+    .compile()
+)
+
 GRAPHS = {
+    "quiet": "tests.graphs:quiet",
     "agent": "producer.demo:graph",
     "fast": "tests.graphs:fast",
     "slow": "tests.graphs:slow",

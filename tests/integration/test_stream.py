@@ -17,7 +17,7 @@ from broker.runs import RunRecord, RunStore, new_id, now_ms
 from producer.demo import reply_text
 from tests.graphs import FAST_WORDS
 from tests.server import Tokenrelay
-from tests.sse import SSE, events
+from tests.sse import SSE, Comment, events, iter_sse
 
 USER = {"messages": [{"role": "user", "content": "tell me about resumable streams"}]}
 MODES = ["messages-tuple", "values", "updates"]
@@ -224,3 +224,35 @@ async def test_job_for_an_unknown_assistant_ends_with_error(
         "message": "Assistant with ID ghost not found",
     }
     assert (await client.get(f"/threads/{tid}/runs/{run.run_id}")).json()["status"] == "error"
+
+
+async def test_idle_stream_sends_heartbeats(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    seen: list[str] = []
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("quiet")) as r:
+        async for item in iter_sse(r):
+            seen.append("heartbeat" if isinstance(item, Comment) else item.event)
+    assert seen[:2] == ["metadata", "values"]
+    first_message = seen.index("messages")
+    assert seen[2:first_message].count("heartbeat") >= 2
+    assert seen[-1] == "values"
+
+
+async def test_disconnected_clients_release_the_live_subscription(
+    client: httpx.AsyncClient, relay: Tokenrelay
+) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=2)
+    run_id = head[0].json()["run_id"]
+    redis = connect(relay.settings.resolved_redis_url())
+    channel = Keys(relay.settings.key_prefix).live(run_id)
+    try:
+        for _ in range(100):  # the server notices at its next write, at most one heartbeat later
+            ((_, subscribers),) = await redis.pubsub_numsub(channel)
+            if subscribers == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert subscribers == 0
+    finally:
+        await redis.aclose()
