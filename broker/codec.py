@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,13 @@ def _default(obj: Any) -> Any:
 
 def json_bytes(obj: Any) -> bytes:
     """Encode `obj` for the wire, once; non-JSON types render as the Agent Server renders them."""
-    return orjson.dumps(obj, default=_default, option=_JSON_OPTS)
+    try:
+        return orjson.dumps(obj, default=_default, option=_JSON_OPTS)
+    except TypeError:
+        # orjson stops at 64-bit integers; the stdlib encoder does not, and this is rare.
+        return json.dumps(
+            obj, default=_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
 
 
 def json_loads(data: bytes | str) -> Any:
