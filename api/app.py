@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +16,7 @@ from api.deps import Services
 from api.routes import ops, runs, stream, threads
 from broker.connection import connect
 from broker.errors import Conflict, InvalidEventId, NotFound
-from broker.graphs import shared_registry
+from broker.graphs import GraphRegistry, open_checkpointer
 from broker.settings import Settings, get_settings
 
 log = logging.getLogger("tokenrelay.api")
@@ -31,16 +30,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = connect(cfg.resolved_redis_url())
-        registry = shared_registry(json.dumps(cfg.graphs, sort_keys=True), cfg.checkpointer)
-        svc = Services.build(cfg, redis, registry)
-        await svc.fanout.start()
-        app.state.services = svc
-        try:
-            yield
-        finally:
-            await svc.fanout.stop()
-            await redis.aclose()
+        async with open_checkpointer(cfg.checkpointer) as saver:
+            registry = GraphRegistry(cfg.graphs, saver)
+            registry.load_all()
+            redis = connect(cfg.resolved_redis_url())
+            svc = Services.build(cfg, redis, registry)
+            await svc.fanout.start()
+            app.state.services = svc
+            try:
+                yield
+            finally:
+                await svc.fanout.stop()
+                await redis.aclose()
 
     app = FastAPI(
         title="tokenrelay",

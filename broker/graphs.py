@@ -6,13 +6,13 @@ the attribute is a compiled graph, an uncompiled ``StateGraph``, or a factory re
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import importlib
 import importlib.util
 import inspect
-import json
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,51 @@ def assistant_uuid(graph_id: str) -> str:
     return str(uuid.uuid5(_ASSISTANT_NAMESPACE, graph_id))
 
 
-@functools.cache
-def shared_registry(specs_json: str, checkpointer: str) -> GraphRegistry:
-    """One registry per process and configuration, so an API and a worker in one process
-    (``tokenrelay dev``) share the same graphs and in-memory checkpointer."""
-    registry = GraphRegistry(json.loads(specs_json), make_checkpointer(checkpointer))
-    registry.load_all()
-    return registry
+_MEMORY_SAVER: InMemorySaver | None = None
 
 
-def make_checkpointer(spec: str) -> BaseCheckpointSaver[Any]:
-    """The checkpointer named by TOKENRELAY_CHECKPOINTER (``memory`` for now)."""
+@contextlib.asynccontextmanager
+async def open_checkpointer(spec: str) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    """The checkpointer TOKENRELAY_CHECKPOINTER names, open for the duration of the context.
+
+    ``memory`` is one saver per process, so an API and a worker in one process
+    (``tokenrelay dev``) see the same threads. A ``postgresql://`` URL opens a connection pool and
+    creates the tables on first use.
+    """
+    global _MEMORY_SAVER
     if spec == "memory":
-        return InMemorySaver()
-    raise GraphLoadError(f"TOKENRELAY_CHECKPOINTER={spec!r} is not supported: use 'memory'")
+        if _MEMORY_SAVER is None:
+            _MEMORY_SAVER = InMemorySaver()
+        yield _MEMORY_SAVER
+        return
+    if spec.startswith(("postgresql://", "postgres://")):
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        from psycopg.rows import dict_row
+        from psycopg_pool import AsyncConnectionPool
+
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            spec,
+            min_size=1,
+            max_size=10,
+            open=False,
+            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+        )
+        try:
+            await pool.open(wait=True, timeout=15)
+        except Exception as exc:
+            raise GraphLoadError(
+                f"TOKENRELAY_CHECKPOINTER: cannot connect to Postgres: {exc}"
+            ) from exc
+        try:
+            saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
+            await saver.setup()
+            yield saver
+        finally:
+            await pool.close()
+        return
+    raise GraphLoadError(
+        f"TOKENRELAY_CHECKPOINTER={spec!r} is not supported: use 'memory' or a postgresql:// URL"
+    )
 
 
 def _import_attr(spec: str) -> Any:
@@ -76,7 +107,9 @@ def _import_attr(spec: str) -> Any:
 class GraphRegistry:
     """The configured graphs by id, each bound to the shared checkpointer."""
 
-    def __init__(self, specs: dict[str, str], checkpointer: BaseCheckpointSaver[Any]) -> None:
+    def __init__(
+        self, specs: dict[str, str], checkpointer: BaseCheckpointSaver[Any] | None
+    ) -> None:
         self.specs = dict(specs)
         self.checkpointer = checkpointer
         self._graphs: dict[str, Pregel[Any, Any, Any, Any]] = {}

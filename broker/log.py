@@ -24,6 +24,8 @@ from broker.models import ZERO_ID, Entry, Event, RunStatus, StreamId
 PAGE_SIZE = 512
 
 Row = tuple[str, bytes, bytes]
+FENCED = b"!fenced"
+"""What an append returns when its attempt is no longer the run's current one."""
 StreamRow = tuple[bytes, dict[bytes, bytes]]
 
 
@@ -77,12 +79,14 @@ class EventLog:
         blobs: Sequence[tuple[bytes, bytes]] = (),
         status: RunStatus | None = None,
         seq: int = 0,
+        attempt: int = 0,
     ) -> None:
         """Queue one append of `rows` on `pipe`; its result is the run's cancel request or None.
 
         A row is (event name, JSON data, blob ref or b""); `blobs` are the (ref, blob) pairs
         first referenced in this batch. A positive `seq` (increasing per run) makes a retried
-        batch a no-op once it was applied.
+        batch a no-op once it was applied; a positive `attempt` fences off a superseded worker
+        (the result is then ``FENCED``).
         """
         k = self._keys
         args: list[Any] = [
@@ -91,6 +95,7 @@ class EventLog:
             int(time.time() * 1000),
             status.value if status else "",
             seq,
+            attempt,
             len(blobs),
         ]
         for ref, blob in blobs:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from broker.errors import InvalidEventId
 
@@ -95,5 +94,3 @@ class Job:
     run_id: str
     thread_id: str
     assistant_id: str
-    attempt: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -44,6 +44,33 @@ class RunQueue:
             for msg_id, fields in rows:
                 jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
         return jobs
+
+    async def renew(self, consumer: str, msg_ids: list[bytes]) -> None:
+        """Reset the idle time of `consumer`'s jobs: the lease renewal other workers watch."""
+        if msg_ids:
+            await self._redis.xclaim(self._key, GROUP, consumer, 0, list[Any](msg_ids), justid=True)
+
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[bytes, Job]]:
+        """Take over up to `count` jobs whose owner has not renewed them for `min_idle_ms`."""
+        reply: list[Any] = await self._redis.xautoclaim(
+            self._key, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
+        )
+        jobs: list[tuple[bytes, Job]] = []
+        for msg_id, fields in reply[1]:
+            if fields and b"j" in fields:
+                jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
+            else:  # its payload is gone: nothing to run
+                await self.ack(msg_id)
+        return jobs
+
+    async def depth(self) -> int:
+        """Jobs waiting for a worker (not yet delivered to any)."""
+        groups: list[dict[str, Any]] = await self._redis.xinfo_groups(self._key)
+        for g in groups:
+            name = g.get("name")
+            if name in (GROUP, GROUP.encode()):
+                return int(g.get("lag") or 0)
+        return 0
 
     async def ack(self, msg_id: bytes) -> None:
         """Acknowledge and drop a finished job."""

@@ -31,7 +31,8 @@ class RunRecord:
     status: RunStatus
     created_at: int
     updated_at: int
-    attempt: int = 1
+    attempt: int = 0
+    """Attempts started so far; 0 while the run waits for its first worker."""
     worker: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -74,7 +75,7 @@ class RunRecord:
             status=RunStatus(s["status"]),
             created_at=int(s["created_at"]),
             updated_at=int(s["updated_at"]),
-            attempt=int(s.get("attempt") or 1),
+            attempt=int(s.get("attempt") or 0),
             worker=s.get("worker", ""),
             metadata=codec.json_loads(s.get("metadata") or "{}"),
             kwargs=codec.json_loads(s.get("kwargs") or "{}"),
@@ -94,6 +95,7 @@ class RunStore:
         self._keys = keys
         self._ttl = ttl_seconds
         self._release = scripts.script("release_active")
+        self._start = scripts.script("start_attempt")
 
     async def create(self, run: RunRecord) -> Job:
         """Store `run` as pending, make it the thread's active run and return its queue job."""
@@ -106,7 +108,17 @@ class RunStore:
         pipe.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
         pipe.set(k.thread_active(run.thread_id), run.run_id)
         await pipe.execute()
-        return Job(run.run_id, run.thread_id, run.assistant_id, run.attempt)
+        return Job(run.run_id, run.thread_id, run.assistant_id)
+
+    async def start_attempt(
+        self, run_id: str, worker_id: str, max_attempts: int
+    ) -> tuple[str, int, int]:
+        """Begin the next attempt of `run_id` for `worker_id`: (verdict, attempt, applied seq);
+        verdict is ``run``, ``done`` (already ended) or ``exhausted``."""
+        verdict, attempt, seq = await self._start(
+            self._redis, [self._keys.run_meta(run_id)], [worker_id, now_ms(), max_attempts]
+        )
+        return verdict.decode(), int(attempt), int(seq)
 
     async def get(self, run_id: str) -> RunRecord:
         h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.run_meta(run_id)))  # type: ignore[misc]

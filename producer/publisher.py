@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker import telemetry
 from broker.log import EventLog, Row
 from broker.models import Event, RunStatus
 
@@ -54,6 +55,7 @@ class Publisher:
         self._blob_refs: dict[str, dict[bytes, bytes]] = {}
         self._seq: dict[str, int] = {}
         self._ref_prefix: dict[str, str] = {}
+        self._attempt: dict[str, int] = {}
         self._count = 0
         self._dirty = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -118,6 +120,7 @@ class Publisher:
         one wrote and names its metadata blobs apart from them."""
         self._seq[run_id] = applied_seq
         self._ref_prefix[run_id] = f"{attempt}."
+        self._attempt[run_id] = attempt
 
     def forget(self, run_id: str) -> None:
         """Drop a run's buffered state without writing (it ended or was handed back)."""
@@ -125,6 +128,7 @@ class Publisher:
         self._blob_refs.pop(run_id, None)
         self._seq.pop(run_id, None)
         self._ref_prefix.pop(run_id, None)
+        self._attempt.pop(run_id, None)
 
     async def _wait(self, run_id: str, pending: _Pending) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -153,8 +157,10 @@ class Publisher:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
             self.flushes += 1
+            telemetry.PUBLISH_FLUSHES.inc()
             for (run_id, pending), cancel in zip(batch.items(), results, strict=True):
                 self.events_published += len(pending.rows)
+                telemetry.EVENTS_PUBLISHED.inc(len(pending.rows))
                 for fut in pending.waiters:
                     if not fut.done():
                         fut.set_result(None)

@@ -99,8 +99,25 @@ class GraphRun:
         self.graph = registry.get(run.assistant_id)
         self.modes = [m for m in run.stream_modes if m in STREAM_MODES] or ["values"]
         self._accumulator = _MessageAccumulator()
+        self.resume = False
+
+    async def prepare(self) -> None:
+        """On a later attempt, continue from the run's last checkpoint if it wrote one."""
+        if self.run.attempt <= 1 or self.graph.checkpointer is None:
+            return
+        state = await self.graph.aget_state({"configurable": {"thread_id": self.run.thread_id}})
+        metadata = state.metadata or {}
+        self.resume = metadata.get("run_id") == self.run.run_id
+        if self.resume:
+            log.info(
+                "resuming run from checkpoint %s",
+                state.config["configurable"].get("checkpoint_id"),
+                extra={"run_id": self.run.run_id, "attempt": self.run.attempt},
+            )
 
     def _input(self) -> Any:
+        if self.resume:
+            return None
         command = self.run.kwargs.get("command")
         if command:
             return Command(**command)

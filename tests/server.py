@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from typing import Any
@@ -14,7 +13,7 @@ import uvicorn
 from api.app import create_app
 from broker.connection import connect
 from broker.embedded import free_port
-from broker.graphs import shared_registry
+from broker.graphs import GraphRegistry, open_checkpointer
 from broker.settings import Settings
 from producer.worker import Worker
 
@@ -67,9 +66,10 @@ class Tokenrelay:
         s = self.settings
         redis = connect(s.resolved_redis_url())
         tasks: list[asyncio.Task[Any]] = []
+        saver_cm = open_checkpointer(s.checkpointer)
+        saver = await saver_cm.__aenter__()
         if self._with_worker:
-            registry = shared_registry(json.dumps(s.graphs, sort_keys=True), s.checkpointer)
-            self.worker = Worker(redis, s, registry)
+            self.worker = Worker(redis, s, GraphRegistry(s.graphs, saver))
             tasks.append(asyncio.create_task(self.worker.serve(self._stop)))
         config = uvicorn.Config(
             create_app(s), host="127.0.0.1", port=self.port, log_level="warning",
@@ -83,3 +83,4 @@ class Tokenrelay:
             for t in tasks:
                 await asyncio.wait_for(t, 10)
             await redis.aclose()
+            await saver_cm.__aexit__(None, None, None)

@@ -1,12 +1,18 @@
 -- Append a batch of events to a run's stream and fan the batch out, in one round trip.
 -- KEYS: 1 events stream, 2 blob hash, 3 meta hash, 4 cancel key, 5 live channel
 -- ARGV: 1 maxlen, 2 ttl seconds, 3 now (ms), 4 status ('' keeps it), 5 batch sequence number
---       (0: none), 6 number of new blobs, then [blob_ref, blob] pairs, then
+--       (0: none), 6 attempt (0: any), 7 number of new blobs, then [blob_ref, blob] pairs, then
 --       [event, data, blob_ref ('' for none)] triples.
+-- An append from an attempt that is no longer the run's current one (its worker lost the lease
+-- and another took over) writes nothing and returns '!fenced'.
 -- A batch whose sequence number was already applied is skipped, so a producer may retry a batch
 -- after a lost reply without duplicating it. Publishes msgpack [prev_id, [[id, event, data,
 -- blob_ref], ...]]: prev_id lets a reader see that it missed a batch. Returns the run's cancel
 -- request, if any.
+local attempt = tonumber(ARGV[6])
+if attempt > 0 and tonumber(redis.call('HGET', KEYS[3], 'attempt') or '0') ~= attempt then
+  return '!fenced'
+end
 local cancel = redis.call('GET', KEYS[4])
 local seq = tonumber(ARGV[5])
 if seq > 0 then
@@ -16,8 +22,8 @@ if seq > 0 then
 end
 local maxlen = ARGV[1]
 local ttl = tonumber(ARGV[2])
-local nblobs = tonumber(ARGV[6])
-local i = 7
+local nblobs = tonumber(ARGV[7])
+local i = 8
 for _ = 1, nblobs do
   redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
