@@ -144,7 +144,12 @@ class GraphRegistry:
                 raise GraphLoadError(
                     f"graph {graph_id!r} ({spec}): async factories are not supported"
                 )
-            obj = obj()
+            try:
+                obj = obj()
+            except Exception as exc:
+                raise GraphLoadError(
+                    f"graph {graph_id!r} ({spec}): calling it as a graph factory failed: {exc}"
+                ) from exc
         if isinstance(obj, StateGraph):
             obj = obj.compile()
         if not isinstance(obj, Pregel):

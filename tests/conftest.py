@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -44,3 +45,22 @@ def relay(redis_server: EmbeddedRedis) -> Iterator[Tokenrelay]:
 async def client(relay: Tokenrelay) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=relay.url, timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the machine's Postgres (127.0.0.1:5432), dropped afterwards."""
+    import psycopg
+
+    admin = os.environ.get("TOKENRELAY_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
+    name = f"tokenrelay_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"these tests need Postgres at {admin}: {exc}")
+    with conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, MessagesState, StateGraph
 
@@ -59,7 +59,33 @@ quiet = (
     .compile()
 )
 
+
+async def _plan(state: MessagesState) -> dict[str, Any]:
+    return {"messages": [AIMessage(content="plan: answer word by word", name="planner")]}
+
+
+def _two_step(model: FakeStreamingChatModel) -> Any:
+    async def llm(state: MessagesState, config: RunnableConfig) -> dict[str, list[BaseMessage]]:
+        return {"messages": [await model.ainvoke(state["messages"], config)]}
+
+    return (
+        StateGraph(MessagesState)
+        .add_node("plan", _plan)
+        .add_node("llm", llm)
+        .add_edge(START, "plan")
+        .add_edge("plan", "llm")
+        .add_edge("llm", END)
+        .compile()
+    )
+
+
+LONG_WORDS = 100
+long_model = FakeStreamingChatModel(reply_words=LONG_WORDS, token_delay_ms=50)
+# plan (checkpointed), then a 5 s streamed reply: long enough to kill or drain a worker mid-node
+twostep = _two_step(long_model)
+
 GRAPHS = {
+    "twostep": "tests.graphs:twostep",
     "quiet": "tests.graphs:quiet",
     "agent": "producer.demo:graph",
     "fast": "tests.graphs:fast",

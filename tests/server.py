@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -84,3 +89,63 @@ class Tokenrelay:
                 await asyncio.wait_for(t, 10)
             await redis.aclose()
             await saver_cm.__aexit__(None, None, None)
+
+
+class WorkerProcess:
+    """`tokenrelay worker` as a child process, configured like `settings`."""
+
+    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+        self.env.update(
+            TOKENRELAY_REDIS_URL=settings.resolved_redis_url(),
+            TOKENRELAY_KEY_PREFIX=settings.key_prefix,
+            TOKENRELAY_GRAPHS=json.dumps(settings.graphs),
+            TOKENRELAY_CHECKPOINTER=settings.checkpointer,
+            TOKENRELAY_LEASE_SECONDS=str(settings.lease_seconds),
+            TOKENRELAY_SHUTDOWN_GRACE_SECONDS=str(settings.shutdown_grace_seconds),
+            TOKENRELAY_MAX_ATTEMPTS=str(settings.max_attempts),
+        )
+        self.env.update(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if "worker ready" in self.log_path.read_text():
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"worker did not start:\n{self.log_path.read_text()}")
+
+    @property
+    def worker_id(self) -> str:
+        for line in self.log_path.read_text().splitlines():
+            if "worker ready" in line and "worker_id=" in line:
+                return line.split("worker_id=")[1].split()[0]
+        raise AssertionError("no worker id in the log")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc is not None:
+            self._log.close()
