@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -121,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_dev.add_argument("--host", default="127.0.0.1")
     p_dev.add_argument("--port", type=int, default=2024)
 
+    p_bench = sub.add_parser("bench", help="run a benchmark (see docs/benchmarks.md)")
+    p_bench.add_argument("name", choices=["roundtrips"])
+    p_bench.add_argument("rest", nargs=argparse.REMAINDER)
+
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     settings = get_settings()
@@ -141,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.metrics_port:
             start_http_server(args.metrics_port)
         asyncio.run(_serve_worker(settings, args.concurrency))
+    elif args.command == "bench":
+        module = importlib.import_module(f"bench.{args.name}")
+        sys.argv = [f"tokenrelay bench {args.name}", *args.rest]
+        module.main()
     elif args.command == "dev":
         _check_graphs(settings)
         embedded: EmbeddedRedis | None = None
