@@ -256,3 +256,27 @@ async def test_disconnected_clients_release_the_live_subscription(
         assert subscribers == 0
     finally:
         await redis.aclose()
+
+
+async def test_worker_metrics_count_runs_and_events(client: httpx.AsyncClient) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    before = (
+        value("tokenrelay_runs_finished_total", {"status": "success"}),
+        value("tokenrelay_events_published_total"),
+    )
+    tid = await new_thread(client)
+    evts, _ = await stream_run(client, tid, run_body())
+    for _ in range(100):  # the worker counts the run just after it writes the end
+        after = (
+            value("tokenrelay_runs_finished_total", {"status": "success"}),
+            value("tokenrelay_events_published_total"),
+        )
+        if after[0] > before[0]:
+            break
+        await asyncio.sleep(0.02)
+    assert after[0] - before[0] >= 1
+    assert after[1] - before[1] >= len(evts) + 1  # every event plus the `end` marker
