@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -15,13 +20,40 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.deps import Services
 from api.routes import ops, runs, stream, threads
 from broker.connection import connect
-from broker.errors import Conflict, InvalidEventId, NotFound
+from broker.errors import Conflict, InvalidEventId, NotFound, RunExpired
 from broker.graphs import GraphRegistry, open_checkpointer
 from broker.settings import Settings, get_settings
 
 log = logging.getLogger("tokenrelay.api")
 
 EXPOSED_HEADERS = ["Location", "Content-Location"]
+
+
+def _abort_streams_on_shutdown(draining: asyncio.Event) -> Callable[[], None]:
+    """On SIGTERM/SIGINT, set `draining` (live streams abort, clients resume on another
+    replica), then let the server's own handler stop accepting and shut down."""
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(draining.set)
+        prev = previous.get(signum)
+        if callable(prev):
+            prev(signum, frame)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (an embedded server): nothing to chain
+            previous.pop(sig, None)
+
+    def restore() -> None:
+        for sig, prev in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, prev)
+
+    return restore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,9 +69,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             svc = Services.build(cfg, redis, registry)
             await svc.fanout.start()
             app.state.services = svc
+            restore = _abort_streams_on_shutdown(svc.draining)
             try:
                 yield
             finally:
+                restore()
                 await svc.fanout.stop()
                 await redis.aclose()
 
@@ -66,6 +100,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(InvalidEventId)
     async def _bad_event_id(request: Request, exc: InvalidEventId) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RunExpired)
+    async def _expired(request: Request, exc: RunExpired) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=410)
 
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, exc: Conflict) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -28,6 +29,8 @@ class Services:
     queue: RunQueue
     fanout: Fanout
     registry: GraphRegistry
+    draining: asyncio.Event
+    """Set when the process is shutting down: live streams abort so clients resume elsewhere."""
 
     @classmethod
     def build(cls, settings: Settings, redis: Redis, registry: GraphRegistry) -> Services:
@@ -44,6 +47,7 @@ class Services:
             queue=RunQueue(redis, keys),
             fanout=Fanout(redis, keys),
             registry=registry,
+            draining=asyncio.Event(),
         )
 
 

@@ -14,6 +14,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker import telemetry
 from broker.keys import Keys
 from broker.log import LiveBatch
 
@@ -43,6 +44,7 @@ class Subscription:
         if len(self._queue) >= self._limit:
             self._queue.clear()
             self._overflowed = True
+            telemetry.SLOW_CLIENT_FALLBACKS.inc()
         else:
             self._queue.append(batch)
         self._ready.set()
@@ -117,6 +119,7 @@ class Fanout:
                 channel = self._channels[name] = _Channel()
             channel.subscribers.add(sub)
             if first:
+                telemetry.LIVE_CHANNELS.inc()
                 await self._pubsub.subscribe(name)
         try:
             # Readers go on to read history, so the subscription must be live first; a missed
@@ -129,6 +132,7 @@ class Fanout:
                 channel.subscribers.discard(sub)
                 if not channel.subscribers and self._channels.get(name) is channel:
                     del self._channels[name]
+                    telemetry.LIVE_CHANNELS.dec()
                     with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
                         await self._pubsub.unsubscribe(name)
 

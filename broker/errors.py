@@ -21,6 +21,16 @@ class RunNotFound(NotFound):
         super().__init__(f"Run with ID {run_id} not found")
 
 
+class RunExpired(TokenrelayError):
+    """A run that existed but whose records passed the retention time."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"Run with ID {run_id} has expired: its events are no longer retained "
+            "(TOKENRELAY_RETENTION_SECONDS)"
+        )
+
+
 class AssistantNotFound(NotFound):
     def __init__(self, assistant_id: str) -> None:
         super().__init__(f"Assistant with ID {assistant_id} not found")

@@ -15,11 +15,11 @@ from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from broker import codec, scripts
 from broker.keys import Keys
-from broker.models import ZERO_ID, Entry, Event, RunStatus, StreamId
+from broker.models import Entry, Event, Gap, RunStatus, StreamId
 
 PAGE_SIZE = 512
 
@@ -155,6 +155,19 @@ class EventLog:
         """Whether any entry newer than `after` exists."""
         return bool(await self.read(run_id, after, count=1))
 
+    async def gap_after(self, run_id: str, after: StreamId) -> Gap | None:
+        """A Gap if entries newer than `after` were trimmed away (MAXLEN) before being read."""
+        try:
+            info = await self._redis.xinfo_stream(self._keys.run_events(run_id))
+        except ResponseError:  # no such stream
+            return None
+        trimmed = int(info.get("entries-added") or 0) > int(info.get("length") or 0)
+        first = info.get("first-entry")
+        if not trimmed or not first:
+            return None
+        first_id = StreamId.parse(first[0])
+        return Gap(after, first_id) if after < first_id else None
+
     async def blob(self, run_id: str, ref: bytes) -> bytes | None:
         return cast(bytes | None, await self._redis.hget(self._keys.run_blobs(run_id), ref))  # type: ignore[misc]
 
@@ -165,18 +178,24 @@ class EventLog:
         live: LiveSubscription,
         *,
         idle_seconds: float,
-    ) -> AsyncIterator[Entry | None]:
+    ) -> AsyncIterator[Entry | Gap | None]:
         """Every entry after `after` in order, then live ones, up to and including `end`.
 
-        Yields None each time `idle_seconds` pass without an entry (for heartbeats); the caller
-        must have subscribed `live` before calling, so nothing falls between history and live.
+        Yields None each time `idle_seconds` pass without an entry (for heartbeats), and a Gap
+        where trimmed history makes delivery skip ahead: never silently. The caller must have
+        subscribed `live` before calling, so nothing falls between history and live.
         """
         last = after
-        blobs = _BlobResolver(self, run_id)
+        blobs = BlobResolver(self, run_id)
+        check_gap = True
         while True:
             # Catch up from the stream.
             live.reset()
             while True:
+                if check_gap:
+                    gap = await self.gap_after(run_id, last)
+                    if gap is not None:
+                        yield gap
                 page = await self.read(run_id, last)
                 for entry in page:
                     yield await blobs.resolve(entry)
@@ -185,16 +204,19 @@ class EventLog:
                         return
                 if len(page) < PAGE_SIZE:
                     break
+                check_gap = True  # a long catch-up can fall behind trimming while it reads
+            check_gap = False
             # Live until the feed overflows, misses a batch or goes quiet.
-            while not live.overflowed:
+            while True:
+                if live.overflowed:
+                    check_gap = True  # a slow reader may have fallen behind the trimmed history
+                    break
                 batch = await live.get(idle_seconds)
                 if batch is None:
                     yield None
                     break  # re-read the stream: cheap, and covers a lost pub/sub message
-                if batch.prev is not None and batch.prev > last and last != ZERO_ID:
-                    break
-                if batch.prev is not None and last == ZERO_ID:
-                    break
+                if batch.prev is not None and batch.prev > last:
+                    break  # a batch was missed: catch up from the stream
                 for entry in batch.entries:
                     if entry.id <= last:
                         continue
@@ -204,7 +226,7 @@ class EventLog:
                         return
 
 
-class _BlobResolver:
+class BlobResolver:
     """Splices a `messages` chunk with its run-level metadata blob, fetching each blob once."""
 
     def __init__(self, log: EventLog, run_id: str) -> None:

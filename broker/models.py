@@ -94,3 +94,11 @@ class Job:
     run_id: str
     thread_id: str
     assistant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Events after `after` were trimmed from the stream; delivery resumes at `resumes_at`."""
+
+    after: StreamId
+    resumes_at: StreamId

@@ -10,7 +10,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from broker import codec, scripts
-from broker.errors import RunNotFound
+from broker.errors import RunExpired, RunNotFound
 from broker.keys import Keys
 from broker.models import Job, RunStatus
 
@@ -127,8 +127,13 @@ class RunStore:
         return RunRecord.from_hash(h)
 
     async def find(self, thread_id: str, run_id: str) -> RunRecord:
-        """The run `run_id` if it belongs to `thread_id`."""
-        run = await self.get(run_id)
+        """The run `run_id` if it belongs to `thread_id`; RunExpired if it did but is gone."""
+        try:
+            run = await self.get(run_id)
+        except RunNotFound:
+            if await self._redis.zscore(self._keys.thread_runs(thread_id), run_id) is not None:
+                raise RunExpired(run_id) from None
+            raise
         if run.thread_id != thread_id:
             raise RunNotFound(run_id)
         return run

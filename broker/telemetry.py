@@ -67,3 +67,18 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+# API side.
+STREAMS_OPEN = Gauge("tokenrelay_api_streams_open", "SSE responses being served")
+EVENTS_SENT = Counter("tokenrelay_api_events_sent", "Events written to clients")
+RESUMES = Counter("tokenrelay_api_resumes", "Stream requests resuming after a Last-Event-ID")
+GAPS = Counter("tokenrelay_api_stream_gaps", "StreamGap errors sent for trimmed history")
+SLOW_CLIENT_FALLBACKS = Counter(
+    "tokenrelay_api_slow_client_fallbacks",
+    "Live queues that overflowed and fell back to catch-up reads",
+)
+STREAMS_ABORTED = Counter(
+    "tokenrelay_api_streams_aborted", "Responses cut short (time budget or shutdown) for resume"
+)
+LIVE_CHANNELS = Gauge("tokenrelay_api_live_channels", "Runs with a shared live subscription")

@@ -1,17 +1,23 @@
-"""Streaming endpoints: start a run and stream it, or join a run's stream with resume."""
+"""Streaming endpoints: start a run and stream it, join a run's stream with resume, and the
+long-poll JSON fallback."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Header, Query
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
 
 from api.deps import Services, services
 from api.routes.runs import start_run
 from api.schemas import RunCreate
-from api.sse import HEARTBEAT, format_event, sse_response
-from broker.models import ZERO_ID, StreamId
+from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event
+from broker import codec, telemetry
+from broker.log import BlobResolver
+from broker.models import ZERO_ID, Gap, StreamId
 
 router = APIRouter(tags=["stream"])
 
@@ -23,36 +29,94 @@ def run_headers(thread_id: str, run_id: str) -> dict[str, str]:
     }
 
 
+def gap_payload(gap: Gap) -> bytes:
+    return codec.error_payload(
+        "StreamGap",
+        f"events after {gap.after} are no longer retained; "
+        f"the stream goes on from {gap.resumes_at}",
+    )
+
+
 async def run_events(svc: Services, run_id: str, after: StreamId | None) -> AsyncIterator[bytes]:
     """SSE bytes of `run_id` after `after` (None: from now on) until the run ends."""
-    async with svc.fanout.subscribe(run_id) as live:
-        if after is None:
-            last = await svc.log.last_entry(run_id)
-            if last is not None and last.is_end:
-                return
-            after = last.id if last is not None else ZERO_ID
-        tail = svc.log.tail(run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds)
-        async for entry in tail:
-            if entry is None:
-                # Idle: a run that ended without us seeing `end` (an id past it) must not hang us.
-                if (await svc.runs.get(run_id)).status.terminal and not await svc.log.has_after(
-                    run_id, after
-                ):
+    telemetry.STREAMS_OPEN.inc()
+    try:
+        async with svc.fanout.subscribe(run_id) as live:
+            if after is None:
+                last = await svc.log.last_entry(run_id)
+                if last is not None and last.is_end:
                     return
-                yield HEARTBEAT
-            elif entry.is_end:
-                return
-            else:
-                after = entry.id
-                yield format_event(entry)
+                after = last.id if last is not None else ZERO_ID
+            tail = svc.log.tail(run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds)
+            async for item in tail:
+                if item is None:
+                    # Idle. A run that ended behind our position (a client id past its end)
+                    # must not hold the response open.
+                    run = await svc.runs.get(run_id)
+                    if run.status.terminal and not await svc.log.has_after(run_id, after):
+                        return
+                    yield HEARTBEAT
+                elif isinstance(item, Gap):
+                    telemetry.GAPS.inc()
+                    yield format_error(gap_payload(item))
+                elif item.is_end:
+                    return
+                else:
+                    after = item.id
+                    telemetry.EVENTS_SENT.inc()
+                    yield format_event(item)
+    finally:
+        telemetry.STREAMS_OPEN.dec()
+
+
+async def stream_response(
+    svc: Services,
+    thread_id: str,
+    run_id: str,
+    after: StreamId | None,
+    *,
+    max_seconds: float | None,
+    finished: bool = False,
+) -> EventStreamResponse:
+    """The SSE response for a run, cut short (aborted, for resume) by the time budget or a
+    shutdown unless the run has already finished."""
+    budget = svc.settings.stream_max_seconds if max_seconds is None else max_seconds
+    deadline = None
+    if budget and not finished:
+        deadline = asyncio.get_running_loop().time() + budget
+    return EventStreamResponse(
+        run_events(svc, run_id, after),
+        run_headers(thread_id, run_id),
+        deadline=deadline,
+        abort=None if finished else svc.draining,
+    )
+
+
+def parse_last_event_id(header: str | None, query: str | None) -> StreamId | None:
+    raw = header if header is not None else query
+    if raw is None:
+        return None
+    telemetry.RESUMES.inc()
+    return StreamId.parse_last_event_id(raw)
+
+
+MaxSeconds = Query(
+    default=None,
+    gt=0,
+    description="End the response after this many seconds (aborted, so clients resume with "
+    "Last-Event-ID); defaults to TOKENRELAY_STREAM_MAX_SECONDS.",
+)
 
 
 @router.post("/threads/{thread_id}/runs/stream")
 async def stream_run(
-    thread_id: str, body: RunCreate, svc: Services = Depends(services)
-) -> StreamingResponse:
+    thread_id: str,
+    body: RunCreate,
+    max_seconds: float | None = MaxSeconds,
+    svc: Services = Depends(services),
+) -> EventStreamResponse:
     run = await start_run(svc, thread_id, body)
-    return sse_response(run_events(svc, run.run_id, ZERO_ID), run_headers(thread_id, run.run_id))
+    return await stream_response(svc, thread_id, run.run_id, ZERO_ID, max_seconds=max_seconds)
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/stream")
@@ -61,9 +125,53 @@ async def join_run_stream(
     run_id: str,
     last_event_id_header: str | None = Header(default=None, alias="Last-Event-ID"),
     last_event_id: str | None = Query(default=None),
+    max_seconds: float | None = MaxSeconds,
     svc: Services = Depends(services),
-) -> StreamingResponse:
-    raw = last_event_id_header if last_event_id_header is not None else last_event_id
-    after = StreamId.parse_last_event_id(raw) if raw is not None else None
-    await svc.runs.find(thread_id, run_id)
-    return sse_response(run_events(svc, run_id, after), run_headers(thread_id, run_id))
+) -> EventStreamResponse:
+    after = parse_last_event_id(last_event_id_header, last_event_id)
+    run = await svc.runs.find(thread_id, run_id)
+    return await stream_response(
+        svc, thread_id, run_id, after, max_seconds=max_seconds, finished=run.status.terminal
+    )
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/events")
+async def poll_run_events(
+    thread_id: str,
+    run_id: str,
+    after: str = Query(default="0", description="the `next` of the previous answer; 0 = start"),
+    wait_ms: int = Query(default=0, ge=0, le=60_000),
+    limit: int = Query(default=512, ge=1, le=10_000),
+    svc: Services = Depends(services),
+) -> Response:
+    """Long-poll fallback: events after `after`, waiting up to `wait_ms` for the first one."""
+    since = StreamId.parse_last_event_id(after)
+    run = await svc.runs.find(thread_id, run_id)
+    gap = await svc.log.gap_after(run_id, since)
+    entries = await svc.log.read(run_id, since, count=limit)
+    if not entries and wait_ms and not run.status.terminal:
+        async with svc.fanout.subscribe(run_id) as live:
+            entries = await svc.log.read(run_id, since, count=limit)
+            if not entries:
+                await live.get(wait_ms / 1000)
+                entries = await svc.log.read(run_id, since, count=limit)
+    blobs = BlobResolver(svc.log, run_id)
+    out: list[dict[str, Any]] = []
+    if gap is not None:
+        telemetry.GAPS.inc()
+        out.append({"id": None, "event": "error", "data": codec.json_fragment(gap_payload(gap))})
+    done = False
+    nxt = since
+    for entry in entries:
+        nxt = entry.id
+        if entry.is_end:
+            done = True
+            break
+        entry = await blobs.resolve(entry)
+        out.append(
+            {"id": str(entry.id), "event": entry.name, "data": codec.json_fragment(entry.data)}
+        )
+    if not done and not entries:
+        done = run.status.terminal and not await svc.log.has_after(run_id, since)
+    body = orjson.dumps({"events": out, "next": str(nxt), "done": done})
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})

@@ -81,6 +81,8 @@ async def test_events_in_order_with_increasing_ids_and_full_text(client: httpx.A
     assert headers["content-type"].startswith("text/event-stream")
     assert headers["cache-control"] == "no-store"
     assert headers["x-accel-buffering"] == "no"
+    assert headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in headers
     run_id = evts[0].json()["run_id"]
     assert headers["location"] == f"/threads/{tid}/runs/{run_id}/stream"
     assert headers["content-location"] == f"/threads/{tid}/runs/{run_id}"
