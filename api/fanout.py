@@ -22,14 +22,15 @@ log = logging.getLogger("tokenrelay.fanout")
 
 
 class Subscription:
-    """One client's view of a run's live feed: a bounded queue of batches.
+    """One client's view of a run's live feed: a queue bounded by its number of entries.
 
     Past the bound the queue is dropped and the client is told to catch up from the stream, so a
-    slow client costs at most `limit` batches of memory.
+    slow client costs at most `limit` entries of memory, however fast the run produces.
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+        self._queued = 0
         self._queue: deque[LiveBatch] = deque()
         self._ready = asyncio.Event()
         self._overflowed = False
@@ -41,21 +42,25 @@ class Subscription:
     def push(self, batch: LiveBatch) -> None:
         if self._overflowed:
             return
-        if len(self._queue) >= self._limit:
+        if self._queued + len(batch.entries) > self._limit:
             self._queue.clear()
+            self._queued = 0
             self._overflowed = True
             telemetry.SLOW_CLIENT_FALLBACKS.inc()
         else:
             self._queue.append(batch)
+            self._queued += len(batch.entries)
         self._ready.set()
 
     def mark_overflowed(self) -> None:
         self._queue.clear()
+        self._queued = 0
         self._overflowed = True
         self._ready.set()
 
     def reset(self) -> None:
         self._queue.clear()
+        self._queued = 0
         self._overflowed = False
         self._ready.clear()
 
@@ -68,7 +73,9 @@ class Subscription:
                 return None
             if not self._queue:
                 return None
-        return self._queue.popleft()
+        batch = self._queue.popleft()
+        self._queued -= len(batch.entries)
+        return batch
 
 
 class _Channel:
@@ -80,7 +87,7 @@ class _Channel:
 class Fanout:
     """Shares one Redis pub/sub connection among every live reader of this process."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, queue_limit: int = 1024) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, queue_limit: int = 2048) -> None:
         self._redis = redis
         self._keys = keys
         self._limit = queue_limit

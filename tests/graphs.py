@@ -7,6 +7,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, MessagesState, StateGraph
 
 from producer.demo import FakeStreamingChatModel
@@ -84,7 +85,27 @@ long_model = FakeStreamingChatModel(reply_words=LONG_WORDS, token_delay_ms=50)
 # plan (checkpointed), then a 5 s streamed reply: long enough to kill or drain a worker mid-node
 twostep = _two_step(long_model)
 
+chatty_model = FakeStreamingChatModel(reply_words=300, token_delay_ms=2)
+chatty = _chat(chatty_model)
+
+FLOOD_EVENTS = 50_000
+
+
+async def _flood(state: MessagesState) -> dict[str, Any]:
+    write = get_stream_writer()
+    pad = "x" * 1000
+    for i in range(FLOOD_EVENTS):
+        write({"i": i, "pad": pad})
+        if i % 500 == 0:
+            await asyncio.sleep(0)
+    return {}
+
+
+flood = StateGraph(MessagesState).add_node("flood", _flood).add_edge(START, "flood").compile()
+
 GRAPHS = {
+    "chatty": "tests.graphs:chatty",
+    "flood": "tests.graphs:flood",
     "twostep": "tests.graphs:twostep",
     "quiet": "tests.graphs:quiet",
     "agent": "producer.demo:graph",

@@ -92,9 +92,15 @@ class Tokenrelay:
 
 
 class WorkerProcess:
-    """`tokenrelay worker` as a child process, configured like `settings`."""
+    """`tokenrelay worker` (or, with `command="api"`, `tokenrelay api`) as a child process,
+    configured like `settings`."""
 
-    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, *, command: str = "worker", **env: str
+    ) -> None:
+        self.command = command
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.settings = settings
         self.log_path = log_path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
@@ -106,14 +112,20 @@ class WorkerProcess:
             TOKENRELAY_LEASE_SECONDS=str(settings.lease_seconds),
             TOKENRELAY_SHUTDOWN_GRACE_SECONDS=str(settings.shutdown_grace_seconds),
             TOKENRELAY_MAX_ATTEMPTS=str(settings.max_attempts),
+            TOKENRELAY_HEARTBEAT_SECONDS=str(settings.heartbeat_seconds),
+            TOKENRELAY_STREAM_MAXLEN=str(settings.stream_maxlen),
+            TOKENRELAY_RETENTION_SECONDS=str(settings.retention_seconds),
         )
         self.env.update(env)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         self._log = self.log_path.open("ab")
+        args = [sys.executable, "-m", "producer.cli", self.command]
+        if self.command == "api":
+            args += ["--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker"],
+            args,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -121,12 +133,16 @@ class WorkerProcess:
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if "worker ready" in self.log_path.read_text():
+            if self.command == "worker" and "worker ready" in self.log_path.read_text():
+                return self
+            if self.command == "api" and "Application startup complete" in (
+                self.log_path.read_text()
+            ):
                 return self
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"worker did not start:\n{self.log_path.read_text()}")
+        raise RuntimeError(f"{self.command} did not start:\n{self.log_path.read_text()}")
 
     @property
     def worker_id(self) -> str:

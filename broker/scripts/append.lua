@@ -32,6 +32,7 @@ local prev = ''
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then prev = last[1][1] end
 local batch = {}
+local len_before = redis.call('XLEN', KEYS[1])
 while i <= #ARGV do
   local e, d, m = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local id
@@ -42,6 +43,10 @@ while i <= #ARGV do
   end
   batch[#batch + 1] = {id, e, d, m}
   i = i + 3
+end
+if #batch > 0 and redis.call('XLEN', KEYS[1]) < len_before + #batch then
+  -- MAXLEN trimmed old entries: readers behind them must be told (StreamGap), not skipped.
+  redis.call('HSET', KEYS[3], 'trimmed', 1)
 end
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[3], 'status', ARGV[4], 'updated_at', ARGV[3])

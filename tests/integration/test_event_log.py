@@ -23,7 +23,7 @@ async def log(redis_server: EmbeddedRedis) -> AsyncIterator[tuple[EventLog, Fano
     s = make_settings(redis_server)
     redis = connect(s.resolved_redis_url())
     keys = Keys(s.key_prefix)
-    fanout = Fanout(redis, keys, queue_limit=4)
+    fanout = Fanout(redis, keys, queue_limit=4)  # entries
     await fanout.start()
     yield EventLog(redis, keys, maxlen=10_000, ttl_seconds=60), fanout
     await fanout.stop()
@@ -112,7 +112,7 @@ async def test_a_lost_live_batch_is_recovered_from_the_stream(
 
 
 async def test_slow_reader_overflows_to_catch_up_reads(log: tuple[EventLog, Fanout]) -> None:
-    elog, fanout = log  # queue_limit=4 batches
+    elog, fanout = log  # queue_limit=4 entries
     rid = new_id()
     async with fanout.subscribe(rid) as live:
         tail = elog.tail(rid, ZERO_ID, live, idle_seconds=5)

@@ -1,0 +1,279 @@
+"""The stream API at scale and under failure: replicas, fan-out, slow clients, trimmed and
+expired history, time budgets, long-poll, shutdown and Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from broker.connection import connect
+from broker.embedded import EmbeddedRedis, free_port
+from broker.keys import Keys
+from broker.settings import Settings
+from tests.conftest import make_settings
+from tests.graphs import FLOOD_EVENTS
+from tests.integration.test_stream import join, new_thread, run_body, stream_run
+from tests.server import Tokenrelay, WorkerProcess
+from tests.sse import SSE, events, iter_sse
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def same(a: list[SSE], b: list[SSE]) -> bool:
+    return [(e.id, e.event, e.data) for e in a] == [(e.id, e.event, e.data) for e in b]
+
+
+@pytest.fixture(scope="module")
+def settings(redis_server: EmbeddedRedis) -> Settings:
+    return make_settings(redis_server)
+
+
+@pytest.fixture(scope="module")
+def relay(settings: Settings) -> Iterator[Tokenrelay]:
+    server = Tokenrelay(settings).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def second_api(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc = WorkerProcess(
+        settings, tmp_path_factory.mktemp("api") / "api.log", command="api"
+    ).start()
+    yield proc.url
+    proc.stop()
+
+
+async def test_resume_on_another_api_process(client: httpx.AsyncClient, second_api: str) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=10)
+        async with httpx.AsyncClient(base_url=second_api, timeout=30) as other:
+            run_id = head[0].json()["run_id"]
+            rest = await join(other, tid, run_id, head[-1].id)
+        reference = head + await events(r)
+    assert same(head + rest, reference)
+
+
+async def test_200_clients_on_one_run_share_one_subscription(
+    client: httpx.AsyncClient, relay: Tokenrelay
+) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=1)
+        run_id = head[0].json()["run_id"]
+        limits = httpx.Limits(max_connections=300)
+        async with httpx.AsyncClient(base_url=relay.url, timeout=60, limits=limits) as many:
+            readers = [asyncio.create_task(join(many, tid, run_id, "-1")) for _ in range(200)]
+            redis = connect(relay.settings.resolved_redis_url())
+            channel = Keys(relay.settings.key_prefix).live(run_id)
+            await asyncio.sleep(0.5)
+            ((_, subscribers),) = await redis.pubsub_numsub(channel)
+            await redis.aclose()
+            results = await asyncio.gather(*readers)
+        reference = head + await events(r)
+    assert subscribers == 1  # one API process: one subscription, whatever the client count
+    assert all(same(got, reference) for got in results)
+
+
+async def test_slow_client_memory_stays_bounded_and_it_gets_everything(
+    settings: Settings, tmp_path: Path
+) -> None:
+    api = WorkerProcess(settings, tmp_path / "api.log", command="api").start()
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        proc = psutil.Process(api.proc.pid)  # type: ignore[union-attr]
+        async with httpx.AsyncClient(base_url=api.url, timeout=120) as c:
+            body = {"assistant_id": "flood", "input": {"messages": []}, "stream_mode": "custom"}
+            # Warm-up: a client that reads along, so the allocator reaches its working size.
+            tid = await new_thread(c)
+            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=body) as r:
+                assert len(await events(r)) == FLOOD_EVENTS + 1
+            tid = await new_thread(c)
+            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=body) as r:
+                it = iter_sse(r)
+                first = await anext(it)
+                while not isinstance(first, SSE):
+                    first = await anext(it)
+                rss_before = proc.memory_info().rss
+                run_id = first.json()["run_id"]
+                # Stop reading while the run writes 50k events of 1 KB (50 MB).
+                for _ in range(600):
+                    run = (await c.get(f"/threads/{tid}/runs/{run_id}")).json()
+                    if run["status"] == "success":
+                        break
+                    await asyncio.sleep(0.1)
+                growth = proc.memory_info().rss - rss_before
+                got = [item async for item in it if isinstance(item, SSE)]
+            metrics = (await c.get("/metrics")).text
+    finally:
+        worker.stop()
+        api.stop()
+    assert [e.json()["i"] for e in got if e.event == "custom"] == list(range(FLOOD_EVENTS))
+    assert growth < 20 * 2**20, f"API memory grew {growth / 2**20:.0f} MB for a stalled client"
+    fallbacks = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("tokenrelay_api_slow_client_fallbacks_total")
+    ]
+    assert fallbacks and fallbacks[0] >= 1
+
+
+async def test_trimmed_history_gives_stream_gap_and_expired_run_410(
+    redis_server: EmbeddedRedis,
+) -> None:
+    s = make_settings(redis_server, stream_maxlen=100, retention_seconds=2)
+    server = Tokenrelay(s).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            tid = await new_thread(c)
+            full, _ = await stream_run(c, tid, run_body("chatty"))
+            run_id = full[0].json()["run_id"]
+            resumed = await join(c, tid, run_id, full[0].id)
+            assert resumed[0].event == "error"
+            assert resumed[0].id is None
+            gap = resumed[0].json()
+            assert gap["error"] == "StreamGap"
+            # then what is retained, in order, ending with the run's last event
+            assert resumed[1].id in [e.id for e in full]
+            assert [e.id for e in resumed[1:]] == [
+                e.id for e in full[[e.id for e in full].index(resumed[1].id) :]
+            ]
+            # a reader that did not fall behind sees no gap
+            assert all(e.event != "error" for e in await join(c, tid, run_id, full[-5].id))
+            poll = (await c.get(f"/threads/{tid}/runs/{run_id}/events", params={
+                "after": full[0].id})).json()  # fmt: skip
+            assert poll["events"][0]["event"] == "error"
+            assert poll["events"][0]["data"]["error"] == "StreamGap"
+
+            await asyncio.sleep(3)  # past the retention time
+            r = await c.get(f"/threads/{tid}/runs/{run_id}/stream", headers={"Last-Event-ID": "-1"})
+            assert r.status_code == 410
+            assert "expired" in r.json()["detail"]
+            assert (await c.get(f"/threads/{tid}/runs/{run_id}")).status_code == 410
+            assert (await c.get(f"/threads/{tid}/runs/{run_id}/events")).status_code == 410
+    finally:
+        server.stop()
+
+
+async def read_into(r: httpx.Response, into: list[SSE]) -> bool:
+    """Append events as they arrive; True when the response was aborted, not cleanly closed."""
+    try:
+        async for item in iter_sse(r):
+            if isinstance(item, SSE):
+                into.append(item)
+    except httpx.RemoteProtocolError:
+        return True
+    return False
+
+
+async def test_max_seconds_chains_responses_into_the_exact_sequence(
+    client: httpx.AsyncClient,
+) -> None:
+    tid = await new_thread(client)
+    body = run_body("twostep")  # about 5 s of streaming
+    chained: list[SSE] = []
+    url = f"/threads/{tid}/runs/stream"
+    async with client.stream("POST", url, params={"max_seconds": 1}, json=body) as r:
+        location = r.headers["location"]
+        aborted = int(await read_into(r, chained))
+    run_id = location.split("/")[-2]
+    reference_task = asyncio.create_task(join(client, tid, run_id, "-1"))
+    while True:
+        headers = {"Last-Event-ID": chained[-1].id or ""}
+        async with client.stream("GET", location, params={"max_seconds": 1}, headers=headers) as r:
+            if not await read_into(r, chained):
+                break  # a clean close: the run is over
+            aborted += 1  # cut at the budget: resume from the last id seen
+    reference = await reference_task
+    assert aborted >= 3
+    assert same(chained, reference)
+    assert reference[-1].event == "values"
+
+
+async def test_long_poll_reassembles_the_sse_sequence(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=1)
+        run_id = head[0].json()["run_id"]
+        polled: list[dict[str, Any]] = []
+        after, done, polls = "0", False, 0
+        while not done:
+            page = (
+                await client.get(
+                    f"/threads/{tid}/runs/{run_id}/events",
+                    params={"after": after, "wait_ms": 2000, "limit": 7},
+                )
+            ).json()
+            polled += page["events"]
+            after, done, polls = page["next"], page["done"], polls + 1
+        reference = head + await events(r)
+    assert polls > 5
+    assert [(p["id"], p["event"], p["data"]) for p in polled] == [
+        (e.id, e.event, e.json()) for e in reference
+    ]
+
+
+async def test_sigterm_aborts_live_streams_so_clients_resume_elsewhere(
+    settings: Settings, relay: Tokenrelay, tmp_path: Path
+) -> None:
+    api = WorkerProcess(settings, tmp_path / "api.log", command="api").start()
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as c:
+            tid = await new_thread(c)
+            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+                head = await events(r, limit=5)
+                api.signal(signal.SIGTERM)
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await events(r)
+        # uvicorn re-raises the signal once it has shut down, so it exits as SIGTERM'd
+        assert api.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        api.stop()
+    async with httpx.AsyncClient(base_url=relay.url, timeout=30) as other:
+        run_id = head[0].json()["run_id"]
+        rest = await join(other, tid, run_id, head[-1].id)
+        reference = await join(other, tid, run_id, "-1")
+    assert same(head + rest, reference)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(port=free_port()).start()
+    yield server
+    server.close()
+
+
+async def test_redis_outage_gives_503_then_recovers_without_restart(
+    own_redis: EmbeddedRedis,
+) -> None:
+    s = make_settings(own_redis)
+    server = Tokenrelay(s).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            tid = await new_thread(c)
+            own_redis.kill()
+            r = await c.get(f"/threads/{tid}")
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "1"
+            assert "Redis" in r.json()["detail"]
+            assert (await c.get("/readyz")).status_code == 503
+            assert (await c.get("/healthz")).status_code == 200
+            own_redis.start()
+            for _ in range(100):
+                if (await c.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            tid = await new_thread(c)  # the old data is gone with that Redis: a new thread
+            evts, _ = await stream_run(c, tid, run_body())
+            assert evts[-1].event == "values"
+            assert evts[0].json()["attempt"] == 1
+    finally:
+        server.stop()
