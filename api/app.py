@@ -18,9 +18,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.deps import Services
-from api.routes import ops, runs, stream, threads
+from api.routes import assistants, ops, runs, stream, threads
+from api.schemas import WireJSON
 from broker.connection import connect
-from broker.errors import Conflict, InvalidEventId, NotFound, RunExpired
+from broker.errors import Conflict, InvalidBody, InvalidEventId, NotFound, RunExpired
 from broker.graphs import GraphRegistry, open_checkpointer
 from broker.settings import Settings, get_settings
 
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Resumable LangGraph streams over Redis, Agent Server compatible.",
         version="0.1.0",
         lifespan=lifespan,
+        default_response_class=WireJSON,
     )
     if cfg.cors_origins:
         app.add_middleware(
@@ -100,6 +102,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(InvalidEventId)
     async def _bad_event_id(request: Request, exc: InvalidEventId) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(InvalidBody)
+    async def _invalid(request: Request, exc: InvalidBody) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(RunExpired)
     async def _expired(request: Request, exc: RunExpired) -> JSONResponse:
@@ -120,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     app.include_router(ops.router)
+    app.include_router(assistants.router)
     app.include_router(threads.router)
     app.include_router(runs.router)
     app.include_router(stream.router)

@@ -15,6 +15,7 @@ from broker.log import EventLog
 from broker.queue import RunQueue
 from broker.runs import RunStore
 from broker.settings import Settings
+from broker.state import ThreadStates
 from broker.threads import ThreadStore
 
 
@@ -29,6 +30,7 @@ class Services:
     queue: RunQueue
     fanout: Fanout
     registry: GraphRegistry
+    states: ThreadStates
     draining: asyncio.Event
     """Set when the process is shutting down: live streams abort so clients resume elsewhere."""
 
@@ -47,6 +49,7 @@ class Services:
             queue=RunQueue(redis, keys),
             fanout=Fanout(redis, keys),
             registry=registry,
+            states=ThreadStates(registry),
             draining=asyncio.Event(),
         )
 

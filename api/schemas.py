@@ -5,14 +5,27 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.responses import Response
 
+from broker import codec
+from broker.errors import InvalidBody
 from broker.runs import RunRecord
 from broker.threads import ThreadRecord
 
 StreamModeName = Literal[
     "values", "updates", "messages-tuple", "messages", "custom", "debug", "tasks", "checkpoints"
 ]  # fmt: skip
+
+
+class WireJSON(Response):
+    """JSON encoded by the one wire encoder, which knows LangChain messages and state types."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return codec.json_bytes(content)
 
 
 def iso(ms: int) -> str:
@@ -53,6 +66,24 @@ class RunCreate(BaseModel):
     checkpoint_id: str | None = None
     checkpoint: dict[str, Any] | None = None
     if_not_exists: Literal["create", "reject"] = "reject"
+
+    @field_validator("stream_mode", mode="before")
+    @classmethod
+    def _json_array(cls, v: Any) -> Any:
+        # A JSON array sent as a string, as some clients and proxies do.
+        if isinstance(v, str) and v.strip().startswith("["):
+            try:
+                return orjson.loads(v)
+            except orjson.JSONDecodeError:
+                return v
+        return v
+
+    def with_stream_modes(self, modes: list[str]) -> RunCreate:
+        """A copy with `modes` (validated) in place of the body's stream modes."""
+        try:
+            return RunCreate.model_validate({**self.model_dump(), "stream_mode": modes})
+        except ValidationError as exc:
+            raise InvalidBody(f"stream_mode {modes!r}: {exc.errors()[0]['msg']}") from None
 
     def stream_modes(self) -> list[str]:
         modes = [self.stream_mode] if isinstance(self.stream_mode, str) else self.stream_mode

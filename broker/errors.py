@@ -46,6 +46,10 @@ class InvalidEventId(TokenrelayError):
         )
 
 
+class InvalidBody(TokenrelayError):
+    """A request parameter that passed schema validation but means nothing here."""
+
+
 class Conflict(TokenrelayError):
     """The request conflicts with current state (for example a thread that already exists)."""
 

@@ -150,3 +150,26 @@ class RunStore:
         """Clear the thread's active pointer if it still names `run_id`."""
         cleared = await self._release(self._redis, [self._keys.thread_active(thread_id)], [run_id])
         return bool(cleared)
+
+    async def list(self, thread_id: str, *, limit: int, offset: int, status: str | None = None
+    ) -> list[RunRecord]:  # fmt: skip
+        """The thread's runs, newest first (expired ones are skipped)."""
+        ids = cast(
+            list[bytes], await self._redis.zrevrange(self._keys.thread_runs(thread_id), 0, -1)
+        )
+        runs: list[RunRecord] = []
+        for rid in ids:
+            try:
+                run = await self.get(rid.decode())
+            except RunNotFound:
+                continue
+            if status is None or run.status.value == status:
+                runs.append(run)
+        return runs[offset : offset + limit]
+
+    async def delete(self, run: RunRecord) -> None:
+        k = self._keys
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(k.run_meta(run.run_id), k.run_events(run.run_id), k.run_blobs(run.run_id))
+        await pipe.execute()
+        await self._redis.zrem(k.thread_runs(run.thread_id), run.run_id)

@@ -84,3 +84,33 @@ class ThreadStore:
             bytes | None, await self._redis.hget(self._keys.thread_meta(thread_id), "status")
         )  # type: ignore[misc]
         return raw.decode() if raw else "idle"
+
+    async def update_metadata(self, thread_id: str, metadata: dict[str, Any]) -> ThreadRecord:
+        """Merge `metadata` into the thread's."""
+        thread = await self.get(thread_id)
+        thread.metadata.update(metadata)
+        thread.updated_at = now_ms()
+        await self._redis.hset(  # type: ignore[misc]
+            self._keys.thread_meta(thread_id),
+            mapping={
+                "metadata": codec.json_bytes(thread.metadata),
+                "updated_at": thread.updated_at,
+            },
+        )
+        return thread
+
+    async def delete(self, thread_id: str) -> None:
+        await self.get(thread_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(
+            self._keys.thread_meta(thread_id),
+            self._keys.thread_runs(thread_id),
+            self._keys.thread_active(thread_id),
+        )
+        pipe.zrem(self._keys.threads_index(), thread_id)
+        await pipe.execute()
+
+    async def list_ids(self) -> list[str]:
+        """Every thread id, newest first."""
+        ids = cast(list[bytes], await self._redis.zrevrange(self._keys.threads_index(), 0, -1))
+        return [i.decode() for i in ids]

@@ -1,30 +1,40 @@
-"""Runs: creation and reads."""
+"""Runs: create (background, streamed, waited on, stateless), read, list, join and delete."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.deps import Services, services
 from api.schemas import RunCreate, run_json
-from broker.models import RunStatus
+from broker import codec
+from broker.errors import Conflict
+from broker.models import ZERO_ID, Gap, RunStatus
 from broker.runs import RunRecord, new_id, now_ms
 
 router = APIRouter(tags=["runs"])
 
 
-async def start_run(svc: Services, thread_id: str, body: RunCreate) -> RunRecord:
-    """Validate, record and enqueue a run on `thread_id`."""
-    if body.if_not_exists == "create":
-        await svc.threads.create(thread_id, if_exists="do_nothing")
+async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> RunRecord:
+    """Validate, record and enqueue a run on `thread_id` (None: a new thread, stateless)."""
+    graph_id = svc.registry.graph_id(body.assistant_id)
+    if thread_id is None:
+        thread = await svc.threads.create(new_id(), {"graph_id": graph_id, "stateless": True})
+    elif body.if_not_exists == "create":
+        thread = await svc.threads.create(thread_id, if_exists="do_nothing")
     else:
-        await svc.threads.get(thread_id)
-    svc.registry.graph_id(body.assistant_id)
+        thread = await svc.threads.get(thread_id)
+    if "graph_id" not in thread.metadata:
+        await svc.threads.update_metadata(
+            thread.thread_id, {"graph_id": graph_id, "assistant_id": body.assistant_id}
+        )
     ts = now_ms()
     run = RunRecord(
         run_id=new_id(),
-        thread_id=thread_id,
+        thread_id=thread.thread_id,
         assistant_id=body.assistant_id,
         status=RunStatus.PENDING,
         created_at=ts,
@@ -39,6 +49,113 @@ async def start_run(svc: Services, thread_id: str, body: RunCreate) -> RunRecord
     return run
 
 
+def run_location(run: RunRecord) -> dict[str, str]:
+    return {"Content-Location": f"/threads/{run.thread_id}/runs/{run.run_id}"}
+
+
+async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
+    """The run's result as the Agent Server's /wait and /join give it: the last `values`
+    (or `{"__interrupt__": ...}`), or `{"__error__": ...}`; a newline keeps the connection
+    alive while the run goes on."""
+    last_values: bytes | None = None
+    error: bytes | None = None
+    async with svc.fanout.subscribe(run.run_id) as live:
+        tail = svc.log.tail(run.run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds)
+        async for item in tail:
+            if item is None:
+                if (await svc.runs.get(run.run_id)).status.terminal and not await svc.log.has_after(
+                    run.run_id, ZERO_ID
+                ):
+                    break
+                yield b"\n"
+            elif isinstance(item, Gap):
+                continue
+            elif item.is_end:
+                break
+            elif item.name == "values":
+                last_values = item.data
+            elif item.name == "error":
+                error = item.data
+    if error is not None:
+        yield b'{"__error__":' + error + b"}"
+    elif last_values is not None:
+        yield last_values
+    else:
+        thread = await svc.threads.get(run.thread_id)
+        gid = thread.metadata.get("graph_id")
+        state = await svc.states.get(gid if isinstance(gid, str) else None, run.thread_id)
+        yield codec.json_bytes(state["values"])
+
+
+def wait_response(svc: Services, run: RunRecord) -> StreamingResponse:
+    headers = {
+        **run_location(run),
+        "Location": f"/threads/{run.thread_id}/runs/{run.run_id}/join",
+        "Cache-Control": "no-store",
+        "X-Accel-Buffering": "no",
+    }
+    return StreamingResponse(final_output(svc, run), media_type="application/json", headers=headers)
+
+
+@router.post("/threads/{thread_id}/runs")
+async def create_run(
+    thread_id: str, body: RunCreate, svc: Services = Depends(services)
+) -> JSONResponse:
+    run = await start_run(svc, thread_id, body)
+    return JSONResponse(run_json(run), headers=run_location(run))
+
+
+@router.post("/runs")
+async def create_stateless_run(body: RunCreate, svc: Services = Depends(services)) -> JSONResponse:
+    run = await start_run(svc, None, body)
+    return JSONResponse(run_json(run), headers=run_location(run))
+
+
+@router.post("/threads/{thread_id}/runs/wait")
+async def wait_run(
+    thread_id: str, body: RunCreate, svc: Services = Depends(services)
+) -> StreamingResponse:
+    return wait_response(svc, await start_run(svc, thread_id, body))
+
+
+@router.post("/runs/wait")
+async def wait_stateless_run(
+    body: RunCreate, svc: Services = Depends(services)
+) -> StreamingResponse:
+    return wait_response(svc, await start_run(svc, None, body))
+
+
+@router.get("/threads/{thread_id}/runs")
+async def list_runs(
+    thread_id: str,
+    limit: int = Query(default=10, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0),
+    status: RunStatus | None = Query(default=None),
+    svc: Services = Depends(services),
+) -> list[dict[str, Any]]:
+    await svc.threads.get(thread_id)
+    runs = await svc.runs.list(
+        thread_id, limit=limit, offset=offset, status=status.value if status else None
+    )
+    return [run_json(r) for r in runs]
+
+
 @router.get("/threads/{thread_id}/runs/{run_id}")
 async def get_run(thread_id: str, run_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
     return run_json(await svc.runs.find(thread_id, run_id))
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/join")
+async def join_run(
+    thread_id: str, run_id: str, svc: Services = Depends(services)
+) -> StreamingResponse:
+    return wait_response(svc, await svc.runs.find(thread_id, run_id))
+
+
+@router.delete("/threads/{thread_id}/runs/{run_id}", status_code=204)
+async def delete_run(thread_id: str, run_id: str, svc: Services = Depends(services)) -> Response:
+    run = await svc.runs.find(thread_id, run_id)
+    if not run.status.terminal:
+        raise Conflict(f"Run {run_id} is {run.status.value}; cancel it before deleting it")
+    await svc.runs.delete(run)
+    return Response(status_code=204)

@@ -16,6 +16,7 @@ from api.routes.runs import start_run
 from api.schemas import RunCreate
 from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event
 from broker import codec, telemetry
+from broker.errors import InvalidBody
 from broker.log import BlobResolver
 from broker.models import ZERO_ID, Gap, StreamId
 
@@ -37,8 +38,27 @@ def gap_payload(gap: Gap) -> bytes:
     )
 
 
-async def run_events(svc: Services, run_id: str, after: StreamId | None) -> AsyncIterator[bytes]:
-    """SSE bytes of `run_id` after `after` (None: from now on) until the run ends."""
+def wanted(modes: list[str] | None) -> set[str] | None:
+    """Event names a join asked for (`stream_mode` query), or None for all of them."""
+    picked = [m for m in modes or [] if m]
+    if not picked:
+        return None
+    names = {"metadata", "error"}
+    for mode in picked:
+        if mode == "messages-tuple":
+            names.add("messages")
+        elif mode == "messages":
+            names.update({"messages/partial", "messages/complete", "messages/metadata"})
+        else:
+            names.add(mode)
+    return names
+
+
+async def run_events(
+    svc: Services, run_id: str, after: StreamId | None, names: set[str] | None = None
+) -> AsyncIterator[bytes]:
+    """SSE bytes of `run_id` after `after` (None: from now on) until the run ends, keeping
+    only events named in `names` (by their mode, before any `|namespace`) when given."""
     telemetry.STREAMS_OPEN.inc()
     try:
         async with svc.fanout.subscribe(run_id) as live:
@@ -63,6 +83,8 @@ async def run_events(svc: Services, run_id: str, after: StreamId | None) -> Asyn
                     return
                 else:
                     after = item.id
+                    if names is not None and item.name.split("|", 1)[0] not in names:
+                        continue
                     telemetry.EVENTS_SENT.inc()
                     yield format_event(item)
     finally:
@@ -77,6 +99,7 @@ async def stream_response(
     *,
     max_seconds: float | None,
     finished: bool = False,
+    names: set[str] | None = None,
 ) -> EventStreamResponse:
     """The SSE response for a run, cut short (aborted, for resume) by the time budget or a
     shutdown unless the run has already finished."""
@@ -85,7 +108,7 @@ async def stream_response(
     if budget and not finished:
         deadline = asyncio.get_running_loop().time() + budget
     return EventStreamResponse(
-        run_events(svc, run_id, after),
+        run_events(svc, run_id, after, names),
         run_headers(thread_id, run_id),
         deadline=deadline,
         abort=None if finished else svc.draining,
@@ -108,15 +131,77 @@ MaxSeconds = Query(
 )
 
 
+StreamModes = Query(
+    default=None,
+    alias="stream_mode",
+    description="Stream modes, as repeated parameters or a JSON array; on a create they "
+    "override the body's, on a join they select which events to send.",
+)
+
+
+def query_modes(values: list[str] | None) -> list[str] | None:
+    """`stream_mode` query values: repeated, comma-separated or a JSON array."""
+    out: list[str] = []
+    for value in values or []:
+        value = value.strip()
+        if value.startswith("["):
+            try:
+                parsed = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                raise InvalidBody(f"stream_mode {value!r} is not a JSON array") from None
+            out += [str(v) for v in parsed]
+        else:
+            out += [v for v in value.split(",") if v]
+    return out or None
+
+
+async def _stream_new_run(
+    svc: Services, thread_id: str | None, body: RunCreate, max_seconds: float | None,
+    modes: list[str] | None,
+) -> EventStreamResponse:  # fmt: skip
+    if modes:
+        body = body.with_stream_modes(modes)
+    run = await start_run(svc, thread_id, body)
+    return await stream_response(svc, run.thread_id, run.run_id, ZERO_ID, max_seconds=max_seconds)
+
+
 @router.post("/threads/{thread_id}/runs/stream")
 async def stream_run(
     thread_id: str,
     body: RunCreate,
     max_seconds: float | None = MaxSeconds,
+    stream_mode: list[str] | None = StreamModes,
     svc: Services = Depends(services),
 ) -> EventStreamResponse:
-    run = await start_run(svc, thread_id, body)
-    return await stream_response(svc, thread_id, run.run_id, ZERO_ID, max_seconds=max_seconds)
+    return await _stream_new_run(svc, thread_id, body, max_seconds, query_modes(stream_mode))
+
+
+@router.post("/runs/stream")
+async def stream_stateless_run(
+    body: RunCreate,
+    max_seconds: float | None = MaxSeconds,
+    stream_mode: list[str] | None = StreamModes,
+    svc: Services = Depends(services),
+) -> EventStreamResponse:
+    return await _stream_new_run(svc, None, body, max_seconds, query_modes(stream_mode))
+
+
+@router.get("/threads/{thread_id}/stream", response_model=None)
+async def join_thread_stream(
+    thread_id: str,
+    last_event_id_header: str | None = Header(default=None, alias="Last-Event-ID"),
+    last_event_id: str | None = Query(default=None),
+    max_seconds: float | None = MaxSeconds,
+    svc: Services = Depends(services),
+) -> EventStreamResponse | Response:
+    """Join whatever run is active on the thread (204 when idle): enough to rejoin, and stop,
+    from a page that only knows the thread."""
+    after = parse_last_event_id(last_event_id_header, last_event_id)
+    await svc.threads.get(thread_id)
+    run_id = await svc.runs.active_run(thread_id)
+    if run_id is None:
+        return Response(status_code=204)
+    return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds)
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/stream")
@@ -126,13 +211,15 @@ async def join_run_stream(
     last_event_id_header: str | None = Header(default=None, alias="Last-Event-ID"),
     last_event_id: str | None = Query(default=None),
     max_seconds: float | None = MaxSeconds,
+    stream_mode: list[str] | None = StreamModes,
     svc: Services = Depends(services),
 ) -> EventStreamResponse:
     after = parse_last_event_id(last_event_id_header, last_event_id)
     run = await svc.runs.find(thread_id, run_id)
     return await stream_response(
-        svc, thread_id, run_id, after, max_seconds=max_seconds, finished=run.status.terminal
-    )
+        svc, thread_id, run_id, after, max_seconds=max_seconds, finished=run.status.terminal,
+        names=wanted(query_modes(stream_mode)),
+    )  # fmt: skip
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/events")
