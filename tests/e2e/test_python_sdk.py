@@ -1,0 +1,123 @@
+"""The real Python client, `langgraph-sdk`, pointed at tokenrelay unchanged."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from langchain_core.messages import HumanMessage
+from langgraph_sdk import get_client
+
+from producer.demo import reply_text
+from tests.graphs import FAST_WORDS
+from tests.server import Tokenrelay
+
+
+def say(text: str) -> dict[str, list[dict[str, str]]]:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+async def test_threads_runs_state_and_history(relay: Tokenrelay) -> None:
+    client = get_client(url=relay.url)
+    thread = await client.threads.create(metadata={"owner": "sdk"})
+    tid = thread["thread_id"]
+    assert thread["status"] == "idle"
+
+    parts = [
+        p
+        async for p in client.runs.stream(
+            tid, "fast", input=say("hi"), stream_mode=["values", "messages-tuple", "updates"],
+            stream_resumable=True, on_disconnect="continue",
+        )
+    ]  # fmt: skip
+    assert parts[0].event == "metadata"
+    text = "".join(p.data[0]["content"] for p in parts if p.event == "messages")
+    assert text == reply_text([HumanMessage("hi")], FAST_WORDS)
+
+    state = await client.threads.get_state(tid)
+    assert [m["type"] for m in state["values"]["messages"]] == ["human", "ai"]
+    assert state["next"] == []
+    assert state["checkpoint"]["thread_id"] == tid
+    history = await client.threads.get_history(tid)
+    assert history[0]["checkpoint"]["checkpoint_id"] == state["checkpoint"]["checkpoint_id"]
+    assert len(history) >= 3
+
+    waited = await client.runs.wait(tid, "fast", input=say("again"))
+    assert [m["type"] for m in waited["messages"]] == ["human", "ai", "human", "ai"]
+
+    run = await client.runs.create(tid, "fast", input=say("third"))
+    assert run["status"] == "pending"
+    joined = await client.runs.join(tid, run["run_id"])
+    assert len(joined["messages"]) == 6
+    assert (await client.runs.get(tid, run["run_id"]))["status"] == "success"
+    assert [r["status"] for r in await client.runs.list(tid)] == ["success"] * 3
+
+    got = await client.threads.get(tid)
+    assert got["status"] == "idle"
+    assert got["metadata"]["owner"] == "sdk"
+    assert len(got["values"]["messages"]) == 6
+    found = await client.threads.search(metadata={"owner": "sdk"})
+    assert [t["thread_id"] for t in found] == [tid]
+
+    update = await client.threads.update_state(tid, {"messages": [say("x")["messages"][0]]})
+    assert update["checkpoint"]["checkpoint_id"] != state["checkpoint"]["checkpoint_id"]
+    assert len((await client.threads.get_state(tid))["values"]["messages"]) == 7
+
+
+async def test_join_stream_after_a_dropped_connection(relay: Tokenrelay) -> None:
+    client = get_client(url=relay.url)
+    tid = (await client.threads.create())["thread_id"]
+    seen = []
+    async for part in client.runs.stream(
+        tid, "slow", input=say("resume me"), stream_mode=["messages-tuple", "values"],
+        stream_resumable=True,
+    ):  # fmt: skip
+        seen.append(part)
+        if len(seen) == 10:
+            break  # the connection drops; the run goes on
+    run_id = seen[0].data["run_id"]
+    rest = [p async for p in client.runs.join_stream(tid, run_id, last_event_id=seen[-1].id)]
+    everything = [p async for p in client.runs.join_stream(tid, run_id, last_event_id="-1")]
+    assert [p.id for p in seen + rest] == [p.id for p in everything]
+    text = "".join(p.data[0]["content"] for p in seen + rest if p.event == "messages")
+    assert text.count(" ") + 1 == 60
+
+
+async def test_wait_raises_the_run_error_and_join_returns_it(relay: Tokenrelay) -> None:
+    client = get_client(url=relay.url)
+    tid = (await client.threads.create())["thread_id"]
+    with pytest.raises(Exception, match="Boom: the model caught fire"):
+        await client.runs.wait(tid, "failing", input=say("x"))
+    run = (await client.runs.list(tid))[0]
+    assert run["status"] == "error"
+    joined = await client.runs.join(tid, run["run_id"])
+    assert joined == {"__error__": {"error": "Boom", "message": "the model caught fire"}}
+    assert (await client.threads.get(tid))["status"] == "error"
+
+
+async def test_stateless_runs_and_assistants(relay: Tokenrelay) -> None:
+    client = get_client(url=relay.url)
+    parts = [p async for p in client.runs.stream(None, "fast", input=say("no thread"))]
+    assert [p.event for p in parts] == ["metadata", "values", "values"]
+    waited = await client.runs.wait(None, "fast", input=say("no thread"))
+    assert len(waited["messages"]) == 2
+    assistants = await client.assistants.search(graph_id="fast")
+    assert [a["graph_id"] for a in assistants] == ["fast"]
+    by_uuid = await client.assistants.get(assistants[0]["assistant_id"])
+    assert by_uuid["graph_id"] == "fast"
+    graph = await client.assistants.get_graph("fast")
+    assert [n["id"] for n in graph["nodes"]] == ["__start__", "llm", "__end__"]
+    # a run addressed by the assistant's uuid
+    parts = [
+        p async for p in client.runs.stream(None, assistants[0]["assistant_id"], input=say("u"))
+    ]
+    assert parts[-1].event == "values"
+
+
+async def test_errors_come_back_as_sdk_exceptions(relay: Tokenrelay) -> None:
+    client = get_client(url=relay.url)
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        await client.threads.get("missing")
+    assert exc.value.response.status_code == 404
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        await client.assistants.get("ghost")
+    assert exc.value.response.status_code == 404

@@ -1,0 +1,244 @@
+"""Every endpoint's status and shape, including the 404/409/422 cases."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.integration.test_stream import join, new_thread, run_body, stream_run, wait_status
+from tests.sse import events
+
+
+async def test_thread_lifecycle(client: httpx.AsyncClient) -> None:
+    r = await client.post("/threads", json={"metadata": {"a": 1}})
+    thread = r.json()
+    assert set(thread) >= {
+        "thread_id", "created_at", "updated_at", "state_updated_at", "metadata", "status",
+        "config", "values", "interrupts", "error",
+    }  # fmt: skip
+    assert thread["values"] is None
+    assert thread["status"] == "idle"
+    tid = thread["thread_id"]
+    r = await client.patch(f"/threads/{tid}", json={"metadata": {"b": 2}})
+    assert r.json()["metadata"] == {"a": 1, "b": 2}
+    r = await client.patch(
+        f"/threads/{tid}", json={"metadata": {"c": 3}}, headers={"Prefer": "return=minimal"}
+    )
+    assert r.status_code == 204
+    assert (await client.get(f"/threads/{tid}")).json()["metadata"] == {"a": 1, "b": 2, "c": 3}
+    assert (await client.delete(f"/threads/{tid}")).status_code == 204
+    assert (await client.get(f"/threads/{tid}")).status_code == 404
+    assert (await client.delete(f"/threads/{tid}")).status_code == 404
+    assert (await client.patch("/threads/nope", json={})).status_code == 404
+
+
+async def test_thread_search_filters_and_paginates(client: httpx.AsyncClient) -> None:
+    tag = str(id(client))
+    tids = [(await client.post("/threads", json={"metadata": {"tag": tag}})).json()["thread_id"]
+            for _ in range(3)]  # fmt: skip
+    r = await client.post("/threads/search", json={"metadata": {"tag": tag}, "limit": 2})
+    assert r.status_code == 200
+    assert len(r.json()) == 2
+    assert r.headers["x-pagination-total"] == "3"
+    assert r.headers["x-pagination-next"] == "2"
+    r = await client.post(
+        "/threads/search", json={"metadata": {"tag": tag}, "limit": 2, "offset": 2}
+    )
+    assert {t["thread_id"] for t in r.json()} <= set(tids)
+    assert "x-pagination-next" not in r.headers
+    r = await client.post("/threads/search", json={"status": "sleepy"})
+    assert r.status_code == 422
+
+
+async def test_state_history_and_update(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    empty = (await client.get(f"/threads/{tid}/state")).json()
+    assert empty["values"] == {}
+    assert empty["checkpoint"] is None
+    assert empty["next"] == []
+    await stream_run(client, tid, run_body())
+    state = (await client.get(f"/threads/{tid}/state")).json()
+    ckpt = state["checkpoint"]
+    assert set(ckpt) >= {"thread_id", "checkpoint_ns", "checkpoint_id"}
+    assert state["checkpoint_id"] == ckpt["checkpoint_id"]
+    assert state["metadata"]["run_id"]
+    assert state["parent_checkpoint"]["checkpoint_id"]
+    history = (await client.post(f"/threads/{tid}/history", json={"limit": 10})).json()
+    assert history[0]["checkpoint"] == ckpt
+    assert [h["checkpoint_id"] for h in history][1] == state["parent_checkpoint_id"]
+    older = (await client.get(f"/threads/{tid}/history", params={
+        "limit": 1, "before": ckpt["checkpoint_id"]})).json()  # fmt: skip
+    assert older[0]["checkpoint_id"] == state["parent_checkpoint_id"]
+    at = (await client.get(f"/threads/{tid}/state/{state['parent_checkpoint_id']}")).json()
+    assert at["checkpoint_id"] == state["parent_checkpoint_id"]
+    posted = await client.post(
+        f"/threads/{tid}/state/checkpoint",
+        json={"checkpoint": {"checkpoint_id": ckpt["checkpoint_id"]}},
+    )
+    assert posted.json()["checkpoint_id"] == ckpt["checkpoint_id"]
+
+    r = await client.post(
+        f"/threads/{tid}/state",
+        json={"values": {"messages": [{"role": "ai", "content": "edited"}]}, "as_node": "llm"},
+    )
+    assert r.status_code == 200
+    new = r.json()["checkpoint"]
+    assert new["checkpoint_id"] != ckpt["checkpoint_id"]
+    after = (await client.get(f"/threads/{tid}/state")).json()
+    assert after["checkpoint_id"] == new["checkpoint_id"]
+    assert after["values"]["messages"][-1]["content"] == "edited"
+    assert (await client.post("/threads/nope/state", json={"values": {}})).status_code == 404
+    assert (await client.post(f"/threads/{tid}/history", json={"limit": 0})).status_code == 422
+
+
+async def test_update_state_of_a_busy_thread_is_409(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    run = (await client.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+    r = await client.post(f"/threads/{tid}/state", json={"values": {}})
+    assert r.status_code == 409
+    assert (await client.delete(f"/threads/{tid}")).status_code == 409
+    assert (await client.delete(f"/threads/{tid}/runs/{run['run_id']}")).status_code == 409
+    await wait_status(client, tid, run["run_id"], "success")
+
+
+async def test_background_run_list_join_and_delete(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    r = await client.post(f"/threads/{tid}/runs", json=run_body())
+    assert r.status_code == 200
+    run = r.json()
+    assert r.headers["content-location"] == f"/threads/{tid}/runs/{run['run_id']}"
+    assert run["status"] == "pending"
+    assert set(run) >= {"run_id", "thread_id", "assistant_id", "created_at", "updated_at",
+                        "status", "metadata", "kwargs", "multitask_strategy"}  # fmt: skip
+    joined = await client.get(f"/threads/{tid}/runs/{run['run_id']}/join")
+    assert joined.status_code == 200
+    assert joined.json()["messages"][-1]["type"] == "ai"
+    listed = (await client.get(f"/threads/{tid}/runs")).json()
+    assert [x["run_id"] for x in listed] == [run["run_id"]]
+    assert (await client.get(f"/threads/{tid}/runs", params={"status": "error"})).json() == []
+    assert (await client.get("/threads/nope/runs")).status_code == 404
+    assert (await client.get(f"/threads/{tid}/runs", params={"status": "x"})).status_code == 422
+    assert (await client.delete(f"/threads/{tid}/runs/{run['run_id']}")).status_code == 204
+    assert (await client.get(f"/threads/{tid}/runs/{run['run_id']}")).status_code == 404
+    assert (await client.get(f"/threads/{tid}/runs/nope/join")).status_code == 404
+
+
+async def test_wait_returns_final_values_or_error(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    r = await client.post(f"/threads/{tid}/runs/wait", json=run_body())
+    assert r.status_code == 200
+    assert r.headers["location"].endswith("/join")
+    assert [m["type"] for m in r.json()["messages"]] == ["human", "ai"]
+    r = await client.post(f"/threads/{tid}/runs/wait", json=run_body("failing"))
+    assert r.status_code == 200
+    assert r.json() == {"__error__": {"error": "Boom", "message": "the model caught fire"}}
+    r = await client.post("/runs/wait", json=run_body())
+    assert len(r.json()["messages"]) == 2
+    assert (await client.post("/threads/nope/runs/wait", json=run_body())).status_code == 404
+
+
+async def test_if_not_exists_create(client: httpx.AsyncClient) -> None:
+    tid = "made-on-the-fly-" + str(id(client))
+    body = run_body(if_not_exists="create")
+    evts, _ = await stream_run(client, tid, body)
+    assert evts[-1].event == "values"
+    assert (await client.get(f"/threads/{tid}")).json()["metadata"]["graph_id"] == "fast"
+
+
+async def test_stream_mode_in_every_form(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    forms = [
+        ({"stream_mode": "updates"}, None, {"updates"}),
+        ({"stream_mode": ["updates", "values"]}, None, {"updates", "values"}),
+        ({"stream_mode": '["updates", "values"]'}, None, {"updates", "values"}),
+        ({}, [("stream_mode", "updates"), ("stream_mode", "values")], {"updates", "values"}),
+        ({}, [("stream_mode", '["messages-tuple"]')], {"messages"}),
+    ]
+    for body, params, names in forms:
+        full = {"assistant_id": "fast", "input": {"messages": []}, **body}
+        async with client.stream(
+            "POST", f"/threads/{tid}/runs/stream", json=full, params=params
+        ) as r:
+            assert r.status_code == 200, (body, params, await r.aread())
+            got = {e.event for e in await events(r)}
+        assert got == {"metadata", *names}, (body, params)
+    r = await client.post(
+        f"/threads/{tid}/runs/stream", json={"assistant_id": "fast"}, params={"stream_mode": "x"}
+    )
+    assert r.status_code == 422
+    r = await client.post(
+        f"/threads/{tid}/runs/stream", json={"assistant_id": "fast"}, params={"stream_mode": "[x"}
+    )
+    assert r.status_code == 422
+
+
+async def test_join_can_select_stream_modes(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    evts, _ = await stream_run(client, tid, run_body())
+    run_id = evts[0].json()["run_id"]
+    url = f"/threads/{tid}/runs/{run_id}/stream"
+    async with client.stream(
+        "GET", url, params={"stream_mode": "values"}, headers={"Last-Event-ID": "-1"}
+    ) as r:
+        only = await events(r)
+    assert {e.event for e in only} == {"metadata", "values"}
+    assert [e.id for e in only] == [e.id for e in evts if e.event in ("metadata", "values")]
+
+
+async def test_thread_join_stream(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    assert (await client.get(f"/threads/{tid}/stream")).status_code == 204
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=3)
+        async with client.stream(
+            "GET", f"/threads/{tid}/stream", headers={"Last-Event-ID": "-1"}
+        ) as j:
+            assert j.headers["location"].endswith(f"/runs/{head[0].json()['run_id']}/stream")
+            joined = await events(j)
+        reference = head + await events(r)
+    assert [e.id for e in joined] == [e.id for e in reference]
+    assert (await client.get("/threads/nope/stream")).status_code == 404
+
+
+async def test_assistants(client: httpx.AsyncClient) -> None:
+    found = (await client.post("/assistants/search", json={"graph_id": "agent"})).json()
+    assert len(found) == 1
+    agent = found[0]
+    assert set(agent) >= {"assistant_id", "graph_id", "config", "metadata", "name", "version"}
+    assert (await client.get(f"/assistants/{agent['assistant_id']}")).json() == agent
+    assert (await client.get("/assistants/agent")).json() == agent
+    assert (await client.get("/assistants/ghost")).status_code == 404
+    graph = (await client.get("/assistants/agent/graph")).json()
+    assert {"source": "__start__", "target": "llm"} in graph["edges"]
+    schemas = (await client.get("/assistants/agent/schemas")).json()
+    assert schemas["graph_id"] == "agent"
+    assert "messages" in str(schemas["input_schema"])
+
+
+async def test_ops_endpoints(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/ok")).json() == {"ok": True}
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ok"}
+    info = (await client.get("/info")).json()
+    assert info["flags"]["assistants"] is True
+    spec = (await client.get("/openapi.json")).json()
+    assert "/threads/{thread_id}/runs/stream" in spec["paths"]
+    metrics = (await client.get("/metrics")).text
+    assert "tokenrelay_api_streams_open" in metrics
+    assert (await client.get("/docs")).status_code == 200
+
+
+async def test_long_poll_errors(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    assert (await client.get(f"/threads/{tid}/runs/nope/events")).status_code == 404
+    evts, _ = await stream_run(client, tid, run_body())
+    run_id = evts[0].json()["run_id"]
+    url = f"/threads/{tid}/runs/{run_id}/events"
+    assert (await client.get(url, params={"after": "junk"})).status_code == 400
+    assert (await client.get(url, params={"wait_ms": -1})).status_code == 422
+    page = (await client.get(url, params={"after": evts[-1].id})).json()
+    assert page == {"events": [], "next": page["next"], "done": True}
+    again = await join(client, tid, run_id, evts[-1].id)
+    assert again == []
+    await asyncio.sleep(0)
