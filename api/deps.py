@@ -9,6 +9,7 @@ from fastapi import Request
 from redis.asyncio import Redis
 
 from api.fanout import Fanout
+from broker.cancel import CancelSignal
 from broker.graphs import GraphRegistry
 from broker.keys import Keys
 from broker.log import EventLog
@@ -31,6 +32,7 @@ class Services:
     fanout: Fanout
     registry: GraphRegistry
     states: ThreadStates
+    cancel: CancelSignal
     draining: asyncio.Event
     """Set when the process is shutting down: live streams abort so clients resume elsewhere."""
 
@@ -50,6 +52,7 @@ class Services:
             fanout=Fanout(redis, keys),
             registry=registry,
             states=ThreadStates(registry),
+            cancel=CancelSignal(redis, keys, ttl_seconds=settings.cancel_ttl_seconds),
             draining=asyncio.Event(),
         )
 

@@ -43,24 +43,27 @@ class Subscription:
         if self._overflowed:
             return
         if self._queued + len(batch.entries) > self._limit:
-            self._queue.clear()
-            self._queued = 0
+            self._drop()
             self._overflowed = True
             telemetry.SLOW_CLIENT_FALLBACKS.inc()
         else:
             self._queue.append(batch)
             self._queued += len(batch.entries)
+            telemetry.LIVE_QUEUED_ENTRIES.inc(len(batch.entries))
         self._ready.set()
 
-    def mark_overflowed(self) -> None:
+    def _drop(self) -> None:
+        telemetry.LIVE_QUEUED_ENTRIES.dec(self._queued)
         self._queue.clear()
         self._queued = 0
+
+    def mark_overflowed(self) -> None:
+        self._drop()
         self._overflowed = True
         self._ready.set()
 
     def reset(self) -> None:
-        self._queue.clear()
-        self._queued = 0
+        self._drop()
         self._overflowed = False
         self._ready.clear()
 
@@ -75,6 +78,7 @@ class Subscription:
                 return None
         batch = self._queue.popleft()
         self._queued -= len(batch.entries)
+        telemetry.LIVE_QUEUED_ENTRIES.dec(len(batch.entries))
         return batch
 
 
@@ -135,6 +139,7 @@ class Fanout:
                 await asyncio.wait_for(channel.confirmed.wait(), 2.0)
             yield sub
         finally:
+            sub.reset()
             async with self._lock:
                 channel.subscribers.discard(sub)
                 if not channel.subscribers and self._channels.get(name) is channel:

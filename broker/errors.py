@@ -31,6 +31,10 @@ class RunExpired(TokenrelayError):
         )
 
 
+class NoRunToCancel(NotFound):
+    pass
+
+
 class AssistantNotFound(NotFound):
     def __init__(self, assistant_id: str) -> None:
         super().__init__(f"Assistant with ID {assistant_id} not found")

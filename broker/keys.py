@@ -39,6 +39,10 @@ class Keys:
         """Sorted set of a thread's run ids by creation time."""
         return f"{self.prefix}:thread:{{{thread_id}}}:runs"
 
+    def thread_pending(self, thread_id: str) -> str:
+        """List of run ids waiting for the thread's active run to end (multitask enqueue)."""
+        return f"{self.prefix}:thread:{{{thread_id}}}:pending"
+
     def threads_index(self) -> str:
         return f"{self.prefix}:threads"
 

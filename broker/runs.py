@@ -96,18 +96,31 @@ class RunStore:
         self._ttl = ttl_seconds
         self._release = scripts.script("release_active")
         self._start = scripts.script("start_attempt")
+        self._claim = scripts.script("claim_thread")
 
     async def create(self, run: RunRecord) -> Job:
-        """Store `run` as pending, make it the thread's active run and return its queue job."""
+        """Store `run` as pending and list it on its thread; returns its queue job."""
         k = self._keys
         pipe = self._redis.pipeline(transaction=False)
         pipe.hset(k.run_meta(run.run_id), mapping=run.to_hash())  # type: ignore[arg-type]
         pipe.expire(k.run_meta(run.run_id), self._ttl)
         await pipe.execute()
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
-        pipe.set(k.thread_active(run.thread_id), run.run_id)
-        await pipe.execute()
+        await self._redis.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
+        return Job(run.run_id, run.thread_id, run.assistant_id)
+
+    async def claim_thread(self, thread_id: str, run_id: str, *, enqueue: bool) -> tuple[str, str]:
+        """Make `run_id` the thread's active run: ('started', ''), ('queued', '') behind the
+        active run when `enqueue`, else ('busy', <active run id>)."""
+        k = self._keys
+        reply = await self._claim(
+            self._redis,
+            [k.thread_active(thread_id), k.thread_pending(thread_id)],
+            [run_id, "enqueue" if enqueue else ""],
+        )
+        verdict = reply[0].decode()
+        return verdict, reply[1].decode() if len(reply) > 1 else ""
+
+    def job(self, run: RunRecord) -> Job:
         return Job(run.run_id, run.thread_id, run.assistant_id)
 
     async def start_attempt(
@@ -116,7 +129,9 @@ class RunStore:
         """Begin the next attempt of `run_id` for `worker_id`: (verdict, attempt, applied seq);
         verdict is ``run``, ``done`` (already ended) or ``exhausted``."""
         verdict, attempt, seq = await self._start(
-            self._redis, [self._keys.run_meta(run_id)], [worker_id, now_ms(), max_attempts]
+            self._redis,
+            [self._keys.run_meta(run_id), self._keys.run_cancel(run_id)],
+            [worker_id, now_ms(), max_attempts],
         )
         return verdict.decode(), int(attempt), int(seq)
 
@@ -146,10 +161,14 @@ class RunStore:
         rid = cast(bytes | None, await self._redis.get(self._keys.thread_active(thread_id)))
         return rid.decode() if rid else None
 
-    async def release_active(self, thread_id: str, run_id: str) -> bool:
-        """Clear the thread's active pointer if it still names `run_id`."""
-        cleared = await self._release(self._redis, [self._keys.thread_active(thread_id)], [run_id])
-        return bool(cleared)
+    async def release_active(self, thread_id: str, run_id: str) -> str | None:
+        """Clear the thread's active pointer if it still names `run_id`; returns the queued run
+        that became active in its place, if any."""
+        k = self._keys
+        promoted = await self._release(
+            self._redis, [k.thread_active(thread_id), k.thread_pending(thread_id)], [run_id]
+        )
+        return promoted.decode() if promoted else None
 
     async def list(self, thread_id: str, *, limit: int, offset: int, status: str | None = None
     ) -> list[RunRecord]:  # fmt: skip

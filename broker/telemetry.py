@@ -82,3 +82,7 @@ STREAMS_ABORTED = Counter(
     "tokenrelay_api_streams_aborted", "Responses cut short (time budget or shutdown) for resume"
 )
 LIVE_CHANNELS = Gauge("tokenrelay_api_live_channels", "Runs with a shared live subscription")
+LIVE_QUEUED_ENTRIES = Gauge(
+    "tokenrelay_api_live_queued_entries",
+    "Live entries queued for clients that have not taken them yet (bounded per client)",
+)

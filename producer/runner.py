@@ -6,7 +6,15 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from langchain_core.messages import BaseMessage, BaseMessageChunk
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    BaseMessageChunk,
+    message_chunk_to_message,
+)
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.types import Command
 
 from broker import codec
@@ -100,6 +108,8 @@ class GraphRun:
         self.modes = [m for m in run.stream_modes if m in STREAM_MODES] or ["values"]
         self._accumulator = _MessageAccumulator()
         self.resume = False
+        # message id -> (accumulated chunk, top-level node that streamed it, step)
+        self._partials: dict[str, tuple[BaseMessageChunk, str, int]] = {}
 
     async def prepare(self) -> None:
         """On a later attempt, continue from the run's last checkpoint if it wrote one."""
@@ -115,6 +125,59 @@ class GraphRun:
                 extra={"run_id": self.run.run_id, "attempt": self.run.attempt},
             )
 
+    def _track(self, message: BaseMessage, meta: dict[str, Any], ns: tuple[str, ...]) -> None:
+        if not isinstance(message, AIMessageChunk) or not message.id:
+            self._partials.pop(message.id or "", None)  # a whole message: nothing is partial
+            return
+        # Inside a subgraph the thread's node is the first namespace segment ("node:task").
+        ns_path = ns or tuple(str(meta.get("langgraph_checkpoint_ns", "")).split("|"))
+        node = ns_path[0].split(":")[0] if len(ns_path) > 1 else meta.get("langgraph_node", "")
+        step = int(meta.get("langgraph_step") or 0)
+        known = self._partials.get(message.id)
+        merged = message if known is None else known[0] + message
+        self._partials[message.id] = (merged, str(node), step)
+
+    def partial_message(self) -> tuple[AIMessage, str] | None:
+        """The AI message that was streaming when the run stopped, marked as cancelled, and the
+        node that streamed it."""
+        if not self._partials:
+            return None
+        chunk, node, _ = max(self._partials.values(), key=lambda p: p[2])
+        message = message_chunk_to_message(chunk)
+        if not isinstance(message, AIMessage):
+            return None
+        message.response_metadata = {
+            **message.response_metadata,
+            "finish_reason": "cancelled",
+            "cancelled": True,
+        }
+        message.additional_kwargs = {**message.additional_kwargs, "cancelled": True}
+        return message, node
+
+    async def save_partial(self) -> tuple[str | None, Any]:
+        """Write the partial message into the thread as its node's output; returns the new
+        checkpoint id and the saved state's values."""
+        config: RunnableConfig = {"configurable": {"thread_id": self.run.thread_id}}
+        found = self.partial_message()
+        if found is not None:
+            message, node = found
+            await self.graph.aupdate_state(config, {"messages": [message]}, as_node=node or None)
+        state = await self.graph.aget_state({"configurable": {"thread_id": self.run.thread_id}})
+        checkpoint_id = (state.config or {}).get("configurable", {}).get("checkpoint_id")
+        return checkpoint_id, state.values
+
+    async def rollback(self) -> None:
+        """Put the thread back where it was before this run: fork from the last checkpoint
+        another run wrote, or clear the thread if this run was its first."""
+        config: RunnableConfig = {"configurable": {"thread_id": self.run.thread_id}}
+        async for snap in self.graph.aget_state_history(config):
+            if (snap.metadata or {}).get("run_id") != self.run.run_id:
+                await self.graph.aupdate_state(snap.config, None)
+                return
+        saver = self.graph.checkpointer
+        if isinstance(saver, BaseCheckpointSaver):
+            await saver.adelete_thread(self.run.thread_id)
+
     def _input(self) -> Any:
         if self.resume:
             return None
@@ -124,7 +187,9 @@ class GraphRun:
         return self.run.kwargs.get("input")
 
     async def events(self) -> AsyncIterator[Event]:
-        graph_modes = sorted({_GRAPH_MODE[m] for m in self.modes})
+        # `messages` is always streamed internally: a cancel turns the chunks into the partial
+        # message it keeps, whether or not the client asked for them.
+        graph_modes = sorted({_GRAPH_MODE[m] for m in self.modes} | {"messages"})
         kwargs: dict[str, Any] = {}
         context = self.run.kwargs.get("context")
         if context:
@@ -142,6 +207,7 @@ class GraphRun:
             suffix = "|" + "|".join(ns) if ns else ""
             if mode == "messages":
                 message, meta = data
+                self._track(message, meta, ns)
                 if "messages-tuple" in self.modes:
                     yield Event(
                         "messages" + suffix, codec.json_bytes(message), blob=codec.json_bytes(meta)

@@ -24,6 +24,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import codec, telemetry
+from broker.cancel import CancelAction
 from broker.graphs import GraphRegistry
 from broker.keys import Keys
 from broker.log import FENCED, EventLog
@@ -97,6 +98,7 @@ class Worker:
         await self._warn_if_memory_shared()
         self.publisher.start()
         beat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
+        control = asyncio.create_task(self._control_loop(), name="worker-control")
         log.info("worker ready (concurrency %d)", self.concurrency, extra=self._ctx)
         try:
             claim = asyncio.create_task(self._claim_loop(stop))
@@ -108,9 +110,10 @@ class Worker:
                 await claim
             await self._drain(force)
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            for task in (beat, control):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             for running in list(self._running.values()):
                 running.task.cancel()
             await self.publisher.stop()
@@ -237,9 +240,42 @@ class Worker:
                 )
                 self._start(msg_id, job)
 
+    async def _control_loop(self) -> None:
+        """Cancel requests sent to this worker (``tr:ctl:<worker>``), acted on at once."""
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.ctl(self.id))
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        continue
+                    try:
+                        body = codec.unpack(msg["data"])
+                        self._cancel(str(body["run_id"]), CancelAction(body["action"]))
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("ignoring a malformed control message", extra=self._ctx)
+            except REDIS_ERRORS as exc:
+                log.warning("control channel lost (%s); resubscribing", exc, extra=self._ctx)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _cancel(self, run_id: str, action: CancelAction) -> None:
+        running = self._running.get(run_id)
+        if running is None or running.stop_reason:
+            return
+        log.info("cancel requested: %s", action.value, extra={**self._ctx, "run_id": run_id})
+        running.stop_reason = f"cancel:{action.value}"
+        running.task.cancel()
+
     def _on_cancel_signal(self, run_id: str, value: bytes) -> None:
         running = self._running.get(run_id)
         if running is None:
+            return
+        if value in (b"interrupt", b"rollback"):
+            self._cancel(run_id, CancelAction(value.decode()))
             return
         if value == FENCED and not running.stop_reason:
             log.warning(
@@ -262,6 +298,10 @@ class Worker:
             return
         ctx["attempt"] = attempt
         self.publisher.begin_run(rid, attempt, seq)
+        if verdict.startswith("cancel:"):
+            # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
+            await self._cancelled(msg_id, job, CancelAction(verdict.split(":", 1)[1]), None, ctx)
+            return
         if verdict == "exhausted":
             log.error("run gave up after %d attempts", attempt, extra=ctx)
             message = f"Run failed after {attempt} attempt(s): its worker stopped responding"
@@ -278,6 +318,7 @@ class Worker:
         status = RunStatus.SUCCESS
         final: list[Event] = []
         error = ""
+        graph_run: GraphRun | None = None
         try:
             run = await self.runs.get(rid)
             graph_run = GraphRun(self.registry, run)
@@ -285,6 +326,15 @@ class Worker:
             async for event in graph_run.events():
                 self.publisher.emit(rid, event)
         except asyncio.CancelledError:
+            running = self._running.get(rid)
+            reason = running.stop_reason if running else ""
+            if reason.startswith("cancel:"):
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                action = CancelAction(reason.split(":", 1)[1])
+                await self._cancelled(msg_id, job, action, graph_run, ctx)
+                return
             await self._stopped(msg_id, job, ctx)
             raise
         except Exception as exc:  # the run failed; the worker goes on
@@ -294,6 +344,29 @@ class Worker:
             final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
         await self._finish(msg_id, job, status, final, error=error)
         log.info("run finished: %s", status.value, extra=ctx)
+
+    async def _cancelled(
+        self,
+        msg_id: bytes,
+        job: Job,
+        action: CancelAction,
+        graph_run: GraphRun | None,
+        ctx: dict[str, object],
+    ) -> None:
+        """End a cancelled run: keep its partial output (interrupt) or undo it (rollback)."""
+        rid = job.run_id
+        final: list[Event] = []
+        if graph_run is not None and action is CancelAction.INTERRUPT:
+            checkpoint_id, values = await graph_run.save_partial()
+            if checkpoint_id:
+                await self.runs.update(rid, checkpoint_id=checkpoint_id)
+            final.append(Event("values", codec.json_bytes(values)))
+        elif graph_run is not None:
+            await graph_run.rollback()
+        await self._finish(msg_id, job, RunStatus.INTERRUPTED, final)
+        if action is CancelAction.ROLLBACK:
+            await self.runs.delete(await self.runs.get(rid))
+        log.info("run cancelled (%s)", action.value, extra=ctx)
 
     async def _finish(
         self, msg_id: bytes, job: Job, status: RunStatus, final: list[Event], *, error: str = ""
@@ -308,10 +381,13 @@ class Worker:
         await self.threads.set_status(
             job.thread_id, "error" if status is RunStatus.ERROR else "idle"
         )
-        await self.runs.release_active(job.thread_id, rid)
+        promoted = await self.runs.release_active(job.thread_id, rid)
         await self.publisher.close_run(rid, [*final, Event(END_EVENT, b"")], status)
         await self.queue.ack(msg_id)
         telemetry.RUNS_FINISHED.labels(status.value).inc()
+        if promoted:
+            # The next run queued on this thread (multitask enqueue) may start now.
+            await self.queue.enqueue(self.runs.job(await self.runs.get(promoted)))
 
     async def _stopped(self, msg_id: bytes, job: Job, ctx: dict[str, object]) -> None:
         """The run's task was cancelled: hand it back to the queue, or let it go if fenced."""

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 
 from api.deps import Services, services
-from api.schemas import RunCreate, run_json
+from api.schemas import RunCreate, WireJSON, run_json
 from broker import codec
-from broker.errors import Conflict
+from broker.cancel import CancelAction
+from broker.errors import Conflict, InvalidBody, NoRunToCancel, RunNotFound
 from broker.models import ZERO_ID, Gap, RunStatus
 from broker.runs import RunRecord, new_id, now_ms
 
@@ -45,8 +47,46 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
         on_disconnect=body.on_disconnect,
     )
     job = await svc.runs.create(run)
-    await svc.queue.enqueue(job)
+    strategy = body.multitask_strategy
+    verdict, active = await svc.runs.claim_thread(
+        run.thread_id, run.run_id, enqueue=strategy == "enqueue"
+    )
+    if verdict == "busy":
+        if strategy == "reject":
+            await svc.runs.delete(run)
+            raise Conflict(
+                "Thread is already running a task. Wait for it to finish or choose a different "
+                "multitask strategy."
+            )
+        # interrupt / rollback: stop the active run, then start right after it.
+        await cancel_run(svc, await svc.runs.get(active), CancelAction(strategy))
+        verdict, _ = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=True)
+    if verdict == "started":
+        await svc.queue.enqueue(job)
     return run
+
+
+async def cancel_run(svc: Services, run: RunRecord, action: CancelAction) -> None:
+    """Ask the run's worker to stop it (a no-op for a run that already ended)."""
+    if not run.status.terminal:
+        await svc.cancel.request(run.run_id, action, run.worker)
+
+
+async def wait_ended(svc: Services, run_id: str, *, deleted: bool = False) -> RunRecord | None:
+    """The run once it has ended, or None once it is gone (with `deleted`: a rollback, whose
+    worker deletes the run just after ending it)."""
+    grace = 100  # polls of 50 ms for an ended run to be deleted
+    async with svc.fanout.subscribe(run_id) as live:
+        while True:
+            try:
+                run = await svc.runs.get(run_id)
+            except RunNotFound:
+                return None
+            if run.status.terminal:
+                if not deleted or grace == 0:
+                    return run
+                grace -= 1
+            await live.get(0.05 if run.status.terminal else svc.settings.heartbeat_seconds)
 
 
 def run_location(run: RunRecord) -> dict[str, str]:
@@ -150,6 +190,59 @@ async def join_run(
     thread_id: str, run_id: str, svc: Services = Depends(services)
 ) -> StreamingResponse:
     return wait_response(svc, await svc.runs.find(thread_id, run_id))
+
+
+@router.post("/threads/{thread_id}/runs/{run_id}/cancel", response_model=None)
+async def cancel_one(
+    thread_id: str,
+    run_id: str,
+    wait: bool = Query(default=False),
+    action: CancelAction = Query(default=CancelAction.INTERRUPT),
+    svc: Services = Depends(services),
+) -> Response | dict[str, Any]:
+    """Stop a run. `interrupt` keeps its partial output in the thread (the new checkpoint id
+    is the run's `checkpoint_id`); `rollback` undoes it and deletes the run."""
+    run = await svc.runs.find(thread_id, run_id)
+    await cancel_run(svc, run, action)
+    if not wait:
+        return WireJSON(run_json(run), status_code=202)
+    ended = await wait_ended(
+        svc, run_id, deleted=action is CancelAction.ROLLBACK and not run.status.terminal
+    )
+    if ended is None:
+        return Response(status_code=204)
+    return run_json(ended)
+
+
+class CancelMany(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    thread_id: str | None = None
+    run_ids: list[str] | None = None
+    status: Literal["pending", "running", "all"] | None = None
+
+
+@router.post("/runs/cancel", status_code=204)
+async def cancel_many(
+    body: CancelMany,
+    action: CancelAction = Query(default=CancelAction.INTERRUPT),
+    svc: Services = Depends(services),
+) -> Response:
+    """Cancel runs by id, or whatever is active on a thread (`{"thread_id": ...}` alone)."""
+    if body.status is not None:
+        raise InvalidBody("cancelling by status is not supported; pass thread_id (and run_ids)")
+    if body.thread_id is None:
+        raise InvalidBody("thread_id is required")
+    run_ids = body.run_ids
+    if not run_ids:
+        active = await svc.runs.active_run(body.thread_id)
+        run_ids = [active] if active else []
+    runs = [await svc.runs.find(body.thread_id, rid) for rid in run_ids]
+    live = [r for r in runs if not r.status.terminal]
+    if not live:
+        raise NoRunToCancel("No matching runs to cancel")
+    for run in live:
+        await cancel_run(svc, run, action)
+    return Response(status_code=204)
 
 
 @router.delete("/threads/{thread_id}/runs/{run_id}", status_code=204)

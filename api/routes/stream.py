@@ -4,7 +4,7 @@ long-poll JSON fallback."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -12,10 +12,11 @@ from fastapi import APIRouter, Depends, Header, Query
 from starlette.responses import Response
 
 from api.deps import Services, services
-from api.routes.runs import start_run
+from api.routes.runs import cancel_run, start_run
 from api.schemas import RunCreate
 from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event
 from broker import codec, telemetry
+from broker.cancel import CancelAction
 from broker.errors import InvalidBody
 from broker.log import BlobResolver
 from broker.models import ZERO_ID, Gap, StreamId
@@ -100,6 +101,7 @@ async def stream_response(
     max_seconds: float | None,
     finished: bool = False,
     names: set[str] | None = None,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> EventStreamResponse:
     """The SSE response for a run, cut short (aborted, for resume) by the time budget or a
     shutdown unless the run has already finished."""
@@ -112,6 +114,7 @@ async def stream_response(
         run_headers(thread_id, run_id),
         deadline=deadline,
         abort=None if finished else svc.draining,
+        on_disconnect=on_disconnect,
     )
 
 
@@ -162,7 +165,15 @@ async def _stream_new_run(
     if modes:
         body = body.with_stream_modes(modes)
     run = await start_run(svc, thread_id, body)
-    return await stream_response(svc, run.thread_id, run.run_id, ZERO_ID, max_seconds=max_seconds)
+
+    async def creator_left() -> None:
+        # on_disconnect=cancel: only the connection that created the run cancels it.
+        await cancel_run(svc, await svc.runs.get(run.run_id), CancelAction.INTERRUPT)
+
+    return await stream_response(
+        svc, run.thread_id, run.run_id, ZERO_ID, max_seconds=max_seconds,
+        on_disconnect=creator_left if body.on_disconnect == "cancel" else None,
+    )  # fmt: skip
 
 
 @router.post("/threads/{thread_id}/runs/stream")

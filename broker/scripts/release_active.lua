@@ -1,6 +1,16 @@
--- Clear a thread's active-run pointer only if it still names this run (compare-and-delete).
--- KEYS: 1 thread active key; ARGV: 1 run id. Returns 1 when cleared.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+-- A run ended: clear the thread's active pointer only if it still names this run
+-- (compare-and-delete, so a late stop never clears a newer run), and promote the next queued run.
+-- KEYS: 1 thread active key, 2 thread pending list; ARGV: 1 run id.
+-- Returns the promoted run id, '' when the thread went idle, or false when the pointer named
+-- another run.
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return false
 end
-return 0
+local next_run = redis.call('LPOP', KEYS[2])
+if next_run then
+  redis.call('SET', KEYS[1], next_run)
+  return next_run
+end
+redis.call('DEL', KEYS[1])
+return ''

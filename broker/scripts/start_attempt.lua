@@ -1,7 +1,8 @@
 -- Start a new attempt of a run for a worker (first start, takeover or hand-back alike).
--- KEYS: 1 run meta hash; ARGV: 1 worker id, 2 now (ms), 3 max attempts
+-- KEYS: 1 run meta hash, 2 run cancel key; ARGV: 1 worker id, 2 now (ms), 3 max attempts
 -- Returns {verdict, attempt, seq}: 'run' to execute, 'done' when the run already ended (or is
--- gone), 'exhausted' when this attempt would pass the limit. `seq` is the last event batch an
+-- gone), 'exhausted' when this attempt would pass the limit, 'cancel:<action>' when a cancel
+-- arrived before it started. `seq` is the last event batch an
 -- earlier attempt wrote, so the new one continues after it.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'done', 0, 0} end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -9,6 +10,11 @@ if status ~= 'pending' and status ~= 'running' then return {'done', 0, 0} end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if attempt > tonumber(ARGV[3]) then return {'exhausted', attempt - 1, seq} end
+local cancel = redis.call('GET', KEYS[2])
+if cancel then
+  redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'attempt', attempt, 'updated_at', ARGV[2])
+  return {'cancel:' .. cancel, attempt, seq}
+end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'attempt', attempt,
   'updated_at', ARGV[2])
 return {'run', attempt, seq}

@@ -1,0 +1,13 @@
+-- Make a new run the thread's active run, or queue it behind the active one.
+-- KEYS: 1 thread active key, 2 thread pending list; ARGV: 1 run id, 2 'enqueue' to queue when busy
+-- Returns {'started'}, {'queued'} or {'busy', <active run id>}.
+local active = redis.call('GET', KEYS[1])
+if not active then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return {'started'}
+end
+if ARGV[2] == 'enqueue' then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return {'queued'}
+end
+return {'busy', active}

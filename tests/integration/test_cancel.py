@@ -1,0 +1,176 @@
+"""Cancel that keeps the work: interrupt, rollback, multitask strategies, durable cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from broker.connection import connect
+from broker.keys import Keys
+from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
+from tests.server import Tokenrelay
+from tests.sse import SSE, events
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def replica_b(relay: Tokenrelay) -> Iterator[Tokenrelay]:
+    server = Tokenrelay(relay.settings, with_worker=False).start()
+    yield server
+    server.stop()
+
+
+def chunks_text(evts: list[SSE]) -> str:
+    return "".join(e.json()[0]["content"] for e in evts if e.event == "messages")
+
+
+async def test_interrupt_from_another_replica_keeps_the_partial_message(
+    client: httpx.AsyncClient, replica_b: Tokenrelay
+) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head: list[SSE] = []
+        while sum(e.event == "messages" for e in head) < 10:
+            head += await events(r, limit=1)
+        run_id = head[0].json()["run_id"]
+        async with httpx.AsyncClient(base_url=replica_b.url, timeout=30) as b:
+            cancelled = await b.post(
+                f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1, "action": "interrupt"}
+            )
+        evts = head + await events(r)
+    assert cancelled.status_code == 200
+    run = cancelled.json()
+    assert run["status"] == "interrupted"
+    received = chunks_text(evts)
+    assert 0 < len(received.split()) < 60
+    assert evts[-1].event == "values"
+    saved = evts[-1].json()["messages"]
+    assert saved[-1]["content"] == received
+    state = (await client.get(f"/threads/{tid}/state")).json()
+    partial = state["values"]["messages"][-1]
+    assert partial["type"] == "ai"
+    assert partial["content"] == received
+    assert partial["response_metadata"]["finish_reason"] == "cancelled"
+    assert run["checkpoint_id"] == state["checkpoint"]["checkpoint_id"]
+    assert (await client.get(f"/threads/{tid}")).json()["status"] == "idle"
+
+    # the next run continues from it; a run forked from the returned checkpoint branches
+    follow, _ = await stream_run(client, tid, run_body("fast"))
+    msgs = follow[-1].json()["messages"]
+    assert [m["type"] for m in msgs] == ["human", "ai", "human", "ai"]
+    assert msgs[1]["content"] == received
+    fork, _ = await stream_run(client, tid, run_body("fast", checkpoint_id=run["checkpoint_id"]))
+    assert len(fork[-1].json()["messages"]) == 4
+    history = (await client.post(f"/threads/{tid}/history", json={"limit": 50})).json()
+    parents = {h["parent_checkpoint_id"] for h in history}
+    assert run["checkpoint_id"] in parents
+
+
+async def test_rollback_restores_the_state_before_the_run(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    await stream_run(client, tid, run_body("fast"))
+    before = (await client.get(f"/threads/{tid}/state")).json()["values"]
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=6)
+        run_id = head[0].json()["run_id"]
+        resp = await client.post(
+            f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1, "action": "rollback"}
+        )
+        rest = await events(r)
+    assert resp.status_code == 204
+    assert all(e.event != "values" or e in head for e in rest)
+    assert (await client.get(f"/threads/{tid}/state")).json()["values"] == before
+    assert (await client.get(f"/threads/{tid}/runs/{run_id}")).status_code == 404
+
+
+async def test_cancel_of_finished_and_unknown_runs(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    evts, _ = await stream_run(client, tid, run_body("fast"))
+    run_id = evts[0].json()["run_id"]
+    r = await client.post(f"/threads/{tid}/runs/{run_id}/cancel")
+    assert r.status_code == 202
+    assert r.json()["status"] == "success"
+    r = await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
+    assert r.json()["status"] == "success"
+    assert (await client.post(f"/threads/{tid}/runs/nope/cancel")).status_code == 404
+    r = await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"action": "explode"})
+    assert r.status_code == 422
+
+
+async def test_thread_only_stop_cancels_whatever_is_active(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    run = (await client.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+    await asyncio.sleep(0.5)
+    r = await client.post("/runs/cancel", json={"thread_id": tid})
+    assert r.status_code == 204
+    await wait_status(client, tid, run["run_id"], "interrupted")
+    assert (await client.post("/runs/cancel", json={"thread_id": tid})).status_code == 404
+    assert (await client.post("/runs/cancel", json={"status": "all"})).status_code == 422
+
+
+async def test_multitask_reject_and_enqueue_order(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    first = (await client.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+    r = await client.post(
+        f"/threads/{tid}/runs", json=run_body("fast", multitask_strategy="reject")
+    )
+    assert r.status_code == 409
+    assert "already running" in r.json()["detail"]
+    second = (await client.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+    third = (await client.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+    for run in (first, second, third):
+        await wait_status(client, tid, run["run_id"], "success")
+    runs = {r["run_id"]: r for r in (await client.get(f"/threads/{tid}/runs")).json()}
+    order = sorted((first, second, third), key=lambda x: runs[x["run_id"]]["updated_at"])
+    assert [x["run_id"] for x in order] == [first["run_id"], second["run_id"], third["run_id"]]
+    msgs = (await client.get(f"/threads/{tid}/state")).json()["values"]["messages"]
+    assert len(msgs) == 6
+
+
+async def test_multitask_interrupt_keeps_the_partial_and_starts_the_new_run(
+    client: httpx.AsyncClient,
+) -> None:
+    tid = await new_thread(client)
+    first = (await client.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+    await asyncio.sleep(0.6)
+    body = run_body("fast", multitask_strategy="interrupt")
+    evts, _ = await stream_run(client, tid, body)
+    assert (await client.get(f"/threads/{tid}/runs/{first['run_id']}")).json()[
+        "status"
+    ] == "interrupted"
+    msgs = evts[-1].json()["messages"]
+    assert [m["type"] for m in msgs] == ["human", "ai", "human", "ai"]
+    assert msgs[1]["response_metadata"]["finish_reason"] == "cancelled"
+
+
+async def test_a_late_stop_of_an_old_run_leaves_the_new_one_active(
+    client: httpx.AsyncClient,
+) -> None:
+    tid = await new_thread(client)
+    first, _ = await stream_run(client, tid, run_body("fast"))
+    second = (await client.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+    await client.post(f"/threads/{tid}/runs/{first[0].json()['run_id']}/cancel", params={"wait": 1})
+    assert (await client.get(f"/threads/{tid}")).json()["status"] == "busy"
+    await wait_status(client, tid, second["run_id"], "success")
+
+
+async def test_cancel_arrives_through_the_durable_key_without_pub_sub(
+    client: httpx.AsyncClient, relay: Tokenrelay
+) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=6)
+        run_id = head[0].json()["run_id"]
+        redis = connect(relay.settings.resolved_redis_url())
+        # only the durable half: no control message is published
+        await redis.set(Keys(relay.settings.key_prefix).run_cancel(run_id), "interrupt", ex=60)
+        await redis.aclose()
+        rest = await events(r)
+    assert rest[-1].event == "values"
+    run = (await client.get(f"/threads/{tid}/runs/{run_id}")).json()
+    assert run["status"] == "interrupted"
+    assert chunks_text(head + rest).count(" ") + 1 < 60
