@@ -26,10 +26,10 @@ def _task(task: Any) -> dict[str, Any]:
     state = task.state
     nested: dict[str, Any] | None = None
     ckpt: dict[str, Any] | None = None
-    if state is not None and hasattr(state, "values"):
-        nested = snapshot_json(state)
-    elif isinstance(state, dict):
+    if isinstance(state, dict):
         ckpt = state.get("configurable")
+    elif state is not None:
+        nested = snapshot_json(state)
     return {
         "id": task.id,
         "name": task.name,

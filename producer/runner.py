@@ -130,8 +130,8 @@ class GraphRun:
             self._partials.pop(message.id or "", None)  # a whole message: nothing is partial
             return
         # Inside a subgraph the thread's node is the first namespace segment ("node:task").
-        ns_path = ns or tuple(str(meta.get("langgraph_checkpoint_ns", "")).split("|"))
-        node = ns_path[0].split(":")[0] if len(ns_path) > 1 else meta.get("langgraph_node", "")
+        path = ns or tuple(str(meta.get("langgraph_checkpoint_ns", "")).split("|"))[:-1]
+        node = path[0].split(":")[0] if path else meta.get("langgraph_node", "")
         step = int(meta.get("langgraph_step") or 0)
         known = self._partials.get(message.id)
         merged = message if known is None else known[0] + message
@@ -146,6 +146,18 @@ class GraphRun:
         message = message_chunk_to_message(chunk)
         if not isinstance(message, AIMessage):
             return None
+        if message.tool_calls or message.invalid_tool_calls:
+            # A tool call cut short has no tool result and may not even parse; a model given
+            # it on the next turn would fail. Keep it for the record, outside `tool_calls`.
+            cut = [dict(c) for c in [*message.tool_calls, *message.invalid_tool_calls]]
+            message = AIMessage(
+                content=message.content,
+                id=message.id,
+                name=message.name,
+                additional_kwargs={**message.additional_kwargs, "cancelled_tool_calls": cut},
+                response_metadata=message.response_metadata,
+                usage_metadata=message.usage_metadata,
+            )
         message.response_metadata = {
             **message.response_metadata,
             "finish_reason": "cancelled",

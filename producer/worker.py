@@ -356,14 +356,20 @@ class Worker:
         """End a cancelled run: keep its partial output (interrupt) or undo it (rollback)."""
         rid = job.run_id
         final: list[Event] = []
-        if graph_run is not None and action is CancelAction.INTERRUPT:
-            checkpoint_id, values = await graph_run.save_partial()
-            if checkpoint_id:
-                await self.runs.update(rid, checkpoint_id=checkpoint_id)
-            final.append(Event("values", codec.json_bytes(values)))
-        elif graph_run is not None:
-            await graph_run.rollback()
-        await self._finish(msg_id, job, RunStatus.INTERRUPTED, final)
+        error = ""
+        try:
+            if graph_run is not None and action is CancelAction.INTERRUPT:
+                checkpoint_id, values = await graph_run.save_partial()
+                if checkpoint_id:
+                    await self.runs.update(rid, checkpoint_id=checkpoint_id)
+                final.append(Event("values", codec.json_bytes(values)))
+            elif graph_run is not None:
+                await graph_run.rollback()
+        except Exception as exc:  # the run still ends; the error says what was not kept
+            log.exception("could not %s the cancelled run", action.value, extra=ctx)
+            error = f"{type(exc).__name__}: {exc}"
+            final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
+        await self._finish(msg_id, job, RunStatus.INTERRUPTED, final, error=error)
         if action is CancelAction.ROLLBACK:
             await self.runs.delete(await self.runs.get(rid))
         log.info("run cancelled (%s)", action.value, extra=ctx)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables import RunnableConfig
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, MessagesState, StateGraph
@@ -103,7 +104,36 @@ async def _flood(state: MessagesState) -> dict[str, Any]:
 
 flood = StateGraph(MessagesState).add_node("flood", _flood).add_edge(START, "flood").compile()
 
+# A parent graph whose `inner` node is a subgraph with the streaming `llm` node.
+nested = (
+    StateGraph(MessagesState)
+    .add_node("inner", _chat(slow_model))
+    .add_edge(START, "inner")
+    .add_edge("inner", END)
+    .compile()
+)
+
+
+class ToolCallingModel(FakeStreamingChatModel):
+    """Streams some words, then a tool call argument by argument (slowly)."""
+
+    async def _astream(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def,override]
+        for piece in ["Let", " me", " look"]:
+            await asyncio.sleep(0.02)
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
+            {"name": "search", "args": "", "id": "call_1", "index": 0}]))  # fmt: skip
+        for part in ['{"q', 'uery": "re', "sumable", " streams", " and", " more", '"}']:
+            await asyncio.sleep(0.2)
+            yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
+                {"args": part, "index": 0}]))  # fmt: skip
+
+
+tools = _chat(ToolCallingModel())
+
 GRAPHS = {
+    "nested": "tests.graphs:nested",
+    "tools": "tests.graphs:tools",
     "chatty": "tests.graphs:chatty",
     "flood": "tests.graphs:flood",
     "twostep": "tests.graphs:twostep",

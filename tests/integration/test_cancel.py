@@ -174,3 +174,44 @@ async def test_cancel_arrives_through_the_durable_key_without_pub_sub(
     run = (await client.get(f"/threads/{tid}/runs/{run_id}")).json()
     assert run["status"] == "interrupted"
     assert chunks_text(head + rest).count(" ") + 1 < 60
+
+
+async def test_interrupt_inside_a_subgraph_saves_as_the_parent_node(
+    client: httpx.AsyncClient,
+) -> None:
+    tid = await new_thread(client)
+    body = run_body("nested", stream_subgraphs=True)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body) as r:
+        head: list[SSE] = []
+        while sum(e.event.startswith("messages") for e in head) < 8:
+            head += await events(r, limit=1)
+        run_id = head[0].json()["run_id"]
+        await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
+        evts = head + await events(r)
+    received = "".join(e.json()[0]["content"] for e in evts if e.event.startswith("messages|"))
+    assert received
+    state = (await client.get(f"/threads/{tid}/state")).json()
+    assert state["values"]["messages"][-1]["content"] == received
+    history = (await client.post(f"/threads/{tid}/history", json={"limit": 1})).json()
+    assert history[0]["metadata"]["source"] == "update"
+    assert state["next"] == []  # written as `inner`, the parent's node: the graph is done
+
+
+async def test_interrupt_mid_tool_call_keeps_text_and_sets_the_call_aside(
+    client: httpx.AsyncClient,
+) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("tools")) as r:
+        head: list[SSE] = []
+        while sum(e.event == "messages" for e in head) < 6:
+            head += await events(r, limit=1)
+        run_id = head[0].json()["run_id"]
+        await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
+        await events(r)
+    partial = (await client.get(f"/threads/{tid}/state")).json()["values"]["messages"][-1]
+    assert partial["content"] == "Let me look"
+    assert partial["tool_calls"] == []
+    assert partial["additional_kwargs"]["cancelled_tool_calls"][0]["name"] == "search"
+    # the thread stays usable: the next turn runs
+    follow, _ = await stream_run(client, tid, run_body("fast"))
+    assert follow[-1].json()["messages"][-1]["type"] == "ai"
