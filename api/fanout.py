@@ -137,6 +137,9 @@ class Fanout:
             # confirmation only costs a catch-up read, never an event.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(channel.confirmed.wait(), 2.0)
+            # The confirmation marks subscribers for catch-up (it also follows reconnects);
+            # a new one reads history next anyway, so it starts clean.
+            sub.reset()
             yield sub
         finally:
             sub.reset()

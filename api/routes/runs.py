@@ -72,11 +72,15 @@ async def cancel_run(svc: Services, run: RunRecord, action: CancelAction) -> Non
         await svc.cancel.request(run.run_id, action, run.worker)
 
 
-async def wait_ended(svc: Services, run_id: str, *, deleted: bool = False) -> RunRecord | None:
-    """The run once it has ended, or None once it is gone (with `deleted`: a rollback, whose
+async def cancel_and_wait(svc: Services, run: RunRecord, action: CancelAction) -> RunRecord | None:
+    """Cancel `run` and return it once it has ended, or None once it is gone (a rollback's
     worker deletes the run just after ending it)."""
+    run_id = run.run_id
+    deleted = action is CancelAction.ROLLBACK and not run.status.terminal
     grace = 100  # polls of 50 ms for an ended run to be deleted
+    # Subscribed before asking, so the run's last batch cannot slip by unseen.
     async with svc.fanout.subscribe(run_id) as live:
+        await cancel_run(svc, run, action)
         while True:
             try:
                 run = await svc.runs.get(run_id)
@@ -203,12 +207,10 @@ async def cancel_one(
     """Stop a run. `interrupt` keeps its partial output in the thread (the new checkpoint id
     is the run's `checkpoint_id`); `rollback` undoes it and deletes the run."""
     run = await svc.runs.find(thread_id, run_id)
-    await cancel_run(svc, run, action)
     if not wait:
+        await cancel_run(svc, run, action)
         return WireJSON(run_json(run), status_code=202)
-    ended = await wait_ended(
-        svc, run_id, deleted=action is CancelAction.ROLLBACK and not run.status.terminal
-    )
+    ended = await cancel_and_wait(svc, run, action)
     if ended is None:
         return Response(status_code=204)
     return run_json(ended)
