@@ -290,3 +290,29 @@ async def test_redis_outage_gives_503_then_recovers_without_restart(
             assert evts[0].json()["attempt"] == 1
     finally:
         server.stop()
+
+
+async def test_cors_exposes_the_resume_headers(redis_server: EmbeddedRedis) -> None:
+    s = make_settings(redis_server, cors_origins=["https://app.example"])
+    server = Tokenrelay(s).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            tid = await new_thread(c)
+            origin = {"Origin": "https://app.example"}
+            pre = await c.options(
+                f"/threads/{tid}/runs/stream",
+                headers={**origin, "Access-Control-Request-Method": "POST",
+                         "Access-Control-Request-Headers": "content-type,last-event-id"},
+            )  # fmt: skip
+            assert pre.status_code == 200
+            assert "last-event-id" in pre.headers["access-control-allow-headers"].lower()
+            async with c.stream(
+                "POST", f"/threads/{tid}/runs/stream", json=run_body(), headers=origin
+            ) as r:
+                await events(r)
+            assert r.headers["access-control-allow-origin"] == "https://app.example"
+            exposed = r.headers["access-control-expose-headers"].lower()
+            assert "location" in exposed
+            assert "content-location" in exposed
+    finally:
+        server.stop()
