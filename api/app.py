@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.deps import Services
-from api.routes import assistants, ops, runs, stream, threads
+from api.routes import aisdk, assistants, ops, runs, stream, threads
 from api.schemas import WireJSON
 from broker.connection import connect
 from broker.errors import Conflict, InvalidBody, InvalidEventId, NotFound, RunExpired
@@ -130,4 +130,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(threads.router)
     app.include_router(runs.router)
     app.include_router(stream.router)
+    app.include_router(aisdk.router)
     return app

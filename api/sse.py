@@ -30,6 +30,11 @@ def format_event(entry: Entry) -> bytes:
     )
 
 
+def format_data(data: bytes) -> bytes:
+    """A bare ``data:`` event, as the AI SDK's UI message stream frames its parts."""
+    return b"data: %s\n\n" % data
+
+
 def format_error(data: bytes) -> bytes:
     """An `error` event that is not stored, so it has no id."""
     return b"event: error\ndata: %s\n\n" % data
