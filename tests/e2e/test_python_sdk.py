@@ -121,3 +121,49 @@ async def test_errors_come_back_as_sdk_exceptions(relay: Tokenrelay) -> None:
     with pytest.raises(httpx.HTTPStatusError) as exc:
         await client.assistants.get("ghost")
     assert exc.value.response.status_code == 404
+
+
+async def test_cancel_keeps_the_partial_and_multitask_strategies(relay: Tokenrelay) -> None:
+    client = get_client(url=relay.url)
+    tid = (await client.threads.create())["thread_id"]
+    seen = []
+    async for part in client.runs.stream(
+        tid, "slow", input=say("stop me"), stream_mode=["messages-tuple"], stream_resumable=True
+    ):
+        seen.append(part)
+        if sum(p.event == "messages" for p in seen) == 8:
+            break
+    run_id = seen[0].data["run_id"]
+    await client.runs.cancel(tid, run_id, wait=True, action="interrupt")
+    run = await client.runs.get(tid, run_id)
+    assert run["status"] == "interrupted"
+    state = await client.threads.get_state(tid)
+    partial = state["values"]["messages"][-1]
+    assert partial["response_metadata"]["finish_reason"] == "cancelled"
+    assert 8 <= len(partial["content"].split()) < 60
+
+    # reject while busy, then enqueue in order
+    first = await client.runs.create(tid, "slow", input=say("one"))
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        await client.runs.create(tid, "fast", input=say("two"), multitask_strategy="reject")
+    assert exc.value.response.status_code == 409
+    second = await client.runs.create(tid, "fast", input=say("two"), multitask_strategy="enqueue")
+    await client.runs.join(tid, second["run_id"])
+    assert (await client.runs.get(tid, first["run_id"]))["status"] == "success"
+    # interrupt: the active run stops (keeping its partial) and the new one runs after it
+    third = await client.runs.create(tid, "slow", input=say("three"))
+    fourth = await client.runs.create(
+        tid, "fast", input=say("four"), multitask_strategy="interrupt"
+    )
+    await client.runs.join(tid, fourth["run_id"])
+    assert (await client.runs.get(tid, third["run_id"]))["status"] == "interrupted"
+    # rollback: the active run is undone and deleted
+    before_fifth = await client.threads.get_state(tid)
+    fifth = await client.runs.create(tid, "slow", input=say("five"))
+    sixth = await client.runs.create(tid, "fast", input=say("six"), multitask_strategy="rollback")
+    await client.runs.join(tid, sixth["run_id"])
+    with pytest.raises(httpx.HTTPStatusError):
+        await client.runs.get(tid, fifth["run_id"])
+    messages = (await client.threads.get_state(tid))["values"]["messages"]
+    assert len(messages) == len(before_fifth["values"]["messages"]) + 2
+    assert messages[-2]["content"] == "six"
