@@ -21,13 +21,29 @@ from api.deps import Services
 from api.routes import aisdk, assistants, ops, runs, stream, threads
 from api.schemas import WireJSON
 from broker.connection import connect
-from broker.errors import Conflict, InvalidBody, InvalidEventId, NotFound, RunExpired
+from broker.errors import (
+    Conflict,
+    InvalidBody,
+    InvalidEventId,
+    NotFound,
+    RunExpired,
+    TokenrelayError,
+)
 from broker.graphs import GraphRegistry, open_checkpointer
 from broker.settings import Settings, get_settings
 
 log = logging.getLogger("tokenrelay.api")
 
 EXPOSED_HEADERS = ["Location", "Content-Location"]
+
+# The one place domain errors become HTTP statuses (first match wins).
+HTTP_STATUS: list[tuple[type[TokenrelayError], int]] = [
+    (NotFound, 404),
+    (InvalidEventId, 400),
+    (InvalidBody, 422),
+    (RunExpired, 410),
+    (Conflict, 409),
+]
 
 
 def _abort_streams_on_shutdown(draining: asyncio.Event) -> Callable[[], None]:
@@ -95,25 +111,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=True,
         )
 
-    @app.exception_handler(NotFound)
-    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(InvalidEventId)
-    async def _bad_event_id(request: Request, exc: InvalidEventId) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(InvalidBody)
-    async def _invalid(request: Request, exc: InvalidBody) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(RunExpired)
-    async def _expired(request: Request, exc: RunExpired) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=410)
-
-    @app.exception_handler(Conflict)
-    async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+    @app.exception_handler(TokenrelayError)
+    async def _domain_error(request: Request, exc: TokenrelayError) -> JSONResponse:
+        status = next((code for kind, code in HTTP_STATUS if isinstance(exc, kind)), 500)
+        if status == 500:
+            log.error("unmapped error", exc_info=exc)
+        return JSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)

@@ -18,6 +18,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph.state import CompiledStateGraph
 
 from broker.settings import get_settings
 
@@ -129,18 +130,20 @@ class FakeStreamingChatModel(BaseChatModel):
             yield chunk
 
 
+def chat_graph(model: BaseChatModel) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """A `MessagesState` graph with one node, `llm`, that answers with `model`."""
+
+    async def llm(state: MessagesState, config: RunnableConfig) -> dict[str, list[BaseMessage]]:
+        return {"messages": [await model.ainvoke(state["messages"], config)]}
+
+    return (
+        StateGraph(MessagesState)
+        .add_node("llm", llm)
+        .add_edge(START, "llm")
+        .add_edge("llm", END)
+        .compile()
+    )
+
+
 model = FakeStreamingChatModel()
-
-
-async def llm(state: MessagesState, config: RunnableConfig) -> dict[str, list[BaseMessage]]:
-    reply = await model.ainvoke(state["messages"], config)
-    return {"messages": [reply]}
-
-
-graph = (
-    StateGraph(MessagesState)
-    .add_node("llm", llm)
-    .add_edge(START, "llm")
-    .add_edge("llm", END)
-    .compile()
-)
+graph = chat_graph(model)

@@ -11,24 +11,14 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, MessagesState, StateGraph
 
-from producer.demo import FakeStreamingChatModel
+from producer.demo import FakeStreamingChatModel, chat_graph
 
 FAST_WORDS = 40
 fast_model = FakeStreamingChatModel(reply_words=FAST_WORDS, token_delay_ms=2)
 slow_model = FakeStreamingChatModel(reply_words=60, token_delay_ms=25)
 
 
-def _chat(model: FakeStreamingChatModel) -> Any:
-    async def llm(state: MessagesState, config: RunnableConfig) -> dict[str, list[BaseMessage]]:
-        return {"messages": [await model.ainvoke(state["messages"], config)]}
-
-    return (
-        StateGraph(MessagesState)
-        .add_node("llm", llm)
-        .add_edge(START, "llm")
-        .add_edge("llm", END)
-        .compile()
-    )
+_chat = chat_graph
 
 
 fast = _chat(fast_model)
