@@ -68,6 +68,21 @@ def splice_tuple(first: bytes, second: bytes) -> bytes:
     return b"[" + first + b"," + second + b"]"
 
 
+CONTENT_HEAD = b'{"content":'
+
+
+def splice_content(content: bytes, rest: bytes) -> bytes:
+    """``[{"content":<content>,<rest>]``: a message chunk stored as its content alone."""
+    return b"[" + CONTENT_HEAD + content + b"," + rest + b"]"
+
+
+def split_content(chunk: bytes, content: bytes) -> bytes | None:
+    """The rest of an encoded chunk after its leading ``"content"`` member, or None when the
+    chunk does not start with exactly that member."""
+    head = CONTENT_HEAD + content + b","
+    return chunk[len(head) :] if chunk.startswith(head) else None
+
+
 def error_payload(error: str, message: str) -> bytes:
     return json_bytes({"error": error, "message": message})
 

@@ -24,6 +24,8 @@ from broker.models import Entry, Event, Gap, RunStatus, StreamId
 PAGE_SIZE = 512
 
 Row = tuple[str, bytes, bytes]
+CONTENT_REF = b"c"
+"""Blob refs of content-only entries start with this (see `Event.content_only`)."""
 FENCED = b"!fenced"
 """What an append returns when its attempt is no longer the run's current one."""
 StreamRow = tuple[bytes, dict[bytes, bytes]]
@@ -115,9 +117,7 @@ class EventLog:
         self, run_id: str, events: Sequence[Event], *, status: RunStatus | None = None
     ) -> bytes | None:
         """Append `events` (blobs inlined) in one round trip; returns the run's cancel request."""
-        rows = [
-            (e.name, codec.splice_tuple(e.data, e.blob) if e.blob else e.data, b"") for e in events
-        ]
+        rows = [(e.name, _inline(e), b"") for e in events]
         pipe = self._redis.pipeline(transaction=False)
         self.append_in(pipe, run_id, rows, status=status)
         (result,) = await pipe.execute(raise_on_error=False)
@@ -224,6 +224,14 @@ class EventLog:
                         return
 
 
+def _inline(event: Event) -> bytes:
+    if event.blob is None:
+        return event.data
+    if event.content_only:
+        return codec.splice_content(event.data, event.blob)
+    return codec.splice_tuple(event.data, event.blob)
+
+
 class BlobResolver:
     """Splices a `messages` chunk with its run-level metadata blob, fetching each blob once."""
 
@@ -240,4 +248,6 @@ class BlobResolver:
         if blob is None:
             blob = await self._log.blob(self._run_id, ref) or b"{}"
             self._cache[ref] = blob
+        if ref.startswith(CONTENT_REF):
+            return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
         return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))

@@ -64,13 +64,16 @@ ZERO_ID = StreamId(0, 0)
 class Event:
     """An event before it is stored: wire name and JSON payload bytes.
 
-    ``blob`` holds the shared metadata half of a ``messages`` tuple; it is stored once per run and
-    spliced back as ``[<data>,<blob>]`` when the event is sent.
+    ``blob`` holds the part of a ``messages`` tuple that repeats from token to token; it is
+    stored once per run and spliced back when the event is sent: as ``[<data>,<blob>]``, or,
+    with ``content_only``, as ``[{"content":<data>,<blob>]`` where `data` is just the chunk's
+    content and `blob` the rest of the chunk followed by its metadata.
     """
 
     name: str
     data: bytes
     blob: bytes | None = None
+    content_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

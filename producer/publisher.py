@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import telemetry
-from broker.log import EventLog, Row
+from broker.log import CONTENT_REF, EventLog, Row
 from broker.models import Event, RunStatus
 
 log = logging.getLogger("tokenrelay.publisher")
@@ -52,7 +52,7 @@ class Publisher:
         self._max_events = max_events
         self._on_cancel = on_cancel
         self._pending: dict[str, _Pending] = {}
-        self._blob_refs: dict[str, dict[bytes, bytes]] = {}
+        self._blob_refs: dict[str, dict[tuple[bool, bytes], bytes]] = {}
         self._seq: dict[str, int] = {}
         self._ref_prefix: dict[str, str] = {}
         self._attempt: dict[str, int] = {}
@@ -85,10 +85,12 @@ class Publisher:
         ref = b""
         if event.blob is not None:
             refs = self._blob_refs.setdefault(run_id, {})
-            ref = refs.get(event.blob, b"")
+            key = (event.content_only, event.blob)
+            ref = refs.get(key, b"")
             if not ref:
-                prefix = self._ref_prefix.get(run_id, "")
-                ref = refs[event.blob] = f"{prefix}{len(refs)}".encode()
+                kind = CONTENT_REF.decode() if event.content_only else ""
+                ref = f"{kind}{self._ref_prefix.get(run_id, '')}{len(refs)}".encode()
+                refs[key] = ref
                 pending.blobs.append((ref, event.blob))
         pending.rows.append((event.name, event.data, ref))
         self._count += 1

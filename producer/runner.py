@@ -98,6 +98,19 @@ class _MessageAccumulator:
         return out
 
 
+def _tuple_event(name: str, message: BaseMessage, meta: dict[str, Any]) -> Event:
+    """A `messages` event stored lean: the chunk's content per entry, the rest of the chunk
+    and its metadata (the same from token to token) once per run."""
+    chunk = codec.json_bytes(message)
+    meta_json = codec.json_bytes(meta)
+    if isinstance(message.content, str):
+        content = codec.json_bytes(message.content)
+        rest = codec.split_content(chunk, content)
+        if rest:
+            return Event(name, content, blob=rest + b"," + meta_json, content_only=True)
+    return Event(name, chunk, blob=meta_json)
+
+
 class GraphRun:
     """Executes a run's graph with the requested stream modes and yields its events in order."""
 
@@ -221,9 +234,7 @@ class GraphRun:
                 message, meta = data
                 self._track(message, meta, ns)
                 if "messages-tuple" in self.modes:
-                    yield Event(
-                        "messages" + suffix, codec.json_bytes(message), blob=codec.json_bytes(meta)
-                    )
+                    yield _tuple_event("messages" + suffix, message, meta)
                 if "messages" in self.modes:
                     for event in self._accumulator.events(suffix, message, meta):
                         yield event

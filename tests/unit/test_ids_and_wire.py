@@ -65,3 +65,20 @@ def test_splice_tuple_is_the_json_pair() -> None:
     chunk, meta = {"content": "hi", "type": "AIMessageChunk"}, {"langgraph_node": "llm"}
     spliced = codec.splice_tuple(codec.json_bytes(chunk), codec.json_bytes(meta))
     assert codec.json_loads(spliced) == [chunk, meta]
+
+
+@given(st.text(), st.text(), st.booleans())
+def test_content_split_splices_back_to_the_same_bytes(content: str, msg_id: str, last: bool) -> None:
+    from langchain_core.messages import AIMessageChunk
+
+    from producer.runner import _tuple_event
+
+    chunk = AIMessageChunk(content=content, id=msg_id or None)
+    if last:
+        chunk = AIMessageChunk(content=content, id=msg_id or None, chunk_position="last")
+    meta = {"langgraph_node": "llm", "langgraph_step": 1}
+    event = _tuple_event("messages", chunk, meta)
+    assert event.content_only
+    assert event.blob is not None
+    wire = codec.splice_content(event.data, event.blob)
+    assert wire == codec.splice_tuple(codec.json_bytes(chunk), codec.json_bytes(meta))
