@@ -66,6 +66,8 @@ class RunCreate(BaseModel):
     checkpoint_id: str | None = None
     checkpoint: dict[str, Any] | None = None
     if_not_exists: Literal["create", "reject"] = "reject"
+    interrupt_before: Literal["*"] | list[str] | None = None
+    interrupt_after: Literal["*"] | list[str] | None = None
 
     @field_validator("stream_mode", mode="before")
     @classmethod
@@ -100,6 +102,8 @@ class RunCreate(BaseModel):
             "subgraphs": self.stream_subgraphs,
             "resumable": self.stream_resumable,
             "checkpoint_id": checkpoint_id,
+            "interrupt_before": self.interrupt_before,
+            "interrupt_after": self.interrupt_after,
         }
 
 

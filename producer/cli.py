@@ -97,6 +97,10 @@ async def _serve_dev(settings: Settings, host: str, port: int) -> None:
             await redis.aclose()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokenrelay", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("TOKENRELAY_LOG_LEVEL", "info"))
@@ -153,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "dev":
         _check_graphs(settings)
         embedded: EmbeddedRedis | None = None
+        # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so the
+        # embedded Redis below is stopped instead of the process dying on the spot.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if not settings.redis_url:
             embedded = EmbeddedRedis().start()
             os.environ["TOKENRELAY_REDIS_URL"] = embedded.url

@@ -219,6 +219,9 @@ class GraphRun:
         context = self.run.kwargs.get("context")
         if context:
             kwargs["context"] = context
+        for key in ("interrupt_before", "interrupt_after"):
+            if self.run.kwargs.get(key):
+                kwargs[key] = self.run.kwargs[key]
         subgraphs = bool(self.run.kwargs.get("subgraphs"))
         stream = self.graph.astream(  # type: ignore[call-overload]
             self._input(),

@@ -70,8 +70,8 @@ def test_dev_serves_a_run_on_embedded_redis(
     assert len(words) >= 12
     assert httpx.get(url + "/readyz").json() == {"status": "ok"}
 
-    # The embedded Redis goes away with the process.
-    proc.send_signal(signal.SIGINT)
+    # The embedded Redis goes away with the process (SIGTERM, as an orchestrator sends it).
+    proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=15)
     assert "tokenrelay dev: " + url in out
     assert "curl" in out

@@ -242,3 +242,17 @@ async def test_long_poll_errors(client: httpx.AsyncClient) -> None:
     again = await join(client, tid, run_id, evts[-1].id)
     assert again == []
     await asyncio.sleep(0)
+
+
+async def test_interrupt_before_pauses_and_a_null_input_resumes(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    body = run_body(interrupt_before=["llm"])
+    waited = (await client.post(f"/threads/{tid}/runs/wait", json=body)).json()
+    assert [m["type"] for m in waited["messages"]] == ["human"]
+    state = (await client.get(f"/threads/{tid}/state")).json()
+    assert state["next"] == ["llm"]
+    assert (await client.get(f"/threads/{tid}")).json()["status"] == "interrupted"
+    resumed = (
+        await client.post(f"/threads/{tid}/runs/wait", json={"assistant_id": "fast", "input": None})
+    ).json()
+    assert [m["type"] for m in resumed["messages"]] == ["human", "ai"]

@@ -68,7 +68,9 @@ def test_splice_tuple_is_the_json_pair() -> None:
 
 
 @given(st.text(), st.text(), st.booleans())
-def test_content_split_splices_back_to_the_same_bytes(content: str, msg_id: str, last: bool) -> None:
+def test_content_split_splices_back_to_the_same_bytes(
+    content: str, msg_id: str, last: bool
+) -> None:
     from langchain_core.messages import AIMessageChunk
 
     from producer.runner import _tuple_event
