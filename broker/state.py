@@ -157,3 +157,37 @@ class ThreadStates:
         saver = self._registry.checkpointer
         if saver is not None:
             await saver.adelete_thread(thread_id)
+
+    async def copy(self, source: str, target: str) -> None:
+        """Copy every checkpoint (and pending write) of `source` to `target`."""
+        saver = self._registry.checkpointer
+        if saver is None:
+            return
+        try:
+            await saver.acopy_thread(source, target)
+            return
+        except NotImplementedError:
+            pass  # the in-memory saver has no copy: replay its checkpoints into the target
+        tuples = [t async for t in saver.alist({"configurable": {"thread_id": source}})]
+        for tup in reversed(tuples):  # oldest first, so each parent exists before its child
+            conf = dict(tup.config["configurable"])
+            parent = (tup.parent_config or {}).get("configurable", {}).get("checkpoint_id")
+            into: dict[str, Any] = {
+                "configurable": {
+                    "thread_id": target,
+                    "checkpoint_ns": conf.get("checkpoint_ns", ""),
+                    **({"checkpoint_id": parent} if parent else {}),
+                }
+            }
+            checkpoint = tup.checkpoint
+            saved = await saver.aput(
+                into,  # type: ignore[arg-type]
+                checkpoint,
+                tup.metadata,
+                dict(checkpoint["channel_versions"]),
+            )
+            by_task: dict[str, list[tuple[str, Any]]] = {}
+            for task_id, channel, value in tup.pending_writes or ():
+                by_task.setdefault(task_id, []).append((channel, value))
+            for task_id, writes in by_task.items():
+                await saver.aput_writes(saved, writes, task_id)

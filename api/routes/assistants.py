@@ -46,6 +46,18 @@ class GraphNotDrawable(TokenrelayError):
     pass
 
 
+def _matching(svc: Services, body: AssistantSearch) -> list[dict[str, Any]]:
+    return [
+        assistant_json(gid)
+        for gid in svc.registry.specs
+        if (body.graph_id is None or gid == body.graph_id)
+        and (body.name is None or gid == body.name)
+        and all(
+            assistant_json(gid)["metadata"].get(k) == v for k, v in (body.metadata or {}).items()
+        )
+    ]
+
+
 @router.post("/assistants/search")
 async def search_assistants(
     body: AssistantSearch, svc: Services = Depends(services)
@@ -61,6 +73,28 @@ async def search_assistants(
     ]
     page = found[body.offset : body.offset + body.limit]
     return JSONResponse(page, headers={"X-Pagination-Total": str(len(found))})
+
+
+@router.post("/assistants/count", response_model=None)
+async def count_assistants(body: AssistantSearch, svc: Services = Depends(services)) -> int:
+    return len(_matching(svc, body))
+
+
+@router.get("/assistants/{assistant_id}/subgraphs", response_model=None)
+async def get_subgraphs(
+    assistant_id: str, recurse: bool = Query(default=False), svc: Services = Depends(services)
+) -> dict[str, Any]:
+    graph = svc.registry.get(assistant_id)
+    out: dict[str, Any] = {}
+    async for ns, sub in graph.aget_subgraphs(recurse=recurse):
+        out[ns] = {
+            "input_schema": sub.get_input_jsonschema(),
+            "output_schema": sub.get_output_jsonschema(),
+            "state_schema": None,
+            "config_schema": None,
+            "context_schema": None,
+        }
+    return out
 
 
 @router.get("/assistants/{assistant_id}")

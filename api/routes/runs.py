@@ -155,6 +155,14 @@ async def create_stateless_run(body: RunCreate, svc: Services = Depends(services
     return JSONResponse(run_json(run), headers=run_location(run))
 
 
+@router.post("/runs/batch")
+async def create_run_batch(
+    body: list[RunCreate], svc: Services = Depends(services)
+) -> list[dict[str, Any]]:
+    """Several stateless background runs at once."""
+    return [run_json(await start_run(svc, None, b)) for b in body]
+
+
 @router.post("/threads/{thread_id}/runs/wait")
 async def wait_run(
     thread_id: str, body: RunCreate, svc: Services = Depends(services)

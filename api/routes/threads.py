@@ -112,6 +112,15 @@ async def delete_thread(thread_id: str, svc: Services = Depends(services)) -> Re
 
 @router.post("/threads/search", response_model=None)
 async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) -> WireJSON:
+    found = await _search(svc, body)
+    page = found[body.offset : body.offset + body.limit]
+    headers = {"X-Pagination-Total": str(len(found))}
+    if body.offset + body.limit < len(found):
+        headers["X-Pagination-Next"] = str(body.offset + body.limit)
+    return WireJSON(page, headers=headers)
+
+
+async def _search(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     ids = body.ids or await svc.threads.list_ids()
     for tid in ids:
@@ -128,11 +137,22 @@ async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) 
             continue
         found.append(view)
     found.sort(key=lambda t: t.get(body.sort_by) or "", reverse=body.sort_order == "desc")
-    page = found[body.offset : body.offset + body.limit]
-    headers = {"X-Pagination-Total": str(len(found))}
-    if body.offset + body.limit < len(found):
-        headers["X-Pagination-Next"] = str(body.offset + body.limit)
-    return WireJSON(page, headers=headers)
+    return found
+
+
+@router.post("/threads/count", response_model=None)
+async def count_threads(body: ThreadSearch, svc: Services = Depends(services)) -> int:
+    body = body.model_copy(update={"limit": 1_000_000, "offset": 0})
+    return len(await _search(svc, body))
+
+
+@router.post("/threads/{thread_id}/copy", response_model=None)
+async def copy_thread(thread_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
+    """A new thread with this one's metadata and checkpoints."""
+    source = await svc.threads.get(thread_id)
+    copy = await svc.threads.create(None, dict(source.metadata))
+    await svc.states.copy(thread_id, copy.thread_id)
+    return await thread_view(svc, copy)
 
 
 @router.get("/threads/{thread_id}/state", response_model=None)

@@ -256,3 +256,29 @@ async def test_interrupt_before_pauses_and_a_null_input_resumes(client: httpx.As
         await client.post(f"/threads/{tid}/runs/wait", json={"assistant_id": "fast", "input": None})
     ).json()
     assert [m["type"] for m in resumed["messages"]] == ["human", "ai"]
+
+
+async def test_counts_copy_subgraphs_and_batch(client: httpx.AsyncClient) -> None:
+    tag = f"count-{id(client)}"
+    for _ in range(2):
+        await client.post("/threads", json={"metadata": {"tag": tag}})
+    assert (await client.post("/threads/count", json={"metadata": {"tag": tag}})).json() == 2
+    assert (await client.post("/assistants/count", json={"graph_id": "fast"})).json() == 1
+
+    tid = await new_thread(client)
+    await stream_run(client, tid, run_body())
+    copied = (await client.post(f"/threads/{tid}/copy")).json()
+    assert copied["thread_id"] != tid
+    original = (await client.get(f"/threads/{tid}/state")).json()
+    copy_state = (await client.get(f"/threads/{copied['thread_id']}/state")).json()
+    assert copy_state["values"] == original["values"]
+    assert (await client.post("/threads/nope/copy")).status_code == 404
+
+    subgraphs = (await client.get("/assistants/nested/subgraphs")).json()
+    assert list(subgraphs) == ["inner"]
+    assert (await client.get("/assistants/fast/subgraphs")).json() == {}
+
+    runs = (await client.post("/runs/batch", json=[run_body(), run_body()])).json()
+    assert len(runs) == 2
+    for run in runs:
+        await wait_status(client, run["thread_id"], run["run_id"], "success")
