@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
 
-from broker.embedded import EmbeddedRedis, free_port
+from bench.server import dev_server
 
 
 async def one_cancel(client: httpx.AsyncClient, rng: random.Random) -> float:
@@ -68,27 +65,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     args = parser.parse_args()
 
-    redis = EmbeddedRedis().start()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
-    env.update(TOKENRELAY_REDIS_URL=redis.url, TOKENRELAY_LOG_LEVEL="warning")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/ok").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with dev_server() as (url, _redis_url):
         times = asyncio.run(measure(url, args.cancels, args.concurrency))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        redis.close()
     ms = sorted(t * 1000 for t in times)
     p50 = statistics.median(ms)
     p99 = ms[max(0, int(len(ms) * 0.99) - 1)]

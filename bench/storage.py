@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
-import sys
-import time
 
 import httpx
 
+from bench.server import dev_server
 from broker.connection import connect
-from broker.embedded import EmbeddedRedis, free_port
 from broker.keys import Keys
 
 
@@ -51,32 +47,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=2000)
     args = parser.parse_args()
-    redis = EmbeddedRedis().start()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
-    env.update(
-        TOKENRELAY_REDIS_URL=redis.url,
-        TOKENRELAY_DEMO_REPLY_WORDS=str(args.tokens),
-        TOKENRELAY_DEMO_TOKEN_DELAY_MS="0",
-        TOKENRELAY_LOG_LEVEL="warning",
-    )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/ok").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        wire, stored, tokens = asyncio.run(measure(url, redis.url))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        redis.close()
+    with dev_server(
+        TOKENRELAY_DEMO_REPLY_WORDS=str(args.tokens), TOKENRELAY_DEMO_TOKEN_DELAY_MS="0"
+    ) as (url, redis_url):
+        wire, stored, tokens = asyncio.run(measure(url, redis_url))
     print(f"tokens: {tokens}")
     print("| wire bytes / token | Redis bytes / token | Redis / wire |\n|---:|---:|---:|")
     print(f"| {wire / tokens:.0f} | {stored / tokens:.0f} | {stored / wire:.3f} |")

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Services, services
 from api.schemas import iso
-from broker.errors import TokenrelayError
 from broker.graphs import assistant_uuid
 
 router = APIRouter(tags=["assistants"])
@@ -42,10 +41,6 @@ def assistant_json(graph_id: str) -> dict[str, Any]:
     }
 
 
-class GraphNotDrawable(TokenrelayError):
-    pass
-
-
 def _matching(svc: Services, body: AssistantSearch) -> list[dict[str, Any]]:
     return [
         assistant_json(gid)
@@ -62,15 +57,7 @@ def _matching(svc: Services, body: AssistantSearch) -> list[dict[str, Any]]:
 async def search_assistants(
     body: AssistantSearch, svc: Services = Depends(services)
 ) -> JSONResponse:
-    found = [
-        assistant_json(gid)
-        for gid in svc.registry.specs
-        if (body.graph_id is None or gid == body.graph_id)
-        and (body.name is None or gid == body.name)
-        and all(
-            assistant_json(gid)["metadata"].get(k) == v for k, v in (body.metadata or {}).items()
-        )
-    ]
+    found = _matching(svc, body)
     page = found[body.offset : body.offset + body.limit]
     return JSONResponse(page, headers={"X-Pagination-Total": str(len(found))})
 
