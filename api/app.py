@@ -35,6 +35,9 @@ from broker.settings import Settings, get_settings
 log = logging.getLogger("tokenrelay.api")
 
 EXPOSED_HEADERS = ["Location", "Content-Location"]
+OPEN_PATHS = frozenset(
+    {"/ok", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/info"}
+)
 
 # The one place domain errors become HTTP statuses (first match wins).
 HTTP_STATUS: list[tuple[type[TokenrelayError], int]] = [
@@ -101,6 +104,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=WireJSON,
     )
+    if cfg.api_keys:
+        keys = frozenset(cfg.api_keys)
+
+        @app.middleware("http")
+        async def _require_api_key(request: Request, call_next: Any) -> Any:
+            # Probes, metrics and the docs stay open; everything else needs a key.
+            if request.url.path in OPEN_PATHS or request.method == "OPTIONS":
+                return await call_next(request)
+            if request.headers.get("x-api-key") not in keys:
+                return JSONResponse(
+                    {"detail": "Missing or invalid API key (x-api-key header)"}, status_code=401
+                )
+            return await call_next(request)
+
     if cfg.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -316,3 +316,24 @@ async def test_cors_exposes_the_resume_headers(redis_server: EmbeddedRedis) -> N
             assert "content-location" in exposed
     finally:
         server.stop()
+
+
+async def test_api_keys_guard_everything_but_probes(redis_server: EmbeddedRedis) -> None:
+    s = make_settings(redis_server, api_keys=["k1", "k2"])
+    server = Tokenrelay(s).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            r = await c.post("/threads", json={})
+            assert r.status_code == 401
+            assert "API key" in r.json()["detail"]
+            assert (
+                await c.post("/threads", json={}, headers={"x-api-key": "nope"})
+            ).status_code == 401
+            assert (await c.get("/readyz")).status_code == 200
+            assert (await c.get("/metrics")).status_code == 200
+            c.headers["x-api-key"] = "k2"
+            tid = await new_thread(c)
+            evts, _ = await stream_run(c, tid, run_body())
+            assert evts[-1].event == "values"
+    finally:
+        server.stop()
