@@ -128,9 +128,9 @@ async def test_slow_client_memory_stays_bounded_and_it_gets_everything(
     assert [e.json()["i"] for e in got if e.event == "custom"] == list(range(FLOOD_EVENTS))
     # What the API holds for the stalled client is bounded by its live queue...
     assert queued_max <= 2048
-    # ...and its memory does not grow with what flowed past it (RSS is coarse: allocator
-    # fragmentation alone can take tens of MB, so the bound is the payload itself).
-    assert growth < 50 * 2**20, f"API memory grew {growth / 2**20:.0f} MB for a stalled client"
+    # ...and RSS, a coarse check (allocator churn alone moves it by tens of MB here), stays far
+    # from what holding the 50 MB that flowed past the client, as Python objects, would take.
+    assert growth < 100 * 2**20, f"API memory grew {growth / 2**20:.0f} MB for a stalled client"
     fallbacks = [
         float(line.split()[-1])
         for line in metrics.splitlines()
