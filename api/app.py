@@ -36,7 +36,7 @@ log = logging.getLogger("tokenrelay.api")
 
 EXPOSED_HEADERS = ["Location", "Content-Location"]
 OPEN_PATHS = frozenset(
-    {"/ok", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/info"}
+    {"/", "/ok", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/info"}
 )
 
 # The one place domain errors become HTTP statuses (first match wins).

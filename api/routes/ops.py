@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import Services, services
 
 router = APIRouter(tags=["ops"])
+
+CONSOLE = Path(__file__).resolve().parent.parent / "static" / "console.html"
+
+
+@router.get("/", include_in_schema=False)
+async def console() -> HTMLResponse:
+    """A console for the demo graph: stream, refresh to resume, stop."""
+    return HTMLResponse(CONSOLE.read_text())
 
 
 @router.get("/ok")

@@ -282,3 +282,11 @@ async def test_counts_copy_subgraphs_and_batch(client: httpx.AsyncClient) -> Non
     assert len(runs) == 2
     for run in runs:
         await wait_status(client, run["thread_id"], run["run_id"], "success")
+
+
+async def test_console_page(client: httpx.AsyncClient) -> None:
+    r = await client.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "runs/stream" in r.text
+    assert "Last-Event-ID" in r.text
