@@ -75,3 +75,14 @@ async def events(response: httpx.Response, limit: int | None = None) -> list[SSE
     except StopAsyncIteration:
         _readers.pop(id(response), None)
     return out
+
+
+async def until_messages(response: httpx.Response, n: int, prefix: str = "messages") -> list[SSE]:
+    """Read events until `n` of them are `messages` events (names starting with `prefix`)."""
+    head: list[SSE] = []
+    while sum(e.event.startswith(prefix) for e in head) < n:
+        got = await events(response, limit=1)
+        if not got:
+            raise AssertionError(f"stream ended after {len(head)} events")
+        head += got
+    return head

@@ -12,7 +12,7 @@ from broker.connection import connect
 from broker.keys import Keys
 from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
 from tests.server import Tokenrelay
-from tests.sse import SSE, events
+from tests.sse import SSE, events, until_messages
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,9 +33,7 @@ async def test_interrupt_from_another_replica_keeps_the_partial_message(
 ) -> None:
     tid = await new_thread(client)
     async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
-        head: list[SSE] = []
-        while sum(e.event == "messages" for e in head) < 10:
-            head += await events(r, limit=1)
+        head = await until_messages(r, 10)
         run_id = head[0].json()["run_id"]
         async with httpx.AsyncClient(base_url=replica_b.url, timeout=30) as b:
             cancelled = await b.post(
@@ -182,9 +180,7 @@ async def test_interrupt_inside_a_subgraph_saves_as_the_parent_node(
     tid = await new_thread(client)
     body = run_body("nested", stream_subgraphs=True)
     async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body) as r:
-        head: list[SSE] = []
-        while sum(e.event.startswith("messages") for e in head) < 8:
-            head += await events(r, limit=1)
+        head = await until_messages(r, 8, "messages|")
         run_id = head[0].json()["run_id"]
         await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
         evts = head + await events(r)
@@ -202,9 +198,7 @@ async def test_interrupt_mid_tool_call_keeps_text_and_sets_the_call_aside(
 ) -> None:
     tid = await new_thread(client)
     async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("tools")) as r:
-        head: list[SSE] = []
-        while sum(e.event == "messages" for e in head) < 6:
-            head += await events(r, limit=1)
+        head = await until_messages(r, 6)
         run_id = head[0].json()["run_id"]
         await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
         await events(r)

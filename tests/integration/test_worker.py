@@ -20,7 +20,7 @@ from tests.conftest import make_settings
 from tests.graphs import FAST_WORDS, LONG_WORDS
 from tests.integration.test_stream import USER, join, new_thread, wait_status
 from tests.server import Tokenrelay, WorkerProcess
-from tests.sse import SSE, events
+from tests.sse import SSE, events, until_messages
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -118,9 +118,7 @@ async def test_kill_9_mid_run_another_worker_takes_over_from_the_checkpoint(
     first = workers()
     tid = await new_thread(client)
     async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body("twostep")) as r:
-        head: list[SSE] = []
-        while sum(e.event == "messages" for e in head) < 10:  # mid-way through the llm node
-            head += await events(r, limit=1)
+        head = await until_messages(r, 10)
         first.signal(signal.SIGKILL)
         first.wait()
         workers()  # the survivor: it finds the run's lease lapsed and takes it over
