@@ -99,6 +99,7 @@ class Fanout:
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._subscribed = asyncio.Event()
 
     @property
     def channel_count(self) -> int:
@@ -132,6 +133,7 @@ class Fanout:
             if first:
                 telemetry.LIVE_CHANNELS.inc()
                 await self._pubsub.subscribe(name)
+                self._subscribed.set()
         try:
             # Readers go on to read history, so the subscription must be live first; a missed
             # confirmation only costs a catch-up read, never an event.
@@ -157,7 +159,10 @@ class Fanout:
         while True:
             try:
                 if not pubsub.subscribed:
-                    await asyncio.sleep(0.05)
+                    # Nothing to read until the first subscribe; it wakes this at once.
+                    self._subscribed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._subscribed.wait(), 1.0)
                     continue
                 msg = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:

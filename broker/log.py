@@ -183,6 +183,23 @@ class EventLog:
         where trimmed history makes delivery skip ahead: never silently. The caller must have
         subscribed `live` before calling, so nothing falls between history and live.
         """
+        async for item in self.tail_batches(run_id, after, live, idle_seconds=idle_seconds):
+            if isinstance(item, list):
+                for entry in item:
+                    yield entry
+            else:
+                yield item
+
+    async def tail_batches(
+        self,
+        run_id: str,
+        after: StreamId,
+        live: LiveSubscription,
+        *,
+        idle_seconds: float,
+    ) -> AsyncIterator[list[Entry] | Gap | None]:
+        """`tail`, a history page or a live batch at a time, so a reader writes each batch
+        to its client at once. A batch is never empty; `end`, if present, is its last entry."""
         last = after
         blobs = BlobResolver(self, run_id)
         check_gap = True
@@ -195,10 +212,11 @@ class EventLog:
                     if gap is not None:
                         yield gap
                 page = await self.read(run_id, last)
-                for entry in page:
-                    yield await blobs.resolve(entry)
-                    last = entry.id
-                    if entry.is_end:
+                out = await blobs.resolve_all(_through_end(page))
+                if out:
+                    last = out[-1].id
+                    yield out
+                    if out[-1].is_end:
                         return
                 if len(page) < PAGE_SIZE:
                     break
@@ -215,13 +233,21 @@ class EventLog:
                     break  # re-read the stream: cheap, and covers a lost pub/sub message
                 if batch.prev is not None and batch.prev > last:
                     break  # a batch was missed: catch up from the stream
-                for entry in batch.entries:
-                    if entry.id <= last:
-                        continue
-                    yield await blobs.resolve(entry)
-                    last = entry.id
-                    if entry.is_end:
+                fresh = [e for e in batch.entries if e.id > last]
+                out = await blobs.resolve_all(_through_end(fresh))
+                if out:
+                    last = out[-1].id
+                    yield out
+                    if out[-1].is_end:
                         return
+
+
+def _through_end(entries: list[Entry]) -> list[Entry]:
+    """`entries` up to and including the first `end`."""
+    for i, entry in enumerate(entries):
+        if entry.is_end:
+            return entries[: i + 1]
+    return entries
 
 
 def _inline(event: Event) -> bytes:
@@ -239,6 +265,22 @@ class BlobResolver:
         self._log = log
         self._run_id = run_id
         self._cache: dict[bytes, bytes] = {}
+
+    async def resolve_all(self, entries: list[Entry]) -> list[Entry]:
+        """`entries` with their blobs spliced in; blobs not yet cached are fetched first."""
+        for entry in entries:
+            ref = entry.blob_ref
+            if ref is not None and ref not in self._cache:
+                await self.resolve(entry)
+        return [self._splice(e) if e.blob_ref is not None else e for e in entries]
+
+    def _splice(self, entry: Entry) -> Entry:
+        ref = entry.blob_ref
+        assert ref is not None
+        blob = self._cache[ref]
+        if ref.startswith(CONTENT_REF):
+            return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
+        return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))
 
     async def resolve(self, entry: Entry) -> Entry:
         ref = entry.blob_ref

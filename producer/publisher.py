@@ -1,7 +1,8 @@
 """Publishes run events to Redis, coalesced.
 
-Events of all runs of a worker are buffered for a short flush window (or until a count bound) and
-written in one pipelined round trip, one append script per run. Each append also returns the
+Events of all runs of a worker are written at most once per short flush window (sooner when a
+count bound is reached), in one pipelined round trip with one append script per run; the first
+event after a quiet window is written at once. Each append also returns the
 run's durable cancel request, so checking for a cancel costs nothing extra.
 """
 
@@ -140,12 +141,18 @@ class Publisher:
         await fut
 
     async def _run(self) -> None:
+        # At most one flush per window, and the first event after a quiet window goes out at
+        # once: an isolated token is not held back, a busy worker still batches.
         backoff = 0.05
+        loop = asyncio.get_running_loop()
+        last_flush = -float("inf")
         while True:
             await self._dirty.wait()
-            if not self._urgent.is_set() and self._flush_s > 0:
+            wait = last_flush + self._flush_s - loop.time()
+            if wait > 0 and not self._urgent.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), self._flush_s)
+                    await asyncio.wait_for(self._urgent.wait(), wait)
+            last_flush = loop.time()
             self._dirty.clear()
             self._urgent.clear()
             batch, self._pending, self._count = self._pending, {}, 0

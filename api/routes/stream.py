@@ -68,7 +68,9 @@ async def run_events(
                 if last is not None and last.is_end:
                     return
                 after = last.id if last is not None else ZERO_ID
-            tail = svc.log.tail(run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds)
+            tail = svc.log.tail_batches(
+                run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds
+            )
             async for item in tail:
                 if item is None:
                     # Idle. A run that ended behind our position (a client id past its end)
@@ -80,14 +82,19 @@ async def run_events(
                 elif isinstance(item, Gap):
                     telemetry.GAPS.inc()
                     yield format_error(gap_payload(item))
-                elif item.is_end:
-                    return
                 else:
-                    after = item.id
-                    if names is not None and item.name.split("|", 1)[0] not in names:
-                        continue
-                    telemetry.EVENTS_SENT.inc()
-                    yield format_event(item)
+                    # One write per batch: a page of history or a live flush of the worker.
+                    after = item[-1].id
+                    chunk = [
+                        format_event(e)
+                        for e in item
+                        if not e.is_end and (names is None or e.name.split("|", 1)[0] in names)
+                    ]
+                    if chunk:
+                        telemetry.EVENTS_SENT.inc(len(chunk))
+                        yield b"".join(chunk)
+                    if item[-1].is_end:
+                        return
     finally:
         telemetry.STREAMS_OPEN.dec()
 

@@ -9,51 +9,77 @@
 -- after a lost reply without duplicating it. Publishes msgpack [prev_id, [[id, event, data,
 -- blob_ref], ...]]: prev_id lets a reader see that it missed a batch. Returns the run's cancel
 -- request, if any.
+-- Per-run bookkeeping lives in the meta hash, read with one HMGET: `seq` (last applied batch),
+-- `last` (newest entry id), `n` (entries ever appended; XLEN is only consulted once it passes
+-- maxlen, since nothing can be trimmed before) and `touched` (when the TTLs were last renewed;
+-- they are renewed when a quarter of the TTL has passed, when a key may be new, and at a
+-- status change, not on every append).
+local m = redis.call('HMGET', KEYS[3], 'attempt', 'seq', 'last', 'n', 'touched')
 local attempt = tonumber(ARGV[6])
-if attempt > 0 and tonumber(redis.call('HGET', KEYS[3], 'attempt') or '0') ~= attempt then
+if attempt > 0 and tonumber(m[1] or '0') ~= attempt then
   return '!fenced'
 end
 local cancel = redis.call('GET', KEYS[4])
 local seq = tonumber(ARGV[5])
-if seq > 0 then
-  local applied = tonumber(redis.call('HGET', KEYS[3], 'seq') or '0')
-  if seq <= applied then return cancel end
-  redis.call('HSET', KEYS[3], 'seq', seq)
-end
+if seq > 0 and seq <= tonumber(m[2] or '0') then return cancel end
 local maxlen = ARGV[1]
 local ttl = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
 local nblobs = tonumber(ARGV[7])
 local i = 8
 for _ = 1, nblobs do
   redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-local prev = ''
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last > 0 then prev = last[1][1] end
+local prev = m[3] or ''
 local batch = {}
-local len_before = redis.call('XLEN', KEYS[1])
 while i <= #ARGV do
-  local e, d, m = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local e, d, r = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local id
-  if m == '' then
+  if r == '' then
     id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', e, 'd', d)
   else
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', e, 'd', d, 'm', m)
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', e, 'd', d, 'm', r)
   end
-  batch[#batch + 1] = {id, e, d, m}
+  batch[#batch + 1] = {id, e, d, r}
   i = i + 3
 end
-if #batch > 0 and redis.call('XLEN', KEYS[1]) < len_before + #batch then
-  -- MAXLEN trimmed old entries: readers behind them must be told (StreamGap), not skipped.
-  redis.call('HSET', KEYS[3], 'trimmed', 1)
+local fields = {}
+if seq > 0 then
+  fields[#fields + 1] = 'seq'
+  fields[#fields + 1] = seq
+end
+if #batch > 0 then
+  local n = tonumber(m[4] or '0') + #batch
+  fields[#fields + 1] = 'last'
+  fields[#fields + 1] = batch[#batch][1]
+  fields[#fields + 1] = 'n'
+  fields[#fields + 1] = n
+  if n > tonumber(maxlen) and redis.call('XLEN', KEYS[1]) < n then
+    -- MAXLEN trimmed old entries: readers behind them must be told (StreamGap), not skipped.
+    fields[#fields + 1] = 'trimmed'
+    fields[#fields + 1] = 1
+  end
 end
 if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[3], 'status', ARGV[4], 'updated_at', ARGV[3])
+  fields[#fields + 1] = 'status'
+  fields[#fields + 1] = ARGV[4]
+  fields[#fields + 1] = 'updated_at'
+  fields[#fields + 1] = ARGV[3]
 end
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[3], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+local renew = ARGV[4] ~= '' or nblobs > 0 or now - tonumber(m[5] or '0') > ttl * 250
+if renew then
+  fields[#fields + 1] = 'touched'
+  fields[#fields + 1] = now
+end
+if #fields > 0 then
+  redis.call('HSET', KEYS[3], unpack(fields))
+end
+if renew then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
 if #batch > 0 then
   redis.call('PUBLISH', KEYS[5], cmsgpack.pack({prev, batch}))
 end
