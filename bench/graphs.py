@@ -1,10 +1,26 @@
-"""Graphs the benchmarks run: the demo chat graph at a chosen token rate."""
+"""Graphs the benchmarks run.
+
+`chat` is the demo chat graph at a chosen token rate. `paced` is the suite's producer: the same
+one-node chat graph over a model whose reply is set by the run's input, so one worker serves
+runs of any length and pace, and each token carries the wall-clock time it was produced at
+(``ts<19-digit time_ns>``), which the load generator subtracts from its receive time.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import orjson
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+from bench.pacing import Pace
 from producer.demo import FakeStreamingChatModel, chat_graph
 
 
@@ -16,3 +32,59 @@ def chat() -> Any:
             token_delay_ms=float(os.environ.get("BENCH_TOKEN_DELAY_MS", "20")),
         )
     )
+
+
+def _pace_of(messages: list[BaseMessage]) -> Pace:
+    content = messages[-1].content if messages else "{}"
+    return Pace.from_json(orjson.loads(content if isinstance(content, str) else "{}"))
+
+
+class PacedModel(BaseChatModel):
+    """Streams ``ts<time_ns> xxxx`` tokens at the pace its last input message asks for (JSON)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "tokenrelay-bench-paced"
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        text = "".join(_pace_of(messages).token(i) for i in range(_pace_of(messages).tokens))
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        raise NotImplementedError("the bench graph streams asynchronously")
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        pace = _pace_of(messages)
+        for i, due in enumerate(pace.schedule(time.monotonic())):
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif i % 64 == 0:
+                await asyncio.sleep(0)
+            piece = pace.token(i)
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+
+def paced() -> Any:
+    return chat_graph(PacedModel())

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+import uvloop
 from prometheus_client import start_http_server
 
 from broker.connection import connect
@@ -27,6 +28,8 @@ from producer.worker import Worker
 APP_FACTORY = "api.app:create_app"
 
 log = logging.getLogger("tokenrelay")
+
+MICRO_BENCHMARKS = ("roundtrips", "cancel", "storage")
 
 
 def _check_graphs(settings: Settings) -> None:
@@ -126,11 +129,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_dev.add_argument("--host", default="127.0.0.1")
     p_dev.add_argument("--port", type=int, default=2024)
 
-    p_bench = sub.add_parser("bench", help="run a benchmark (see docs/benchmarks.md)")
-    p_bench.add_argument("name", choices=["roundtrips"])
-    p_bench.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser(
+        "bench",
+        help="the side-by-side benchmark suite (`--quick` for a smoke check), or one of "
+        f"{', '.join(MICRO_BENCHMARKS)}; see docs/benchmarks.md",
+        add_help=False,
+    )
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(args.log_level, args.log_format)
     settings = get_settings()
 
@@ -149,10 +157,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         _check_graphs(settings)
         if args.metrics_port:
             start_http_server(args.metrics_port)
-        asyncio.run(_serve_worker(settings, args.concurrency))
+        uvloop.run(_serve_worker(settings, args.concurrency))
     elif args.command == "bench":
-        module = importlib.import_module(f"bench.{args.name}")
-        sys.argv = [f"tokenrelay bench {args.name}", *args.rest]
+        name = rest[0] if rest and rest[0] in MICRO_BENCHMARKS else "suite"
+        if name != "suite":
+            rest = rest[1:]
+        module = importlib.import_module(f"bench.{name}")
+        sys.argv = [f"tokenrelay bench {'' if name == 'suite' else name}".rstrip(), *rest]
         module.main()
     elif args.command == "dev":
         _check_graphs(settings)
@@ -165,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             os.environ["TOKENRELAY_REDIS_URL"] = embedded.url
             get_settings.cache_clear()
         try:
-            asyncio.run(_serve_dev(get_settings(), args.host, args.port))
+            uvloop.run(_serve_dev(get_settings(), args.host, args.port))
         except KeyboardInterrupt:
             pass
         finally:

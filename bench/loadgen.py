@@ -1,0 +1,368 @@
+"""The load generator: many SSE clients over loopback, in a process of its own.
+
+It reads one scenario as JSON on stdin, drives the system under test over HTTP (aiohttp), and
+prints ``RESULT <json>``. Every token's production time is in its payload (``ts<time_ns>``), so
+latency is receive time minus production time, on the machine's one wall clock. Scenarios that
+hold connections open print ``READY`` and wait for a line on stdin before closing them, so the
+caller can measure the server meanwhile.
+
+    echo '{"system": "tokenrelay", "url": "...", "scenario": "streams", ...}' \\
+        | python -m bench.loadgen
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import uvloop
+
+from bench.pacing import TS, Pace
+
+ID_LINE = re.compile(rb"(?m)^id: ?(\S+)$")
+CDF_POINTS = 500
+"""Latency quantiles kept for the CDF plot."""
+
+
+@dataclass
+class Sink:
+    """What all clients of a scenario received."""
+
+    latencies_ns: list[int] = field(default_factory=list)
+    tokens: int = 0
+    first_ns: int | None = None
+    last_ns: int = 0
+    errors: list[str] = field(default_factory=list)
+    complete: int = 0
+
+    def take(self, recv_ns: int, data: bytes) -> int:
+        n = 0
+        lat = self.latencies_ns
+        for match in TS.finditer(data):
+            lat.append(recv_ns - int(match.group(1)))
+            n += 1
+        if n:
+            self.tokens += n
+            if self.first_ns is None:
+                self.first_ns = recv_ns
+            self.last_ns = recv_ns
+        return n
+
+
+class Target:
+    """How to start and join a stream on one system."""
+
+    def __init__(self, system: str, url: str, session: aiohttp.ClientSession) -> None:
+        self.system = system
+        self.url = url.rstrip("/")
+        self.http = session
+
+    def _run_body(self, pace: Pace) -> dict[str, Any]:
+        return {
+            "assistant_id": "paced",
+            "input": {
+                "messages": [{"role": "user", "content": orjson.dumps(pace.params()).decode()}]
+            },
+            "stream_mode": ["messages-tuple"],
+        }
+
+    async def open_direct(self, pace: Pace) -> aiohttp.ClientResponse:
+        """Start a stream and read it on this same request (the SDKs' `runs.stream`)."""
+        if self.system == "tokenrelay":
+            resp = await self.http.post(f"{self.url}/runs/stream", json=self._run_body(pace))
+        else:
+            resp = await self.http.post(
+                f"{self.url}/streams/{uuid.uuid4().hex}", params=pace.params()
+            )
+        resp.raise_for_status()
+        return resp
+
+    async def start_background(self, pace: Pace) -> dict[str, str]:
+        if self.system == "tokenrelay":
+            async with self.http.post(f"{self.url}/runs", json=self._run_body(pace)) as resp:
+                resp.raise_for_status()
+                run = await resp.json()
+                return {"thread_id": run["thread_id"], "run_id": run["run_id"]}
+        key = uuid.uuid4().hex
+        async with self.http.post(
+            f"{self.url}/streams/{key}/background", params=pace.params()
+        ) as resp:
+            resp.raise_for_status()
+        return {"id": key}
+
+    async def join(self, handle: dict[str, str], resume: str | None) -> aiohttp.ClientResponse:
+        """Join a stream; `resume` is a Last-Event-ID (or, on resumable-stream, characters to
+        skip); None joins from the start."""
+        headers: dict[str, str] = {}
+        params: dict[str, str] = {}
+        if self.system == "tokenrelay":
+            path = f"/threads/{handle['thread_id']}/runs/{handle['run_id']}/stream"
+            headers["Last-Event-ID"] = resume or "0"
+        elif self.system == "resumable-stream":
+            path = f"/streams/{handle['id']}"
+            if resume:
+                params["skip"] = resume
+        else:
+            path = f"/streams/{handle['id']}"
+            headers["Last-Event-ID"] = resume or "-1"
+        resp = await self.http.get(self.url + path, headers=headers, params=params)
+        resp.raise_for_status()
+        return resp
+
+
+async def consume(
+    resp: aiohttp.ClientResponse, sink: Sink, *, stop_after: int | None = None
+) -> int:
+    """Read SSE until the response ends (or `stop_after` tokens), feeding `sink`."""
+    got = 0
+    rest = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            buf = rest + chunk if rest else chunk
+            end = buf.rfind(b"\n\n")
+            if end < 0:
+                rest = buf
+                continue
+            rest = buf[end + 2 :]
+            got += sink.take(time.time_ns(), buf[: end + 2] if rest else buf)
+            if stop_after is not None and got >= stop_after:
+                break
+    finally:
+        resp.release()
+    return got
+
+
+def summary(sink: Sink, started_ns: int, expected: int) -> dict[str, Any]:
+    lat = sorted(sink.latencies_ns)
+
+    def pct(p: float) -> float | None:
+        return lat[min(len(lat) - 1, int(len(lat) * p))] / 1e6 if lat else None
+
+    span = (sink.last_ns - (sink.first_ns or sink.last_ns)) / 1e9
+    wall = (sink.last_ns - started_ns) / 1e9 if sink.last_ns else 0.0
+    return {
+        "tokens": sink.tokens,
+        "expected_tokens": expected,
+        "complete_clients": sink.complete,
+        "errors": sink.errors[:10],
+        "error_count": len(sink.errors),
+        "wall_seconds": wall,
+        "tokens_per_second": sink.tokens / wall if wall > 0 else None,
+        "receive_span_seconds": span,
+        "latency_ms": {
+            "p50": pct(0.50),
+            "p90": pct(0.90),
+            "p99": pct(0.99),
+            "p999": pct(0.999),
+            "max": lat[-1] / 1e6 if lat else None,
+        },
+        "latency_cdf_ms": [round(pct(i / CDF_POINTS) or 0.0, 3) for i in range(CDF_POINTS)]
+        if lat
+        else [],
+    }
+
+
+async def scenario_streams(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
+    """`streams` streams, each read by one client on the request that started it."""
+    pace = Pace.from_json(spec["pace"])
+    n = int(spec["streams"])
+    ramp = float(spec.get("ramp_seconds", 1.0))
+    sink = Sink()
+    started = time.time_ns()
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(ramp * i / n)
+        try:
+            resp = await target.open_direct(pace)
+            if await consume(resp, sink) >= pace.tokens:
+                sink.complete += 1
+        except Exception as exc:  # counted and reported, never hidden
+            sink.errors.append(repr(exc))
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), spec["timeout"])
+    return summary(sink, started, n * pace.tokens)
+
+
+async def scenario_fanout(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
+    """One stream read by `clients` clients, who all join before it produces."""
+    pace = Pace.from_json(spec["pace"])
+    n = int(spec["clients"])
+    handle = await target.start_background(pace)
+    started = time.time_ns()
+    sink = Sink()
+
+    async def one() -> None:
+        try:
+            resp = await target.join(handle, None)
+            if await consume(resp, sink) >= pace.tokens:
+                sink.complete += 1
+        except Exception as exc:
+            sink.errors.append(repr(exc))
+
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), spec["timeout"])
+    result = summary(sink, started, n * pace.tokens)
+    # Delivery rate from the first token received to the last.
+    span = result["receive_span_seconds"]
+    result["events_per_second"] = sink.tokens / span if span else None
+    return result
+
+
+async def read_marks(
+    target: Target, resp: aiohttp.ClientResponse, tokens: int, mark_at: int
+) -> str:
+    """Read `tokens` tokens event by event; the resume point after token `mark_at`: its event
+    id, or on resumable-stream the characters read so far."""
+    seen = 0
+    offset = 0
+    mark = ""
+    rest = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            buf = rest + chunk
+            *events, rest = buf.split(b"\n\n")
+            for ev in events:
+                offset += len(ev) + 2
+                if TS.search(ev):
+                    seen += 1
+                    if seen == mark_at:
+                        if target.system == "resumable-stream":
+                            mark = str(offset)
+                        else:
+                            found = ID_LINE.search(ev)
+                            mark = found.group(1).decode() if found else ""
+                if seen >= tokens:
+                    return mark
+    finally:
+        resp.release()
+    raise RuntimeError(f"stream ended after {seen} of {tokens} tokens")
+
+
+async def scenario_resume(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
+    """Join a run that has produced `history` events: first byte and full replay from the
+    start, and first byte resuming half way (Last-Event-ID), `repeats` times each."""
+    history = int(spec["history"])
+    pace = Pace(tokens=history + int(spec["tail"]), burst=history, interval_ms=spec["tail_ms"])
+    handle = await target.start_background(pace)
+    mark = await read_marks(target, await target.join(handle, None), history, history // 2)
+    full_first, full_all, mid_first = [], [], []
+    for _ in range(int(spec["repeats"])):
+        for resume in (None, mark):
+            t0 = time.perf_counter()
+            resp = await target.join(handle, resume)
+            got = 0
+            first = None
+            want = history if resume is None else history - history // 2
+            try:
+                async for chunk in resp.content.iter_any():
+                    n = len(TS.findall(chunk))
+                    if n and first is None:
+                        first = time.perf_counter() - t0
+                    got += n
+                    if got >= want:
+                        break
+            finally:
+                resp.release()
+            if first is None or got < want:
+                raise RuntimeError(f"replay got {got} of {want} tokens")
+            if resume is None:
+                full_first.append(first * 1000)
+                full_all.append((time.perf_counter() - t0) * 1000)
+            else:
+                mid_first.append(first * 1000)
+
+    def med(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    return {
+        "history": history,
+        "repeats": len(full_first),
+        "first_byte_ms": med(full_first),
+        "full_replay_ms": med(full_all),
+        "resume_first_byte_ms": med(mid_first),
+        "replay_events_per_second": history / (med(full_all) / 1000),
+    }
+
+
+async def scenario_idle(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
+    """`clients` SSE connections on runs that stay quiet; READY once all are open."""
+    n, runs = int(spec["clients"]), int(spec["runs"])
+    quiet = Pace(tokens=1, start_in_ms=600_000)
+    handles = [await target.start_background(quiet) for _ in range(runs)]
+    responses = await asyncio.gather(*(target.join(handles[i % runs], None) for i in range(n)))
+    await asyncio.sleep(float(spec.get("settle_seconds", 2.0)))
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    open_count = sum(1 for r in responses if not r.content.at_eof())
+    for r in responses:
+        r.close()
+    return {"clients": n, "runs": runs, "open_at_measure": open_count}
+
+
+async def scenario_cancel(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
+    """tokenrelay only: `POST .../cancel?wait=1` after a random 3-40 tokens, timed to its
+    answer (the run ended with its partial message saved)."""
+    rng = random.Random(7)
+    sem = asyncio.Semaphore(int(spec["concurrency"]))
+    pace = Pace(tokens=400, interval_ms=20)
+    url = target.url
+    http = target.http
+
+    async def one() -> float:
+        async with sem:
+            async with http.post(f"{url}/threads", json={}) as r:
+                tid = (await r.json())["thread_id"]
+            resp = await http.post(f"{url}/threads/{tid}/runs/stream", json=target._run_body(pace))
+            run_id = resp.headers["Content-Location"].rsplit("/", 1)[1]
+            await consume(resp, Sink(), stop_after=rng.randint(3, 40))
+            t0 = time.perf_counter()
+            async with http.post(
+                f"{url}/threads/{tid}/runs/{run_id}/cancel", params={"wait": "1"}
+            ) as r:
+                run = await r.json()
+            elapsed = (time.perf_counter() - t0) * 1000
+            if run.get("status") != "interrupted":
+                raise RuntimeError(f"cancel left the run {run.get('status')}")
+            return elapsed
+
+    times = sorted(await asyncio.gather(*(one() for _ in range(int(spec["cancels"])))))
+    return {
+        "cancels": len(times),
+        "p50_ms": times[len(times) // 2],
+        "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))],
+        "max_ms": times[-1],
+    }
+
+
+SCENARIOS = {
+    "streams": scenario_streams,
+    "fanout": scenario_fanout,
+    "resume": scenario_resume,
+    "idle": scenario_idle,
+    "cancel": scenario_cancel,
+}
+
+
+async def run(spec: dict[str, Any]) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        target = Target(spec["system"], spec["url"], session)
+        return await SCENARIOS[spec["scenario"]](target, spec)
+
+
+def main() -> None:
+    spec = orjson.loads(sys.stdin.readline())
+    result = uvloop.run(run(spec))
+    print("RESULT " + orjson.dumps(result).decode(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

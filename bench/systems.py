@@ -1,0 +1,167 @@
+"""Start each benchmarked system in processes of its own, each on a fresh redis-server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+import psutil
+
+from broker.embedded import EmbeddedRedis, free_port
+
+PEERS = Path(__file__).parent / "peers"
+NODE_PEER = PEERS / "resumable-stream"
+
+SYSTEMS = ("tokenrelay", "resumable-stream", "naive", "raw")
+DESCRIPTIONS = {
+    "tokenrelay": "tokenrelay: one API process, one worker process running the graph, Redis",
+    "resumable-stream": "Vercel resumable-stream 2.2.13 on Node, same Redis (bench/peers)",
+    "naive": "FastAPI StreamingResponse, one XREAD BLOCK per client, XADD per token",
+    "raw": "uvicorn streaming events generated in-process, no Redis (the ceiling)",
+}
+
+
+@dataclass
+class Running:
+    """A started system: where to reach it and which processes to measure."""
+
+    name: str
+    url: str
+    redis: EmbeddedRedis | None
+    server: psutil.Process
+    """The process that serves readers (its RSS and CPU are the API's figures)."""
+    others: dict[str, psutil.Process] = field(default_factory=dict)
+
+    def processes(self) -> dict[str, psutil.Process]:
+        procs = {"api": self.server, **self.others}
+        if self.redis is not None:
+            assert self.redis.pid is not None
+            procs["redis"] = psutil.Process(self.redis.pid)
+        return procs
+
+    def redis_calls(self) -> int:
+        """Commands Redis has executed (INFO commandstats, summed)."""
+        if self.redis is None:
+            return 0
+        import redis
+
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        return sum(int(v["calls"]) for v in stats.values())
+
+
+def available(name: str) -> str | None:
+    """Why `name` cannot run here, or None."""
+    if name == "resumable-stream" and shutil.which("node") is None:
+        return "node is not installed"
+    return None
+
+
+def _spawn(
+    args: list[str], env: dict[str, str], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    # stderr goes to a file: a pipe nobody reads would stall a chatty server.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed when the system stops)
+    proc = subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    _logs[proc.pid] = log
+    return proc
+
+
+_logs: dict[int, IO[bytes]] = {}
+
+
+def _stderr(proc: subprocess.Popen[bytes]) -> str:
+    log = _logs[proc.pid]
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:]
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args} exited {proc.returncode}: {_stderr(proc)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+def _node_modules() -> None:
+    if not (NODE_PEER / "node_modules").exists():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=NODE_PEER, check=True
+        )
+
+
+@contextlib.contextmanager
+def start(name: str) -> Iterator[Running]:
+    """Run system `name` until the block ends."""
+    redis = EmbeddedRedis().start() if name != "raw" else None
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    py = sys.executable
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if name == "tokenrelay":
+            assert redis is not None
+            env.update(
+                TOKENRELAY_REDIS_URL=redis.url,
+                TOKENRELAY_GRAPHS='{"agent": "producer.demo:graph", "paced": "bench.graphs:paced"}',
+                TOKENRELAY_WORKER_CONCURRENCY="4000",
+                TOKENRELAY_LOG_LEVEL="warning",
+            )
+            procs.append(_spawn([py, "-m", "producer.cli", "api", "--port", str(port)], env))
+            procs.append(_spawn([py, "-m", "producer.cli", "worker"], env))
+            health = "/readyz"
+        elif name == "resumable-stream":
+            assert redis is not None
+            _node_modules()
+            env.update(PORT=str(port), REDIS_URL=redis.url)
+            procs.append(_spawn(["node", "server.mjs"], env, cwd=NODE_PEER))
+            health = "/healthz"
+        elif name == "naive":
+            assert redis is not None
+            base = [py, "-m", "bench.peers.naive"]
+            procs.append(_spawn([*base, "api", "--port", str(port), "--redis", redis.url], env))
+            procs.append(_spawn([*base, "producer", "--redis", redis.url], env))
+            health = "/healthz"
+        elif name == "raw":
+            procs.append(_spawn([py, "-m", "bench.peers.raw", "--port", str(port)], env))
+            health = "/healthz"
+        else:
+            raise ValueError(f"unknown system {name!r}")
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url + health, procs)
+        others = {"worker": psutil.Process(procs[1].pid)} if len(procs) > 1 else {}
+        yield Running(name, url, redis, psutil.Process(procs[0].pid), others)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            _logs.pop(proc.pid).close()
+        if redis is not None:
+            redis.close()
