@@ -30,6 +30,7 @@ from broker.errors import (
     TokenrelayError,
 )
 from broker.graphs import GraphRegistry, open_checkpointer
+from broker.runtime import settle_heap
 from broker.settings import Settings, get_settings
 
 log = logging.getLogger("tokenrelay.api")
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with open_checkpointer(cfg.checkpointer) as saver:
             registry = GraphRegistry(cfg.graphs, saver)
             registry.load_all()
+            settle_heap()
             redis = connect(cfg.resolved_redis_url())
             svc = Services.build(cfg, redis, registry)
             await svc.fanout.start()

@@ -19,6 +19,8 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langgraph.config import get_stream_writer
+from langgraph.graph import START, MessagesState, StateGraph
 
 from bench.pacing import Pace
 from producer.demo import FakeStreamingChatModel, chat_graph
@@ -88,3 +90,22 @@ class PacedModel(BaseChatModel):
 
 def paced() -> Any:
     return chat_graph(PacedModel())
+
+
+def paced_writer() -> Any:
+    """The same tokens from a node that emits them with LangGraph's stream writer (`custom`
+    stream mode): what the relay costs when the producer itself costs next to nothing."""
+
+    async def emit(state: MessagesState) -> dict[str, Any]:
+        pace = _pace_of(state["messages"])
+        write = get_stream_writer()
+        for i, due in enumerate(pace.schedule(time.monotonic())):
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif i % 64 == 0:
+                await asyncio.sleep(0)
+            write({"i": i, "content": pace.token(i)})
+        return {}
+
+    return StateGraph(MessagesState).add_node("emit", emit).add_edge(START, "emit").compile()

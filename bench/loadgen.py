@@ -37,6 +37,9 @@ class Sink:
     """What all clients of a scenario received."""
 
     latencies_ns: list[int] = field(default_factory=list)
+    steady_from_ns: int = 0
+    """Tokens produced from then on also count in `steady_ns` (all streams were started)."""
+    steady_ns: list[int] = field(default_factory=list)
     tokens: int = 0
     first_ns: int | None = None
     last_ns: int = 0
@@ -45,9 +48,12 @@ class Sink:
 
     def take(self, recv_ns: int, data: bytes) -> int:
         n = 0
-        lat = self.latencies_ns
+        lat, steady, since = self.latencies_ns, self.steady_ns, self.steady_from_ns
         for match in TS.finditer(data):
-            lat.append(recv_ns - int(match.group(1)))
+            ts = int(match.group(1))
+            lat.append(recv_ns - ts)
+            if since and ts >= since:
+                steady.append(recv_ns - ts)
             n += 1
         if n:
             self.tokens += n
@@ -76,7 +82,7 @@ class Target:
 
     async def open_direct(self, pace: Pace) -> aiohttp.ClientResponse:
         """Start a stream and read it on this same request (the SDKs' `runs.stream`)."""
-        if self.system == "tokenrelay":
+        if self.system.startswith("tokenrelay"):
             resp = await self.http.post(f"{self.url}/runs/stream", json=self._run_body(pace))
         else:
             resp = await self.http.post(
@@ -86,7 +92,7 @@ class Target:
         return resp
 
     async def start_background(self, pace: Pace) -> dict[str, str]:
-        if self.system == "tokenrelay":
+        if self.system.startswith("tokenrelay"):
             async with self.http.post(f"{self.url}/runs", json=self._run_body(pace)) as resp:
                 resp.raise_for_status()
                 run = await resp.json()
@@ -103,7 +109,7 @@ class Target:
         skip); None joins from the start."""
         headers: dict[str, str] = {}
         params: dict[str, str] = {}
-        if self.system == "tokenrelay":
+        if self.system.startswith("tokenrelay"):
             path = f"/threads/{handle['thread_id']}/runs/{handle['run_id']}/stream"
             headers["Last-Event-ID"] = resume or "0"
         elif self.system == "resumable-stream":
@@ -140,6 +146,16 @@ async def consume(
     return got
 
 
+def percentiles(values: list[int]) -> dict[str, float | None]:
+    lat = sorted(values)
+
+    def pct(p: float) -> float | None:
+        return lat[min(len(lat) - 1, int(len(lat) * p))] / 1e6 if lat else None
+
+    return {"p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p999": pct(0.999),
+            "max": lat[-1] / 1e6 if lat else None, "count": len(lat)}  # fmt: skip
+
+
 def summary(sink: Sink, started_ns: int, expected: int) -> dict[str, Any]:
     lat = sorted(sink.latencies_ns)
 
@@ -157,13 +173,8 @@ def summary(sink: Sink, started_ns: int, expected: int) -> dict[str, Any]:
         "wall_seconds": wall,
         "tokens_per_second": sink.tokens / wall if wall > 0 else None,
         "receive_span_seconds": span,
-        "latency_ms": {
-            "p50": pct(0.50),
-            "p90": pct(0.90),
-            "p99": pct(0.99),
-            "p999": pct(0.999),
-            "max": lat[-1] / 1e6 if lat else None,
-        },
+        "latency_ms": percentiles(sink.latencies_ns),
+        "steady_latency_ms": percentiles(sink.steady_ns),
         "latency_cdf_ms": [round(pct(i / CDF_POINTS) or 0.0, 3) for i in range(CDF_POINTS)]
         if lat
         else [],
@@ -175,8 +186,9 @@ async def scenario_streams(target: Target, spec: dict[str, Any]) -> dict[str, An
     pace = Pace.from_json(spec["pace"])
     n = int(spec["streams"])
     ramp = float(spec.get("ramp_seconds", 1.0))
-    sink = Sink()
     started = time.time_ns()
+    # Steady state: every stream has started, a second ago.
+    sink = Sink(steady_from_ns=started + int((ramp + 1.0) * 1e9))
 
     async def one(i: int) -> None:
         await asyncio.sleep(ramp * i / n)

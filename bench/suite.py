@@ -43,7 +43,7 @@ FULL: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {
     "a": {"tokens": 2_000},
-    "b": {"streams": 100, "tokens": 40, "interval_ms": 50, "ramp_seconds": 0.5},
+    "b": {"streams": 100, "tokens": 60, "interval_ms": 50, "ramp_seconds": 0.5},
     "c": {"streams": [10, 100], "tokens_total": 10_000, "ramp_seconds": 0.2},
     "d": {"clients": 100, "tokens": 200, "start_in_ms": 1500},
     "e": {"history": 1_000, "tail": 100, "tail_ms": 50, "repeats": 2},
@@ -124,6 +124,9 @@ def run_system(name: str, sizes: dict[str, Any], scenarios: str) -> dict[str, An
         warm = {"tokens": 20, "interval_ms": 5}
         run_loadgen({"system": name, "url": system.url, "scenario": "streams", "streams": 5,
                      "pace": warm, "timeout": 60})  # fmt: skip
+        # Idle memory first, before the load scenarios leave freed memory to reuse.
+        if "g" in scenarios:
+            out["g"] = idle_memory(system, {"scenario": "idle", **sizes["g"], "timeout": 600})
         if "a" in scenarios:
             s = sizes["a"]
             pace = {"tokens": s["tokens"], "interval_ms": 0}
@@ -155,8 +158,6 @@ def run_system(name: str, sizes: dict[str, Any], scenarios: str) -> dict[str, An
             out["e"] = measured(system, {"scenario": "resume", **sizes["e"], "timeout": 600})
         if "f" in scenarios and name == "tokenrelay":
             out["f"] = measured(system, {"scenario": "cancel", **sizes["f"], "timeout": 600})
-        if "g" in scenarios:
-            out["g"] = idle_memory(system, {"scenario": "idle", **sizes["g"], "timeout": 600})
     return out
 
 

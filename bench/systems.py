@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -20,11 +21,19 @@ import psutil
 from broker.embedded import EmbeddedRedis, free_port
 
 PEERS = Path(__file__).parent / "peers"
+GRAPHS = {
+    "agent": "producer.demo:graph",
+    "paced": "bench.graphs:paced",
+    "paced-writer": "bench.graphs:paced_writer",
+}
 NODE_PEER = PEERS / "resumable-stream"
 
-SYSTEMS = ("tokenrelay", "resumable-stream", "naive", "raw")
+SYSTEMS = ("tokenrelay", "tokenrelay-writer", "resumable-stream", "naive", "raw")
 DESCRIPTIONS = {
-    "tokenrelay": "tokenrelay: one API process, one worker process running the graph, Redis",
+    "tokenrelay": "tokenrelay: one API process, one worker process running a LangGraph chat "
+    "graph (messages-tuple), Redis",
+    "tokenrelay-writer": "tokenrelay, the tokens emitted by a graph node's stream writer "
+    "(custom mode) instead of a chat model",
     "resumable-stream": "Vercel resumable-stream 2.2.13 on Node, same Redis (bench/peers)",
     "naive": "FastAPI StreamingResponse, one XREAD BLOCK per client, XADD per token",
     "raw": "uvicorn streaming events generated in-process, no Redis (the ceiling)",
@@ -120,13 +129,14 @@ def start(name: str) -> Iterator[Running]:
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        if name == "tokenrelay":
+        if name.startswith("tokenrelay"):
             assert redis is not None
             env.update(
                 TOKENRELAY_REDIS_URL=redis.url,
-                TOKENRELAY_GRAPHS='{"agent": "producer.demo:graph", "paced": "bench.graphs:paced"}',
+                TOKENRELAY_GRAPHS=json.dumps(GRAPHS),
                 TOKENRELAY_WORKER_CONCURRENCY="4000",
                 TOKENRELAY_LOG_LEVEL="warning",
+                TOKENRELAY_SHUTDOWN_GRACE_SECONDS="1",
             )
             procs.append(_spawn([py, "-m", "producer.cli", "api", "--port", str(port)], env))
             procs.append(_spawn([py, "-m", "producer.cli", "worker"], env))

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(default=100_000, ge=10)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     stream_max_seconds: float = Field(default=0.0, ge=0, description="0 means no budget.")
-    flush_ms: float = Field(default=5.0, ge=0)
+    flush_ms: float = Field(default=2.0, ge=0)
     flush_max_events: int = Field(default=256, ge=1)
     lease_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)

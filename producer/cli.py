@@ -20,6 +20,7 @@ from broker.connection import connect
 from broker.embedded import EmbeddedRedis
 from broker.errors import GraphLoadError
 from broker.graphs import GraphRegistry, open_checkpointer
+from broker.runtime import settle_heap
 from broker.settings import Settings, get_settings
 from broker.telemetry import setup_logging
 from producer.worker import Worker
@@ -61,6 +62,8 @@ async def _serve_worker(settings: Settings, concurrency: int | None) -> None:
     _signals(stop, force)
     async with open_checkpointer(settings.checkpointer) as saver:
         registry = GraphRegistry(settings.graphs, saver)
+        registry.load_all()
+        settle_heap()
         redis = connect(settings.resolved_redis_url())
         worker = Worker(redis, settings, registry, concurrency=concurrency)
         try:

@@ -13,6 +13,7 @@ from langchain_core.messages import (
     BaseMessageChunk,
     message_chunk_to_message,
 )
+from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.types import Command
@@ -121,8 +122,10 @@ class GraphRun:
         self.modes = [m for m in run.stream_modes if m in STREAM_MODES] or ["values"]
         self._accumulator = _MessageAccumulator()
         self.resume = False
-        # message id -> (accumulated chunk, top-level node that streamed it, step)
-        self._partials: dict[str, tuple[BaseMessageChunk, str, int]] = {}
+        # message id -> (its chunks so far, top-level node that streamed it, step). The chunks
+        # are merged only if the run is cancelled: merging per token would cost the worker more
+        # than everything else it does for that token.
+        self._partials: dict[str, tuple[list[AIMessageChunk], str, int]] = {}
 
     async def prepare(self) -> None:
         """On a later attempt, continue from the run's last checkpoint if it wrote one."""
@@ -147,16 +150,20 @@ class GraphRun:
         node = path[0].split(":")[0] if path else meta.get("langgraph_node", "")
         step = int(meta.get("langgraph_step") or 0)
         known = self._partials.get(message.id)
-        merged = message if known is None else known[0] + message
-        self._partials[message.id] = (merged, str(node), step)
+        if known is None:
+            self._partials[message.id] = ([message], str(node), step)
+        else:
+            known[0].append(message)
 
     def partial_message(self) -> tuple[AIMessage, str] | None:
         """The AI message that was streaming when the run stopped, marked as cancelled, and the
         node that streamed it."""
         if not self._partials:
             return None
-        chunk, node, _ = max(self._partials.values(), key=lambda p: p[2])
-        message = message_chunk_to_message(chunk)
+        chunks, node, _ = max(self._partials.values(), key=lambda p: p[2])
+        first, *rest = chunks
+        merged = add_ai_message_chunks(first, *rest) if rest else first
+        message = message_chunk_to_message(merged)
         if not isinstance(message, AIMessage):
             return None
         if message.tool_calls or message.invalid_tool_calls:
