@@ -28,13 +28,23 @@ GRAPHS = {
 }
 NODE_PEER = PEERS / "resumable-stream"
 
-SYSTEMS = ("tokenrelay", "tokenrelay-writer", "resumable-stream", "naive", "raw")
+SYSTEMS = (
+    "tokenrelay",
+    "tokenrelay-writer",
+    "resumable-stream",
+    "resumable-stream-resumed",
+    "naive",
+    "raw",
+)
 DESCRIPTIONS = {
     "tokenrelay": "tokenrelay: one API process, one worker process running a LangGraph chat "
     "graph (messages-tuple), Redis",
     "tokenrelay-writer": "tokenrelay, the tokens emitted by a graph node's stream writer "
     "(custom mode) instead of a chat model",
-    "resumable-stream": "Vercel resumable-stream 2.2.13 on Node, same Redis (bench/peers)",
+    "resumable-stream": "Vercel resumable-stream 2.2.13 on Node, same Redis (bench/peers); "
+    "the reader is the request that creates the stream",
+    "resumable-stream-resumed": "the same, every reader joining a stream produced in the "
+    "background (resumeExistingStream), as after a refresh",
     "naive": "FastAPI StreamingResponse, one XREAD BLOCK per client, XADD per token",
     "raw": "uvicorn streaming events generated in-process, no Redis (the ceiling)",
 }
@@ -74,7 +84,7 @@ class Running:
 
 def available(name: str) -> str | None:
     """Why `name` cannot run here, or None."""
-    if name == "resumable-stream" and shutil.which("node") is None:
+    if name.startswith("resumable-stream") and shutil.which("node") is None:
         return "node is not installed"
     return None
 
@@ -141,7 +151,7 @@ def start(name: str) -> Iterator[Running]:
             procs.append(_spawn([py, "-m", "producer.cli", "api", "--port", str(port)], env))
             procs.append(_spawn([py, "-m", "producer.cli", "worker"], env))
             health = "/readyz"
-        elif name == "resumable-stream":
+        elif name.startswith("resumable-stream"):
             assert redis is not None
             _node_modules()
             env.update(PORT=str(port), REDIS_URL=redis.url)

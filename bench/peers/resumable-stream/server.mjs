@@ -20,7 +20,7 @@ const HOST = process.env.HOST || "127.0.0.1";
 const REDIS_URL = process.env.REDIS_URL || "redis://127.0.0.1:6379";
 const KEY_PREFIX = process.env.KEY_PREFIX || "resumable-stream";
 
-const DEFAULTS = { tokens: 100, interval_ms: 50, burst: 0, pad: 16 };
+const DEFAULTS = { tokens: 100, interval_ms: 50, burst: 0, pad: 16, start_in_ms: 0 };
 const UNPACED_YIELD_EVERY = 64;
 
 const stats = {
@@ -89,19 +89,20 @@ function wallNs() {
 
 /**
  * A ReadableStream<string> of `tokens` SSE events then `data: [DONE]`.
- * Token k < burst is emitted at once; token k >= burst is due at t0 + (k - burst + 1) * interval,
+ * t0 is start_in_ms after the start. Token k < burst is emitted at t0; token k >= burst is due
+ * at t0 + (k - burst + 1) * interval,
  * i.e. every interval after the burst (absolute schedule, so timer lateness does not accumulate).
  * interval 0 = unpaced: as fast as the stream is pulled, yielding to the event loop every 64 tokens.
  * Pull-based: a token is generated (and time-stamped) only when the consumer asks for one.
  */
-function makeProducer({ tokens, interval_ms: intervalMs, burst, pad }, onEnd) {
+function makeProducer({ tokens, interval_ms: intervalMs, burst, pad, start_in_ms: startIn }, onEnd) {
   const filler = "x".repeat(pad);
   let i = 0;
   let t0 = 0;
   return new ReadableStream(
     {
       start() {
-        t0 = performance.now();
+        t0 = performance.now() + startIn; // start_in_ms delays the first token
       },
       async pull(controller) {
         if (i >= tokens) {
@@ -109,6 +110,10 @@ function makeProducer({ tokens, interval_ms: intervalMs, burst, pad }, onEnd) {
           controller.close();
           onEnd?.();
           return;
+        }
+        if (i === 0 || (intervalMs > 0 && i < burst)) {
+          const wait = t0 - performance.now();
+          if (wait > 0) await sleep(wait);
         }
         if (intervalMs > 0) {
           if (i >= burst) {
@@ -199,6 +204,7 @@ function producerParams(params) {
     interval_ms: intParam(params, "interval_ms", { allowFloat: true }),
     burst: intParam(params, "burst"),
     pad: intParam(params, "pad"),
+    start_in_ms: intParam(params, "start_in_ms", { allowFloat: true }),
   };
 }
 
