@@ -72,12 +72,12 @@ class Target:
         self.http = session
 
     def _run_body(self, pace: Pace) -> dict[str, Any]:
+        writer = self.system == "tokenrelay-writer"
+        content = orjson.dumps(pace.params()).decode()
         return {
-            "assistant_id": "paced",
-            "input": {
-                "messages": [{"role": "user", "content": orjson.dumps(pace.params()).decode()}]
-            },
-            "stream_mode": ["messages-tuple"],
+            "assistant_id": "paced-writer" if writer else "paced",
+            "input": {"messages": [{"role": "user", "content": content}]},
+            "stream_mode": ["custom"] if writer else ["messages-tuple"],
         }
 
     async def open_direct(self, pace: Pace) -> aiohttp.ClientResponse:
@@ -384,7 +384,10 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     spec = orjson.loads(sys.stdin.readline())
-    result = uvloop.run(run(spec))
+    try:
+        result = uvloop.run(run(spec))
+    except Exception as exc:  # reported in the results, so one failure does not end the suite
+        result = {"failed": f"{type(exc).__name__}: {exc}"}
     print("RESULT " + orjson.dumps(result).decode(), flush=True)
 
 

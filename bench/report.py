@@ -44,6 +44,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
         ("(b) steady state (all streams started): latency p50 (ms)",
          _get("b", "steady_latency_ms", "p50"), False),
         ("(b) steady state: latency p99 (ms)", _get("b", "steady_latency_ms", "p99"), False),
+        *[(f"(b) the same pace at {n} streams: steady p99 (ms)",
+           _get("b_sweep", str(n), "steady_latency_ms", "p99"), False)
+          for n in b.get("sweep", [])],
         ("(b) API process CPU (%)", _get("b", "cpu_percent", "api"), False),
         (f"(c) {most} streams unpaced: tokens/s", _get("c", most, "tokens_per_second"), True),
         (f"(d) 1 stream × {d['clients']} clients: events/s delivered",
@@ -189,6 +192,32 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xlabel("concurrent streams, one reader each, unpaced")
     ax.set_ylabel("tokens/s delivered")
     ax.set_title("Throughput vs streams")
+    fig2, ax2 = plt.subplots(figsize=(7, 4.2))
+    for name in names:
+        sys_ = systems[name]
+        pts = [
+            (int(n), r["steady_latency_ms"]["p99"])
+            for n, r in sys_.get("b_sweep", {}).items()
+            if r.get("steady_latency_ms", {}).get("p99")
+        ]
+        full = sys_.get("b", {}).get("steady_latency_ms", {}).get("p99")
+        if full:
+            pts.append((results["sizes"]["b"]["streams"], full))
+        if pts:
+            ax2.plot(*zip(*sorted(pts), strict=True), marker="o", label=name)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel(
+        f"concurrent streams at {1000 / results['sizes']['b']['interval_ms']:g} tokens/s each"
+    )
+    ax2.set_ylabel("steady-state p99 latency (ms)")
+    ax2.set_title("Latency vs load")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend()
+    fig2.tight_layout()
+    paths.append(out_dir / "img" / "bench-latency-vs-streams.png")
+    fig2.savefig(paths[-1], dpi=110)
+    plt.close(fig2)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -198,9 +227,21 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def failures(results: dict[str, Any]) -> list[str]:
+    out = []
+    for name, scenarios in results["systems"].items():
+        for key, value in scenarios.items():
+            nested = value.items() if key == "c" else [("", value)]
+            for sub, result in nested:
+                if isinstance(result, dict) and "failed" in result:
+                    out.append(f"{name} ({key}{sub}): {result['failed']}")
+    return out
+
+
 def section(results: dict[str, Any]) -> str:
     m = results["machine"]
     skipped = "".join(f"\n- {n}: not run ({why})" for n, why in results["skipped"].items())
+    skipped += "".join(f"\n- failed: {f}" for f in failures(results))
     variants = [o for o in OURS if o in results["systems"]]
 
     def verdict(ok: bool | None) -> str:
@@ -228,6 +269,7 @@ tokenrelay" whichever way a figure goes. Raw numbers: `docs/benchmarks.json`.{sk
 
 ![latency CDF](img/bench-latency-cdf.png)
 ![throughput vs streams](img/bench-throughput.png)
+![latency vs load](img/bench-latency-vs-streams.png)
 
 Goals:
 

@@ -34,7 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Scenario sizes. `c` runs at each stream count, which gives the throughput-vs-streams plot.
 FULL: dict[str, Any] = {
     "a": {"tokens": 20_000},
-    "b": {"streams": 1000, "tokens": 200, "interval_ms": 50, "ramp_seconds": 2.0},
+    "b": {
+        "streams": 1000,
+        "tokens": 200,
+        "interval_ms": 50,
+        "ramp_seconds": 2.0,
+        "sweep": [100, 250, 500],
+    },
     "c": {"streams": [10, 100, 1000], "tokens_total": 200_000, "ramp_seconds": 1.0},
     "d": {"clients": 1000, "tokens": 1000, "start_in_ms": 5000},
     "e": {"history": 10_000, "tail": 400, "tail_ms": 50, "repeats": 5},
@@ -43,7 +49,7 @@ FULL: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {
     "a": {"tokens": 2_000},
-    "b": {"streams": 100, "tokens": 60, "interval_ms": 50, "ramp_seconds": 0.5},
+    "b": {"streams": 100, "tokens": 60, "interval_ms": 50, "ramp_seconds": 0.5, "sweep": []},
     "c": {"streams": [10, 100], "tokens_total": 10_000, "ramp_seconds": 0.2},
     "d": {"clients": 100, "tokens": 200, "start_in_ms": 1500},
     "e": {"history": 1_000, "tail": 100, "tail_ms": 50, "repeats": 2},
@@ -89,7 +95,13 @@ def measured(system: Running, spec: dict[str, Any]) -> dict[str, Any]:
     procs = system.processes()
     cpu0, calls0, t0 = _cpu(procs), system.redis_calls(), time.monotonic()
     result = run_loadgen({"system": system.name, "url": system.url, **spec})
+    if "failed" in result:
+        result["server_log"] = system.log_tail()
+        print(f"  {spec['scenario']} failed: {result['failed']}", flush=True)
+        return dict(result)
     wall = time.monotonic() - t0
+    if result.get("error_count"):
+        result["server_log"] = system.log_tail()
     cpu1, calls1 = _cpu(procs), system.redis_calls()
     result["cpu_percent"] = {k: 100 * (cpu1[k] - cpu0[k]) / wall for k in procs}
     result["api_rss_mb"] = system.server.memory_info().rss / 2**20
@@ -107,6 +119,9 @@ def idle_memory(system: Running, spec: dict[str, Any]) -> dict[str, Any]:
         seen["rss"] = system.server.memory_info().rss
 
     result = run_loadgen({"system": system.name, "url": system.url, **spec}, on_ready)
+    if "failed" in result or "rss" not in seen:
+        result["server_log"] = system.log_tail()
+        return dict(result)
     result["rss_before_mb"] = before / 2**20
     result["rss_open_mb"] = seen["rss"] / 2**20
     result["kb_per_connection"] = (seen["rss"] - before) / 1024 / spec["clients"]
@@ -140,11 +155,17 @@ def run_system(name: str, sizes: dict[str, Any], scenarios: str) -> dict[str, An
         if "b" in scenarios:
             s = sizes["b"]
             pace = {"tokens": s["tokens"], "interval_ms": s["interval_ms"]}
-            out["b"] = measured(system, {
-                "scenario": "streams", "streams": s["streams"], "pace": pace,
-                "ramp_seconds": s["ramp_seconds"],
-                "timeout": timeout_for(s["tokens"], s["interval_ms"]),
-            })  # fmt: skip
+
+            def paced(n: int) -> dict[str, Any]:
+                return measured(system, {
+                    "scenario": "streams", "streams": n, "pace": pace,
+                    "ramp_seconds": s["ramp_seconds"] * n / s["streams"],
+                    "timeout": timeout_for(s["tokens"], s["interval_ms"]),
+                })  # fmt: skip
+
+            out["b"] = paced(s["streams"])
+            # The same pace at fewer streams: where latency starts to climb.
+            out["b_sweep"] = {str(n): paced(n) for n in s["sweep"]}
         if "c" in scenarios:
             s = sizes["c"]
             out["c"] = {}
@@ -191,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sizes = QUICK if args.quick else FULL
     out_dir = args.out or (Path("bench-results") if args.quick else ROOT / "docs")
+    out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "sizes": sizes,
                                "systems": {}, "skipped": {}}  # fmt: skip
     started = time.monotonic()
@@ -204,9 +226,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {DESCRIPTIONS[name]}", flush=True)
         results["systems"][name] = run_system(name, sizes, "".join(args.scenarios))
         print(f"{name}: done in {time.monotonic() - t0:.0f}s", flush=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "benchmarks-partial.json").write_text(json.dumps(results, indent=1) + "\n")
     results["seconds"] = time.monotonic() - started
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "benchmarks-partial.json").unlink(missing_ok=True)
     path = out_dir / ("benchmarks-quick.json" if args.quick else "benchmarks.json")
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(report.summary_table(results))

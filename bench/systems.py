@@ -61,6 +61,12 @@ class Running:
     """The process that serves readers (its RSS and CPU are the API's figures)."""
     others: dict[str, psutil.Process] = field(default_factory=dict)
 
+    logs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def log_tail(self) -> str:
+        """The end of each server process's stderr, for a failed scenario's report."""
+        return "\n".join(f"{p.args}: {_stderr(p)[-600:]}" for p in self.logs)
+
     def processes(self) -> dict[str, psutil.Process]:
         procs = {"api": self.server, **self.others}
         if self.redis is not None:
@@ -171,7 +177,7 @@ def start(name: str) -> Iterator[Running]:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url + health, procs)
         others = {"worker": psutil.Process(procs[1].pid)} if len(procs) > 1 else {}
-        yield Running(name, url, redis, psutil.Process(procs[0].pid), others)
+        yield Running(name, url, redis, psutil.Process(procs[0].pid), others, procs)
     finally:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):

@@ -31,7 +31,11 @@ def stream_key(stream_id: str) -> str:
 
 def client(url: str) -> Redis:
     # One connection per blocked reader: that is the baseline's cost.
-    return Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=5000, timeout=30))
+    # No socket timeout: readers block in XREAD and the producer in BLPOP.
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=5000, timeout=30, socket_timeout=None
+    )
+    return Redis.from_pool(pool)
 
 
 def make_app(redis_url: str) -> FastAPI:
