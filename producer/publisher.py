@@ -13,12 +13,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import telemetry
+from broker.connection import NETWORK_ERRORS, RedisClient
 from broker.log import CONTENT_REF, EventLog, Row
 from broker.models import Event, RunStatus
 
@@ -39,7 +37,7 @@ class Publisher:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         log_: EventLog,
         *,
         flush_ms: float,
@@ -154,7 +152,7 @@ class Publisher:
                     results = await self._write(batch)
                     backoff = 0.05
                     break
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                except NETWORK_ERRORS as exc:
                     log.warning("publish failed, retrying in %.2fs: %s", backoff, exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
