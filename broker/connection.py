@@ -131,6 +131,17 @@ class BoundedCluster(RedisCluster):
             _holding_permit.reset(token)
             self._permits.release()
 
+    async def initialize(self, *args: Any, **kwargs: Any) -> BoundedCluster:
+        try:
+            await super().initialize(*args, **kwargs)
+        except SlotNotCoveredError:
+            raise
+        except RedisClusterException as exc:
+            # No node answered (redis-py says so with its own exception): Redis is unavailable,
+            # as when a single Redis refuses the connection, and callers retry the same way.
+            raise ConnectionError(f"Redis Cluster unavailable: {exc}") from exc
+        return self
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.permit():
             # Load the slot map first: redis-py would route the first commands through a seed

@@ -17,8 +17,8 @@ from redis.exceptions import ClusterCrossSlotError, RedisClusterException
 
 from api.fanout import Fanout, Subscription
 from broker import codec, scripts
-from broker.connection import BoundedCluster, connect
-from broker.embedded import EmbeddedCluster
+from broker.connection import UNAVAILABLE, BoundedCluster, connect
+from broker.embedded import EmbeddedCluster, free_port
 from broker.keys import Keys
 from broker.log import EventLog
 from broker.models import END_EVENT, ZERO_ID, Event, RunStatus
@@ -308,6 +308,12 @@ async def test_cluster_urls_and_the_cluster_setting(
     for bad in ("redis+cluster://", f"redis+cluster://127.0.0.1:{ports[0]},nowhere"):
         with pytest.raises(ValueError, match="host"):
             connect(bad)
+
+    # No node answers: unavailable (503, retried), as with a single Redis that is down.
+    nobody = connect(f"redis+cluster://127.0.0.1:{free_port()}")
+    with pytest.raises(UNAVAILABLE):
+        await nobody.get("k")
+    await nobody.aclose()
 
     # A plain URL of any one node, with TOKENRELAY_REDIS_CLUSTER=1: the client finds the rest.
     monkeypatch.setenv("TOKENRELAY_REDIS_URL", redis_cluster.nodes[2].url)
