@@ -26,8 +26,12 @@ RedisClient = Redis | RedisCluster
 """What the stores, the log and the worker talk to: either client, the same commands."""
 
 MAX_CONNECTIONS = 64
-"""Per process (per node on a cluster). Requests beyond it wait for a free connection instead of
-failing, so a burst of clients costs Redis a bounded number of connections."""
+"""Per process (on a cluster: commands in flight, each on at most one connection per node).
+Requests beyond it wait for a free connection instead of failing, so a burst of clients costs
+Redis a bounded number of connections."""
+
+POOL_TIMEOUT = 20.0
+"""Seconds a command waits for a free connection before it fails as unavailable."""
 
 UNAVAILABLE: tuple[type[Exception], ...] = (
     ConnectionError,
@@ -62,7 +66,7 @@ def connect(url: str, *, cluster: bool = False, max_connections: int = MAX_CONNE
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=20,
+        timeout=POOL_TIMEOUT,
         health_check_interval=15,
         socket_keepalive=True,
         retry_on_timeout=True,
@@ -91,9 +95,6 @@ def _connect_cluster(url: str, max_connections: int) -> RedisCluster:
         socket_connect_timeout=5,
     )
 
-
-POOL_TIMEOUT = 20.0
-"""Seconds a command waits for a free connection before it fails as unavailable."""
 
 _holding_permit = contextvars.ContextVar("holding_permit", default=False)
 
