@@ -14,13 +14,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.deps import Services
 from api.routes import aisdk, assistants, ops, runs, stream, threads
 from api.schemas import WireJSON
-from broker.connection import connect
+from broker.connection import UNAVAILABLE, connect
 from broker.errors import (
     Conflict,
     InvalidBody,
@@ -87,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             registry = GraphRegistry(cfg.graphs, saver)
             registry.load_all()
             settle_heap()
-            redis = connect(cfg.resolved_redis_url())
+            redis = connect(cfg.resolved_redis_url(), cluster=cfg.redis_cluster)
             svc = Services.build(cfg, redis, registry)
             await svc.fanout.start()
             app.state.services = svc
@@ -137,8 +135,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("unmapped error", exc_info=exc)
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
-    @app.exception_handler(RedisConnectionError)
-    @app.exception_handler(RedisTimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
         return JSONResponse(
@@ -146,6 +142,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=503,
             headers={"Retry-After": "1"},
         )
+
+    for unavailable in UNAVAILABLE:
+        app.add_exception_handler(unavailable, _redis_down)
 
     app.include_router(ops.router)
     app.include_router(assistants.router)

@@ -6,10 +6,10 @@ import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
-from redis.asyncio import Redis
 
 from api.fanout import Fanout
 from broker.cancel import CancelSignal
+from broker.connection import RedisClient
 from broker.graphs import GraphRegistry
 from broker.keys import Keys
 from broker.log import EventLog
@@ -23,7 +23,7 @@ from broker.threads import ThreadStore
 @dataclass(slots=True)
 class Services:
     settings: Settings
-    redis: Redis
+    redis: RedisClient
     keys: Keys
     log: EventLog
     runs: RunStore
@@ -37,7 +37,7 @@ class Services:
     """Set when the process is shutting down: live streams abort so clients resume elsewhere."""
 
     @classmethod
-    def build(cls, settings: Settings, redis: Redis, registry: GraphRegistry) -> Services:
+    def build(cls, settings: Settings, redis: RedisClient, registry: GraphRegistry) -> Services:
         keys = Keys(settings.key_prefix)
         return cls(
             settings=settings,

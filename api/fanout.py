@@ -9,14 +9,11 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from broker import telemetry
+from broker.connection import NETWORK_ERRORS, RedisClient
 from broker.keys import Keys
 from broker.log import LiveBatch
+from broker.pubsub import Subscriber, subscriber
 
 log = logging.getLogger("tokenrelay.fanout")
 
@@ -91,12 +88,12 @@ class _Channel:
 class Fanout:
     """Shares one Redis pub/sub connection among every live reader of this process."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, queue_limit: int = 2048) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, *, queue_limit: int = 2048) -> None:
         self._redis = redis
         self._keys = keys
         self._limit = queue_limit
         self._channels: dict[bytes, _Channel] = {}
-        self._pubsub: PubSub | None = None
+        self._pubsub: Subscriber | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._subscribed = asyncio.Event()
@@ -106,7 +103,7 @@ class Fanout:
         return len(self._channels)
 
     async def start(self) -> None:
-        self._pubsub = self._redis.pubsub()
+        self._pubsub = subscriber(self._redis)
         self._task = asyncio.create_task(self._reader(), name="fanout")
 
     async def stop(self) -> None:
@@ -115,7 +112,7 @@ class Fanout:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
         self._channels.clear()
 
     @contextlib.asynccontextmanager
@@ -132,7 +129,12 @@ class Fanout:
             channel.subscribers.add(sub)
             if first:
                 telemetry.LIVE_CHANNELS.inc()
-                await self._pubsub.subscribe(name)
+                try:
+                    await self._pubsub.subscribe(name)
+                except BaseException:  # Redis is down: no half-made channel stays behind
+                    del self._channels[name]
+                    telemetry.LIVE_CHANNELS.dec()
+                    raise
                 self._subscribed.set()
         try:
             # Readers go on to read history, so the subscription must be live first; a missed
@@ -150,7 +152,7 @@ class Fanout:
                 if not channel.subscribers and self._channels.get(name) is channel:
                     del self._channels[name]
                     telemetry.LIVE_CHANNELS.dec()
-                    with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                    with contextlib.suppress(*NETWORK_ERRORS):
                         await self._pubsub.unsubscribe(name)
 
     async def _reader(self) -> None:
@@ -167,7 +169,7 @@ class Fanout:
                 msg = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except NETWORK_ERRORS as exc:
                 log.warning("pub/sub connection lost: %s", exc)
                 self._all_catch_up()
                 await asyncio.sleep(0.5)

@@ -32,6 +32,15 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
 
 
+THREAD_ID_RULE = "thread_id must not contain '{', '}', ':' or NUL"
+"""Thread ids are part of key names and hash tags (broker/keys.py): a brace would change which
+slot of a Redis Cluster a thread's keys fall in."""
+
+
+def valid_thread_id(thread_id: str) -> bool:
+    return not any(c in thread_id for c in "{}:\x00")
+
+
 class ThreadCreate(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -42,8 +51,8 @@ class ThreadCreate(BaseModel):
     @field_validator("thread_id")
     @classmethod
     def _no_braces(cls, v: str | None) -> str | None:
-        if v is not None and any(c in v for c in "{}:\x00"):
-            raise ValueError("thread_id must not contain '{', '}', ':' or NUL")
+        if v is not None and not valid_thread_id(v):
+            raise ValueError(THREAD_ID_RULE)
         return v
 
 

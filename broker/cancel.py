@@ -1,4 +1,5 @@
-"""Cancel: a durable request key per run plus a message on the owning worker's control channel.
+"""Cancel: a durable request key per run plus a message on the owning worker's control channel
+(sharded on a cluster, see ``broker/pubsub.py``).
 
 The worker acts on the pub/sub message at once, and also sees the key on its next flush (the
 append script returns it), so a lost message delays a cancel but never loses it.
@@ -9,9 +10,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import cast
 
-from redis.asyncio import Redis
-
-from broker import codec
+from broker import codec, pubsub
+from broker.connection import RedisClient
 from broker.keys import Keys
 
 
@@ -23,7 +23,7 @@ class CancelAction(StrEnum):
 
 
 class CancelSignal:
-    def __init__(self, redis: Redis, keys: Keys, *, ttl_seconds: int) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, *, ttl_seconds: int) -> None:
         self._redis = redis
         self._keys = keys
         self._ttl = ttl_seconds
@@ -32,8 +32,10 @@ class CancelSignal:
         """Record the cancel durably, then tell the owner (if the run has one yet)."""
         await self._redis.set(self._keys.run_cancel(run_id), action.value, ex=self._ttl)
         if worker_id:
-            await self._redis.publish(
-                self._keys.ctl(worker_id), codec.pack({"run_id": run_id, "action": action.value})
+            await pubsub.publish(
+                self._redis,
+                self._keys.ctl(worker_id),
+                codec.pack({"run_id": run_id, "action": action.value}),
             )
 
     async def pending(self, run_id: str) -> CancelAction | None:

@@ -1,23 +1,188 @@
-"""The async Redis client both processes use (redis-py asyncio, hiredis parser)."""
+"""The async Redis client both processes use (redis-py asyncio, hiredis parser): a pooled client
+for one Redis, or redis-py's cluster client for Redis Cluster."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
+
+RedisClient = Redis | RedisCluster
+"""What the stores, the log and the worker talk to: either client, the same commands."""
 
 MAX_CONNECTIONS = 64
-"""Per process. Requests beyond it wait for a free connection instead of failing, so a burst of
-clients costs Redis a bounded number of connections."""
+"""Per process (on a cluster: commands in flight, each on at most one connection per node).
+Requests beyond it wait for a free connection instead of failing, so a burst of clients costs
+Redis a bounded number of connections."""
+
+POOL_TIMEOUT = 20.0
+"""Seconds a command waits for a free connection before it fails as unavailable."""
+
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    ConnectionError,
+    TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
+"""Errors that mean Redis cannot serve right now (down, or a cluster without all its slots):
+answered 503 with Retry-After, retried by the worker. Nothing else is."""
+
+NETWORK_ERRORS: tuple[type[Exception], ...] = (*UNAVAILABLE, OSError)
+"""What long-lived loops (fan-out, the worker's, the publisher's) retry on: those and raw
+socket errors."""
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
-def connect(url: str, *, max_connections: int = MAX_CONNECTIONS) -> Redis:
-    """A pooled client for `url`; replies stay bytes so wire payloads are never re-decoded."""
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def connect(url: str, *, cluster: bool = False, max_connections: int = MAX_CONNECTIONS
+) -> RedisClient:  # fmt: skip
+    """A pooled client for `url`; replies stay bytes so wire payloads are never re-decoded.
+
+    ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for TLS), or any URL
+    with `cluster`, gives the cluster client, which finds the other nodes by itself.
+    """
+    if cluster or is_cluster_url(url):
+        return _connect_cluster(url, max_connections)
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=20,
+        timeout=POOL_TIMEOUT,
         health_check_interval=15,
         socket_keepalive=True,
         retry_on_timeout=True,
         socket_connect_timeout=5,
     )
     return Redis.from_pool(pool)
+
+
+def _connect_cluster(url: str, max_connections: int) -> RedisCluster:
+    parts = urlsplit(url)
+    scheme = CLUSTER_SCHEMES.get(parts.scheme, parts.scheme)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not nodes:
+        raise ValueError(f"no host in the Redis URL {url!r}")
+    first = f"{userinfo}@{nodes[0]}" if userinfo else nodes[0]
+    # redis-py parses one node's URL (credentials, TLS, options); the rest are more seeds.
+    seed = urlunsplit((scheme, first, parts.path, parts.query, ""))
+    others = [_node(h) for h in nodes[1:]]
+    return BoundedCluster.from_url(
+        seed,
+        startup_nodes=others,
+        max_connections=max_connections,
+        health_check_interval=15,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+    )
+
+
+_holding_permit = contextvars.ContextVar("holding_permit", default=False)
+
+
+class BoundedCluster(RedisCluster):
+    """redis-py's cluster client with the manners of the standalone pool: at most
+    `max_connections` commands or pipelines in flight per process, the rest wait their turn.
+
+    redis-py's own per-node limit fails at once instead (MaxConnectionsError), and a pipeline
+    that fails so makes redis-py close the whole client, breaking every command in flight. With
+    one permit per command or pipeline, and each using at most one connection per node, no node
+    ever reaches its limit. It also loads the slot map before the first command, which redis-py
+    (8.1) does not do safely when many first commands start at once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max_connections", MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+        self._permits = asyncio.Semaphore(kwargs["max_connections"])
+
+    @asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        if _holding_permit.get():  # a pipeline retrying one of its commands: already counted
+            yield
+            return
+        try:
+            async with asyncio.timeout(POOL_TIMEOUT):
+                await self._permits.acquire()
+        except TimeoutError:
+            raise ConnectionError("No connection available.") from None
+        token = _holding_permit.set(True)
+        try:
+            yield
+        finally:
+            _holding_permit.reset(token)
+            self._permits.release()
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> BoundedCluster:
+        try:
+            await super().initialize(*args, **kwargs)
+        except SlotNotCoveredError:
+            raise
+        except RedisClusterException as exc:
+            # No node answered (redis-py says so with its own exception): Redis is unavailable,
+            # as when a single Redis refuses the connection, and callers retry the same way.
+            raise ConnectionError(f"Redis Cluster unavailable: {exc}") from exc
+        return self
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.permit():
+            # Load the slot map first: redis-py would route the first commands through a seed
+            # node whose connections the map's arrival then recycles under them.
+            await self.initialize()
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:  # fmt: skip
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        # redis-py builds its ClusterPipeline the same way; its typing wrongly calls the
+        # dispatcher attribute that __init__ sets abstract.
+        return _BoundedPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _BoundedPipeline(ClusterPipeline):
+    cluster_client: BoundedCluster
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:  # fmt: skip
+        async with self.cluster_client.permit():
+            await self.cluster_client.initialize()
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+def _node(host_port: str) -> ClusterNode:
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"a cluster node must be host:port, not {host_port!r}")
+    return ClusterNode(host.strip("[]"), int(port))
+
+
+async def ready(redis: RedisClient) -> None:
+    """Raise unless Redis can serve: it answers PING, and a cluster covers all its slots."""
+    if isinstance(redis, RedisCluster):
+        await redis.ping(target_nodes=RedisCluster.ALL_NODES)
+        info = await redis.cluster_info()
+        state = info.get("cluster_state")
+        if state != "ok":
+            raise RedisError(f"cluster_state is {state}")
+    else:
+        await redis.ping()

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _die_with_parent() -> None:
@@ -76,6 +77,10 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         args = [
             redis_binary(),
@@ -133,3 +138,106 @@ class EmbeddedRedis:
             if self._proc.stderr is not None:
                 self._proc.stderr.close()
             self._proc = None
+
+
+CLUSTER_SLOTS = 16384
+
+
+class EmbeddedCluster:
+    """A throwaway Redis Cluster of `masters` redis-server children (no replicas) on free ports,
+    its slots split evenly: the tests run the broker against it. Needs redis-server 7 or newer.
+
+    Its methods use the blocking client, like EmbeddedRedis.start: from async code, call them
+    in a thread.
+    """
+
+    def __init__(self, masters: int = 3) -> None:
+        # The bus port defaults to port + 10000, which may be taken or past 65535: pick one.
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.nodes = [EmbeddedRedis(extra_args=_cluster_args(bus)) for bus in self.bus_ports]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return f"redis+cluster://{hosts}"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedCluster:
+        binary = redis_binary()
+        if _version(binary) < (7,):
+            raise RuntimeError(f"a Redis Cluster here needs redis-server 7 or newer, not {binary}")
+        for node in self.nodes:
+            node.start()
+        try:
+            per_node = CLUSTER_SLOTS // len(self.nodes)
+            for i in range(len(self.nodes)):
+                first = i * per_node
+                last = CLUSTER_SLOTS - 1 if i == len(self.nodes) - 1 else first + per_node - 1
+                self._cluster(i, "ADDSLOTSRANGE", first, last)
+            for i in range(1, len(self.nodes)):
+                self._cluster(0, "MEET", "127.0.0.1", self.nodes[i].port, self.bus_ports[i])
+            self.wait_ok(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every node sees all the others and every slot served."""
+        deadline = time.monotonic() + timeout
+        while not all(self._ok(i) for i in range(len(self.nodes))):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster was not ok within {timeout}s")
+            time.sleep(0.05)
+
+    def owner(self, slot: int) -> int:
+        """The index in `nodes` of the node serving `slot`, as the first live node sees it."""
+        for i, node in enumerate(self.nodes):
+            if node.running:
+                for first, last, (_host, port, *_rest), *_replicas in self._cluster(i, "SLOTS"):
+                    if first <= slot <= last:
+                        return [n.port for n in self.nodes].index(int(port))
+                raise RuntimeError(f"slot {slot} is not served")
+        raise RuntimeError("no node is running")
+
+    def move_slot(self, slot: int, to: int) -> None:
+        """Migrate `slot` and its keys to node `to`, as resharding does."""
+        src = self.owner(slot)
+        if src == to:
+            return
+        src_id, dst_id = self._cluster(src, "MYID"), self._cluster(to, "MYID")
+        self._cluster(to, "SETSLOT", slot, "IMPORTING", src_id)
+        self._cluster(src, "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := self._cluster(src, "GETKEYSINSLOT", slot, 100):
+            dst_port = self.nodes[to].port
+            self._call(src, "MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS", *keys)
+        for i in [to, src, *(i for i in range(len(self.nodes)) if i not in (to, src))]:
+            self._cluster(i, "SETSLOT", slot, "NODE", dst_id)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def _call(self, i: int, *args: object) -> Any:
+        import redis  # the blocking client (see the class docstring)
+
+        with redis.Redis(port=self.nodes[i].port, socket_timeout=5) as client:
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    def _cluster(self, i: int, *args: object) -> Any:
+        return self._call(i, "CLUSTER", *args)
+
+    def _ok(self, i: int) -> bool:
+        info = self._cluster(i, "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
+        known = fields.get("cluster_known_nodes") == str(len(self.nodes))
+        return fields.get("cluster_state") == "ok" and known
+
+
+def _cluster_args(bus_port: int) -> list[str]:
+    return [
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", "5000",
+        "--cluster-port", str(bus_port),
+    ]  # fmt: skip

@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-from broker import codec, scripts
+from broker import codec, pubsub, scripts
+from broker.connection import RedisClient
 from broker.keys import Keys
 from broker.models import Entry, Event, Gap, RunStatus, StreamId
+from broker.scripts import AnyPipeline
 
 PAGE_SIZE = 512
 
@@ -65,16 +65,17 @@ def _entry(id_: bytes, name: bytes, data: bytes, blob_ref: bytes | None) -> Entr
 class EventLog:
     """Append, read and tail the event streams of runs."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, maxlen: int, ttl_seconds: int) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, *, maxlen: int, ttl_seconds: int) -> None:
         self._redis = redis
         self._keys = keys
         self._maxlen = maxlen
         self._ttl = ttl_seconds
         self._append = scripts.script("append")
+        self._publish = pubsub.publish_command(redis)
 
     def append_in(
         self,
-        pipe: Pipeline,
+        pipe: AnyPipeline,
         run_id: str,
         rows: Sequence[Row],
         *,
@@ -98,6 +99,7 @@ class EventLog:
             status.value if status else "",
             seq,
             attempt,
+            self._publish,
             len(blobs),
         ]
         for ref, blob in blobs:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, cast
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from broker import codec
+from broker.connection import RedisClient
 from broker.keys import Keys
 from broker.models import Job
 
@@ -16,7 +16,7 @@ GROUP = "workers"
 
 
 class RunQueue:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._key = keys.queue()
 

@@ -7,9 +7,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from broker import codec, scripts
+from broker.connection import RedisClient
 from broker.errors import RunExpired, RunNotFound
 from broker.keys import Keys
 from broker.models import Job, RunStatus
@@ -90,7 +89,7 @@ class RunRecord:
 class RunStore:
     """Create, read and update run records; hand new runs to the queue."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, ttl_seconds: int) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, *, ttl_seconds: int) -> None:
         self._redis = redis
         self._keys = keys
         self._ttl = ttl_seconds
@@ -189,6 +188,7 @@ class RunStore:
     async def delete(self, run: RunRecord) -> None:
         k = self._keys
         pipe = self._redis.pipeline(transaction=False)
+        # One slot: the run's hash tag. The thread's index is another slot, another command.
         pipe.delete(k.run_meta(run.run_id), k.run_events(run.run_id), k.run_blobs(run.run_id))
         await pipe.execute()
         await self._redis.zrem(k.thread_runs(run.thread_id), run.run_id)

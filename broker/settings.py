@@ -15,7 +15,12 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        description="redis://, rediss:// or cluster URL; `tokenrelay dev` embeds one when unset.",
+        description="redis://, rediss://, or redis+cluster://host:port[,host:port...] "
+        "(rediss+cluster:// for TLS); `tokenrelay dev` embeds one when unset.",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="Use the Redis Cluster client with a plain redis:// or rediss:// URL.",
     )
     graphs: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_GRAPHS))
     checkpointer: str = "memory"

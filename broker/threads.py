@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from broker import codec
+from broker.connection import RedisClient
 from broker.errors import Conflict, ThreadNotFound
 from broker.keys import Keys
 from broker.runs import new_id, now_ms
@@ -22,7 +21,7 @@ class ThreadRecord:
 
 
 class ThreadStore:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
 
@@ -102,10 +101,11 @@ class ThreadStore:
     async def delete(self, thread_id: str) -> None:
         await self.get(thread_id)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(
+        pipe.delete(  # one slot: the thread's hash tag
             self._keys.thread_meta(thread_id),
             self._keys.thread_runs(thread_id),
             self._keys.thread_active(thread_id),
+            self._keys.thread_pending(thread_id),
         )
         pipe.zrem(self._keys.threads_index(), thread_id)
         await pipe.execute()

@@ -64,7 +64,7 @@ async def _serve_worker(settings: Settings, concurrency: int | None) -> None:
         registry = GraphRegistry(settings.graphs, saver)
         registry.load_all()
         settle_heap()
-        redis = connect(settings.resolved_redis_url())
+        redis = connect(settings.resolved_redis_url(), cluster=settings.redis_cluster)
         worker = Worker(redis, settings, registry, concurrency=concurrency)
         try:
             await worker.serve(stop, force)
@@ -74,7 +74,7 @@ async def _serve_worker(settings: Settings, concurrency: int | None) -> None:
 
 async def _serve_dev(settings: Settings, host: str, port: int) -> None:
     async with open_checkpointer(settings.checkpointer) as saver:
-        redis = connect(settings.resolved_redis_url())
+        redis = connect(settings.resolved_redis_url(), cluster=settings.redis_cluster)
         worker = Worker(redis, settings, GraphRegistry(settings.graphs, saver))
         stop = asyncio.Event()
         worker_task = asyncio.create_task(worker.serve(stop))

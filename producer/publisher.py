@@ -14,12 +14,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import telemetry
+from broker.connection import NETWORK_ERRORS, RedisClient
 from broker.log import CONTENT_REF, EventLog, Row
 from broker.models import Event, RunStatus
 
@@ -40,7 +38,7 @@ class Publisher:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         log_: EventLog,
         *,
         flush_ms: float,
@@ -152,16 +150,18 @@ class Publisher:
             if wait > 0 and not self._urgent.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._urgent.wait(), wait)
-            last_flush = loop.time()
             self._dirty.clear()
             self._urgent.clear()
+            if not self._pending:
+                continue  # a waiter on a batch already in flight: nothing new to write
+            last_flush = loop.time()
             batch, self._pending, self._count = self._pending, {}, 0
             while True:
                 try:
                     results = await self._write(batch)
                     backoff = 0.05
                     break
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                except NETWORK_ERRORS as exc:
                     log.warning("publish failed, retrying in %.2fs: %s", backoff, exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)

@@ -18,17 +18,16 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import codec, telemetry
 from broker.cancel import CancelAction
+from broker.connection import NETWORK_ERRORS, RedisClient
 from broker.graphs import GraphRegistry
 from broker.keys import Keys
 from broker.log import FENCED, EventLog
 from broker.models import END_EVENT, Event, Job, RunStatus
+from broker.pubsub import subscriber
 from broker.queue import RunQueue
 from broker.runs import RunStore
 from broker.settings import Settings
@@ -37,8 +36,6 @@ from producer.publisher import Publisher
 from producer.runner import GraphRun
 
 log = logging.getLogger("tokenrelay.worker")
-
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def new_worker_id() -> str:
@@ -59,7 +56,7 @@ class Worker:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         settings: Settings,
         registry: GraphRegistry,
         *,
@@ -117,7 +114,7 @@ class Worker:
             for running in list(self._running.values()):
                 running.task.cancel()
             await self.publisher.stop()
-            with contextlib.suppress(*REDIS_ERRORS):
+            with contextlib.suppress(*NETWORK_ERRORS):
                 await self._redis.delete(self.keys.worker(self.id))
             log.info("worker stopped", extra=self._ctx)
 
@@ -127,7 +124,7 @@ class Worker:
             try:
                 await self.queue.ensure_group()
                 return
-            except REDIS_ERRORS as exc:
+            except NETWORK_ERRORS as exc:
                 log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -177,7 +174,7 @@ class Worker:
             try:
                 claimed = await self.queue.claim(self.id, min(free, 32), block_ms=500)
                 backoff = 0.1
-            except REDIS_ERRORS as exc:
+            except NETWORK_ERRORS as exc:
                 log.warning("cannot claim runs (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -243,7 +240,7 @@ class Worker:
     async def _control_loop(self) -> None:
         """Cancel requests sent to this worker (``tr:ctl:<worker>``), acted on at once."""
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = subscriber(self._redis, ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.ctl(self.id))
                 while True:
@@ -255,12 +252,12 @@ class Worker:
                         self._cancel(str(body["run_id"]), CancelAction(body["action"]))
                     except (ValueError, KeyError, TypeError):
                         log.warning("ignoring a malformed control message", extra=self._ctx)
-            except REDIS_ERRORS as exc:
+            except NETWORK_ERRORS as exc:
                 log.warning("control channel lost (%s); resubscribing", exc, extra=self._ctx)
                 await asyncio.sleep(0.5)
             finally:
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(*NETWORK_ERRORS):
+                    await pubsub.aclose()
 
     def _cancel(self, run_id: str, action: CancelAction) -> None:
         running = self._running.get(run_id)

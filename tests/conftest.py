@@ -1,4 +1,10 @@
-"""Shared fixtures: one real redis-server per session, a real tokenrelay per test module."""
+"""Shared fixtures: one real redis-server per session (and a real 3-master Redis Cluster for the
+tests that also run on one), a real tokenrelay per test module.
+
+A test runs on the standalone Redis; mark it (or its module) ``@pytest.mark.redis("standalone",
+"cluster")`` to run it on both, with ``[standalone]`` or ``[cluster]`` in its id. The cluster
+starts on first use.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,61 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
-from broker.embedded import EmbeddedRedis
+from broker.connection import RedisClient
+from broker.embedded import EmbeddedCluster, EmbeddedRedis
 from broker.settings import Settings
 from tests.graphs import GRAPHS
 from tests.server import Tokenrelay
 
+RedisServer = EmbeddedRedis | EmbeddedCluster
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("redis")
+    if marker is not None and "redis_server" in metafunc.fixturenames:
+        # Module scope: each module's fixtures (its tokenrelay) start once per kind of Redis.
+        metafunc.parametrize("redis_server", marker.args, indirect=True, scope="module")
+
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[EmbeddedRedis]:
+def redis_standalone() -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis().start()
     yield server
     server.close()
 
 
-def make_settings(redis_server: EmbeddedRedis, **overrides: object) -> Settings:
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedCluster]:
+    """Three masters, no replicas, the slots split evenly."""
+    cluster = EmbeddedCluster(masters=3).start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(request: pytest.FixtureRequest) -> RedisServer:
+    """The Redis a test runs on: standalone, or the cluster (see the module docstring)."""
+    kind = getattr(request, "param", "standalone")
+    server: RedisServer = request.getfixturevalue(f"redis_{kind}")
+    return server
+
+
+async def live_subscribers(redis: RedisClient, channel: str) -> int:
+    """Subscribers of a live or control channel: sharded ones on the channel's node of a
+    cluster."""
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()
+        node = redis.get_node_from_key(channel)
+        counts = await redis.pubsub_shardnumsub(channel, target_nodes=node)
+    else:
+        counts = await redis.pubsub_numsub(channel)
+    ((_, subscribers),) = counts
+    return int(subscribers)
+
+
+def make_settings(redis_server: RedisServer, **overrides: object) -> Settings:
     """Settings on the session's Redis under a fresh key prefix, so tests never share keys."""
     values: dict[str, object] = {
         "redis_url": redis_server.url,
@@ -35,7 +81,7 @@ def make_settings(redis_server: EmbeddedRedis, **overrides: object) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def relay(redis_server: EmbeddedRedis) -> Iterator[Tokenrelay]:
+def relay(redis_server: RedisServer) -> Iterator[Tokenrelay]:
     server = Tokenrelay(make_settings(redis_server)).start()
     yield server
     server.stop()

@@ -69,7 +69,7 @@ class Tokenrelay:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         s = self.settings
-        redis = connect(s.resolved_redis_url())
+        redis = connect(s.resolved_redis_url(), cluster=s.redis_cluster)
         tasks: list[asyncio.Task[Any]] = []
         saver_cm = open_checkpointer(s.checkpointer)
         saver = await saver_cm.__aenter__()
@@ -106,6 +106,7 @@ class WorkerProcess:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
         self.env.update(
             TOKENRELAY_REDIS_URL=settings.resolved_redis_url(),
+            TOKENRELAY_REDIS_CLUSTER=str(settings.redis_cluster).lower(),
             TOKENRELAY_KEY_PREFIX=settings.key_prefix,
             TOKENRELAY_GRAPHS=json.dumps(settings.graphs),
             TOKENRELAY_CHECKPOINTER=settings.checkpointer,

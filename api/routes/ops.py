@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import Services, services
+from broker.connection import ready
 
 router = APIRouter(tags=["ops"])
 
@@ -35,9 +36,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(svc: Services = Depends(services)) -> dict[str, str] | JSONResponse:
-    """Redis answers."""
+    """Redis answers (every node of a cluster, with all its slots served)."""
     try:
-        await svc.redis.ping()
+        await ready(svc.redis)
     except Exception as exc:  # any failure means not ready
         return JSONResponse(
             {"status": "unavailable", "detail": f"redis: {exc}"},

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from api.deps import Services, services
-from api.schemas import RunCreate, WireJSON, run_json
+from api.schemas import THREAD_ID_RULE, RunCreate, WireJSON, run_json, valid_thread_id
 from broker import codec
 from broker.cancel import CancelAction
 from broker.errors import Conflict, InvalidBody, NoRunToCancel, RunNotFound
@@ -26,6 +26,8 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
     if thread_id is None:
         thread = await svc.threads.create(new_id(), {"graph_id": graph_id, "stateless": True})
     elif body.if_not_exists == "create":
+        if not valid_thread_id(thread_id):  # created from the path: checked as POST /threads does
+            raise InvalidBody(THREAD_ID_RULE)
         thread = await svc.threads.create(thread_id, if_exists="do_nothing")
     else:
         thread = await svc.threads.get(thread_id)

@@ -8,9 +8,13 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import NoScriptError
+
+from broker.connection import RedisClient
+
+AnyPipeline = Pipeline | ClusterPipeline
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +23,7 @@ class LuaScript:
     source: str
     sha: str
 
-    async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, redis: RedisClient, keys: list[str], args: list[Any]) -> Any:
         """Run the script, loading it first if the server does not know it (e.g. restarted)."""
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
@@ -27,11 +31,14 @@ class LuaScript:
             await redis.script_load(self.source)
             return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
 
-    def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
+    def queue(self, pipe: AnyPipeline, keys: list[str], args: list[Any]) -> None:
         """Queue an EVALSHA on `pipe`; the caller handles NoScriptError in the results."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # Not `pipe.evalsha`: redis-py refuses that helper on cluster pipelines, since a script's
+        # keys are unknown in general. Ours are always declared and share one slot, and the
+        # cluster pipeline routes EVALSHA by its declared keys.
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
-    async def load(self, redis: Redis) -> None:
+    async def load(self, redis: RedisClient) -> None:
         await redis.script_load(self.source)
 
 

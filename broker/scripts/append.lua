@@ -1,8 +1,10 @@
 -- Append a batch of events to a run's stream and fan the batch out, in one round trip.
--- KEYS: 1 events stream, 2 blob hash, 3 meta hash, 4 cancel key, 5 live channel
+-- KEYS: 1 events stream, 2 blob hash, 3 meta hash, 4 cancel key, 5 live channel (a key, so a
+--       cluster checks that it shares the run's slot: SPUBLISH from a script requires it)
 -- ARGV: 1 maxlen, 2 ttl seconds, 3 now (ms), 4 status ('' keeps it), 5 batch sequence number
---       (0: none), 6 attempt (0: any), 7 number of new blobs, then [blob_ref, blob] pairs, then
---       [event, data, blob_ref ('' for none)] triples.
+--       (0: none), 6 attempt (0: any), 7 publish command ('PUBLISH', or 'SPUBLISH' on a
+--       cluster), 8 number of new blobs, then [blob_ref, blob] pairs, then [event, data,
+--       blob_ref ('' for none)] triples.
 -- An append from an attempt that is no longer the run's current one (its worker lost the lease
 -- and another took over) writes nothing and returns '!fenced'.
 -- A batch whose sequence number was already applied is skipped, so a producer may retry a batch
@@ -25,8 +27,8 @@ if seq > 0 and seq <= tonumber(m[2] or '0') then return cancel end
 local maxlen = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
-local nblobs = tonumber(ARGV[7])
-local i = 8
+local nblobs = tonumber(ARGV[8])
+local i = 9
 for _ = 1, nblobs do
   redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -81,6 +83,6 @@ if renew then
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 if #batch > 0 then
-  redis.call('PUBLISH', KEYS[5], cmsgpack.pack({prev, batch}))
+  redis.call(ARGV[7], KEYS[5], cmsgpack.pack({prev, batch}))
 end
 return cancel

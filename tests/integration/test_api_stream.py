@@ -17,13 +17,13 @@ from broker.connection import connect
 from broker.embedded import EmbeddedRedis, free_port
 from broker.keys import Keys
 from broker.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import RedisServer, live_subscribers, make_settings
 from tests.graphs import FLOOD_EVENTS
 from tests.integration.test_stream import join, new_thread, run_body, stream_run
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events, iter_sse
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.redis("standalone", "cluster")]
 
 
 def metric(text: str, name: str = "tokenrelay_api_live_queued_entries") -> float:
@@ -38,7 +38,7 @@ def same(a: list[SSE], b: list[SSE]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def settings(redis_server: EmbeddedRedis) -> Settings:
+def settings(redis_server: RedisServer) -> Settings:
     return make_settings(redis_server)
 
 
@@ -82,7 +82,7 @@ async def test_200_clients_on_one_run_share_one_subscription(
             redis = connect(relay.settings.resolved_redis_url())
             channel = Keys(relay.settings.key_prefix).live(run_id)
             await asyncio.sleep(0.5)
-            ((_, subscribers),) = await redis.pubsub_numsub(channel)
+            subscribers = await live_subscribers(redis, channel)
             await redis.aclose()
             results = await asyncio.gather(*readers)
         reference = head + await events(r)
@@ -140,7 +140,7 @@ async def test_slow_client_memory_stays_bounded_and_it_gets_everything(
 
 
 async def test_trimmed_history_gives_stream_gap_and_expired_run_410(
-    redis_server: EmbeddedRedis,
+    redis_server: RedisServer,
 ) -> None:
     s = make_settings(redis_server, stream_maxlen=100, retention_seconds=2)
     server = Tokenrelay(s).start()
@@ -187,6 +187,7 @@ async def read_into(r: httpx.Response, into: list[SSE]) -> bool:
     return False
 
 
+@pytest.mark.redis("standalone")  # HTTP time budget
 async def test_max_seconds_chains_responses_into_the_exact_sequence(
     client: httpx.AsyncClient,
 ) -> None:
@@ -234,6 +235,7 @@ async def test_long_poll_reassembles_the_sse_sequence(client: httpx.AsyncClient)
     ]
 
 
+@pytest.mark.redis("standalone")  # API shutdown
 async def test_sigterm_aborts_live_streams_so_clients_resume_elsewhere(
     settings: Settings, relay: Tokenrelay, tmp_path: Path
 ) -> None:
@@ -292,7 +294,8 @@ async def test_redis_outage_gives_503_then_recovers_without_restart(
         server.stop()
 
 
-async def test_cors_exposes_the_resume_headers(redis_server: EmbeddedRedis) -> None:
+@pytest.mark.redis("standalone")  # HTTP only
+async def test_cors_exposes_the_resume_headers(redis_server: RedisServer) -> None:
     s = make_settings(redis_server, cors_origins=["https://app.example"])
     server = Tokenrelay(s).start()
     try:
@@ -318,7 +321,8 @@ async def test_cors_exposes_the_resume_headers(redis_server: EmbeddedRedis) -> N
         server.stop()
 
 
-async def test_api_keys_guard_everything_but_probes(redis_server: EmbeddedRedis) -> None:
+@pytest.mark.redis("standalone")  # HTTP only
+async def test_api_keys_guard_everything_but_probes(redis_server: RedisServer) -> None:
     s = make_settings(redis_server, api_keys=["k1", "k2"])
     server = Tokenrelay(s).start()
     try:

@@ -7,6 +7,8 @@ import pytest
 
 from tests.integration.test_stream import new_thread, run_body, stream_run
 
+pytestmark = pytest.mark.redis("standalone", "cluster")
+
 
 async def test_unknown_thread_is_404_json(client: httpx.AsyncClient) -> None:
     r = await client.post("/threads/nope/runs/stream", json=run_body())
@@ -89,3 +91,10 @@ async def test_existing_thread_id_is_409_unless_do_nothing(client: httpx.AsyncCl
     assert r.status_code == 200 and r.json()["thread_id"] == tid
     r = await client.post("/threads", json={"thread_id": "a{b}"})
     assert r.status_code == 422
+    # A thread created on the fly from the path obeys the same rule: braces in an id would move
+    # its keys to other slots of a Redis Cluster.
+    for odd in ("}a{b", "a:b"):
+        body = {**run_body(), "if_not_exists": "create"}
+        r = await client.post(f"/threads/{odd}/runs/stream", json=body)
+        assert r.status_code == 422, odd
+        assert "thread_id" in r.json()["detail"]

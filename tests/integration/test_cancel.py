@@ -8,13 +8,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from broker import codec, pubsub
 from broker.connection import connect
 from broker.keys import Keys
 from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
 from tests.server import Tokenrelay
 from tests.sse import SSE, events, until_messages
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +167,27 @@ async def test_cancel_arrives_through_the_durable_key_without_pub_sub(
         redis = connect(relay.settings.resolved_redis_url())
         # only the durable half: no control message is published
         await redis.set(Keys(relay.settings.key_prefix).run_cancel(run_id), "interrupt", ex=60)
+        await redis.aclose()
+        rest = await events(r)
+    assert rest[-1].event == "values"
+    run = (await client.get(f"/threads/{tid}/runs/{run_id}")).json()
+    assert run["status"] == "interrupted"
+    assert chunks_text(head + rest).count(" ") + 1 < 60
+
+
+async def test_cancel_arrives_through_pub_sub_alone(
+    client: httpx.AsyncClient, relay: Tokenrelay
+) -> None:
+    # Only the control message (sharded on a cluster), no durable key: the worker's control
+    # subscription alone must stop the run.
+    assert relay.worker is not None
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=6)
+        run_id = head[0].json()["run_id"]
+        redis = connect(relay.settings.resolved_redis_url())
+        message = codec.pack({"run_id": run_id, "action": "interrupt"})
+        await pubsub.publish(redis, Keys(relay.settings.key_prefix).ctl(relay.worker.id), message)
         await redis.aclose()
         rest = await events(r)
     assert rest[-1].event == "values"

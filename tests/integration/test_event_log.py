@@ -10,16 +10,17 @@ import pytest
 from api.fanout import Fanout, Subscription
 from broker import codec
 from broker.connection import connect
-from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.log import EventLog, LiveBatch
 from broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus
 from broker.runs import new_id
-from tests.conftest import make_settings
+from tests.conftest import RedisServer, make_settings
+
+pytestmark = pytest.mark.redis("standalone", "cluster")
 
 
 @pytest.fixture
-async def log(redis_server: EmbeddedRedis) -> AsyncIterator[tuple[EventLog, Fanout]]:
+async def log(redis_server: RedisServer) -> AsyncIterator[tuple[EventLog, Fanout]]:
     s = make_settings(redis_server)
     redis = connect(s.resolved_redis_url())
     keys = Keys(s.key_prefix)

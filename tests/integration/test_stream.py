@@ -15,9 +15,12 @@ from broker.models import RunStatus, StreamId
 from broker.queue import RunQueue
 from broker.runs import RunRecord, RunStore, new_id, now_ms
 from producer.demo import reply_text
+from tests.conftest import live_subscribers
 from tests.graphs import FAST_WORDS
 from tests.server import Tokenrelay
 from tests.sse import SSE, Comment, events, iter_sse
+
+pytestmark = pytest.mark.redis("standalone", "cluster")
 
 USER = {"messages": [{"role": "user", "content": "tell me about resumable streams"}]}
 MODES = ["messages-tuple", "values", "updates"]
@@ -228,6 +231,7 @@ async def test_job_for_an_unknown_assistant_ends_with_error(
     assert (await client.get(f"/threads/{tid}/runs/{run.run_id}")).json()["status"] == "error"
 
 
+@pytest.mark.redis("standalone")  # HTTP heartbeats
 async def test_idle_stream_sends_heartbeats(client: httpx.AsyncClient) -> None:
     tid = await new_thread(client)
     seen: list[str] = []
@@ -251,7 +255,7 @@ async def test_disconnected_clients_release_the_live_subscription(
     channel = Keys(relay.settings.key_prefix).live(run_id)
     try:
         for _ in range(100):  # the server notices at its next write, at most one heartbeat later
-            ((_, subscribers),) = await redis.pubsub_numsub(channel)
+            subscribers = await live_subscribers(redis, channel)
             if subscribers == 0:
                 break
             await asyncio.sleep(0.05)
@@ -260,6 +264,7 @@ async def test_disconnected_clients_release_the_live_subscription(
         await redis.aclose()
 
 
+@pytest.mark.redis("standalone")  # Prometheus counters
 async def test_worker_metrics_count_runs_and_events(client: httpx.AsyncClient) -> None:
     from prometheus_client import REGISTRY
 

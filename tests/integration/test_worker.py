@@ -12,21 +12,20 @@ import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
-from broker.embedded import EmbeddedRedis
 from broker.graphs import GraphRegistry, open_checkpointer
 from broker.settings import Settings
 from producer.demo import reply_text
-from tests.conftest import make_settings
+from tests.conftest import RedisServer, make_settings
 from tests.graphs import FAST_WORDS, LONG_WORDS
 from tests.integration.test_stream import USER, join, new_thread, wait_status
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events, until_messages
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.redis("standalone", "cluster")]
 
 
 @pytest.fixture
-def settings(redis_server: EmbeddedRedis, postgres_url: str) -> Settings:
+def settings(redis_server: RedisServer, postgres_url: str) -> Settings:
     return make_settings(
         redis_server, checkpointer=postgres_url, lease_seconds=1.5, shutdown_grace_seconds=2.5
     )
@@ -149,6 +148,7 @@ async def test_kill_9_mid_run_another_worker_takes_over_from_the_checkpoint(
     assert [e.id for e in await join(client, tid, run_id, "-1")] == [e.id for e in evts]
 
 
+@pytest.mark.redis("standalone")  # attempt counting; takeover runs on both
 async def test_past_max_attempts_the_run_ends_with_an_error(
     client: httpx.AsyncClient, workers: Any, settings: Settings, tmp_path: Path
 ) -> None:
@@ -171,6 +171,7 @@ async def test_past_max_attempts_the_run_ends_with_an_error(
     assert (await client.get(f"/threads/{tid}/runs/{run_id}")).json()["status"] == "error"
 
 
+@pytest.mark.redis("standalone")  # drain timing, the same on any Redis
 async def test_sigterm_drains_short_runs_and_hands_back_long_ones(
     client: httpx.AsyncClient, workers: Any, settings: Settings
 ) -> None:
@@ -203,6 +204,7 @@ async def test_sigterm_drains_short_runs_and_hands_back_long_ones(
     assert len(state.values["messages"]) == 3
 
 
+@pytest.mark.redis("standalone")  # about the Postgres checkpointer
 async def test_postgres_state_survives_a_worker_restart(
     client: httpx.AsyncClient, workers: Any, settings: Settings
 ) -> None:
