@@ -3,7 +3,7 @@
 `chat` is the demo chat graph at a chosen token rate. `paced` is the suite's producer: the same
 one-node chat graph over a model whose reply is set by the run's input, so one worker serves
 runs of any length and pace, and each token carries the wall-clock time it was produced at
-(``ts<19-digit time_ns>``), which the load generator subtracts from its receive time.
+(``ts<19-digit monotonic_ns>``), which the load generator subtracts from its receive time.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _pace_of(messages: list[BaseMessage]) -> Pace:
 
 
 class PacedModel(BaseChatModel):
-    """Streams ``ts<time_ns> xxxx`` tokens at the pace its last input message asks for (JSON)."""
+    """Streams ``ts<monotonic_ns> xxxx`` tokens at the pace its last input message asks for
+    (JSON)."""
 
     @property
     def _llm_type(self) -> str:

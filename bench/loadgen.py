@@ -1,7 +1,7 @@
 """The load generator: many SSE clients over loopback, in a process of its own.
 
 It reads one scenario as JSON on stdin, drives the system under test over HTTP (aiohttp), and
-prints ``RESULT <json>``. Every token's production time is in its payload (``ts<time_ns>``), so
+prints ``RESULT <json>``. Every token's production time is in its payload (``ts<monotonic_ns>``), so
 latency is receive time minus production time, on the machine's one wall clock. Scenarios that
 hold connections open print ``READY`` and wait for a line on stdin before closing them, so the
 caller can measure the server meanwhile.
@@ -141,7 +141,7 @@ async def consume(
                 rest = buf
                 continue
             rest = buf[end + 2 :]
-            got += sink.take(time.time_ns(), buf[: end + 2] if rest else buf)
+            got += sink.take(time.monotonic_ns(), buf[: end + 2] if rest else buf)
             if stop_after is not None and got >= stop_after:
                 break
     finally:
@@ -191,7 +191,7 @@ async def scenario_streams(target: Target, spec: dict[str, Any]) -> dict[str, An
     pace = Pace.from_json(spec["pace"])
     n = int(spec["streams"])
     ramp = float(spec.get("ramp_seconds", 1.0))
-    started = time.time_ns()
+    started = time.monotonic_ns()
     # Steady state: every stream has started, a second ago.
     sink = Sink(steady_from_ns=started + int((ramp + 1.0) * 1e9))
 
@@ -220,7 +220,7 @@ async def scenario_fanout(target: Target, spec: dict[str, Any]) -> dict[str, Any
     pace = Pace.from_json(spec["pace"])
     n = int(spec["clients"])
     handle = await target.start_background(pace)
-    started = time.time_ns()
+    started = time.monotonic_ns()
     sink = Sink()
 
     async def one() -> None:

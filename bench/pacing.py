@@ -1,7 +1,7 @@
 """The token stream every benchmarked system produces: same payload, same pacing.
 
-Each token is ``ts<19-digit time.time_ns()> `` followed by `pad` filler characters, stamped when
-it is produced. The first `burst` tokens come back to back, the rest every `interval_ms`
+Each token is ``ts<time.monotonic_ns(), 19 digits> `` followed by `pad` filler characters, stamped
+when it is produced. The first `burst` tokens come back to back, the rest every `interval_ms`
 (0: unpaced), on absolute times so timers do not drift. `start_in_ms` delays the first token,
 so fan-out readers can connect before the run produces.
 """
@@ -39,7 +39,8 @@ class Pace:
         return {k: str(v) for k, v in asdict(self).items()}
 
     def token(self, index: int) -> str:
-        return f"ts{time.time_ns()} " + "x" * self.pad
+        # CLOCK_MONOTONIC: one clock for every process on the machine, Node's hrtime included.
+        return f"ts{time.monotonic_ns():019d} " + "x" * self.pad
 
     def schedule(self, t0: float) -> Iterator[float]:
         """Monotonic due time of each token, starting from `t0`."""

@@ -259,11 +259,12 @@ def section(results: dict[str, Any]) -> str:
 
 One run of `tokenrelay bench` on {m["date"]} ({m["cpus"]} cores, Python {m["python"]}, the
 load generator, every server and redis-server sharing them), {results["seconds"]:.0f} s in all.
-Each system ran in its own processes on a fresh redis-server with the same payload (`ts<time_ns>`
-plus 16 filler characters per token) and the same pacing; the load generator
+Each system ran in its own processes on a fresh redis-server with the same payload
+(`ts<monotonic_ns>` plus 16 filler characters per token) and the same pacing; the load generator
 (`bench/loadgen.py`, aiohttp) ran in a process of its own. Latency is the token's receipt time
-minus the time its producer made it, on the machine's one clock. Ratios are "times better for
-tokenrelay" whichever way a figure goes. Raw numbers: `docs/benchmarks.json`.{skipped}
+minus the time its producer made it, both read from CLOCK_MONOTONIC, which every process on the
+machine shares. Ratios are "times better for tokenrelay" whichever way a figure goes. Raw
+numbers: `docs/benchmarks.json`.{skipped}
 
 {summary_table(results)}
 

@@ -79,12 +79,11 @@ const streamContext = createResumableStreamContext({
 const liveIds = new Set();
 
 // ---------------------------------------------------------------- producer
-// Wall-clock nanoseconds on the same epoch as Python's time.time_ns():
-// Math.round((performance.timeOrigin + performance.now()) * 1e6), split in two so the
-// sub-microsecond part is not lost to float rounding of a 1.7e18 double.
-const ORIGIN_NS = BigInt(Math.round(performance.timeOrigin * 1e6));
-function wallNs() {
-  return (ORIGIN_NS + BigInt(Math.round(performance.now() * 1e6))).toString().padStart(19, "0");
+// CLOCK_MONOTONIC nanoseconds, the clock Python's time.monotonic_ns() reads on Linux, so the
+// load generator can subtract it from its own receive time exactly (a wall clock derived from
+// performance.timeOrigin drifts by milliseconds from the system's).
+function monoNs() {
+  return process.hrtime.bigint().toString().padStart(19, "0");
 }
 
 /**
@@ -123,7 +122,7 @@ function makeProducer({ tokens, interval_ms: intervalMs, burst, pad, start_in_ms
         } else if (i > 0 && i % UNPACED_YIELD_EVERY === 0) {
           await yieldToLoop();
         }
-        controller.enqueue(`data: {"i":${i},"content":"ts${wallNs()} ${filler}"}\n\n`);
+        controller.enqueue(`data: {"i":${i},"content":"ts${monoNs()} ${filler}"}\n\n`);
         i += 1;
       },
     },
