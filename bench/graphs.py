@@ -41,6 +41,17 @@ def _pace_of(messages: list[BaseMessage]) -> Pace:
     return Pace.from_json(orjson.loads(content if isinstance(content, str) else "{}"))
 
 
+async def paced_tokens(pace: Pace) -> AsyncIterator[str]:
+    """Each token of `pace`, stamped and yielded when it is due."""
+    for i, due in enumerate(pace.schedule(time.monotonic())):
+        wait = due - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        elif i % 64 == 0:
+            await asyncio.sleep(0)  # unpaced: let other runs through now and then
+        yield pace.token(i)
+
+
 class PacedModel(BaseChatModel):
     """Streams ``ts<monotonic_ns> xxxx`` tokens at the pace its last input message asks for
     (JSON)."""
@@ -75,14 +86,7 @@ class PacedModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        pace = _pace_of(messages)
-        for i, due in enumerate(pace.schedule(time.monotonic())):
-            wait = due - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            elif i % 64 == 0:
-                await asyncio.sleep(0)
-            piece = pace.token(i)
+        async for piece in paced_tokens(_pace_of(messages)):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
                 await run_manager.on_llm_new_token(piece, chunk=chunk)
@@ -98,15 +102,11 @@ def paced_writer() -> Any:
     stream mode): what the relay costs when the producer itself costs next to nothing."""
 
     async def emit(state: MessagesState) -> dict[str, Any]:
-        pace = _pace_of(state["messages"])
         write = get_stream_writer()
-        for i, due in enumerate(pace.schedule(time.monotonic())):
-            wait = due - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            elif i % 64 == 0:
-                await asyncio.sleep(0)
-            write({"i": i, "content": pace.token(i)})
+        i = 0
+        async for piece in paced_tokens(_pace_of(state["messages"])):
+            write({"i": i, "content": piece})
+            i += 1
         return {}
 
     return StateGraph(MessagesState).add_node("emit", emit).add_edge(START, "emit").compile()

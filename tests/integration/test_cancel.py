@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 from broker import codec, pubsub
-from broker.connection import connect
+from broker.connection import RedisClient, connect
 from broker.keys import Keys
 from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
 from tests.server import Tokenrelay
@@ -157,22 +158,35 @@ async def test_a_late_stop_of_an_old_run_leaves_the_new_one_active(
     await wait_status(client, tid, second["run_id"], "success")
 
 
-async def test_cancel_arrives_through_the_durable_key_without_pub_sub(
-    client: httpx.AsyncClient, relay: Tokenrelay
+async def cancel_midway(
+    client: httpx.AsyncClient,
+    relay: Tokenrelay,
+    signal: Callable[[RedisClient, str], Awaitable[Any]],
 ) -> None:
+    """Stream a slow run, `signal` its cancel straight through Redis after a few events, and
+    check the run stopped early as `interrupted` with its final `values`."""
     tid = await new_thread(client)
     async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
         head = await events(r, limit=6)
         run_id = head[0].json()["run_id"]
         redis = connect(relay.settings.resolved_redis_url())
-        # only the durable half: no control message is published
-        await redis.set(Keys(relay.settings.key_prefix).run_cancel(run_id), "interrupt", ex=60)
+        await signal(redis, run_id)
         await redis.aclose()
         rest = await events(r)
     assert rest[-1].event == "values"
     run = (await client.get(f"/threads/{tid}/runs/{run_id}")).json()
     assert run["status"] == "interrupted"
     assert chunks_text(head + rest).count(" ") + 1 < 60
+
+
+async def test_cancel_arrives_through_the_durable_key_without_pub_sub(
+    client: httpx.AsyncClient, relay: Tokenrelay
+) -> None:
+    keys = Keys(relay.settings.key_prefix)
+    # Only the durable half: no control message is published.
+    await cancel_midway(
+        client, relay, lambda redis, run_id: redis.set(keys.run_cancel(run_id), "interrupt", ex=60)
+    )
 
 
 async def test_cancel_arrives_through_pub_sub_alone(
@@ -181,19 +195,13 @@ async def test_cancel_arrives_through_pub_sub_alone(
     # Only the control message (sharded on a cluster), no durable key: the worker's control
     # subscription alone must stop the run.
     assert relay.worker is not None
-    tid = await new_thread(client)
-    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
-        head = await events(r, limit=6)
-        run_id = head[0].json()["run_id"]
-        redis = connect(relay.settings.resolved_redis_url())
+    channel = Keys(relay.settings.key_prefix).ctl(relay.worker.id)
+
+    def publish(redis: RedisClient, run_id: str) -> Awaitable[Any]:
         message = codec.pack({"run_id": run_id, "action": "interrupt"})
-        await pubsub.publish(redis, Keys(relay.settings.key_prefix).ctl(relay.worker.id), message)
-        await redis.aclose()
-        rest = await events(r)
-    assert rest[-1].event == "values"
-    run = (await client.get(f"/threads/{tid}/runs/{run_id}")).json()
-    assert run["status"] == "interrupted"
-    assert chunks_text(head + rest).count(" ") + 1 < 60
+        return pubsub.publish(redis, channel, message)
+
+    await cancel_midway(client, relay, publish)
 
 
 async def test_interrupt_inside_a_subgraph_saves_as_the_parent_node(
