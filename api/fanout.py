@@ -68,7 +68,10 @@ class Subscription:
         if not self._queue:
             self._ready.clear()
             try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                # asyncio.timeout, not wait_for: no task per wait on this hot path, and on
+                # Python 3.11 wait_for can swallow a cancellation that meets a wake-up.
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
             except TimeoutError:
                 return None
             if not self._queue:
@@ -140,7 +143,8 @@ class Fanout:
             # Readers go on to read history, so the subscription must be live first; a missed
             # confirmation only costs a catch-up read, never an event.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(channel.confirmed.wait(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await channel.confirmed.wait()
             # The confirmation marks subscribers for catch-up (it also follows reconnects);
             # a new one reads history next anyway, so it starts clean.
             sub.reset()
@@ -164,7 +168,8 @@ class Fanout:
                     # Nothing to read until the first subscribe; it wakes this at once.
                     self._subscribed.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._subscribed.wait(), 1.0)
+                        async with asyncio.timeout(1.0):
+                            await self._subscribed.wait()
                     continue
                 msg = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:

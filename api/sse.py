@@ -104,7 +104,8 @@ class EventStreamResponse(Response):
             timeout = None if self._deadline is None else max(0.0, self._deadline - loop.time())
             event = self._abort or asyncio.Event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await event.wait()
 
         tasks = {
             asyncio.create_task(stream()): "done",

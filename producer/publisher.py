@@ -149,7 +149,8 @@ class Publisher:
             wait = last_flush + self._flush_s - loop.time()
             if wait > 0 and not self._urgent.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._urgent.wait()
             self._dirty.clear()
             self._urgent.clear()
             if not self._pending:
