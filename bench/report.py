@@ -147,91 +147,78 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
     return out
 
 
-def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
+Series = dict[str, list[tuple[float, float]]]
+
+
+def _chart(series: Series, path: Path, title: str, xlabel: str, ylabel: str, logy: bool) -> Path:
+    """One line per system on log x (and optionally log y) axes, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in series.items():
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 20 else "",
+                    label=name)  # fmt: skip
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     systems = results["systems"]
     names = [n for n in (*OURS, *PEERS) if n in systems]
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in names:
-        cdf = systems[name].get("b", {}).get("latency_cdf_ms") or []
-        if cdf:
-            ys = [i / len(cdf) for i in range(len(cdf))]
-            ax.plot([max(v, 0.01) for v in cdf], ys, label=name)
     b = results["sizes"]["b"]
-    ax.set_xscale("log")
-    ax.set_xlabel("latency, production to receipt (ms, log)")
-    ax.set_ylabel("fraction of tokens")
-    ax.set_title(f"(b) {b['streams']} streams × {1000 / b['interval_ms']:g} tokens/s")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "img" / "bench-latency-cdf.png")
-    paths[-1].parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    rate = f"{1000 / b['interval_ms']:g}"
+    img = out_dir / "img"
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in names:
-        sys_ = systems[name]
-        points = []
-        if sys_.get("a", {}).get("tokens_per_second"):
-            points.append((1, sys_["a"]["tokens_per_second"]))
-        for n, r in sorted(sys_.get("c", {}).items(), key=lambda kv: int(kv[0])):
-            if r.get("tokens_per_second"):
-                points.append((int(n), r["tokens_per_second"]))
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrent streams, one reader each, unpaced")
-    ax.set_ylabel("tokens/s delivered")
-    ax.set_title("Throughput vs streams")
-    fig2, ax2 = plt.subplots(figsize=(7, 4.2))
-    for name in names:
-        sys_ = systems[name]
-        pts = [
-            (int(n), r["steady_latency_ms"]["p99"])
-            for n, r in sys_.get("b_sweep", {}).items()
-            if r.get("steady_latency_ms", {}).get("p99")
-        ]
-        full = sys_.get("b", {}).get("steady_latency_ms", {}).get("p99")
-        if full:
-            pts.append((results["sizes"]["b"]["streams"], full))
-        if pts:
-            ax2.plot(*zip(*sorted(pts), strict=True), marker="o", label=name)
-    ax2.set_xscale("log")
-    ax2.set_yscale("log")
-    ax2.set_xlabel(
-        f"concurrent streams at {1000 / results['sizes']['b']['interval_ms']:g} tokens/s each"
-    )
-    ax2.set_ylabel("steady-state p99 latency (ms)")
-    ax2.set_title("Latency vs load")
-    ax2.grid(True, which="both", alpha=0.3)
-    ax2.legend()
-    fig2.tight_layout()
-    paths.append(out_dir / "img" / "bench-latency-vs-streams.png")
-    fig2.savefig(paths[-1], dpi=110)
-    plt.close(fig2)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "img" / "bench-throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    def cdf(name: str) -> list[tuple[float, float]]:
+        values = systems[name].get("b", {}).get("latency_cdf_ms") or []
+        return [(max(v, 0.01), i / len(values)) for i, v in enumerate(values)]
+
+    def throughput(name: str) -> list[tuple[float, float]]:
+        got = systems[name]
+        points = [(1.0, got.get("a", {}).get("tokens_per_second"))]
+        points += [(float(n), r.get("tokens_per_second")) for n, r in got.get("c", {}).items()]
+        return sorted((x, y) for x, y in points if y)
+
+    def p99_by_load(name: str) -> list[tuple[float, float]]:
+        got = systems[name]
+        runs = [*got.get("b_sweep", {}).items(), (str(b["streams"]), got.get("b", {}))]
+        points = [(float(n), r.get("steady_latency_ms", {}).get("p99")) for n, r in runs]
+        return sorted((x, y) for x, y in points if y)
+
+    return [
+        _chart({n: cdf(n) for n in names}, img / "bench-latency-cdf.png",
+               f"(b) {b['streams']} streams × {rate} tokens/s",
+               "latency, production to receipt (ms, log)", "fraction of tokens", logy=False),
+        _chart({n: throughput(n) for n in names}, img / "bench-throughput.png",
+               "Throughput vs streams", "concurrent streams, one reader each, unpaced",
+               "tokens/s delivered", logy=True),
+        _chart({n: p99_by_load(n) for n in names}, img / "bench-latency-vs-streams.png",
+               "Latency vs load", f"concurrent streams at {rate} tokens/s each",
+               "steady-state p99 latency (ms)", logy=True),
+    ]  # fmt: skip
 
 
 def failures(results: dict[str, Any]) -> list[str]:
     out = []
     for name, scenarios in results["systems"].items():
         for key, value in scenarios.items():
-            nested = value.items() if key == "c" else [("", value)]
+            # `c` and `b_sweep` hold one result per stream count.
+            nested = value.items() if key in ("c", "b_sweep") else [("", value)]
             for sub, result in nested:
                 if isinstance(result, dict) and "failed" in result:
                     out.append(f"{name} ({key}{sub}): {result['failed']}")

@@ -273,25 +273,20 @@ class BlobResolver:
         for entry in entries:
             ref = entry.blob_ref
             if ref is not None and ref not in self._cache:
-                await self.resolve(entry)
-        return [self._splice(e) if e.blob_ref is not None else e for e in entries]
+                await self._fetch(ref)
+        return [self._splice(e) for e in entries]
+
+    async def resolve(self, entry: Entry) -> Entry:
+        return (await self.resolve_all([entry]))[0]
+
+    async def _fetch(self, ref: bytes) -> None:
+        self._cache[ref] = await self._log.blob(self._run_id, ref) or b"{}"
 
     def _splice(self, entry: Entry) -> Entry:
         ref = entry.blob_ref
-        assert ref is not None
-        blob = self._cache[ref]
-        if ref.startswith(CONTENT_REF):
-            return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
-        return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))
-
-    async def resolve(self, entry: Entry) -> Entry:
-        ref = entry.blob_ref
         if ref is None:
             return entry
-        blob = self._cache.get(ref)
-        if blob is None:
-            blob = await self._log.blob(self._run_id, ref) or b"{}"
-            self._cache[ref] = blob
+        blob = self._cache[ref]
         if ref.startswith(CONTENT_REF):
             return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
         return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))
