@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from api.deps import Services
-from api.routes import aisdk, assistants, ops, runs, stream, threads
+from api.routes import aisdk, assistants, ops, protocol, runs, stream, threads
 from api.schemas import WireJSON
 from broker.connection import UNAVAILABLE, connect
 from broker.errors import (
@@ -152,4 +152,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(stream.router)
     app.include_router(aisdk.router)
+    app.include_router(protocol.router)
     return app

@@ -118,11 +118,19 @@ class Fanout:
             await self._pubsub.aclose()
         self._channels.clear()
 
-    @contextlib.asynccontextmanager
-    async def subscribe(self, run_id: str) -> AsyncIterator[Subscription]:
+    def subscribe(self, run_id: str) -> contextlib.AbstractAsyncContextManager[Subscription]:
         """A subscription to `run_id`'s live batches, active (confirmed by Redis) on entry."""
+        return self._subscribe(self._keys.live(run_id).encode())
+
+    def subscribe_thread(
+        self, thread_id: str
+    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        """A subscription woken (with an empty batch) each time a run of the thread starts."""
+        return self._subscribe(self._keys.thread_live(thread_id).encode())
+
+    @contextlib.asynccontextmanager
+    async def _subscribe(self, name: bytes) -> AsyncIterator[Subscription]:
         assert self._pubsub is not None, "Fanout.start() was not called"
-        name = self._keys.live(run_id).encode()
         sub = Subscription(self._limit)
         async with self._lock:
             channel = self._channels.get(name)

@@ -77,6 +77,11 @@ class RunCreate(BaseModel):
     if_not_exists: Literal["create", "reject"] = "reject"
     interrupt_before: Literal["*"] | list[str] | None = None
     interrupt_after: Literal["*"] | list[str] | None = None
+    stream_protocol: Literal["classic", "agent"] = Field(
+        default="classic",
+        description="How the worker streams the run: `agent` for the agent streaming protocol "
+        "(set by `POST /threads/{tid}/commands` run.start).",
+    )
 
     @field_validator("stream_mode", mode="before")
     @classmethod
@@ -113,6 +118,7 @@ class RunCreate(BaseModel):
             "checkpoint_id": checkpoint_id,
             "interrupt_before": self.interrupt_before,
             "interrupt_after": self.interrupt_after,
+            "stream_protocol": self.stream_protocol,
         }
 
 

@@ -30,6 +30,11 @@ def format_event(entry: Entry) -> bytes:
     )
 
 
+def format_protocol_event(method: str, payload: bytes, seq: int) -> bytes:
+    """An agent streaming protocol event: the method as the SSE event, the seq as its id."""
+    return b"event: %s\ndata: %s\nid: %d\n\n" % (method.encode(), payload, seq)
+
+
 def format_data(data: bytes) -> bytes:
     """A bare ``data:`` event, as the AI SDK's UI message stream frames its parts."""
     return b"data: %s\n\n" % data

@@ -29,6 +29,10 @@ class Keys:
     def live(self, run_id: str) -> str:
         return f"{self.prefix}:live:{{{run_id}}}"
 
+    def thread_live(self, thread_id: str) -> str:
+        """Channel told when a run of the thread starts (its events get their seq range)."""
+        return f"{self.prefix}:tlive:{{{thread_id}}}"
+
     def thread_meta(self, thread_id: str) -> str:
         return f"{self.prefix}:thread:{{{thread_id}}}:meta"
 

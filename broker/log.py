@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError
 from broker import codec, pubsub, scripts
 from broker.connection import RedisClient
 from broker.keys import Keys
-from broker.models import Entry, Event, Gap, RunStatus, StreamId
+from broker.models import MESSAGES_EVENT, Entry, Event, Gap, RunStatus, StreamId
 from broker.scripts import AnyPipeline
 
 PAGE_SIZE = 512
@@ -26,6 +26,10 @@ PAGE_SIZE = 512
 Row = tuple[str, bytes, bytes]
 CONTENT_REF = b"c"
 """Blob refs of content-only entries start with this (see `Event.content_only`)."""
+DELTA_REF = b"D"
+"""Blob refs of protocol text deltas: the blob is ``<node>\\0<head>``, the entry the text."""
+NODE_REF = b"N"
+"""Blob refs of other protocol `messages` entries: the blob is the node, the entry the data."""
 FENCED = b"!fenced"
 """What an append returns when its attempt is no longer the run's current one."""
 StreamRow = tuple[bytes, dict[bytes, bytes]]
@@ -252,8 +256,15 @@ def _through_end(entries: list[Entry]) -> list[Entry]:
     return entries
 
 
+def blob_kind(event: Event) -> bytes:
+    """The prefix of the blob ref of `event` (the blob's kind decides how it is spliced)."""
+    if event.name.startswith(MESSAGES_EVENT):
+        return DELTA_REF if event.content_only else NODE_REF
+    return CONTENT_REF if event.content_only else b""
+
+
 def _inline(event: Event) -> bytes:
-    if event.blob is None:
+    if event.blob is None or event.name.startswith(MESSAGES_EVENT):
         return event.data
     if event.content_only:
         return codec.splice_content(event.data, event.blob)
@@ -287,6 +298,11 @@ class BlobResolver:
         if ref is None:
             return entry
         blob = self._cache[ref]
+        if ref.startswith(DELTA_REF):
+            node, _, head = blob.partition(b"\x00")
+            return Entry(entry.id, entry.name, head + entry.data + b"}}", node=node or None)
+        if ref.startswith(NODE_REF):
+            return Entry(entry.id, entry.name, entry.data, node=blob or None)
         if ref.startswith(CONTENT_REF):
             return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
         return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))

@@ -11,6 +11,14 @@ from broker.errors import InvalidEventId
 END_EVENT = "end"
 """Internal terminal marker in every finished stream; each wire protocol renders it its own way."""
 
+PROTOCOL_ONLY = "~"
+"""Names of events only the agent streaming protocol renders start with this (``~l`` lifecycle,
+``~m`` messages, ``~t`` tools, ``~i`` input requests); the classic protocols skip them."""
+LIFECYCLE_EVENT = "~l"
+MESSAGES_EVENT = "~m"
+TOOLS_EVENT = "~t"
+INPUT_EVENT = "~i"
+
 
 class RunStatus(StrEnum):
     PENDING = "pending"
@@ -27,7 +35,11 @@ class RunStatus(StrEnum):
 
 @dataclass(frozen=True, slots=True, order=True)
 class StreamId:
-    """A Redis stream entry id, ``<ms>-<seq>``; ordered the way Redis orders them."""
+    """A Redis stream entry id, ``<a>-<b>``; ordered the way Redis orders them.
+
+    Run events get ``<thread seq>-<ms>`` (see scripts/append.lua): `ms` then holds the event's
+    seq in its thread and `seq` its time. Other streams use Redis' own ``<ms>-<n>``.
+    """
 
     ms: int
     seq: int
@@ -52,6 +64,11 @@ class StreamId:
         if text in ("-1", "0", "0-0"):
             return ZERO_ID
         return cls.parse(text)
+
+    @classmethod
+    def after_thread_seq(cls, seq: int) -> StreamId:
+        """The position just past every entry of thread seq `seq` (a resume cursor)."""
+        return cls(seq, 2**64 - 1)
 
     def __str__(self) -> str:
         return f"{self.ms}-{self.seq}"
@@ -84,10 +101,17 @@ class Entry:
     name: str
     data: bytes
     blob_ref: bytes | None = None
+    node: bytes | None = None
+    """The graph node of a protocol `messages` event, once its blob is resolved."""
 
     @property
     def is_end(self) -> bool:
         return self.name == END_EVENT
+
+    @property
+    def classic(self) -> bool:
+        """Whether the classic protocols send this entry (not `end`, not protocol-only)."""
+        return not self.name.startswith(PROTOCOL_ONLY) and self.name != END_EVENT
 
 
 @dataclass(slots=True)

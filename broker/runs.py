@@ -41,6 +41,8 @@ class RunRecord:
     checkpoint_id: str = ""
     seq: int = 0
     """Last event batch applied to the run's stream (see scripts/append.lua)."""
+    seq_base: int = 0
+    """The thread seq of the run's first event; 0 until a worker starts it."""
 
     @property
     def stream_modes(self) -> list[str]:
@@ -83,6 +85,7 @@ class RunRecord:
             error=s.get("error", ""),
             checkpoint_id=s.get("checkpoint_id", ""),
             seq=int(s.get("seq") or 0),
+            seq_base=int(s.get("s0") or 0),
         )
 
 
@@ -133,6 +136,32 @@ class RunStore:
             [worker_id, now_ms(), max_attempts],
         )
         return verdict.decode(), int(attempt), int(seq)
+
+    async def assign_seq_base(self, run_id: str, after: int) -> int:
+        """Number the run's events from `after` + 1 on (the thread's last seq), unless an
+        earlier attempt already did; returns the run's first seq."""
+        key = self._keys.run_meta(run_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hsetnx(key, "s0", after + 1)
+        pipe.hget(key, "s0")
+        _, base = await pipe.execute()
+        return int(base)
+
+    async def last_seq(self, run_id: str) -> int:
+        """The seq of the run's newest event (its first seq - 1 while it has none)."""
+        base, n = await self._redis.hmget(self._keys.run_meta(run_id), ["s0", "n"])  # type: ignore[misc]
+        return int(base or 0) + int(n or 0) - 1
+
+    async def thread_runs(
+        self, thread_id: str, *, from_ms: int = 0, newest_first: bool = False
+    ) -> list[tuple[str, int]]:
+        """(run id, created_at) of the thread's runs created at `from_ms` or later."""
+        key = self._keys.thread_runs(thread_id)
+        if newest_first:
+            rows = await self._redis.zrevrangebyscore(key, "+inf", from_ms, withscores=True)
+        else:
+            rows = await self._redis.zrangebyscore(key, from_ms, "+inf", withscores=True)
+        return [(rid.decode(), int(score)) for rid, score in cast(list[tuple[bytes, float]], rows)]
 
     async def get(self, run_id: str) -> RunRecord:
         h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.run_meta(run_id)))  # type: ignore[misc]

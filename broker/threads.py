@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from broker import codec
+from broker import codec, pubsub, scripts
 from broker.connection import RedisClient
 from broker.errors import Conflict, ThreadNotFound
 from broker.keys import Keys
 from broker.runs import new_id, now_ms
+
+RUN_STARTED = codec.pack([b"", []])
+"""What `announce_run` publishes: an empty live batch, so the API's fan-out needs no new kind."""
 
 
 @dataclass(slots=True)
@@ -24,6 +27,20 @@ class ThreadStore:
     def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
+        self._advance_seq = scripts.script("advance_seq")
+
+    async def last_seq(self, thread_id: str) -> int:
+        """The seq of the last event the thread's finished runs wrote (0: none yet)."""
+        raw = await self._redis.hget(self._keys.thread_meta(thread_id), "seq")  # type: ignore[misc]
+        return int(raw or 0)
+
+    async def advance_seq(self, thread_id: str, last: int) -> None:
+        """Record that the thread's events reach seq `last` (never lowers it)."""
+        await self._advance_seq(self._redis, [self._keys.thread_meta(thread_id)], [last])
+
+    async def announce_run(self, thread_id: str) -> None:
+        """Wake the thread's protocol subscribers: a run started and its events follow."""
+        await pubsub.publish(self._redis, self._keys.thread_live(thread_id), RUN_STARTED)
 
     async def create(
         self,

@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError
 
 from broker import telemetry
 from broker.connection import NETWORK_ERRORS, RedisClient
-from broker.log import CONTENT_REF, EventLog, Row
+from broker.log import EventLog, Row, blob_kind
 from broker.models import Event, RunStatus
 
 log = logging.getLogger("tokenrelay.publisher")
@@ -87,8 +87,8 @@ class Publisher:
             key = (event.content_only, event.blob)
             ref = refs.get(key, b"")
             if not ref:
-                kind = CONTENT_REF.decode() if event.content_only else ""
-                ref = f"{kind}{self._ref_prefix.get(run_id, '')}{len(refs)}".encode()
+                kind = blob_kind(event)
+                ref = kind + f"{self._ref_prefix.get(run_id, '')}{len(refs)}".encode()
                 refs[key] = ref
                 pending.blobs.append((ref, event.blob))
         pending.rows.append((event.name, event.data, ref))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
+from langchain_core._api.beta_decorator import LangChainBetaWarning
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -16,11 +18,13 @@ from langchain_core.messages import (
 from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.stream import ProtocolEvent, StreamTransformer
 from langgraph.types import Command
 
 from broker import codec
 from broker.graphs import GraphRegistry
-from broker.models import Event
+from broker.models import INPUT_EVENT, LIFECYCLE_EVENT, MESSAGES_EVENT, TOOLS_EVENT, Event
+from broker.protocol import CHECKPOINT_EVENT, checkpoint_summary
 from broker.runs import RunRecord
 
 log = logging.getLogger("tokenrelay.runner")
@@ -37,6 +41,71 @@ _GRAPH_MODE = {
     "checkpoints": "checkpoints",
 }
 STREAM_MODES = frozenset(_GRAPH_MODE)
+
+AGENT_PROTOCOL = "agent"
+"""`stream_protocol` of runs started through the agent streaming protocol (``run.start``)."""
+
+_DELTA_HEAD = b'{"event":"content-block-delta","index":%d,"delta":{"type":"text-delta","text":'
+
+
+class _WireModes(StreamTransformer):
+    """Asks a v3 event stream for every mode the agent protocol has a channel for; the events
+    themselves pass through the stream unchanged."""
+
+    required_stream_modes: ClassVar[tuple[str, ...]] = (
+        "updates",
+        "custom",
+        "tasks",
+        "checkpoints",
+        "tools",
+    )
+
+    def init(self) -> dict[str, Any]:
+        return {}
+
+    def process(self, event: ProtocolEvent) -> bool:
+        return True
+
+
+def _ns_suffix(ns: tuple[str, ...] | list[str]) -> str:
+    return "|" + "|".join(ns) if ns else ""
+
+
+def protocol_message_event(suffix: str, event: dict[str, Any], node: str) -> Event:
+    """A protocol `messages` event stored lean: a text delta keeps only its text per entry; the
+    rest (and the node) is a blob stored once per run (see `broker.log.BlobResolver`)."""
+    if (
+        event.get("event") == "content-block-delta"
+        and isinstance(event.get("index"), int)
+        and len(event) == 3
+    ):
+        delta = event.get("delta")
+        if isinstance(delta, dict) and delta.get("type") == "text-delta" and len(delta) == 2:
+            head = _DELTA_HEAD % event["index"]
+            return Event(
+                MESSAGES_EVENT + suffix,
+                codec.json_bytes(delta["text"]),
+                blob=node.encode() + b"\x00" + head,
+                content_only=True,
+            )
+    return Event(MESSAGES_EVENT + suffix, codec.json_bytes(event), blob=node.encode())
+
+
+def _whole_message_events(message: BaseMessage) -> list[dict[str, Any]]:
+    """A message a node returned whole (not streamed), as the protocol's message events."""
+    if not isinstance(message, AIMessage):
+        return []  # user input is in `values`; tool results are on the `tools` channel
+    out: list[dict[str, Any]] = [{"event": "message-start", "role": "ai", "id": message.id or ""}]
+    for index, block in enumerate(message.content_blocks):
+        content = {k: v for k, v in dict(block).items() if k != "index"}
+        start = {**content, "text": ""} if content.get("type") == "text" else content
+        out.append({"event": "content-block-start", "index": index, "content": start})
+        out.append({"event": "content-block-finish", "index": index, "content": content})
+    finish: dict[str, Any] = {"event": "message-finish"}
+    if message.usage_metadata:
+        finish["usage"] = dict(message.usage_metadata)
+    out.append(finish)
+    return out
 
 
 def run_config(run: RunRecord, graph_id: str) -> dict[str, Any]:
@@ -122,6 +191,9 @@ class GraphRun:
         self.modes = [m for m in run.stream_modes if m in STREAM_MODES] or ["values"]
         self._accumulator = _MessageAccumulator()
         self.resume = False
+        self.interrupted = False
+        """Whether the graph stopped on an interrupt (it waits for input)."""
+        self._current = ""
         # message id -> (its chunks so far, top-level node that streamed it, step). The chunks
         # are merged only if the run is cancelled: merging per token would cost the worker more
         # than everything else it does for that token.
@@ -218,10 +290,92 @@ class GraphRun:
             return Command(**command)
         return self.run.kwargs.get("input")
 
+    @property
+    def protocol(self) -> bool:
+        return self.run.kwargs.get("stream_protocol") == AGENT_PROTOCOL
+
+    def _track_protocol(self, event: dict[str, Any], meta: dict[str, Any], ns: tuple[str, ...]
+    ) -> None:  # fmt: skip
+        """Keep what a cancel needs to save the partial message: the text streamed so far."""
+        kind = event.get("event")
+        if kind == "message-start":
+            if event.get("role", "ai") != "ai" or not event.get("id"):
+                return
+            self._current = str(event["id"])
+            node = ns[0].split(":")[0] if ns else str(meta.get("langgraph_node", ""))
+            chunk = AIMessageChunk(content="", id=self._current)
+            self._partials[self._current] = ([chunk], node, int(meta.get("langgraph_step") or 0))
+        elif kind == "content-block-delta" and self._current in self._partials:
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text-delta":
+                chunk = AIMessageChunk(content=str(delta.get("text", "")), id=self._current)
+                self._partials[self._current][0].append(chunk)
+        elif kind == "message-finish":
+            self._partials.pop(self._current, None)
+
+    async def protocol_events(self) -> AsyncIterator[Event]:
+        """The run as the agent streaming protocol's events, from LangGraph's own protocol
+        event stream (``astream_events(version="v3")``)."""
+        kwargs: dict[str, Any] = {}
+        context = self.run.kwargs.get("context")
+        if context:
+            kwargs["context"] = context
+        for key in ("interrupt_before", "interrupt_after"):
+            if self.run.kwargs.get(key):
+                kwargs[key] = self.run.kwargs[key]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LangChainBetaWarning)
+            stream = await self.graph.astream_events(  # type: ignore[call-overload]
+                self._input(),
+                run_config(self.run, self.graph_id),
+                version="v3",
+                transformers=[_WireModes],
+                **kwargs,
+            )
+        async for item in stream:
+            params = item["params"]
+            method, data = item["method"], params["data"]
+            ns = tuple(params["namespace"])
+            suffix = _ns_suffix(ns)
+            if method == "messages":
+                message, meta = data
+                node = str(meta.get("langgraph_node", ""))
+                if isinstance(message, BaseMessage):
+                    self._partials.pop(message.id or "", None)
+                    for event in _whole_message_events(message):
+                        yield protocol_message_event(suffix, event, node)
+                    continue
+                self._track_protocol(message, meta, ns)
+                yield protocol_message_event(suffix, message, node)
+            elif method == "values":
+                yield Event("values" + suffix, codec.json_bytes(data))
+                for interrupt in params.get("interrupts") or ():
+                    self.interrupted = True
+                    payload = {"interrupt_id": interrupt.id, "payload": interrupt.value}
+                    yield Event(INPUT_EVENT + suffix, codec.json_bytes(payload))
+            elif method == "lifecycle":
+                # A subgraph's lifecycle is announced under its own namespace.
+                own = {k: v for k, v in data.items() if k != "namespace"}
+                where = _ns_suffix(data.get("namespace") or ns)
+                yield Event(LIFECYCLE_EVENT + where, codec.json_bytes(own))
+            elif method == "tools":
+                yield Event(TOOLS_EVENT + suffix, codec.json_bytes(data))
+            elif method == "checkpoints":
+                yield Event(CHECKPOINT_EVENT + suffix, codec.json_bytes(checkpoint_summary(data)))
+            elif method == "updates" and isinstance(data, dict) and "__interrupt__" in data:
+                continue  # interrupts go out on `input`, from the `values` that carries them
+            else:
+                yield Event(method + suffix, codec.json_bytes(data))
+
     async def events(self) -> AsyncIterator[Event]:
+        if self.protocol:
+            async for event in self.protocol_events():
+                yield event
+            return
         # `messages` is always streamed internally: a cancel turns the chunks into the partial
         # message it keeps, whether or not the client asked for them.
-        graph_modes = sorted({_GRAPH_MODE[m] for m in self.modes} | {"messages"})
+        # `updates` too: an interrupt shows there, and the protocol's `input` channel needs it.
+        graph_modes = sorted({_GRAPH_MODE[m] for m in self.modes} | {"messages", "updates"})
         kwargs: dict[str, Any] = {}
         context = self.run.kwargs.get("context")
         if context:
@@ -249,4 +403,10 @@ class GraphRun:
                     for event in self._accumulator.events(suffix, message, meta):
                         yield event
             else:
-                yield Event(mode + suffix, codec.json_bytes(data))
+                if mode == "updates" and isinstance(data, dict) and "__interrupt__" in data:
+                    self.interrupted = True
+                    for interrupt in data["__interrupt__"]:
+                        payload = {"interrupt_id": interrupt.id, "payload": interrupt.value}
+                        yield Event(INPUT_EVENT + suffix, codec.json_bytes(payload))
+                if mode != "updates" or "updates" in self.modes:
+                    yield Event(mode + suffix, codec.json_bytes(data))

@@ -26,7 +26,7 @@ from broker.connection import NETWORK_ERRORS, RedisClient
 from broker.graphs import GraphRegistry
 from broker.keys import Keys
 from broker.log import FENCED, EventLog
-from broker.models import END_EVENT, Event, Job, RunStatus
+from broker.models import END_EVENT, LIFECYCLE_EVENT, Event, Job, RunStatus
 from broker.pubsub import subscriber
 from broker.queue import RunQueue
 from broker.runs import RunStore
@@ -295,6 +295,10 @@ class Worker:
             return
         ctx["attempt"] = attempt
         self.publisher.begin_run(rid, attempt, seq)
+        # Number the run's events after the thread's last one, then tell the thread's
+        # protocol subscribers that a run started.
+        await self.runs.assign_seq_base(rid, await self.threads.last_seq(job.thread_id))
+        await self.threads.announce_run(job.thread_id)
         if verdict.startswith("cancel:"):
             # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
             await self._cancelled(msg_id, job, CancelAction(verdict.split(":", 1)[1]), None, ctx)
@@ -312,6 +316,10 @@ class Worker:
         self.publisher.emit(
             rid, Event("metadata", codec.json_bytes({"run_id": rid, "attempt": attempt}))
         )
+        if attempt == 1:
+            graph_name = self.registry.graph_id(job.assistant_id)
+            started = {"event": "running", "graph_name": graph_name, "run_id": rid}
+            self.publisher.emit(rid, Event(LIFECYCLE_EVENT, codec.json_bytes(started)))
         status = RunStatus.SUCCESS
         final: list[Event] = []
         error = ""
@@ -339,7 +347,8 @@ class Worker:
             status = RunStatus.ERROR
             error = f"{type(exc).__name__}: {exc}"
             final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
-        await self._finish(msg_id, job, status, final, error=error)
+        interrupted = graph_run is not None and graph_run.interrupted
+        await self._finish(msg_id, job, status, final, error=error, interrupted=interrupted)
         log.info("run finished: %s", status.value, extra=ctx)
 
     async def _cancelled(
@@ -354,6 +363,7 @@ class Worker:
         rid = job.run_id
         final: list[Event] = []
         error = ""
+        checkpoint_id: str | None = None
         try:
             if graph_run is not None and action is CancelAction.INTERRUPT:
                 checkpoint_id, values = await graph_run.save_partial()
@@ -366,26 +376,41 @@ class Worker:
             log.exception("could not %s the cancelled run", action.value, extra=ctx)
             error = f"{type(exc).__name__}: {exc}"
             final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
-        await self._finish(msg_id, job, RunStatus.INTERRUPTED, final, error=error)
+        await self._finish(
+            msg_id, job, RunStatus.INTERRUPTED, final, error=error, checkpoint_id=checkpoint_id
+        )
         if action is CancelAction.ROLLBACK:
             await self.runs.delete(await self.runs.get(rid))
         log.info("run cancelled (%s)", action.value, extra=ctx)
 
     async def _finish(
-        self, msg_id: bytes, job: Job, status: RunStatus, final: list[Event], *, error: str = ""
+        self,
+        msg_id: bytes,
+        job: Job,
+        status: RunStatus,
+        final: list[Event],
+        *,
+        error: str = "",
+        interrupted: bool = False,
+        checkpoint_id: str | None = None,
     ) -> None:
         """Write the run's terminal state: pending events, thread status, the active pointer,
-        then `end` with the final status in one append, then acknowledge the job."""
+        then the last events and `end` with the final status in one append, then acknowledge
+        the job."""
         rid = job.run_id
         if error:
             await self.runs.update(rid, error=error)
             telemetry.RUNS_FAILED.inc()
+        final = [*final, _lifecycle_end(status, error, interrupted, checkpoint_id)]
+        final.append(Event(END_EVENT, b""))
         await self.publisher.flush_run(rid)
+        # The thread's next run numbers its events after this one's last (`end`).
+        await self.threads.advance_seq(job.thread_id, await self.runs.last_seq(rid) + len(final))
         await self.threads.set_status(
             job.thread_id, "error" if status is RunStatus.ERROR else "idle"
         )
         promoted = await self.runs.release_active(job.thread_id, rid)
-        await self.publisher.close_run(rid, [*final, Event(END_EVENT, b"")], status)
+        await self.publisher.close_run(rid, final, status)
         await self.queue.ack(msg_id)
         telemetry.RUNS_FINISHED.labels(status.value).inc()
         if promoted:
@@ -408,3 +433,20 @@ class Worker:
             await self.queue.ack(msg_id)
             telemetry.RUNS_HANDED_BACK.inc()
             log.info("run handed back to the queue", extra=ctx)
+
+
+def _lifecycle_end(
+    status: RunStatus, error: str, interrupted: bool, checkpoint_id: str | None
+) -> Event:
+    """The protocol's last root lifecycle event of a run; a cancel names the checkpoint that
+    kept its partial output."""
+    data: dict[str, object]
+    if status is RunStatus.ERROR or (error and status is not RunStatus.INTERRUPTED):
+        data = {"event": "failed", "error": error}
+    elif status is RunStatus.INTERRUPTED or interrupted:
+        data = {"event": "interrupted"}
+        if checkpoint_id:
+            data["checkpoint"] = {"id": checkpoint_id}
+    else:
+        data = {"event": "completed"}
+    return Event(LIFECYCLE_EVENT, codec.json_bytes(data))

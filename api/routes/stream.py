@@ -88,7 +88,7 @@ async def run_events(
                     chunk = [
                         format_event(e)
                         for e in item
-                        if not e.is_end and (names is None or e.name.split("|", 1)[0] in names)
+                        if e.classic and (names is None or e.name.split("|", 1)[0] in names)
                     ]
                     if chunk:
                         telemetry.EVENTS_SENT.inc(len(chunk))
@@ -272,6 +272,8 @@ async def poll_run_events(
         if entry.is_end:
             done = True
             break
+        if not entry.classic:
+            continue
         entry = await blobs.resolve(entry)
         out.append(
             {"id": str(entry.id), "event": entry.name, "data": codec.json_fragment(entry.data)}

@@ -11,12 +11,16 @@
 -- after a lost reply without duplicating it. Publishes msgpack [prev_id, [[id, event, data,
 -- blob_ref], ...]]: prev_id lets a reader see that it missed a batch. Returns the run's cancel
 -- request, if any.
+-- Entry ids are `<thread seq>-<ms>`: the run's first event takes the thread seq `s0` (set in the
+-- meta hash when the run starts, see RunStore.assign_seq_base) and each later one the next, so
+-- ids increase across the thread's runs and the agent protocol's `seq` is the id's first part.
+-- A run without `s0` gets Redis' own `<ms>-<n>` ids.
 -- Per-run bookkeeping lives in the meta hash, read with one HMGET: `seq` (last applied batch),
 -- `last` (newest entry id), `n` (entries ever appended; XLEN is only consulted once it passes
 -- maxlen, since nothing can be trimmed before) and `touched` (when the TTLs were last renewed;
 -- they are renewed when a quarter of the TTL has passed, when a key may be new, and at a
 -- status change, not on every append).
-local m = redis.call('HMGET', KEYS[3], 'attempt', 'seq', 'last', 'n', 'touched')
+local m = redis.call('HMGET', KEYS[3], 'attempt', 'seq', 'last', 'n', 'touched', 's0')
 local attempt = tonumber(ARGV[6])
 if attempt > 0 and tonumber(m[1] or '0') ~= attempt then
   return '!fenced'
@@ -35,13 +39,19 @@ for _ = 1, nblobs do
 end
 local prev = m[3] or ''
 local batch = {}
+local next_seq = tonumber(m[6] or '0')
+if next_seq > 0 then next_seq = next_seq + tonumber(m[4] or '0') end
 while i <= #ARGV do
   local e, d, r = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local id
+  local id = '*'
+  if next_seq > 0 then
+    id = string.format('%d-%s', next_seq, ARGV[3])
+    next_seq = next_seq + 1
+  end
   if r == '' then
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', e, 'd', d)
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 'e', e, 'd', d)
   else
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', e, 'd', d, 'm', r)
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 'e', e, 'd', d, 'm', r)
   end
   batch[#batch + 1] = {id, e, d, r}
   i = i + 3
