@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError
 from broker import codec, pubsub, scripts
 from broker.connection import RedisClient
 from broker.keys import Keys
-from broker.models import MESSAGES_EVENT, Entry, Event, Gap, RunStatus, StreamId
+from broker.models import MESSAGES_EVENT, PROTOCOL_ONLY, Entry, Event, Gap, RunStatus, StreamId
 from broker.scripts import AnyPipeline
 
 PAGE_SIZE = 512
@@ -27,9 +27,15 @@ Row = tuple[str, bytes, bytes]
 CONTENT_REF = b"c"
 """Blob refs of content-only entries start with this (see `Event.content_only`)."""
 DELTA_REF = b"D"
-"""Blob refs of protocol text deltas: the blob is ``<node>\\0<head>``, the entry the text."""
+"""Blob refs of protocol text deltas: the blob is ``<name>\\0<node>\\0<head>``, the entry the
+text alone."""
 NODE_REF = b"N"
-"""Blob refs of other protocol `messages` entries: the blob is the node, the entry the data."""
+"""Blob refs of other protocol `messages` entries: the blob is ``<name>\\0<node>``, the entry the
+data."""
+_BLOB_NAMED = PROTOCOL_ONLY.encode()
+"""A protocol `messages` entry is stored as ``e`` = ``~<ref>`` and ``d`` alone: its name, node
+and fixed head are in the blob, so each token costs Redis its text and a few bytes, and the
+entries keep the two fields of the stream's other entries (Redis then stores no field names)."""
 FENCED = b"!fenced"
 """What an append returns when its attempt is no longer the run's current one."""
 StreamRow = tuple[bytes, dict[bytes, bytes]]
@@ -63,6 +69,8 @@ class LiveSubscription(Protocol):
 
 
 def _entry(id_: bytes, name: bytes, data: bytes, blob_ref: bytes | None) -> Entry:
+    if name[:2] in (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF):
+        return Entry(StreamId.parse(id_), MESSAGES_EVENT, data, name[1:])
     return Entry(StreamId.parse(id_), name.decode(), data, blob_ref or None)
 
 
@@ -263,6 +271,21 @@ def blob_kind(event: Event) -> bytes:
     return CONTENT_REF if event.content_only else b""
 
 
+def stored_blob(event: Event) -> bytes:
+    """The blob stored for `event` (see `_BLOB_NAMED` for protocol `messages`)."""
+    assert event.blob is not None
+    if event.name.startswith(MESSAGES_EVENT):
+        return event.name.encode() + b"\x00" + event.blob
+    return event.blob
+
+
+def entry_name(event: Event, ref: bytes) -> tuple[str, bytes]:
+    """The stored (name, blob ref field) of `event`, whose blob is `ref`."""
+    if event.name.startswith(MESSAGES_EVENT):
+        return PROTOCOL_ONLY + ref.decode(), b""
+    return event.name, ref
+
+
 def _inline(event: Event) -> bytes:
     if event.blob is None or event.name.startswith(MESSAGES_EVENT):
         return event.data
@@ -299,10 +322,12 @@ class BlobResolver:
             return entry
         blob = self._cache[ref]
         if ref.startswith(DELTA_REF):
-            node, _, head = blob.partition(b"\x00")
-            return Entry(entry.id, entry.name, head + entry.data + b"}}", node=node or None)
+            name, node, head = blob.split(b"\x00", 2)
+            data = head + entry.data + b"}}"
+            return Entry(entry.id, name.decode(), data, node=node or None)
         if ref.startswith(NODE_REF):
-            return Entry(entry.id, entry.name, entry.data, node=blob or None)
+            name, _, node = blob.partition(b"\x00")
+            return Entry(entry.id, name.decode(), entry.data, node=node or None)
         if ref.startswith(CONTENT_REF):
             return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
         return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))

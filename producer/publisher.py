@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError
 
 from broker import telemetry
 from broker.connection import NETWORK_ERRORS, RedisClient
-from broker.log import EventLog, Row, blob_kind
+from broker.log import EventLog, Row, blob_kind, entry_name, stored_blob
 from broker.models import Event, RunStatus
 
 log = logging.getLogger("tokenrelay.publisher")
@@ -82,16 +82,19 @@ class Publisher:
         if pending is None:
             pending = self._pending[run_id] = _Pending()
         ref = b""
+        name = event.name
         if event.blob is not None:
+            blob = stored_blob(event)
             refs = self._blob_refs.setdefault(run_id, {})
-            key = (event.content_only, event.blob)
+            key = (event.content_only, blob)
             ref = refs.get(key, b"")
             if not ref:
                 kind = blob_kind(event)
                 ref = kind + f"{self._ref_prefix.get(run_id, '')}{len(refs)}".encode()
                 refs[key] = ref
-                pending.blobs.append((ref, event.blob))
-        pending.rows.append((event.name, event.data, ref))
+                pending.blobs.append((ref, blob))
+            name, ref = entry_name(event, ref)
+        pending.rows.append((name, event.data, ref))
         self._count += 1
         self._dirty.set()
         if self._count >= self._max_events:

@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.connection import NETWORK_ERRORS, RedisClient
+from broker.errors import AssistantNotFound
 from broker.graphs import GraphRegistry
 from broker.keys import Keys
 from broker.log import FENCED, EventLog
@@ -317,7 +318,10 @@ class Worker:
             rid, Event("metadata", codec.json_bytes({"run_id": rid, "attempt": attempt}))
         )
         if attempt == 1:
-            graph_name = self.registry.graph_id(job.assistant_id)
+            try:
+                graph_name = self.registry.graph_id(job.assistant_id)
+            except AssistantNotFound:
+                graph_name = job.assistant_id  # the run fails below, with its error event
             started = {"event": "running", "graph_name": graph_name, "run_id": rid}
             self.publisher.emit(rid, Event(LIFECYCLE_EVENT, codec.json_bytes(started)))
         status = RunStatus.SUCCESS

@@ -8,8 +8,11 @@ from typing import Any
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import tool
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+from langgraph.types import interrupt
 
 from producer.demo import FakeStreamingChatModel, chat_graph
 
@@ -121,7 +124,51 @@ class ToolCallingModel(FakeStreamingChatModel):
 
 tools = _chat(ToolCallingModel())
 
+
+def _ask(state: MessagesState) -> dict[str, list[BaseMessage]]:
+    answer = interrupt({"question": "Go ahead?"})
+    return {"messages": [AIMessage(content=f"You said {answer}")]}
+
+
+# Asks a question (an interrupt), then answers with the fast model.
+ask = (
+    StateGraph(MessagesState)
+    .add_node("ask", _ask)
+    .add_node("llm", fast.nodes["llm"].bound)
+    .add_edge(START, "ask")
+    .add_edge("ask", "llm")
+    .add_edge("llm", END)
+    .compile()
+)
+
+
+@tool
+def lookup(query: str) -> str:
+    """Look `query` up."""
+    return f"found {query}"
+
+
+def _call_tool(state: MessagesState) -> dict[str, list[BaseMessage]]:
+    call = {"name": "lookup", "args": {"query": "streams"}, "id": "call_lookup"}
+    return {"messages": [AIMessage(content="", tool_calls=[call])]}
+
+
+# A model turn that calls a tool, the tool run by a ToolNode, then a streamed answer.
+tooluse = (
+    StateGraph(MessagesState)
+    .add_node("call", _call_tool)
+    .add_node("tools", ToolNode([lookup]))
+    .add_node("llm", fast.nodes["llm"].bound)
+    .add_edge(START, "call")
+    .add_edge("call", "tools")
+    .add_edge("tools", "llm")
+    .add_edge("llm", END)
+    .compile()
+)
+
 GRAPHS = {
+    "ask": "tests.graphs:ask",
+    "tooluse": "tests.graphs:tooluse",
     "nested": "tests.graphs:nested",
     "tools": "tests.graphs:tools",
     "chatty": "tests.graphs:chatty",
