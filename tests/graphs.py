@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
@@ -142,6 +142,23 @@ ask = (
 )
 
 
+def _approve(state: MessagesState) -> dict[str, list[BaseMessage]]:
+    answer = interrupt({"question": "approve?"})
+    return {"messages": [HumanMessage(content=f"answer: {answer}")]}
+
+
+# Asks for approval (an interrupt), records the answer as a user message, then answers.
+approve = (
+    StateGraph(MessagesState)
+    .add_node("ask", _approve)
+    .add_node("llm", fast.nodes["llm"].bound)
+    .add_edge(START, "ask")
+    .add_edge("ask", "llm")
+    .add_edge("llm", END)
+    .compile()
+)
+
+
 @tool
 def lookup(query: str) -> str:
     """Look `query` up."""
@@ -168,6 +185,7 @@ tooluse = (
 
 GRAPHS = {
     "ask": "tests.graphs:ask",
+    "interrupt": "tests.graphs:approve",
     "tooluse": "tests.graphs:tooluse",
     "nested": "tests.graphs:nested",
     "tools": "tests.graphs:tools",

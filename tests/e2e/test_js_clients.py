@@ -66,3 +66,10 @@ def test_react_use_stream(relay: Tokenrelay) -> None:
 def test_ai_sdk(relay: Tokenrelay) -> None:
     """`DefaultChatTransport` and `useChat({resume: true})` on the /ai/chat endpoints."""
     run_node_tests(relay, "ai-sdk.test.js")
+
+
+def test_react_v1_use_stream(relay: Tokenrelay) -> None:
+    """`@langchain/react` 1.x `useStream` on the agent streaming protocol, over SSE and over a
+    WebSocket: submit, reload mid-run, stop() keeping the partial, respond() to an interrupt, a
+    subgraph's namespace, and a proxy that cuts the stream mid-body."""
+    run_node_tests(relay, "react-v1.test.js")
