@@ -9,11 +9,13 @@ from there: the cost follows what was missed, not the thread's history.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from api.deps import Services
+from api.fanout import Subscription
 from broker import codec
 from broker.errors import RunNotFound
 from broker.models import ZERO_ID, Entry, Gap, StreamId
@@ -186,14 +188,6 @@ async def thread_last_seq(svc: Services, thread_id: str) -> int:
     return last
 
 
-async def _seq_base(svc: Services, run_id: str) -> int | None:
-    """The run's first seq; 0 while no worker started it; None once it is gone."""
-    try:
-        return (await svc.runs.get(run_id)).seq_base
-    except RunNotFound:
-        return None
-
-
 async def _start(
     svc: Services, thread_id: str, since: int | None
 ) -> tuple[str | None, int, StreamId, set[str]]:
@@ -204,11 +198,21 @@ async def _start(
     past: set[str] = set()
     oldest: tuple[str, int] | None = None
     for run_id, created in runs:
-        base = await _seq_base(svc, run_id)
+        try:
+            run = await svc.runs.get(run_id)
+        except RunNotFound:
+            continue
+        base = run.seq_base
+        if since is None:
+            if base:
+                return run_id, created, ZERO_ID, past
+            if not run.status.terminal:
+                # The newest run waits for a worker: it is what this subscriber came for, and
+                # replaying the run before it would show that one's end as this one's.
+                return None, created, ZERO_ID, past
+            continue
         if not base:
             continue
-        if since is None:
-            return run_id, created, ZERO_ID, past
         if base <= since + 1:
             return run_id, created, StreamId.after_thread_seq(since), past
         oldest = (run_id, created)
@@ -217,10 +221,16 @@ async def _start(
     return None, 0, ZERO_ID, past
 
 
+QUEUED_POLL_SECONDS = 0.05
+"""How often a subscription looks again at a run that waits for a worker (its start is also
+announced on the thread's channel; this covers an announcement that raced the subscribe)."""
+
+
 async def _next_run(
     svc: Services, thread_id: str, from_ms: int, past: set[str]
-) -> tuple[str, int] | None:
-    """The thread's next run to deliver, once a worker has numbered its events."""
+) -> tuple[str, int] | bool:
+    """The thread's next run to deliver once a worker has numbered its events; else whether
+    a run waits to start (True) or none is there (False)."""
     for run_id, created in await svc.runs.thread_runs(thread_id, from_ms=from_ms):
         if run_id in past:
             continue
@@ -234,8 +244,8 @@ async def _next_run(
         if run.status.terminal:  # ended before any worker started it: it has no events
             past.add(run_id)
             continue
-        return None  # queued: its events come after it starts
-    return None
+        return True  # queued: its events come after it starts
+    return False
 
 
 async def _run_events(
@@ -262,21 +272,60 @@ async def _run_events(
 
 
 async def thread_events(
-    svc: Services, thread_id: str, since: int | None
+    svc: Services, thread_id: str, since: int | None, wake: Subscription
 ) -> AsyncIterator[list[Entry] | Gap | None]:
     """The thread's events, run after run, for as long as the caller reads: batches of
-    entries, a Gap where history was trimmed, None when idle (for heartbeats)."""
-    async with svc.fanout.subscribe_thread(thread_id) as wake:
-        run_id, created, after, past = await _start(svc, thread_id, since)
-        while True:
-            if run_id is not None:
-                async for item in _run_events(svc, run_id, after):
-                    yield item
-                past.add(run_id)
-                after = ZERO_ID
-            found = await _next_run(svc, thread_id, created, past)
-            while found is None:
-                if await wake.get(svc.settings.heartbeat_seconds) is None:
+    entries, a Gap where history was trimmed, None when idle (for heartbeats). `wake` is the
+    caller's subscription to the thread (`Fanout.subscribe_thread`), made before it answers,
+    so no run's start falls between the answer and the subscription."""
+    heartbeat = svc.settings.heartbeat_seconds
+    run_id, created, after, past = await _start(svc, thread_id, since)
+    while True:
+        if run_id is not None:
+            async for item in _run_events(svc, run_id, after):
+                yield item
+            past.add(run_id)
+            after = ZERO_ID
+        found = await _next_run(svc, thread_id, created, past)
+        idle = 0.0
+        while not isinstance(found, tuple):
+            wait = QUEUED_POLL_SECONDS if found else heartbeat - idle
+            if await wake.get(wait) is None:
+                idle += wait
+                if idle >= heartbeat:
+                    idle = 0.0
                     yield None
-                found = await _next_run(svc, thread_id, created, past)
-            run_id, created = found
+            found = await _next_run(svc, thread_id, created, past)
+        run_id, created = found
+
+
+class SubscribedStream:
+    """An event stream whose thread subscription was made before the response started, and is
+    released when the body is closed, whether or not it was ever read."""
+
+    def __init__(self, svc: Services, thread_id: str) -> None:
+        self._svc = svc
+        self._thread_id = thread_id
+        self._stack = contextlib.AsyncExitStack()
+        self._body: AsyncIterator[bytes] | None = None
+
+    async def open(self, body: Callable[[Subscription], AsyncIterator[bytes]]) -> SubscribedStream:
+        wake = await self._stack.enter_async_context(
+            self._svc.fanout.subscribe_thread(self._thread_id)
+        )
+        self._body = body(wake)
+        return self
+
+    def __aiter__(self) -> SubscribedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._body is not None
+        return await anext(self._body)
+
+    async def aclose(self) -> None:
+        try:
+            if self._body is not None:
+                await self._body.aclose()  # type: ignore[attr-defined]
+        finally:
+            await self._stack.aclose()

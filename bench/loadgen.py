@@ -71,6 +71,24 @@ class Target:
         self.url = url.rstrip("/")
         self.http = session
 
+    @property
+    def protocol(self) -> bool:
+        """The agent streaming protocol (`useStream` v1) rather than the classic run stream."""
+        return self.system == "tokenrelay-protocol"
+
+    async def _protocol_run(self, thread_id: str, pace: Pace) -> None:
+        body = self._run_body(pace)
+        params = {"assistant_id": body["assistant_id"], "input": body["input"]}
+        command = {"id": 1, "method": "run.start", "params": params}
+        async with self.http.post(f"{self.url}/threads/{thread_id}/commands", json=command) as r:
+            r.raise_for_status()
+
+    async def _protocol_stream(self, thread_id: str) -> aiohttp.ClientResponse:
+        body = {"channels": ["messages", "lifecycle"]}
+        resp = await self.http.post(f"{self.url}/threads/{thread_id}/stream/events", json=body)
+        resp.raise_for_status()
+        return resp
+
     def _run_body(self, pace: Pace) -> dict[str, Any]:
         writer = self.system == "tokenrelay-writer"
         content = orjson.dumps(pace.params()).decode()
@@ -81,7 +99,13 @@ class Target:
         }
 
     async def open_direct(self, pace: Pace) -> aiohttp.ClientResponse:
-        """Start a stream and read it on this same request (the SDKs' `runs.stream`)."""
+        """Start a stream and read it on this same request (the SDKs' `runs.stream`; on the
+        protocol, the hook's subscription, then `run.start`)."""
+        if self.protocol:
+            thread_id = str(uuid.uuid4())
+            resp = await self._protocol_stream(thread_id)
+            await self._protocol_run(thread_id, pace)
+            return resp
         if self.system.startswith("tokenrelay"):
             resp = await self.http.post(f"{self.url}/runs/stream", json=self._run_body(pace))
         else:
@@ -92,6 +116,10 @@ class Target:
         return resp
 
     async def start_background(self, pace: Pace) -> dict[str, str]:
+        if self.protocol:
+            thread_id = str(uuid.uuid4())
+            await self._protocol_run(thread_id, pace)
+            return {"thread_id": thread_id}
         if self.system.startswith("tokenrelay"):
             async with self.http.post(f"{self.url}/runs", json=self._run_body(pace)) as resp:
                 resp.raise_for_status()
@@ -109,6 +137,8 @@ class Target:
         skip); None joins from the start."""
         headers: dict[str, str] = {}
         params: dict[str, str] = {}
+        if self.protocol:
+            return await self._protocol_stream(handle["thread_id"])
         if self.system.startswith("tokenrelay"):
             path = f"/threads/{handle['thread_id']}/runs/{handle['run_id']}/stream"
             headers["Last-Event-ID"] = resume or "0"
@@ -124,10 +154,28 @@ class Target:
         return resp
 
 
+PROTOCOL_END = re.compile(
+    rb'"method":"lifecycle","params":\{"namespace":\[\][^\n]*'
+    rb'"event":"(?:completed|failed|interrupted)"'
+)
+
+
+def _protocol_frames(buf: bytes) -> tuple[bytes, bool]:
+    """The frames of a protocol stream that carry tokens (a block's finish repeats them all),
+    and whether the run ended among them."""
+    frames = [f for f in buf.split(b"\n\n") if b'"content-block-finish"' not in f]
+    return b"\n\n".join(frames), PROTOCOL_END.search(buf) is not None
+
+
 async def consume(
-    resp: aiohttp.ClientResponse, sink: Sink, *, stop_after: int | None = None
+    resp: aiohttp.ClientResponse,
+    sink: Sink,
+    *,
+    stop_after: int | None = None,
+    protocol: bool = False,
 ) -> int:
-    """Read SSE until the response ends (or `stop_after` tokens), feeding `sink`."""
+    """Read SSE until the response ends (or `stop_after` tokens), feeding `sink`. A protocol
+    stream spans runs: it is read until its run's last lifecycle event."""
     if resp.status != 200:
         resp.release()
         raise RuntimeError(f"HTTP {resp.status} instead of a stream")
@@ -141,8 +189,12 @@ async def consume(
                 rest = buf
                 continue
             rest = buf[end + 2 :]
-            got += sink.take(time.monotonic_ns(), buf[: end + 2] if rest else buf)
-            if stop_after is not None and got >= stop_after:
+            frames = buf[: end + 2] if rest else buf
+            ended = False
+            if protocol:
+                frames, ended = _protocol_frames(frames)
+            got += sink.take(time.monotonic_ns(), frames)
+            if ended or (stop_after is not None and got >= stop_after):
                 break
     finally:
         resp.release()
@@ -206,7 +258,7 @@ async def scenario_streams(target: Target, spec: dict[str, Any]) -> dict[str, An
                 resp = await target.join(await target.start_background(late), None)
             else:
                 resp = await target.open_direct(pace)
-            if await consume(resp, sink) >= pace.tokens:
+            if await consume(resp, sink, protocol=target.protocol) >= pace.tokens:
                 sink.complete += 1
         except Exception as exc:  # counted and reported, never hidden
             sink.errors.append(repr(exc))
@@ -226,7 +278,7 @@ async def scenario_fanout(target: Target, spec: dict[str, Any]) -> dict[str, Any
     async def one() -> None:
         try:
             resp = await target.join(handle, None)
-            if await consume(resp, sink) >= pace.tokens:
+            if await consume(resp, sink, protocol=target.protocol) >= pace.tokens:
                 sink.complete += 1
         except Exception as exc:
             sink.errors.append(repr(exc))

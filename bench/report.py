@@ -10,7 +10,7 @@ from typing import Any
 
 BEGIN = "<!-- side-by-side:begin (written by `tokenrelay bench`) -->"
 END = "<!-- side-by-side:end -->"
-OURS = ("tokenrelay", "tokenrelay-writer")
+OURS = ("tokenrelay", "tokenrelay-writer", "tokenrelay-protocol")
 PEERS = ("resumable-stream", "resumable-stream-resumed", "naive", "raw")
 COMPARED = ("resumable-stream", "resumable-stream-resumed", "naive")
 

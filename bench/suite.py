@@ -132,7 +132,7 @@ def timeout_for(tokens: int, interval_ms: float, slack: float = 120) -> float:
     return tokens * interval_ms / 1000 + slack
 
 
-ONLY = {"resumable-stream-resumed": "bc"}
+ONLY = {"resumable-stream-resumed": "bc", "tokenrelay-protocol": "abcd"}
 """Systems that differ from another only in some scenarios run just those."""
 
 

@@ -31,6 +31,7 @@ NODE_PEER = PEERS / "resumable-stream"
 SYSTEMS = (
     "tokenrelay",
     "tokenrelay-writer",
+    "tokenrelay-protocol",
     "resumable-stream",
     "resumable-stream-resumed",
     "naive",
@@ -41,6 +42,8 @@ DESCRIPTIONS = {
     "graph (messages-tuple), Redis",
     "tokenrelay-writer": "tokenrelay, the tokens emitted by a graph node's stream writer "
     "(custom mode) instead of a chat model",
+    "tokenrelay-protocol": "tokenrelay, the same chat graph read through the agent streaming "
+    "protocol of useStream v1 (POST /threads/{tid}/stream/events, then run.start)",
     "resumable-stream": "Vercel resumable-stream 2.2.13 on Node, same Redis (bench/peers); "
     "the reader is the request that creates the stream",
     "resumable-stream-resumed": "the same, every reader joining a stream produced in the "

@@ -194,6 +194,8 @@ class GraphRun:
         self.interrupted = False
         """Whether the graph stopped on an interrupt (it waits for input)."""
         self._current = ""
+        # protocol runs: message id -> (its text so far, node, step)
+        self._texts: dict[str, tuple[list[str], str, int]] = {}
         # message id -> (its chunks so far, top-level node that streamed it, step). The chunks
         # are merged only if the run is cancelled: merging per token would cost the worker more
         # than everything else it does for that token.
@@ -230,6 +232,9 @@ class GraphRun:
     def partial_message(self) -> tuple[AIMessage, str] | None:
         """The AI message that was streaming when the run stopped, marked as cancelled, and the
         node that streamed it."""
+        for msg_id, (texts, node_of, step) in self._texts.items():
+            chunk = AIMessageChunk(content="".join(texts), id=msg_id)
+            self._partials.setdefault(msg_id, ([chunk], node_of, step))
         if not self._partials:
             return None
         chunks, node, _ = max(self._partials.values(), key=lambda p: p[2])
@@ -303,15 +308,14 @@ class GraphRun:
                 return
             self._current = str(event["id"])
             node = ns[0].split(":")[0] if ns else str(meta.get("langgraph_node", ""))
-            chunk = AIMessageChunk(content="", id=self._current)
-            self._partials[self._current] = ([chunk], node, int(meta.get("langgraph_step") or 0))
-        elif kind == "content-block-delta" and self._current in self._partials:
+            # The text alone, per token; the message is built only if the run is cancelled.
+            self._texts[self._current] = ([], node, int(meta.get("langgraph_step") or 0))
+        elif kind == "content-block-delta" and self._current in self._texts:
             delta = event.get("delta") or {}
             if delta.get("type") == "text-delta":
-                chunk = AIMessageChunk(content=str(delta.get("text", "")), id=self._current)
-                self._partials[self._current][0].append(chunk)
+                self._texts[self._current][0].append(str(delta.get("text", "")))
         elif kind == "message-finish":
-            self._partials.pop(self._current, None)
+            self._texts.pop(self._current, None)
 
     async def protocol_events(self) -> AsyncIterator[Event]:
         """The run as the agent streaming protocol's events, from LangGraph's own protocol
@@ -341,7 +345,7 @@ class GraphRun:
                 message, meta = data
                 node = str(meta.get("langgraph_node", ""))
                 if isinstance(message, BaseMessage):
-                    self._partials.pop(message.id or "", None)
+                    self._texts.pop(message.id or "", None)
                     for event in _whole_message_events(message):
                         yield protocol_message_event(suffix, event, node)
                     continue

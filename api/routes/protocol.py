@@ -16,12 +16,14 @@ from starlette.responses import Response
 from api.agentstream import (
     EventFilter,
     ProtocolError,
+    SubscribedStream,
     gap_error,
     render,
     thread_events,
     thread_last_seq,
 )
 from api.deps import Services, services
+from api.fanout import Subscription
 from api.routes.runs import start_run
 from api.routes.threads import graph_of
 from api.schemas import RunCreate, WireJSON, valid_thread_id
@@ -300,11 +302,11 @@ async def _check_since(svc: Services, thread_id: str, since: int | None) -> None
 
 
 async def _sse_body(
-    svc: Services, thread_id: str, flt: EventFilter, since: int | None
+    svc: Services, thread_id: str, flt: EventFilter, since: int | None, wake: Subscription
 ) -> AsyncIterator[bytes]:
     telemetry.STREAMS_OPEN.inc()
     try:
-        async for item in thread_events(svc, thread_id, since):
+        async for item in thread_events(svc, thread_id, since, wake):
             if item is None:
                 yield HEARTBEAT
             elif isinstance(item, Gap):
@@ -343,9 +345,10 @@ async def event_stream(
         return WireJSON(exc.answer(None), status_code=exc.status)
     budget = svc.settings.stream_max_seconds
     deadline = asyncio.get_running_loop().time() + budget if budget else None
-    return EventStreamResponse(
-        _sse_body(svc, thread_id, flt, since), {}, deadline=deadline, abort=svc.draining
+    body = await SubscribedStream(svc, thread_id).open(
+        lambda wake: _sse_body(svc, thread_id, flt, since, wake)
     )
+    return EventStreamResponse(body, {}, deadline=deadline, abort=svc.draining)
 
 
 class _Socket:
@@ -355,15 +358,16 @@ class _Socket:
         self.svc = svc
         self.ws = ws
         self.thread_id = thread_id
-        self.subscriptions: dict[str, asyncio.Task[None]] = {}
+        self.subscriptions: dict[str, tuple[asyncio.Task[None], contextlib.AsyncExitStack]] = {}
+        self._closing: list[asyncio.Task[None]] = []
         self._send = asyncio.Lock()
 
     async def send(self, data: bytes) -> None:
         async with self._send:
             await self.ws.send_text(data.decode())
 
-    async def pump(self, flt: EventFilter) -> None:
-        async for item in thread_events(self.svc, self.thread_id, None):
+    async def pump(self, flt: EventFilter, wake: Subscription) -> None:
+        async for item in thread_events(self.svc, self.thread_id, None, wake):
             if isinstance(item, Gap):
                 await self.send(gap_error(item))
             elif item is not None:
@@ -375,7 +379,7 @@ class _Socket:
     async def handle(self, body: Any) -> None:
         method = body.get("method") if isinstance(body, dict) else None
         if method == "subscription.subscribe":
-            await self.send(codec.json_bytes(self._subscribe(body)))
+            await self.send(codec.json_bytes(await self._subscribe(body)))
         elif method == "subscription.unsubscribe":
             await self.send(codec.json_bytes(self._unsubscribe(body)))
         elif method == "subscription.reconnect":
@@ -386,14 +390,20 @@ class _Socket:
             _, answer = await execute(self.svc, self.thread_id, body)
             await self.send(codec.json_bytes(answer))
 
-    def _subscribe(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _subscribe(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             cid, _, params = _command(body)
             flt = EventFilter.parse(params)
         except ProtocolError as exc:
             return exc.answer(body.get("id") if isinstance(body.get("id"), int) else None)
+        # Subscribed to the thread before the answer, so a run started next is not missed.
+        subscribed = contextlib.AsyncExitStack()
+        wake = await subscribed.enter_async_context(
+            self.svc.fanout.subscribe_thread(self.thread_id)
+        )
         sub_id = new_id()
-        self.subscriptions[sub_id] = asyncio.create_task(self.pump(flt), name=f"ws-sub-{sub_id}")
+        task = asyncio.create_task(self.pump(flt, wake), name=f"ws-sub-{sub_id}")
+        self.subscriptions[sub_id] = (task, subscribed)
         return {"type": "success", "id": cid, "result": {"subscription_id": sub_id}}
 
     def _unsubscribe(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -401,18 +411,25 @@ class _Socket:
             cid, _, params = _command(body)
         except ProtocolError as exc:
             return exc.answer(None)
-        task = self.subscriptions.pop(str(params.get("subscription_id")), None)
-        if task is None:
+        found = self.subscriptions.pop(str(params.get("subscription_id")), None)
+        if found is None:
             return ProtocolError("no_such_subscription", "no such subscription").answer(cid)
-        task.cancel()
+        self._closing.append(asyncio.create_task(_end(*found)))
         return {"type": "success", "id": cid, "result": {}}
 
     async def close(self) -> None:
-        for task in self.subscriptions.values():
-            task.cancel()
-        for task in self.subscriptions.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        ends = [_end(task, stack) for task, stack in self.subscriptions.values()]
+        self.subscriptions.clear()
+        await asyncio.gather(*ends, *self._closing, return_exceptions=True)
+
+
+async def _end(task: asyncio.Task[None], subscribed: contextlib.AsyncExitStack) -> None:
+    """Stop a subscription's pump, then release its thread subscription (even if the pump
+    never ran)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    await subscribed.aclose()
 
 
 @router.websocket("/threads/{thread_id}/stream/events")
