@@ -78,3 +78,20 @@ def test_dev_serves_a_run_on_embedded_redis(
     redis_port = int(out.split("redis://127.0.0.1:")[1].split("/")[0])
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
+
+
+def test_dev_on_a_taken_port_says_so_in_one_line_before_anything_else() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert f"127.0.0.1:{port}" in done.stderr
+    assert "--port" in done.stderr
