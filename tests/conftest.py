@@ -20,7 +20,7 @@ from broker.connection import RedisClient
 from broker.embedded import EmbeddedCluster, EmbeddedRedis
 from broker.settings import Settings
 from tests.graphs import GRAPHS
-from tests.server import Tokenrelay
+from tests.server import Tokenrelay, stop_leftovers
 
 RedisServer = EmbeddedRedis | EmbeddedCluster
 
@@ -30,6 +30,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if marker is not None and "redis_server" in metafunc.fixturenames:
         # Module scope: each module's fixtures (its tokenrelay) start once per kind of Redis.
         metafunc.parametrize("redis_server", marker.args, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_leftover_processes() -> Iterator[None]:
+    """Whatever a test or fixture left running when something failed is stopped at the end."""
+    yield
+    stop_leftovers()
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +110,10 @@ def postgres_url() -> Iterator[str]:
     try:
         conn = psycopg.connect(admin, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.fail(f"these tests need Postgres at {admin}: {exc}")
+        pytest.fail(
+            f"these tests need a Postgres server at {admin} where they may create databases "
+            f"(start one there, or set TOKENRELAY_TEST_POSTGRES to another's URL): {exc}"
+        )
     with conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = admin.rsplit("/", 1)[0]

@@ -40,24 +40,35 @@ class Tokenrelay:
 
     def start(self) -> Tokenrelay:
         self._thread.start()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # a failed start leaves nothing running
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self._error is not None:
                 raise self._error
             try:
                 if httpx.get(self.url + "/ok", timeout=1).status_code == 200:
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         raise RuntimeError("tokenrelay did not start")
 
     def stop(self) -> None:
+        """Stop the server and its worker; safe to call whether or not start() ran or
+        succeeded."""
         if self._loop is not None and self._server is not None:
             self._server.should_exit = True
             if self._stop is not None:
                 self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=15)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=15)
 
     def _main(self) -> None:
         try:
@@ -91,6 +102,20 @@ class Tokenrelay:
             await saver_cm.__aexit__(None, None, None)
 
 
+# Every child process a test starts, so that none outlives the session whatever failed between
+# its start and its test's clean-up (see `stop_leftover_processes` in conftest.py).
+SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+def stop_leftovers() -> None:
+    """Kill the children started through `WorkerProcess` that are still running."""
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class WorkerProcess:
     """`tokenrelay worker` (or, with `command="api"`, `tokenrelay api`) as a child process,
     configured like `settings`."""
@@ -121,25 +146,35 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        self._log = self.log_path.open("ab")
         args = [sys.executable, "-m", "producer.cli", self.command]
         if self.command == "api":
             args += ["--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            args,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[1],
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                args,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        SPAWNED.append(self.proc)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # a failed start leaves nothing running
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.command == "worker" and "worker ready" in self.log_path.read_text():
-                return self
+                return
             if self.command == "api" and "Application startup complete" in (
                 self.log_path.read_text()
             ):
-                return self
+                return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
@@ -161,8 +196,7 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
+        """Kill the process if it runs; safe to call whether or not start() ran."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self.proc is not None:
-            self._log.close()

@@ -17,7 +17,7 @@ from api.schemas import RunCreate
 from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event
 from broker import codec, telemetry
 from broker.cancel import CancelAction
-from broker.errors import InvalidBody
+from broker.errors import EventIdPastEnd, InvalidBody
 from broker.log import BlobResolver
 from broker.models import ZERO_ID, Gap, StreamId
 
@@ -63,10 +63,10 @@ async def run_events(
     telemetry.STREAMS_OPEN.inc()
     try:
         async with svc.fanout.subscribe(run_id) as live:
+            last = await svc.log.last_entry(run_id)
+            if last is not None and last.is_end and (after is None or after >= last.id):
+                return  # the run has ended and nothing lies after the cursor
             if after is None:
-                last = await svc.log.last_entry(run_id)
-                if last is not None and last.is_end:
-                    return
                 after = last.id if last is not None else ZERO_ID
             tail = svc.log.tail_batches(
                 run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds
@@ -123,6 +123,17 @@ async def stream_response(
         abort=None if finished else svc.draining,
         on_disconnect=on_disconnect,
     )
+
+
+async def refuse_past_end(svc: Services, run_id: str, after: StreamId | None) -> None:
+    """A cursor beyond the end of a finished run gets a 400 naming the run's last event id,
+    rather than a stream that waits for events that will never come."""
+    if after is None:
+        return
+    end = await svc.log.last_entry(run_id)
+    if end is not None and end.is_end and after > end.id:
+        last = await svc.log.last_event(run_id)
+        raise EventIdPastEnd(str(after), run_id, str(last.id) if last is not None else None)
 
 
 def parse_last_event_id(header: str | None, query: str | None) -> StreamId | None:
@@ -219,6 +230,7 @@ async def join_thread_stream(
     run_id = await svc.runs.active_run(thread_id)
     if run_id is None:
         return Response(status_code=204)
+    await refuse_past_end(svc, run_id, after)
     return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds)
 
 
@@ -234,6 +246,7 @@ async def join_run_stream(
 ) -> EventStreamResponse:
     after = parse_last_event_id(last_event_id_header, last_event_id)
     run = await svc.runs.find(thread_id, run_id)
+    await refuse_past_end(svc, run_id, after)
     return await stream_response(
         svc, thread_id, run_id, after, max_seconds=max_seconds, finished=run.status.terminal,
         names=wanted(query_modes(stream_mode)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,45 +18,54 @@ import pytest
 from broker.embedded import free_port
 
 
-@pytest.fixture
-def dev_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+@contextlib.contextmanager
+def running_dev(log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`tokenrelay dev` on a free port with no Redis configured (and `env` added), its output
+    in `log`, until the block ends; stopped with SIGINT as a terminal would."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
-    env.update(TOKENRELAY_DEMO_REPLY_WORDS="12", TOKENRELAY_DEMO_TOKEN_DELAY_MS="5")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ok", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise AssertionError(f"tokenrelay dev did not start: {proc.communicate()[0]}")
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    child_env.update(env)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
+            env=child_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/ok", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"tokenrelay dev did not start: {log.read_text()}")
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def dev_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    log = tmp_path / "dev.log"
+    demo = {"TOKENRELAY_DEMO_REPLY_WORDS": "12", "TOKENRELAY_DEMO_TOKEN_DELAY_MS": "5"}
+    with running_dev(log, **demo) as (url, proc):
+        yield url, proc, log
 
 
 def test_dev_serves_a_run_on_embedded_redis(
-    dev_server: tuple[str, subprocess.Popen[str]],
+    dev_server: tuple[str, subprocess.Popen[bytes], Path],
 ) -> None:
-    url, proc = dev_server
+    url, proc, log = dev_server
     tid = httpx.post(url + "/threads", json={}).json()["thread_id"]
     body = {
         "assistant_id": "agent",
@@ -72,9 +83,27 @@ def test_dev_serves_a_run_on_embedded_redis(
 
     # The embedded Redis goes away with the process (SIGTERM, as an orchestrator sends it).
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=15)
+    proc.wait(timeout=15)
+    out = log.read_text()
     assert "tokenrelay dev: " + url in out
     assert "curl" in out
     redis_port = int(out.split("redis://127.0.0.1:")[1].split("/")[0])
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
+
+
+def test_dev_on_a_taken_port_says_so_in_one_line_before_anything_else() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert f"127.0.0.1:{port}" in done.stderr
+    assert "--port" in done.stderr

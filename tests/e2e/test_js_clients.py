@@ -26,12 +26,18 @@ pytestmark = pytest.mark.timeout(TIMEOUT_SECONDS + 30)
 def run_node_tests(relay: Tokenrelay, test_file: str) -> None:
     node = shutil.which("node")
     if node is None:
-        pytest.fail("these tests need Node.js (20.19 or newer) and npm on PATH")
+        pytest.fail(
+            "these tests need Node.js (20.19 or newer) and npm on PATH (Debian: "
+            "`apt-get install nodejs npm`; ./scripts/test installs them)"
+        )
     version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
     if tuple(int(p) for p in version.lstrip("v").split(".")[:2]) < MIN_NODE:
         pytest.fail(f"these tests need Node.js 20.19 or newer, found {version}")
     if not (JS_DIR / "node_modules").is_dir():
-        pytest.fail(f"the JS client packages are not installed: run `npm ci` in {JS_DIR}")
+        pytest.fail(
+            f"the JS client packages are not installed: run `npm ci` in {JS_DIR} "
+            "(./scripts/test does)"
+        )
     env = {**os.environ, "TOKENRELAY_URL": relay.url, "NO_COLOR": "1", "FORCE_COLOR": "0"}
     try:
         proc = subprocess.run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import signal
@@ -24,13 +26,27 @@ pytestmark = pytest.mark.timeout(120)
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "tokenrelay.conf"
 
 
+def nginx_binary() -> str:
+    """The nginx executable, or a failure that says how to get one."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(binary, os.X_OK):
+        pytest.fail(
+            "this test needs nginx: install it (Debian: `apt-get install nginx`), or run the "
+            "tests with ./scripts/test, which does",
+            pytrace=False,
+        )
+    return binary
+
+
 class Nginx:
     """nginx in the foreground with the shipped server block; the upstream lines name the two
     API processes (the second as backup, so the test knows which one serves first)."""
 
-    def __init__(self, workdir: Path, primary: int, backup: int) -> None:
+    def __init__(self, binary: str, workdir: Path, primary: int, backup: int) -> None:
         self.port = free_port()
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.binary = binary
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
         site = SHIPPED.read_text()
         site = re.sub(
             r"server api:2024[^;]*;",
@@ -46,35 +62,50 @@ class Nginx:
             f"http {{\n access_log off;\n client_body_temp_path {workdir};\n"
             f" proxy_temp_path {workdir};\n include {workdir}/site.conf;\n}}\n"
         )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
-            [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
+            [self.binary, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(100):
+            if self.proc.poll() is not None:
+                break
             try:
                 httpx.get(self.url + "/healthz", timeout=1)
                 return
             except httpx.HTTPError:
                 time.sleep(0.05)
-        raise RuntimeError((workdir / "error.log").read_text())
+        log = self.workdir / "error.log"
+        raise RuntimeError(
+            f"nginx did not start (exit code {self.proc.poll()}): "
+            + (log.read_text() if log.exists() else "no error.log")
+        )
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
 
 
 @pytest.fixture
 def stack(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[tuple[Nginx, WorkerProcess]]:
+    binary = nginx_binary()
     settings = make_settings(redis_server)
-    worker = Tokenrelay(settings).start()  # an API plus the worker, in this process
-    primary = WorkerProcess(settings, tmp_path / "api-a.log", command="api").start()
-    proxy = Nginx(tmp_path, primary.port, worker.port)
-    yield proxy, primary
-    proxy.stop()
-    primary.stop()
-    worker.stop()
+    # Each part is registered for clean-up before it starts, so a later failure stops it too.
+    with contextlib.ExitStack() as cleanup:
+        worker = Tokenrelay(settings)  # an API plus the worker, in this process
+        cleanup.callback(worker.stop)
+        worker.start()
+        primary = WorkerProcess(settings, tmp_path / "api-a.log", command="api")
+        cleanup.callback(primary.stop)
+        primary.start()
+        proxy = Nginx(binary, tmp_path, primary.port, worker.port)
+        cleanup.callback(proxy.stop)
+        proxy.start()
+        yield proxy, primary
 
 
 async def read_then_kill(r: httpx.Response, got: list[SSE], primary: WorkerProcess) -> None:

@@ -15,7 +15,7 @@ from broker.models import RunStatus, StreamId
 from broker.queue import RunQueue
 from broker.runs import RunRecord, RunStore, new_id, now_ms
 from producer.demo import reply_text
-from tests.conftest import live_subscribers
+from tests.conftest import RedisServer, live_subscribers, make_settings
 from tests.graphs import FAST_WORDS
 from tests.server import Tokenrelay
 from tests.sse import SSE, Comment, events, iter_sse
@@ -145,6 +145,55 @@ async def test_resume_after_run_finished(client: httpx.AsyncClient) -> None:
         assert [e.id for e in await join(client, tid, run_id, start)] == [e.id for e in full]
     # no Last-Event-ID on a finished run: nothing new will come, so it closes at once
     assert await join(client, tid, run_id) == []
+
+
+async def test_a_cursor_past_the_end_of_a_finished_run_is_refused_at_once(
+    redis_server: RedisServer,
+) -> None:
+    # Heartbeats 10 minutes apart: a response held open until the next idle check would make
+    # the client below time out instead of answering.
+    s = make_settings(redis_server, heartbeat_seconds=600)
+    server = Tokenrelay(s).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            tid = await new_thread(client)
+            full, _ = await stream_run(client, tid, run_body())
+            run_id, last = full[0].json()["run_id"], full[-1].id
+            assert last is not None
+            past = f"{int(last.split('-')[0]) + 3_600_000}-0"  # an hour after the run's end
+            url = f"/threads/{tid}/runs/{run_id}/stream"
+            detail = (
+                f"Last-Event-ID {past} is past the end of run {run_id}, which has finished: its "
+                f"last event id is {last} (or send -1 to replay from the start)"
+            )
+            for r in (
+                await client.get(url, headers={"Last-Event-ID": past}),
+                await client.get(url, params={"last_event_id": past}),
+            ):
+                assert (r.status_code, r.json()) == (400, {"detail": detail})
+
+            # The cursor the long poll ends on (the run's internal end marker) is not past the
+            # end: nothing follows it, and the stream says so at once.
+            poll = (await client.get(f"/threads/{tid}/runs/{run_id}/events", params={
+                "after": last})).json()  # fmt: skip
+            assert poll["events"] == [] and poll["done"] is True
+            assert StreamId.parse(poll["next"]) > StreamId.parse(last)
+            async with client.stream("GET", url, headers={"Last-Event-ID": poll["next"]}) as r:
+                assert (r.status_code, await r.aread()) == (200, b"")
+
+            # The thread join answers the same for a run it finds finished (the active pointer
+            # is cleared as a run ends; set it again, as a join that raced the end sees it).
+            redis = connect(s.resolved_redis_url())
+            await redis.set(Keys(s.key_prefix).thread_active(tid), run_id)
+            await redis.aclose()
+            r = await client.get(f"/threads/{tid}/stream", headers={"Last-Event-ID": past})
+            assert (r.status_code, r.json()) == (400, {"detail": detail})
+            async with client.stream(
+                "GET", f"/threads/{tid}/stream", headers={"Last-Event-ID": last}
+            ) as r:
+                assert (r.status_code, await r.aread()) == (200, b"")
+    finally:
+        server.stop()
 
 
 async def test_two_clients_on_one_run_both_get_every_event(client: httpx.AsyncClient) -> None:

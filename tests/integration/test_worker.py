@@ -226,13 +226,18 @@ async def test_postgres_state_survives_a_worker_restart(
 async def test_a_bad_job_fails_alone_and_the_worker_goes_on(
     client: httpx.AsyncClient, workers: Any
 ) -> None:
-    workers()
+    worker = workers()
     bad_tid, good_tid = await new_thread(client), await new_thread(client)
     bad = body("fast")
     bad["input"] = {"messages": [{"role": "alien", "content": "hi"}]}
     async with client.stream("POST", f"/threads/{bad_tid}/runs/stream", json=bad) as r:
         bad_evts = await events(r)
     assert bad_evts[-1].event == "error"
+    # The worker's log says what failed, at ERROR, as the error event does.
+    error = bad_evts[-1].json()
+    logged = worker.log_path.read_text()
+    assert logged.count("run failed") == 1
+    assert f" ERROR tokenrelay.worker run failed: {error['error']}: {error['message']}" in logged
     async with client.stream("POST", f"/threads/{good_tid}/runs/stream", json=body("fast")) as r:
         good_evts = await events(r)
     run_id = good_evts[0].json()["run_id"]
