@@ -166,13 +166,12 @@ class EventLog:
         return _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
 
     async def last_event(self, run_id: str) -> Entry | None:
-        """The newest entry other than the `end` marker: the last one a client is sent."""
-        rows = cast(
-            list[StreamRow], await self._redis.xrevrange(self._keys.run_events(run_id), count=2)
-        )
+        """The newest entry the classic protocols send (not `end`, not protocol-only)."""
+        key = self._keys.run_events(run_id)
+        rows = cast(list[StreamRow], await self._redis.xrevrange(key, count=8))
         for id_, f in rows:
             entry = _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
-            if not entry.is_end:
+            if entry.classic:
                 return entry
         return None
 
