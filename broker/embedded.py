@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: have the kernel SIGTERM it when its parent dies, even by SIGKILL."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -111,7 +111,7 @@ class EmbeddedRedis:
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -38,9 +38,9 @@ _MEMORY_SAVER: InMemorySaver | None = None
 async def open_checkpointer(spec: str) -> AsyncIterator[BaseCheckpointSaver[Any]]:
     """The checkpointer TOKENRELAY_CHECKPOINTER names, open for the duration of the context.
 
-    ``memory`` is one saver per process, so an API and a worker in one process
-    (``tokenrelay dev``) see the same threads. A ``postgresql://`` URL opens a connection pool and
-    creates the tables on first use.
+    ``memory`` is one saver per process: only that process sees its threads. A
+    ``postgresql://`` URL opens a connection pool and creates the tables on first use;
+    ``sqlite:///<path>`` shares one file among the processes of one machine (``tokenrelay dev``).
     """
     global _MEMORY_SAVER
     if spec == "memory":
@@ -73,8 +73,17 @@ async def open_checkpointer(spec: str) -> AsyncIterator[BaseCheckpointSaver[Any]
         finally:
             await pool.close()
         return
+    if spec.startswith("sqlite:"):
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        path = spec.removeprefix("sqlite:").removeprefix("//")
+        async with AsyncSqliteSaver.from_conn_string(path) as sqlite_saver:
+            await sqlite_saver.setup()  # WAL: the processes of one machine share the file
+            yield sqlite_saver
+        return
     raise GraphLoadError(
-        f"TOKENRELAY_CHECKPOINTER={spec!r} is not supported: use 'memory' or a postgresql:// URL"
+        f"TOKENRELAY_CHECKPOINTER={spec!r} is not supported: use 'memory', a postgresql:// URL "
+        "or sqlite:///<path>"
     )
 
 

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     cancel_ttl_seconds: int = Field(default=3600, ge=1)
-    worker_concurrency: int = Field(default=64, ge=1)
+    worker_concurrency: int = Field(default=500, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
 
     api_keys: list[str] = Field(default_factory=list)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Sequence
 
 import uvicorn
@@ -18,7 +22,7 @@ import uvloop
 from prometheus_client import start_http_server
 
 from broker.connection import connect
-from broker.embedded import EmbeddedRedis
+from broker.embedded import EmbeddedRedis, die_with_parent
 from broker.errors import GraphLoadError
 from broker.graphs import GraphRegistry, open_checkpointer
 from broker.runtime import settle_heap
@@ -90,40 +94,94 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve_dev(settings: Settings, sock: socket.socket) -> None:
+def _child(args: list[str], env: dict[str, str], pass_fds: Sequence[int] = ()
+) -> subprocess.Popen[bytes]:  # fmt: skip
+    """A `tokenrelay` subcommand in a process of its own that dies with this one."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", *args],
+        env=env,
+        pass_fds=pass_fds,
+        preexec_fn=die_with_parent if sys.platform == "linux" else None,
+    )
+
+
+def _supervise(children: list[subprocess.Popen[bytes]], grace: float) -> int:
+    """Wait until a signal comes or a child exits, then stop them all (SIGTERM, then SIGKILL
+    after `grace` seconds); returns the exit status of the first child that ended."""
+    stop = threading.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    status = 0
+    try:
+        while not stop.wait(0.2):
+            ended = next((c for c in children if c.poll() is not None), None)
+            if ended is not None:
+                status = ended.returncode or 0
+                if status:
+                    log.error("a child process exited with %s; stopping the others", status)
+                break
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status
+
+
+def _shares_state(checkpointer: str) -> bool:
+    """Whether several processes see the same threads through this checkpointer."""
+    return checkpointer != "memory"
+
+
+def _processes(requested: int | None, settings: Settings, what: str) -> int:
+    """How many processes to run: as asked, else one per core when the checkpointer is
+    shared (an in-memory one lives in a single process)."""
+    if requested is not None:
+        return requested
+    if not _shares_state(settings.checkpointer):
+        log.info("one %s process: TOKENRELAY_CHECKPOINTER=memory is not shared", what)
+        return 1
+    return os.cpu_count() or 1
+
+
+def _dev(settings: Settings, sock: socket.socket, log_args: list[str]) -> int:
+    """The API and the worker(s) as processes of their own on one Redis and one checkpointer."""
     host, port = sock.getsockname()[:2]
-    async with open_checkpointer(settings.checkpointer) as saver:
-        redis = connect(settings.resolved_redis_url(), cluster=settings.redis_cluster)
-        worker = Worker(redis, settings, GraphRegistry(settings.graphs, saver))
-        stop = asyncio.Event()
-        worker_task = asyncio.create_task(worker.serve(stop))
-        config = uvicorn.Config(
-            APP_FACTORY, factory=True, host=host, port=port, log_level="info",
-            timeout_graceful_shutdown=3,
-        )  # fmt: skip
-        server = uvicorn.Server(config)
-        url = f"http://{host}:{port}"
-        print(
-            f"\ntokenrelay dev: {url}  (Redis {settings.resolved_redis_url()}, graphs "
-            f"{', '.join(settings.graphs)})\n\n"
-            f"  curl -s -X POST {url}/threads -H 'Content-Type: application/json' -d '{{}}'\n"
-            f"  curl -N -X POST {url}/threads/<thread_id>/runs/stream "
-            "-H 'Content-Type: application/json' \\\n"
-            '       -d \'{"assistant_id": "agent", "input": {"messages": [{"role": "user", '
-            '"content": "hi"}]}, "stream_mode": ["messages-tuple", "values"]}\'\n',
-            flush=True,
-        )
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            stop.set()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(worker_task, 5)
-            await redis.aclose()
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    env = {**os.environ, "TOKENRELAY_REDIS_URL": settings.resolved_redis_url()}
+    scratch: str | None = None
+    if not _shares_state(settings.checkpointer):
+        # A throwaway SQLite file: the API and the workers see the same threads.
+        scratch = tempfile.mkdtemp(prefix="tokenrelay-dev-")
+        env["TOKENRELAY_CHECKPOINTER"] = f"sqlite:///{scratch}/checkpoints.sqlite"
+    workers = max(1, (os.cpu_count() or 1) - 1)
+    url = f"http://{host}:{port}"
+    print(
+        f"\ntokenrelay dev: {url}  (Redis {settings.resolved_redis_url()}, graphs "
+        f"{', '.join(settings.graphs)}; 1 API process, {workers} worker process"
+        f"{'es' if workers > 1 else ''})\n\n"
+        f"  curl -s -X POST {url}/threads -H 'Content-Type: application/json' -d '{{}}'\n"
+        f"  curl -N -X POST {url}/threads/<thread_id>/runs/stream "
+        "-H 'Content-Type: application/json' \\\n"
+        '       -d \'{"assistant_id": "agent", "input": {"messages": [{"role": "user", '
+        '"content": "hi"}]}, "stream_mode": ["messages-tuple", "values"]}\'\n',
+        flush=True,
+    )
+    fd = sock.fileno()
+    children = [_child([*log_args, "api", "--fd", str(fd), "--workers", "1"], env, [fd])]
+    children += [_child([*log_args, "worker", "--processes", "1"], env) for _ in range(workers)]
+    try:
+        return _supervise(children, grace=10)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,8 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_api.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
     p_api.add_argument("--port", type=int, default=2024, help="port to listen on (%(default)s)")
     p_api.add_argument(
-        "--workers", type=int, default=1, help="uvicorn worker processes (%(default)s)"
-    )
+        "--workers", type=int, default=None,
+        help="API processes (default: one per core, or 1 with TOKENRELAY_CHECKPOINTER=memory)",
+    )  # fmt: skip
+    p_api.add_argument(
+        "--fd", type=int, default=None,
+        help="serve on this inherited listening socket instead of --host/--port "
+        "(how tokenrelay dev hands its socket to the API process)",
+    )  # fmt: skip
 
     p_worker = sub.add_parser("worker", help="run a producer worker")
     p_worker.add_argument(
@@ -157,10 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs this process executes at once (default: sized for I/O-bound LLM runs)",
     )
     p_worker.add_argument(
+        "--processes", type=int, default=None,
+        help="worker processes (default: one per core, or 1 with TOKENRELAY_CHECKPOINTER=memory)",
+    )  # fmt: skip
+    p_worker.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
     )
 
-    p_dev = sub.add_parser("dev", help="API + worker + demo graph (+ Redis) in one process")
+    p_dev = sub.add_parser(
+        "dev", help="API and worker processes, the demo graph (or yours), a throwaway Redis"
+    )
     p_dev.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
     p_dev.add_argument(
         "--port", type=int, default=2024, help="port to listen on (%(default)s); pick another "
@@ -184,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.log_level, args.log_format)
     settings = get_settings()
 
+    log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
     if args.command == "api":
         _check_graphs(settings)
         uvicorn.run(
@@ -191,12 +262,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             factory=True,
             host=args.host,
             port=args.port,
-            workers=args.workers,
+            fd=args.fd,
+            workers=_processes(args.workers, settings, "API"),
             log_level=args.log_level.lower(),
             timeout_graceful_shutdown=5,
         )
     elif args.command == "worker":
         _check_graphs(settings)
+        processes = _processes(args.processes, settings, "worker")
+        if processes > 1:
+            extra = ["--concurrency", str(args.concurrency)] if args.concurrency else []
+            worker = [*log_args, "worker", "--processes", "1", *extra]
+            sys.exit(_supervise([_child(worker, dict(os.environ)) for _ in range(processes)],
+                                grace=settings.shutdown_grace_seconds + 5))  # fmt: skip
         if args.metrics_port:
             start_http_server(args.metrics_port)
         uvloop.run(_serve_worker(settings, args.concurrency))
@@ -211,9 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sock = _bind(args.host, args.port)
         _check_graphs(settings)
         embedded: EmbeddedRedis | None = None
-        # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so the
-        # embedded Redis below is stopped instead of the process dying on the spot.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        status = 0
         try:
             if not settings.redis_url:
                 try:
@@ -222,13 +298,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     sys.exit(f"tokenrelay dev: {exc}")
                 os.environ["TOKENRELAY_REDIS_URL"] = embedded.url
                 get_settings.cache_clear()
-            uvloop.run(_serve_dev(get_settings(), sock))
-        except KeyboardInterrupt:
-            pass
+            status = _dev(get_settings(), sock, log_args)
         finally:
             sock.close()
             if embedded is not None:
                 embedded.close()
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from broker.embedded import free_port
@@ -80,6 +81,16 @@ def test_dev_serves_a_run_on_embedded_redis(
     words = [b for b in blocks if b.startswith("event: messages\n")]
     assert len(words) >= 12
     assert httpx.get(url + "/readyz").json() == {"status": "ok"}
+    # The API and the worker are processes of their own that share one checkpointer: the
+    # state the worker wrote is what the API reads.
+    roles = sorted(
+        next(a for a in child.cmdline() if a in ("api", "worker"))
+        for child in psutil.Process(proc.pid).children()
+        if "producer.cli" in child.cmdline()
+    )
+    assert roles[0] == "api" and set(roles[1:]) == {"worker"}
+    state = httpx.get(f"{url}/threads/{tid}/state").json()
+    assert [m["type"] for m in state["values"]["messages"]] == ["human", "ai"]
 
     # The embedded Redis goes away with the process (SIGTERM, as an orchestrator sends it).
     proc.send_signal(signal.SIGTERM)
