@@ -168,11 +168,26 @@ class _MessageAccumulator:
         return out
 
 
-def _tuple_event(name: str, message: BaseMessage, meta: dict[str, Any]) -> Event:
+class _MetadataJSON:
+    """Encodes a message's `messages` metadata once: LangGraph hands every chunk of one model
+    call the same metadata dict, about 1 KB of JSON that would otherwise be encoded per token."""
+
+    def __init__(self) -> None:
+        self._last: tuple[dict[str, Any], bytes] | None = None
+
+    def __call__(self, meta: dict[str, Any]) -> bytes:
+        last = self._last
+        if last is not None and last[0] is meta:
+            return last[1]
+        encoded = codec.json_bytes(meta)
+        self._last = (meta, encoded)  # holding the dict keeps its identity from being reused
+        return encoded
+
+
+def _tuple_event(name: str, message: BaseMessage, meta_json: bytes) -> Event:
     """A `messages` event stored lean: the chunk's content per entry, the rest of the chunk
     and its metadata (the same from token to token) once per run."""
     chunk = codec.json_bytes(message)
-    meta_json = codec.json_bytes(meta)
     if isinstance(message.content, str):
         content = codec.json_bytes(message.content)
         rest = codec.split_content(chunk, content)
@@ -194,6 +209,7 @@ class GraphRun:
         self.interrupted = False
         """Whether the graph stopped on an interrupt (it waits for input)."""
         self._current = ""
+        self._meta_json = _MetadataJSON()
         # protocol runs: message id -> (its text so far, node, step)
         self._texts: dict[str, tuple[list[str], str, int]] = {}
         # message id -> (its chunks so far, top-level node that streamed it, step). The chunks
@@ -402,7 +418,7 @@ class GraphRun:
                 message, meta = data
                 self._track(message, meta, ns)
                 if "messages-tuple" in self.modes:
-                    yield _tuple_event("messages" + suffix, message, meta)
+                    yield _tuple_event("messages" + suffix, message, self._meta_json(meta))
                 if "messages" in self.modes:
                     for event in self._accumulator.events(suffix, message, meta):
                         yield event
