@@ -60,3 +60,17 @@ class Conflict(TokenrelayError):
 
 class GraphLoadError(TokenrelayError):
     """A graph spec in TOKENRELAY_GRAPHS that cannot be loaded."""
+
+
+class Superseded(TokenrelayError):
+    """A worker's attempt at a run is no longer the run's current one: another worker took the
+    run over (this one was paused or partitioned past its lease), so this one must write nothing
+    more."""
+
+    def __init__(self, run_id: str, attempt: int) -> None:
+        super().__init__(f"attempt {attempt} of run {run_id} was superseded by a later one")
+
+
+class AppendFailed(TokenrelayError):
+    """Redis refused a run's events for good (out of memory with noeviction, a key of the wrong
+    type) after bounded retries; the run is failed instead of retried forever."""

@@ -96,6 +96,7 @@ class RunStore:
         self._release = scripts.script("release_active")
         self._start = scripts.script("start_attempt")
         self._claim = scripts.script("claim_thread")
+        self._update = scripts.script("update_run")
 
     async def create(self, run: RunRecord) -> Job:
         """Store `run` as pending and list it on its thread; returns its queue job."""
@@ -156,7 +157,29 @@ class RunStore:
         fields.setdefault("updated_at", now_ms())
         await self._redis.hset(self._keys.run_meta(run_id), mapping=fields)  # type: ignore[misc,arg-type]
 
+    async def update_fenced(self, run_id: str, attempt: int, **fields: str | int) -> bool:
+        """`update`, only while `attempt` is the run's current one; returns whether it wrote."""
+        fields.setdefault("updated_at", now_ms())
+        args: list[str | int] = [attempt]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(await self._update(self._redis, [self._keys.run_meta(run_id)], args))
+
     async def active_run(self, thread_id: str) -> str | None:
+        """The run active on the thread, if it is still pending or running.
+
+        A pointer to a run that has ended (its worker writes the end before it releases the
+        thread) or is gone (lost with its Redis, expired) does not make the thread busy."""
+        pointer = await self.active_pointer(thread_id)
+        if pointer is None:
+            return None
+        status = cast(bytes | None, await self._redis.hget(self._keys.run_meta(pointer), "status"))  # type: ignore[misc]
+        if status is None or RunStatus(status.decode()).terminal:
+            return None
+        return pointer
+
+    async def active_pointer(self, thread_id: str) -> str | None:
+        """The thread's active pointer as stored, whatever became of its run."""
         rid = cast(bytes | None, await self._redis.get(self._keys.thread_active(thread_id)))
         return rid.decode() if rid else None
 

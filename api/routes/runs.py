@@ -53,6 +53,15 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
     verdict, active = await svc.runs.claim_thread(
         run.thread_id, run.run_id, enqueue=strategy == "enqueue"
     )
+    if verdict == "busy" and await svc.runs.active_run(run.thread_id) is None:
+        # The active run has ended (its worker is about to release the thread) or is gone:
+        # release it here (compare-and-delete) and claim again.
+        promoted = await svc.runs.release_active(run.thread_id, active)
+        if promoted:
+            await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
+        verdict, active = await svc.runs.claim_thread(
+            run.thread_id, run.run_id, enqueue=strategy == "enqueue"
+        )
     if verdict == "busy":
         if strategy == "reject":
             await svc.runs.delete(run)
