@@ -52,5 +52,9 @@ class Keys:
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
 
+    def probe(self) -> str:
+        """A short-lived key `/readyz` writes, to tell a Redis that refuses writes."""
+        return f"{self.prefix}:probe"
+
     def ctl(self, worker_id: str) -> str:
         return f"{self.prefix}:ctl:{worker_id}"

@@ -130,6 +130,20 @@ class EventLog:
             raise result
         return result  # type: ignore[no-any-return]
 
+    async def end_unclaimed(self, run_id: str, events: Sequence[Event], status: RunStatus) -> bool:
+        """Append `events` with the final `status` only if no worker has started the run yet
+        (a cancel of a run still waiting in the queue); returns whether it did."""
+        rows = [(e.name, _inline(e), b"") for e in events]
+        pipe = self._redis.pipeline(transaction=False)
+        self.append_in(pipe, run_id, rows, status=status, attempt=-1)
+        (result,) = await pipe.execute(raise_on_error=False)
+        if isinstance(result, NoScriptError):
+            await self._append.load(self._redis)
+            return await self.end_unclaimed(run_id, events, status)
+        if isinstance(result, Exception):
+            raise result
+        return bool(result != FENCED)
+
     async def load_scripts(self) -> None:
         await self._append.load(self._redis)
 

@@ -129,8 +129,17 @@ class Publisher:
         pending.status = status
         try:
             await self._wait(run_id, pending)
-        finally:
+        except AppendFailed:
+            raise  # the run stays known, so its end can be tried again (`revive`)
+        except BaseException:
             self.forget(run_id)
+            raise
+        self.forget(run_id)
+
+    def revive(self, run_id: str) -> None:
+        """Accept writes again for a run whose appends Redis refused, numbered after them."""
+        if isinstance(self._dead.get(run_id), AppendFailed):
+            del self._dead[run_id]
 
     async def flush_run(self, run_id: str) -> None:
         """Wait until everything buffered for `run_id` is written (raises as `close_run`)."""
@@ -212,10 +221,14 @@ class Publisher:
         else:
             self.events_published += len(pending.rows)
             telemetry.EVENTS_PUBLISHED.inc(len(pending.rows))
+        waiters = pending.waiters
         if outcome is not None and run_id in self._attempt:
             self._dead[run_id] = outcome
-            self._pending.pop(run_id, None)  # what was buffered since can never be written
-        for fut in pending.waiters:
+            # What was buffered since can never be written: its waiters learn why.
+            dropped = self._pending.pop(run_id, None)
+            if dropped is not None:
+                waiters = [*waiters, *dropped.waiters]
+        for fut in waiters:
             if fut.done():
                 continue
             if outcome is None:

@@ -37,6 +37,7 @@ from broker.log import FENCED, EventLog
 from broker.models import END_EVENT, Event, Job, RunStatus
 from broker.pubsub import subscriber
 from broker.queue import RunQueue
+from broker.retry import Backoff
 from broker.runs import RunStore
 from broker.settings import Settings
 from broker.threads import ThreadStore
@@ -44,6 +45,10 @@ from producer.publisher import Publisher
 from producer.runner import GraphRun
 
 log = logging.getLogger("tokenrelay.worker")
+
+END_TRIES = 30
+"""Tries at writing a run's end while Redis refuses its appends (about a minute), each after
+the publisher's own bounded retries."""
 
 
 def new_worker_id() -> str:
@@ -450,8 +455,7 @@ class Worker:
         """Redis refused the run's events for good: end it with an error, as far as Redis
         lets us write one."""
         log.error("run failed: Redis refuses its events: %s", why, extra=ctx)
-        self.publisher.forget(job.run_id)
-        self.publisher.begin_run(job.run_id, attempt, 0)
+        self.publisher.revive(job.run_id)
         message = f"Redis refused the run's events: {why}"
         error = [Event("error", codec.error_payload("AppendFailed", message))]
         await self._finish(msg_id, job, attempt, RunStatus.ERROR, error, error=message, ctx=ctx)
@@ -475,23 +479,41 @@ class Worker:
         if running is not None:
             running.finishing = True
         if error:
-            if not await self.runs.update_fenced(rid, attempt, error=error):
-                raise Superseded(rid, attempt)
-            telemetry.RUNS_FAILED.inc()
-        try:
-            await self.publisher.close_run(rid, [*final, Event(END_EVENT, b"")], status)
-        except AppendFailed as exc:
-            # The stream refuses writes: the record at least says how the run ended, so
-            # readers polling it stop waiting; the thread must not stay blocked either.
-            log.error("could not write the end of the run: %s", exc, extra=ctx)
-            fields = {"status": status.value, "error": error or f"AppendFailed: {exc}"}
             try:
-                if not await self.runs.update_fenced(rid, attempt, **fields):
-                    raise Superseded(rid, attempt) from exc
+                if not await self.runs.update_fenced(rid, attempt, error=error):
+                    raise Superseded(rid, attempt)
             except Superseded:
                 raise
-            except Exception:
-                log.exception("could not record the run's end either", extra=ctx)
+            except Exception as exc:  # Redis refuses writes: the error event still says it
+                log.warning("could not record the run's error: %s", exc, extra=ctx)
+            telemetry.RUNS_FAILED.inc()
+        backoff = Backoff()
+        events = [*final, Event(END_EVENT, b"")]
+        while True:
+            try:
+                await self.publisher.close_run(rid, events, status)
+                break
+            except AppendFailed as exc:
+                # Events were lost: the run ends as an error that says so, whatever it was.
+                # Redis refuses writes (out of memory, say): try again, bounded, so readers
+                # get the end once it takes writes again; then give the run up.
+                if status is not RunStatus.ERROR or not error:
+                    status = RunStatus.ERROR
+                    error = f"AppendFailed: Redis refused the run's events: {exc}"
+                    events = [
+                        Event("error", codec.error_payload("AppendFailed", error)),
+                        Event(END_EVENT, b""),
+                    ]
+                    with contextlib.suppress(Exception):
+                        await self.runs.update_fenced(rid, attempt, error=error)
+                if backoff.tries >= END_TRIES:
+                    log.error("could not write the end of the run, giving up: %s", exc, extra=ctx)
+                    break
+                delay = backoff.next_delay()
+                log.warning("could not write the end of the run, retrying in %.1fs", delay,
+                            extra=ctx)  # fmt: skip
+                await asyncio.sleep(delay)
+                self.publisher.revive(rid)
         # The end is written by this attempt: no other attempt can start the run any more.
         await self.threads.set_status(
             job.thread_id, "error" if status is RunStatus.ERROR else "idle"

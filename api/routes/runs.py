@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -14,7 +15,7 @@ from api.schemas import THREAD_ID_RULE, RunCreate, WireJSON, run_json, valid_thr
 from broker import codec
 from broker.cancel import CancelAction
 from broker.errors import Conflict, InvalidBody, NoRunToCancel, RunNotFound
-from broker.models import ZERO_ID, Gap, RunStatus
+from broker.models import END_EVENT, ZERO_ID, Event, Gap, RunStatus
 from broker.runs import RunRecord, new_id, now_ms
 
 router = APIRouter(tags=["runs"])
@@ -78,17 +79,37 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
 
 
 async def cancel_run(svc: Services, run: RunRecord, action: CancelAction) -> None:
-    """Ask the run's worker to stop it (a no-op for a run that already ended)."""
-    if not run.status.terminal:
-        await svc.cancel.request(run.run_id, action, run.worker)
+    """Ask the run's worker to stop it (a no-op for a run that already ended); a run no worker
+    has claimed yet is ended here and now."""
+    if run.status.terminal:
+        return
+    await svc.cancel.request(run.run_id, action, run.worker)
+    if run.worker:
+        return
+    end = [Event(END_EVENT, b"")]
+    if not await svc.log.end_unclaimed(run.run_id, end, RunStatus.INTERRUPTED):
+        return  # a worker started it meanwhile: it finds the cancel request and stops
+    # The job stays in the queue until a worker takes it and finds the run ended.
+    promoted = await svc.runs.release_active(run.thread_id, run.run_id)
+    if promoted:
+        await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
+    if action is CancelAction.ROLLBACK:
+        await svc.runs.delete(run)
 
 
-async def cancel_and_wait(svc: Services, run: RunRecord, action: CancelAction) -> RunRecord | None:
+async def cancel_and_wait(
+    svc: Services, run: RunRecord, action: CancelAction, request: Request | None = None
+) -> RunRecord | None:
     """Cancel `run` and return it once it has ended, or None once it is gone (a rollback's
-    worker deletes the run just after ending it)."""
+    worker deletes the run just after ending it).
+
+    Bounded: past two leases (time for another worker to take over a run whose worker died)
+    or once the client has gone, the run is returned as it is."""
     run_id = run.run_id
     deleted = action is CancelAction.ROLLBACK and not run.status.terminal
     grace = 100  # polls of 50 ms for an ended run to be deleted
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2 * svc.settings.lease_seconds + svc.settings.heartbeat_seconds
     # Subscribed before asking, so the run's last batch cannot slip by unseen.
     async with svc.fanout.subscribe(run_id) as live:
         await cancel_run(svc, run, action)
@@ -101,6 +122,8 @@ async def cancel_and_wait(svc: Services, run: RunRecord, action: CancelAction) -
                 if not deleted or grace == 0:
                     return run
                 grace -= 1
+            elif loop.time() > deadline or (request and await request.is_disconnected()):
+                return run
             await live.get(0.05 if run.status.terminal else svc.settings.heartbeat_seconds)
 
 
@@ -219,6 +242,7 @@ async def join_run(
 async def cancel_one(
     thread_id: str,
     run_id: str,
+    request: Request,
     wait: bool = Query(default=False),
     action: CancelAction = Query(default=CancelAction.INTERRUPT),
     svc: Services = Depends(services),
@@ -229,9 +253,11 @@ async def cancel_one(
     if not wait:
         await cancel_run(svc, run, action)
         return WireJSON(run_json(run), status_code=202)
-    ended = await cancel_and_wait(svc, run, action)
+    ended = await cancel_and_wait(svc, run, action, request)
     if ended is None:
         return Response(status_code=204)
+    if not ended.status.terminal:  # still not ended when the wait ran out
+        return WireJSON(run_json(ended), status_code=202)
     return run_json(ended)
 
 
