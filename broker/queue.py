@@ -70,6 +70,22 @@ class RunQueue:
                 await self.ack(msg_id, consumer)
         return jobs
 
+    async def contains(self, run_id: str) -> bool:
+        """Whether a job of `run_id` is in the queue (waiting or being run). Reads the whole
+        queue: only for repairs, never on a hot path."""
+        last = "-"
+        while True:
+            rows = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self._redis.xrange(self._key, min=last, max="+", count=1000),
+            )
+            for _msg_id, fields in rows:
+                if b"j" in fields and codec.unpack(fields[b"j"]).get("run_id") == run_id:
+                    return True
+            if len(rows) < 1000:
+                return False
+            last = "(" + rows[-1][0].decode()
+
     async def depth(self) -> int:
         """Jobs waiting for a worker (not yet delivered to any)."""
         groups: list[dict[str, Any]] = await self._redis.xinfo_groups(self._key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -49,20 +50,27 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
         multitask_strategy=body.multitask_strategy,
         on_disconnect=body.on_disconnect,
     )
-    job = await svc.runs.create(run)
-    strategy = body.multitask_strategy
-    verdict, active = await svc.runs.claim_thread(
-        run.thread_id, run.run_id, enqueue=strategy == "enqueue"
-    )
-    if verdict == "busy" and await svc.runs.active_run(run.thread_id) is None:
-        # The active run has ended (its worker is about to release the thread) or is gone:
-        # release it here (compare-and-delete) and claim again.
-        promoted = await svc.runs.release_active(run.thread_id, active)
-        if promoted:
-            await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
-        verdict, active = await svc.runs.claim_thread(
-            run.thread_id, run.run_id, enqueue=strategy == "enqueue"
-        )
+    await svc.runs.create(run)
+    try:
+        await _claim_and_enqueue(svc, run, body.multitask_strategy)
+    except Conflict:
+        raise
+    except BaseException:
+        # Compensate, so a start cut short (Redis refusing writes, a lost connection, the
+        # client gone) never leaves the thread pointing at a run nobody will execute. If this
+        # fails too, `repair_active` frees the thread when the next run asks for it.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(_abandon(svc, run, "the run could not be queued"))
+        raise
+    return run
+
+
+async def _claim_and_enqueue(svc: Services, run: RunRecord, strategy: str) -> None:
+    job = svc.runs.job(run)
+    enqueue = strategy == "enqueue"
+    verdict, active = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=enqueue)
+    if verdict == "busy" and await repair_active(svc, run.thread_id, active):
+        verdict, active = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=enqueue)
     if verdict == "busy":
         if strategy == "reject":
             await svc.runs.delete(run)
@@ -75,7 +83,43 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
         verdict, _ = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=True)
     if verdict == "started":
         await svc.queue.enqueue(job)
-    return run
+
+
+STALE_START_MS = 5_000
+"""A run still unclaimed this long after it was created may be one whose start was cut short
+between claiming its thread and queueing it: worth looking for in the queue."""
+
+
+async def repair_active(svc: Services, thread_id: str, active: str) -> bool:
+    """Free the thread if its active run can never end by itself: it has ended (its worker is
+    about to release the thread), is gone, or was never queued. Returns whether it did."""
+    try:
+        run = await svc.runs.get(active)
+    except RunNotFound:
+        run = None
+    if run is not None and not run.status.terminal:
+        stale = run.attempt == 0 and not run.worker and now_ms() - run.created_at > STALE_START_MS
+        if not stale or await svc.queue.contains(active):
+            return False
+        return await _abandon(svc, run, "its start was cut short before it was queued")
+    promoted = await svc.runs.release_active(thread_id, active)
+    if promoted:
+        await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
+    return True
+
+
+async def _abandon(svc: Services, run: RunRecord, why: str) -> bool:
+    """End a run no worker has started with an error, and free its thread; False when a
+    worker started it meanwhile."""
+    message = f"Run {run.run_id} was not started: {why}"
+    error = [Event("error", codec.error_payload("RunNotQueued", message)), Event(END_EVENT, b"")]
+    if not await svc.log.end_unclaimed(run.run_id, error, RunStatus.ERROR):
+        return False
+    await svc.runs.update(run.run_id, error=message)
+    promoted = await svc.runs.release_active(run.thread_id, run.run_id)
+    if promoted:
+        await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
+    return True
 
 
 async def cancel_run(svc: Services, run: RunRecord, action: CancelAction) -> None:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Query
 from starlette.responses import Response
 
 from api.deps import Services, services
-from api.routes.runs import cancel_run, start_run
+from api.routes.runs import cancel_run, repair_active, start_run
 from api.schemas import RunCreate
 from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event
 from broker import codec, telemetry
@@ -217,7 +217,7 @@ async def join_thread_stream(
     after = parse_last_event_id(last_event_id_header, last_event_id)
     await svc.threads.get(thread_id)
     run_id = await svc.runs.active_run(thread_id)
-    if run_id is None:
+    if run_id is None or await repair_active(svc, thread_id, run_id):
         return Response(status_code=204)
     return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds)
 
