@@ -31,6 +31,19 @@ class RunExpired(TokenrelayError):
         )
 
 
+class RunLost(RunExpired):
+    """A run made before this Redis began to hold the data: lost with an earlier Redis
+    (restarted without persistence, replaced) or expired."""
+
+    def __init__(self, run_id: str) -> None:
+        TokenrelayError.__init__(
+            self,
+            f"Run with ID {run_id} is no longer stored: it was made before this Redis began to "
+            "hold tokenrelay's data (Redis restarted without persistence or was replaced), or "
+            "it passed the retention time (TOKENRELAY_RETENTION_SECONDS)",
+        )
+
+
 class NoRunToCancel(NotFound):
     pass
 

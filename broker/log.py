@@ -294,13 +294,22 @@ class BlobResolver:
         return (await self.resolve_all([entry]))[0]
 
     async def _fetch(self, ref: bytes) -> None:
-        self._cache[ref] = await self._log.blob(self._run_id, ref) or b"{}"
+        blob = await self._log.blob(self._run_id, ref)
+        if blob is not None:
+            self._cache[ref] = blob
 
     def _splice(self, entry: Entry) -> Entry:
         ref = entry.blob_ref
         if ref is None:
             return entry
-        blob = self._cache[ref]
+        blob = self._cache.get(ref)
+        if blob is None:
+            # The blob is gone (expired or deleted apart from the stream): an error in the
+            # entry's place, never a chunk spliced with made-up metadata.
+            return Entry(entry.id, "error", codec.error_payload(
+                "MissingMetadata",
+                f"the metadata of event {entry.id} ({entry.name}) is no longer stored",
+            ))  # fmt: skip
         if ref.startswith(CONTENT_REF):
             return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
         return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))

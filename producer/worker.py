@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.connection import NETWORK_ERRORS, RedisClient
-from broker.errors import AppendFailed, Superseded
+from broker.errors import AppendFailed, Superseded, ThreadNotFound
 from broker.graphs import GraphRegistry
 from broker.keys import Keys
 from broker.log import FENCED, EventLog
@@ -246,6 +246,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         lease = self.settings.lease_seconds
         await self._redis.set(self.keys.worker(self.id), b"1", ex=max(1, math.ceil(lease)))
+        await self.runs.data_since()  # marks when an emptied Redis began to hold data again
         owned = {r.msg_id: r for r in self._running.values() if not r.stop_reason}
         for msg_id in await self.queue.renew(self.id, list(owned)):
             running = owned[msg_id]
@@ -519,12 +520,30 @@ class Worker:
             job.thread_id, "error" if status is RunStatus.ERROR else "idle"
         )
         promoted = await self.runs.release_active(job.thread_id, rid)
+        await self._retire_if_stateless(job.thread_id, ctx)
         await self.queue.ack(msg_id, self.id)
         telemetry.RUNS_FINISHED.labels(status.value).inc()
         if promoted:
             # The next run queued on this thread (multitask enqueue) may start now.
             await self.queue.enqueue(self.runs.job(await self.runs.get(promoted)))
         return True
+
+    async def _retire_if_stateless(self, thread_id: str, ctx: dict[str, object]) -> None:
+        """A stateless run (``POST /runs/...``) leaves no thread behind: its state is deleted
+        and its records expire with the run's."""
+        try:
+            thread = await self.threads.get(thread_id)
+        except ThreadNotFound:
+            return
+        if not thread.metadata.get("stateless"):
+            return
+        saver = self.registry.checkpointer
+        if saver is not None:
+            try:
+                await saver.adelete_thread(thread_id)
+            except Exception:  # the records still expire; the state is only kept longer
+                log.exception("could not delete a stateless run's thread state", extra=ctx)
+        await self.threads.retire(thread_id, self.settings.retention_seconds)
 
     async def _stopped(self, msg_id: bytes, job: Job, attempt: int, ctx: dict[str, object]) -> None:
         """The run's task was cancelled: hand it back to the queue, or let it go if fenced."""

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict
 
 from api.deps import Services, services
 from api.schemas import THREAD_ID_RULE, RunCreate, WireJSON, run_json, valid_thread_id
-from broker import codec
+from api.sse import gap_payload
+from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.errors import Conflict, InvalidBody, NoRunToCancel, RunNotFound
 from broker.models import END_EVENT, ZERO_ID, Event, Gap, RunStatus
@@ -181,6 +182,7 @@ async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
     alive while the run goes on."""
     last_values: bytes | None = None
     error: bytes | None = None
+    gap: Gap | None = None
     async with svc.fanout.subscribe(run.run_id) as live:
         tail = svc.log.tail(run.run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds)
         async for item in tail:
@@ -191,15 +193,21 @@ async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
                     break
                 yield b"\n"
             elif isinstance(item, Gap):
-                continue
+                telemetry.GAPS.inc()
+                gap = item
             elif item.is_end:
                 break
             elif item.name == "values":
                 last_values = item.data
+                gap = None  # a whole state after the gap: the result is complete again
             elif item.name == "error":
                 error = item.data
     if error is not None:
         yield b'{"__error__":' + error + b"}"
+    elif gap is not None and "values" in run.stream_modes:
+        # The last `values` was among the trimmed history: say so rather than pass older
+        # values off as the result.
+        yield b'{"__error__":' + gap_payload(gap) + b"}"
     elif last_values is not None:
         yield last_values
     else:

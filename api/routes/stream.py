@@ -14,7 +14,7 @@ from starlette.responses import Response
 from api.deps import Services, services
 from api.routes.runs import cancel_run, repair_active, start_run
 from api.schemas import RunCreate
-from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event
+from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event, gap_payload
 from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.errors import InvalidBody
@@ -29,14 +29,6 @@ def run_headers(thread_id: str, run_id: str) -> dict[str, str]:
         "Location": f"/threads/{thread_id}/runs/{run_id}/stream",
         "Content-Location": f"/threads/{thread_id}/runs/{run_id}",
     }
-
-
-def gap_payload(gap: Gap) -> bytes:
-    return codec.error_payload(
-        "StreamGap",
-        f"events after {gap.after} are no longer retained; "
-        f"the stream goes on from {gap.resumes_at}",
-    )
 
 
 def wanted(modes: list[str] | None) -> set[str] | None:
