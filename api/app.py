@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from api.apikey import ApiKeyCheck
 from api.deps import Services
 from api.routes import aisdk, assistants, ops, protocol, runs, stream, threads
 from api.schemas import WireJSON
@@ -107,18 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=WireJSON,
     )
     if cfg.api_keys:
-        keys = frozenset(cfg.api_keys)
-
-        @app.middleware("http")
-        async def _require_api_key(request: Request, call_next: Any) -> Any:
-            # Probes, metrics and the docs stay open; everything else needs a key.
-            if request.url.path in OPEN_PATHS or request.method == "OPTIONS":
-                return await call_next(request)
-            if request.headers.get("x-api-key") not in keys:
-                return JSONResponse(
-                    {"detail": "Missing or invalid API key (x-api-key header)"}, status_code=401
-                )
-            return await call_next(request)
+        # Probes, metrics and the docs stay open; everything else needs a key.
+        app.add_middleware(ApiKeyCheck, keys=cfg.api_keys, open_paths=OPEN_PATHS)
 
     if cfg.cors_origins:
         app.add_middleware(

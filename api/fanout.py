@@ -1,5 +1,11 @@
 """Live fan-out: one pub/sub connection per API process, one subscription per run, shared by all
-of that run's clients through reference counting."""
+of that run's clients through reference counting.
+
+Clients join and leave a channel synchronously (no await, so no cancellation can cut it
+short); one task, the syncer, brings the Redis subscriptions in line with the channels that
+have clients. No lock is held across a round trip to Redis, and a client that hangs up at any
+point, however its task is cancelled, leaves nothing subscribed behind.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from broker.connection import NETWORK_ERRORS, RedisClient
 from broker.keys import Keys
 from broker.log import LiveBatch
 from broker.pubsub import Subscriber, subscriber
+from broker.retry import Backoff
 
 log = logging.getLogger("tokenrelay.fanout")
 
@@ -96,9 +103,12 @@ class Fanout:
         self._keys = keys
         self._limit = queue_limit
         self._channels: dict[bytes, _Channel] = {}
+        """Channels with at least one client: what should be subscribed."""
+        self._active: set[bytes] = set()
+        """Channels subscribed on Redis (or being subscribed), as the syncer last left them."""
         self._pubsub: Subscriber | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
         self._subscribed = asyncio.Event()
 
     @property
@@ -107,15 +117,20 @@ class Fanout:
 
     async def start(self) -> None:
         self._pubsub = subscriber(self._redis)
-        self._task = asyncio.create_task(self._reader(), name="fanout")
+        self._tasks = [
+            asyncio.create_task(self._reader(), name="fanout"),
+            asyncio.create_task(self._syncer(), name="fanout-sync"),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._tasks = []
         if self._pubsub is not None:
             await self._pubsub.aclose()
+        telemetry.LIVE_CHANNELS.dec(len(self._channels))
         self._channels.clear()
 
     def subscribe(self, run_id: str) -> contextlib.AbstractAsyncContextManager[Subscription]:
@@ -132,24 +147,11 @@ class Fanout:
     async def _subscribe(self, name: bytes) -> AsyncIterator[Subscription]:
         assert self._pubsub is not None, "Fanout.start() was not called"
         sub = Subscription(self._limit)
-        async with self._lock:
-            channel = self._channels.get(name)
-            first = channel is None
-            if channel is None:
-                channel = self._channels[name] = _Channel()
-            channel.subscribers.add(sub)
-            if first:
-                telemetry.LIVE_CHANNELS.inc()
-                try:
-                    await self._pubsub.subscribe(name)
-                except BaseException:  # Redis is down: no half-made channel stays behind
-                    del self._channels[name]
-                    telemetry.LIVE_CHANNELS.dec()
-                    raise
-                self._subscribed.set()
+        channel = self._join(name, sub)
         try:
             # Readers go on to read history, so the subscription must be live first; a missed
-            # confirmation only costs a catch-up read, never an event.
+            # confirmation (Redis down, a slow subscribe) only costs a catch-up read, never an
+            # event.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await channel.confirmed.wait()
@@ -158,14 +160,55 @@ class Fanout:
             sub.reset()
             yield sub
         finally:
-            sub.reset()
-            async with self._lock:
-                channel.subscribers.discard(sub)
-                if not channel.subscribers and self._channels.get(name) is channel:
-                    del self._channels[name]
-                    telemetry.LIVE_CHANNELS.dec()
-                    with contextlib.suppress(*NETWORK_ERRORS):
-                        await self._pubsub.unsubscribe(name)
+            self._leave(name, channel, sub)
+
+    def _join(self, name: bytes, sub: Subscription) -> _Channel:
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = self._channels[name] = _Channel()
+            telemetry.LIVE_CHANNELS.inc()
+            if name in self._active:
+                # Still subscribed from an earlier client (its unsubscribe not yet sent): live.
+                channel.confirmed.set()
+            self._changed.set()
+        channel.subscribers.add(sub)
+        return channel
+
+    def _leave(self, name: bytes, channel: _Channel, sub: Subscription) -> None:
+        sub.reset()
+        channel.subscribers.discard(sub)
+        if not channel.subscribers and self._channels.get(name) is channel:
+            del self._channels[name]
+            telemetry.LIVE_CHANNELS.dec()
+            self._changed.set()
+
+    async def _syncer(self) -> None:
+        """Subscribe the channels that gained clients, unsubscribe the ones that lost them."""
+        assert self._pubsub is not None
+        backoff = Backoff()
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            add = [n for n in self._channels if n not in self._active]
+            drop = [n for n in self._active if n not in self._channels]
+            try:
+                if drop:
+                    self._active.difference_update(drop)
+                    await self._pubsub.unsubscribe(*drop)
+                if add:
+                    self._active.update(add)
+                    await self._pubsub.subscribe(*add)
+                    self._subscribed.set()
+                backoff.reset()
+            except NETWORK_ERRORS as exc:
+                # Redis is away: try again until what is subscribed matches what is wanted
+                # (unsubscribing or subscribing twice is harmless).
+                self._active.difference_update(add)
+                self._active.update(drop)
+                delay = backoff.next_delay()
+                log.warning("pub/sub (un)subscribe failed, retrying in %.2fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                self._changed.set()
 
     async def _reader(self) -> None:
         assert self._pubsub is not None

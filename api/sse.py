@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from broker.models import Entry
+from broker import codec
+from broker.models import Entry, Gap
 
 HEARTBEAT = b": heartbeat\n\n"
 
@@ -43,6 +44,15 @@ def format_data(data: bytes) -> bytes:
 def format_error(data: bytes) -> bytes:
     """An `error` event that is not stored, so it has no id."""
     return b"event: error\ndata: %s\n\n" % data
+
+
+def gap_payload(gap: Gap) -> bytes:
+    """The `error` payload that reports trimmed history (StreamGap) on every protocol."""
+    return codec.error_payload(
+        "StreamGap",
+        f"events after {gap.after} are no longer retained; "
+        f"the stream goes on from {gap.resumes_at}",
+    )
 
 
 class StreamAborted(Exception):

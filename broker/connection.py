@@ -176,8 +176,10 @@ def _node(host_port: str) -> ClusterNode:
     return ClusterNode(host.strip("[]"), int(port))
 
 
-async def ready(redis: RedisClient) -> None:
-    """Raise unless Redis can serve: it answers PING, and a cluster covers all its slots."""
+async def ready(redis: RedisClient, probe_key: str | None = None) -> None:
+    """Raise unless Redis can serve: it answers PING, a cluster covers all its slots, and a
+    write to `probe_key` (when given) is accepted (not refused for memory, a failed save or a
+    read-only replica)."""
     if isinstance(redis, RedisCluster):
         await redis.ping(target_nodes=RedisCluster.ALL_NODES)
         info = await redis.cluster_info()
@@ -186,3 +188,5 @@ async def ready(redis: RedisClient) -> None:
             raise RedisError(f"cluster_state is {state}")
     else:
         await redis.ping()
+    if probe_key is not None:
+        await redis.set(probe_key, b"1", ex=10)

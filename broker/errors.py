@@ -31,6 +31,19 @@ class RunExpired(TokenrelayError):
         )
 
 
+class RunLost(RunExpired):
+    """A run made before this Redis began to hold the data: lost with an earlier Redis
+    (restarted without persistence, replaced) or expired."""
+
+    def __init__(self, run_id: str) -> None:
+        TokenrelayError.__init__(
+            self,
+            f"Run with ID {run_id} is no longer stored: it was made before this Redis began to "
+            "hold tokenrelay's data (Redis restarted without persistence or was replaced), or "
+            "it passed the retention time (TOKENRELAY_RETENTION_SECONDS)",
+        )
+
+
 class NoRunToCancel(NotFound):
     pass
 
@@ -71,3 +84,17 @@ class Conflict(TokenrelayError):
 
 class GraphLoadError(TokenrelayError):
     """A graph spec in TOKENRELAY_GRAPHS that cannot be loaded."""
+
+
+class Superseded(TokenrelayError):
+    """A worker's attempt at a run is no longer the run's current one: another worker took the
+    run over (this one was paused or partitioned past its lease), so this one must write nothing
+    more."""
+
+    def __init__(self, run_id: str, attempt: int) -> None:
+        super().__init__(f"attempt {attempt} of run {run_id} was superseded by a later one")
+
+
+class AppendFailed(TokenrelayError):
+    """Redis refused a run's events for good (out of memory with noeviction, a key of the wrong
+    type) after bounded retries; the run is failed instead of retried forever."""

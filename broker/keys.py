@@ -56,5 +56,13 @@ class Keys:
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
 
+    def epoch(self) -> str:
+        """When (ms) this Redis began to hold tokenrelay's data (see `RunStore.data_since`)."""
+        return f"{self.prefix}:epoch"
+
+    def probe(self) -> str:
+        """A short-lived key `/readyz` writes, to tell a Redis that refuses writes."""
+        return f"{self.prefix}:probe"
+
     def ctl(self, worker_id: str) -> str:
         return f"{self.prefix}:ctl:{worker_id}"

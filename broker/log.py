@@ -142,6 +142,20 @@ class EventLog:
             raise result
         return result  # type: ignore[no-any-return]
 
+    async def end_unclaimed(self, run_id: str, events: Sequence[Event], status: RunStatus) -> bool:
+        """Append `events` with the final `status` only if no worker has started the run yet
+        (a cancel of a run still waiting in the queue); returns whether it did."""
+        rows = [(e.name, _inline(e), b"") for e in events]
+        pipe = self._redis.pipeline(transaction=False)
+        self.append_in(pipe, run_id, rows, status=status, attempt=-1)
+        (result,) = await pipe.execute(raise_on_error=False)
+        if isinstance(result, NoScriptError):
+            await self._append.load(self._redis)
+            return await self.end_unclaimed(run_id, events, status)
+        if isinstance(result, Exception):
+            raise result
+        return bool(result != FENCED)
+
     async def load_scripts(self) -> None:
         await self._append.load(self._redis)
 
@@ -324,13 +338,22 @@ class BlobResolver:
         return (await self.resolve_all([entry]))[0]
 
     async def _fetch(self, ref: bytes) -> None:
-        self._cache[ref] = await self._log.blob(self._run_id, ref) or b"{}"
+        blob = await self._log.blob(self._run_id, ref)
+        if blob is not None:
+            self._cache[ref] = blob
 
     def _splice(self, entry: Entry) -> Entry:
         ref = entry.blob_ref
         if ref is None:
             return entry
-        blob = self._cache[ref]
+        blob = self._cache.get(ref)
+        if blob is None:
+            # The blob is gone (expired or deleted apart from the stream): an error in the
+            # entry's place, never a chunk spliced with made-up metadata.
+            return Entry(entry.id, "error", codec.error_payload(
+                "MissingMetadata",
+                f"the metadata of event {entry.id} ({entry.name}) is no longer stored",
+            ))  # fmt: skip
         if ref.startswith(DELTA_REF):
             name, node, head = blob.split(b"\x00", 2)
             data = head + entry.data + b"}}"

@@ -87,6 +87,13 @@ def to_protocol(base: str, data: bytes) -> tuple[str, str, bytes] | None:
         name = base[7:]
         head = b'{"name":' + codec.json_bytes(name) + b',"payload":'
         return "custom", base, head + data + b"}"
+    if base == "error":
+        # A token whose stored metadata is gone: said in the message's place, never dropped.
+        error = codec.json_loads(data)
+        if not isinstance(error, dict) or error.get("error") != "MissingMetadata":
+            return None  # a run's failure: its lifecycle event says it
+        payload = {"event": "error", "message": str(error.get("message")), "code": "missing"}
+        return "messages", "messages", codec.json_bytes(payload)
     if base == "checkpoints":
         summary = checkpoint_summary(codec.json_loads(data))
         return "checkpoints", "checkpoints", codec.json_bytes(summary)

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from redis.exceptions import ResponseError
 
-from broker import codec
+from broker import codec, scripts
 from broker.connection import RedisClient
 from broker.keys import Keys
 from broker.models import Job
@@ -19,6 +19,8 @@ class RunQueue:
     def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._key = keys.queue()
+        self._renew = scripts.script("renew_jobs")
+        self._ack = scripts.script("ack_job")
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) once; later calls are no-ops."""
@@ -45,10 +47,15 @@ class RunQueue:
                 jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
         return jobs
 
-    async def renew(self, consumer: str, msg_ids: list[bytes]) -> None:
-        """Reset the idle time of `consumer`'s jobs: the lease renewal other workers watch."""
-        if msg_ids:
-            await self._redis.xclaim(self._key, GROUP, consumer, 0, list[Any](msg_ids), justid=True)
+    async def renew(self, consumer: str, msg_ids: list[bytes]) -> list[bytes]:
+        """Reset the idle time of `consumer`'s jobs: the lease renewal other workers watch.
+
+        Returns the jobs `consumer` no longer owns (taken over by another worker, or gone):
+        their runs were superseded, and renewing them would steal them back."""
+        if not msg_ids:
+            return []
+        lost = await self._renew(self._redis, [self._key], [GROUP, consumer, *msg_ids])
+        return [bytes(m) for m in lost]
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[bytes, Job]]:
         """Take over up to `count` jobs whose owner has not renewed them for `min_idle_ms`."""
@@ -60,8 +67,24 @@ class RunQueue:
             if fields and b"j" in fields:
                 jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
             else:  # its payload is gone: nothing to run
-                await self.ack(msg_id)
+                await self.ack(msg_id, consumer)
         return jobs
+
+    async def contains(self, run_id: str) -> bool:
+        """Whether a job of `run_id` is in the queue (waiting or being run). Reads the whole
+        queue: only for repairs, never on a hot path."""
+        last = "-"
+        while True:
+            rows = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self._redis.xrange(self._key, min=last, max="+", count=1000),
+            )
+            for _msg_id, fields in rows:
+                if b"j" in fields and codec.unpack(fields[b"j"]).get("run_id") == run_id:
+                    return True
+            if len(rows) < 1000:
+                return False
+            last = "(" + rows[-1][0].decode()
 
     async def depth(self) -> int:
         """Jobs waiting for a worker (not yet delivered to any)."""
@@ -72,9 +95,7 @@ class RunQueue:
                 return int(g.get("lag") or 0)
         return 0
 
-    async def ack(self, msg_id: bytes) -> None:
-        """Acknowledge and drop a finished job."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xack(self._key, GROUP, msg_id)
-        pipe.xdel(self._key, msg_id)
-        await pipe.execute()
+    async def ack(self, msg_id: bytes, consumer: str) -> bool:
+        """Acknowledge and drop a finished job if `consumer` still owns it (a superseded worker
+        must not drop the job its successor holds); returns whether it did."""
+        return bool(await self._ack(self._redis, [self._key], [GROUP, consumer, msg_id]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Any, cast
 
 from broker import codec, scripts
 from broker.connection import RedisClient
-from broker.errors import RunExpired, RunNotFound
+from broker.errors import RunExpired, RunLost, RunNotFound
 from broker.keys import Keys
 from broker.models import Job, RunStatus
 
@@ -19,7 +20,22 @@ def now_ms() -> int:
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A UUID version 7: random, and ordered by its creation time, which it carries (see
+    `id_created_ms`), so a run that is not found can be told apart from one never made."""
+    ms = now_ms()
+    rand = int.from_bytes(os.urandom(10))
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & 0x3FFF_FFFF_FFFF_FFFF
+    return str(uuid.UUID(int=value))
+
+
+def id_created_ms(value: str) -> int | None:
+    """When `value` was made, if it is a version-7 UUID."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return parsed.int >> 80 if parsed.version == 7 else None
 
 
 @dataclass(slots=True)
@@ -99,6 +115,7 @@ class RunStore:
         self._release = scripts.script("release_active")
         self._start = scripts.script("start_attempt")
         self._claim = scripts.script("claim_thread")
+        self._update = scripts.script("update_run")
 
     async def create(self, run: RunRecord) -> Job:
         """Store `run` as pending and list it on its thread; returns its queue job."""
@@ -176,16 +193,50 @@ class RunStore:
         except RunNotFound:
             if await self._redis.zscore(self._keys.thread_runs(thread_id), run_id) is not None:
                 raise RunExpired(run_id) from None
+            created = id_created_ms(run_id)
+            if created is not None and created < await self.data_since():
+                raise RunLost(run_id) from None
             raise
         if run.thread_id != thread_id:
             raise RunNotFound(run_id)
         return run
 
+    async def data_since(self) -> int:
+        """Since when (ms) this Redis has held tokenrelay's data: a run made before then and
+        not found was lost with an earlier Redis (or expired), not never made. Set by the
+        first process that asks after Redis starts empty; renewed by the workers."""
+        key = self._keys.epoch()
+        await self._redis.set(key, now_ms(), nx=True, ex=self._ttl)
+        raw = cast(bytes | None, await self._redis.get(key))
+        return int(raw) if raw else now_ms()
+
     async def update(self, run_id: str, **fields: str | int) -> None:
         fields.setdefault("updated_at", now_ms())
         await self._redis.hset(self._keys.run_meta(run_id), mapping=fields)  # type: ignore[misc,arg-type]
 
+    async def update_fenced(self, run_id: str, attempt: int, **fields: str | int) -> bool:
+        """`update`, only while `attempt` is the run's current one; returns whether it wrote."""
+        fields.setdefault("updated_at", now_ms())
+        args: list[str | int] = [attempt]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(await self._update(self._redis, [self._keys.run_meta(run_id)], args))
+
     async def active_run(self, thread_id: str) -> str | None:
+        """The run active on the thread, if it is still pending or running.
+
+        A pointer to a run that has ended (its worker writes the end before it releases the
+        thread) or is gone (lost with its Redis, expired) does not make the thread busy."""
+        pointer = await self.active_pointer(thread_id)
+        if pointer is None:
+            return None
+        status = cast(bytes | None, await self._redis.hget(self._keys.run_meta(pointer), "status"))  # type: ignore[misc]
+        if status is None or RunStatus(status.decode()).terminal:
+            return None
+        return pointer
+
+    async def active_pointer(self, thread_id: str) -> str | None:
+        """The thread's active pointer as stored, whatever became of its run."""
         rid = cast(bytes | None, await self._redis.get(self._keys.thread_active(thread_id)))
         return rid.decode() if rid else None
 

@@ -127,6 +127,17 @@ class ThreadStore:
         pipe.zrem(self._keys.threads_index(), thread_id)
         await pipe.execute()
 
+    async def retire(self, thread_id: str, ttl_seconds: int) -> None:
+        """Take a thread out of listings and let its records expire with its runs' (a
+        stateless run's thread: nothing may be left behind)."""
+        k = self._keys
+        pipe = self._redis.pipeline(transaction=False)
+        for key in (k.thread_meta(thread_id), k.thread_runs(thread_id)):
+            pipe.expire(key, ttl_seconds)
+        pipe.delete(k.thread_pending(thread_id))
+        pipe.zrem(k.threads_index(), thread_id)
+        await pipe.execute()
+
     async def list_ids(self) -> list[str]:
         """Every thread id, newest first."""
         ids = cast(list[bytes], await self._redis.zrevrange(self._keys.threads_index(), 0, -1))

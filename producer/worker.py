@@ -2,8 +2,15 @@
 
 A worker owns a run while it renews the run's queue entry (its lease) on every heartbeat. When a
 worker dies, its entries go idle; after `lease_seconds` any other worker takes them over with
-XAUTOCLAIM and starts the next attempt, which continues from the run's last checkpoint. A
-superseded worker's writes are fenced off by the append script.
+XAUTOCLAIM and starts the next attempt, which continues from the run's last checkpoint.
+
+Fencing: every write an attempt makes for its run is conditional on it still being the run's
+current attempt (appends and the final status by the append script, other fields by
+``update_run.lua``, the lease and the queue ack by the queue entry's owner). The end of a run is
+written first, in one fenced append; once it is in, no other attempt can start, so the
+thread-side effects that follow (thread status, releasing the active pointer, the ack) belong to
+the attempt that wrote it. A superseded attempt stops its graph at its next write or lease
+renewal and logs it.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ from redis.exceptions import ResponseError
 from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.connection import NETWORK_ERRORS, RedisClient
-from broker.errors import AssistantNotFound
+from broker.errors import AppendFailed, AssistantNotFound, Superseded, ThreadNotFound
 from broker.graphs import GraphRegistry
 from broker.keys import Keys
 from broker.log import FENCED, EventLog
 from broker.models import END_EVENT, LIFECYCLE_EVENT, Event, Job, RunStatus
 from broker.pubsub import subscriber
 from broker.queue import RunQueue
+from broker.retry import Backoff
 from broker.runs import RunStore
 from broker.settings import Settings
 from broker.threads import ThreadStore
@@ -37,6 +45,10 @@ from producer.publisher import Publisher
 from producer.runner import GraphRun
 
 log = logging.getLogger("tokenrelay.worker")
+
+END_TRIES = 30
+"""Tries at writing a run's end while Redis refuses its appends (about a minute), each after
+the publisher's own bounded retries."""
 
 
 def new_worker_id() -> str:
@@ -49,7 +61,13 @@ class _Running:
     msg_id: bytes
     task: asyncio.Task[None]
     stop_reason: str = ""
-    """Why the task is being cancelled: ``handback`` (drain) or ``fenced`` (superseded)."""
+    """Why the task is being cancelled: ``handback`` (drain), ``fenced`` (superseded),
+    ``failed`` (Redis refuses its events) or ``cancel:<action>``."""
+    attempt: int = 0
+    failure: str = ""
+    finishing: bool = False
+    """Writing the run's end: nothing may cancel the task any more (a superseded or failed
+    write raises in the task itself)."""
 
 
 class Worker:
@@ -82,6 +100,7 @@ class Worker:
             flush_ms=settings.flush_ms,
             max_events=settings.flush_max_events,
             on_cancel=self._on_cancel_signal,
+            on_failed=self._on_append_failed,
         )
         self._running: dict[str, _Running] = {}
         self._ctx = {"worker_id": self.id}
@@ -181,11 +200,14 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
-                # Redis came back empty (restarted without persistence): recreate the group.
-                log.warning("run queue group missing; recreating it", extra=self._ctx)
-                await self.queue.ensure_group()
+                # The queue or its group vanished (DEL, FLUSHALL, a restart without
+                # persistence): recreate them and go on.
+                log.warning("run queue or its group missing; recreating them", extra=self._ctx)
+                with contextlib.suppress(*NETWORK_ERRORS, ResponseError):
+                    await self.queue.ensure_group()
+                await asyncio.sleep(backoff)
                 continue
             for msg_id, job in claimed:
                 self._start(msg_id, job)
@@ -224,10 +246,20 @@ class Worker:
     async def _heartbeat(self) -> None:
         lease = self.settings.lease_seconds
         await self._redis.set(self.keys.worker(self.id), b"1", ex=max(1, math.ceil(lease)))
-        await self.queue.renew(self.id, [r.msg_id for r in self._running.values()])
+        await self.runs.data_since()  # marks when an emptied Redis began to hold data again
+        owned = {r.msg_id: r for r in self._running.values() if not r.stop_reason}
+        for msg_id in await self.queue.renew(self.id, list(owned)):
+            running = owned[msg_id]
+            self._fence(running.job.run_id, "its lease lapsed and another worker holds it")
         free = self.concurrency - len(self._running)
         if free > 0:
-            reclaimed = await self.queue.reclaim(self.id, int(lease * 1000), free)
+            try:
+                reclaimed = await self.queue.reclaim(self.id, int(lease * 1000), free)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.queue.ensure_group()
+                return
             for msg_id, job in reclaimed:
                 if job.run_id in self._running:
                     continue
@@ -262,7 +294,7 @@ class Worker:
 
     def _cancel(self, run_id: str, action: CancelAction) -> None:
         running = self._running.get(run_id)
-        if running is None or running.stop_reason:
+        if running is None or running.stop_reason or running.finishing:
             return
         log.info("cancel requested: %s", action.value, extra={**self._ctx, "run_id": run_id})
         running.stop_reason = f"cancel:{action.value}"
@@ -275,13 +307,28 @@ class Worker:
         if value in (b"interrupt", b"rollback"):
             self._cancel(run_id, CancelAction(value.decode()))
             return
-        if value == FENCED and not running.stop_reason:
-            log.warning(
-                "run was taken over by another worker; stopping this attempt",
-                extra={**self._ctx, "run_id": run_id},
-            )
-            running.stop_reason = "fenced"
-            running.task.cancel()
+        if value == FENCED:
+            self._fence(run_id, "another attempt owns its stream")
+
+    def _fence(self, run_id: str, why: str) -> None:
+        """This worker's attempt was superseded: stop its graph, write nothing more."""
+        running = self._running.get(run_id)
+        if running is None or running.finishing or running.stop_reason in ("fenced", "handback"):
+            return
+        log.warning(
+            "run was taken over by another worker (%s); stopping attempt %d, writing nothing more",
+            why, running.attempt, extra={**self._ctx, "run_id": run_id},
+        )  # fmt: skip
+        running.stop_reason = "fenced"
+        running.task.cancel()
+
+    def _on_append_failed(self, run_id: str, exc: BaseException) -> None:
+        running = self._running.get(run_id)
+        if running is None or running.stop_reason or running.finishing:
+            return
+        running.stop_reason = "failed"
+        running.failure = str(exc)
+        running.task.cancel()
 
     # -- executing ---------------------------------------------------------------------------
 
@@ -292,26 +339,41 @@ class Worker:
             rid, self.id, self.settings.max_attempts
         )
         if verdict == "done":
-            await self.queue.ack(msg_id)
+            await self.queue.ack(msg_id, self.id)
             return
         ctx["attempt"] = attempt
+        running = self._running.get(rid)
+        if running is not None:
+            running.attempt = attempt
         self.publisher.begin_run(rid, attempt, seq)
         # Number the run's events after the thread's last one, then tell the thread's
         # protocol subscribers that a run started.
         await self.runs.assign_seq_base(rid, await self.threads.last_seq(job.thread_id))
         await self.threads.announce_run(job.thread_id)
-        if verdict.startswith("cancel:"):
-            # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
-            await self._cancelled(msg_id, job, CancelAction(verdict.split(":", 1)[1]), None, ctx)
-            return
-        if verdict == "exhausted":
-            log.error("run gave up after %d attempts", attempt, extra=ctx)
-            message = f"Run failed after {attempt} attempt(s): its worker stopped responding"
-            await self._finish(
-                msg_id, job, RunStatus.ERROR, [Event("error", codec.error_payload(
-                    "RunAttemptsExhausted", message))], error=message,
-            )  # fmt: skip
-            return
+        try:
+            if verdict.startswith("cancel:"):
+                # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
+                action = CancelAction(verdict.split(":", 1)[1])
+                await self._cancelled(msg_id, job, attempt, action, None, ctx)
+                return
+            if verdict == "exhausted":
+                log.error("run gave up after %d attempts", attempt - 1, extra=ctx)
+                tries = attempt - 1
+                message = f"Run failed after {tries} attempt(s): its worker stopped responding"
+                await self._finish(
+                    msg_id, job, attempt, RunStatus.ERROR, [Event("error", codec.error_payload(
+                        "RunAttemptsExhausted", message))], error=message, ctx=ctx,
+                )  # fmt: skip
+                return
+            await self._run_graph(msg_id, job, attempt, ctx)
+        except Superseded:
+            self.publisher.forget(rid)
+            log.warning("attempt superseded; it wrote nothing more", extra=ctx)
+
+    async def _run_graph(
+        self, msg_id: bytes, job: Job, attempt: int, ctx: dict[str, object]
+    ) -> None:
+        rid = job.run_id
         telemetry.RUNS_STARTED.inc()
         log.info("run started", extra=ctx)
         self.publisher.emit(
@@ -337,28 +399,36 @@ class Worker:
         except asyncio.CancelledError:
             running = self._running.get(rid)
             reason = running.stop_reason if running else ""
-            if reason.startswith("cancel:"):
+            if reason.startswith("cancel:") or reason == "failed":
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
+            if reason.startswith("cancel:"):
                 action = CancelAction(reason.split(":", 1)[1])
-                await self._cancelled(msg_id, job, action, graph_run, ctx)
+                await self._cancelled(msg_id, job, attempt, action, graph_run, ctx)
                 return
-            await self._stopped(msg_id, job, ctx)
+            if reason == "failed":
+                assert running is not None
+                await self._failed(msg_id, job, attempt, running.failure, ctx)
+                return
+            await self._stopped(msg_id, job, attempt, ctx)
             raise
         except Exception as exc:  # the run failed; the worker goes on
-            log.error("run failed: %s: %s", type(exc).__name__, exc, exc_info=exc, extra=ctx)
+            log.info("run failed: %s: %s", type(exc).__name__, exc, extra=ctx)
             status = RunStatus.ERROR
             error = f"{type(exc).__name__}: {exc}"
             final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
         interrupted = graph_run is not None and graph_run.interrupted
-        await self._finish(msg_id, job, status, final, error=error, interrupted=interrupted)
-        log.info("run finished: %s", status.value, extra=ctx)
+        if await self._finish(
+            msg_id, job, attempt, status, final, error=error, ctx=ctx, interrupted=interrupted
+        ):
+            log.info("run finished: %s", status.value, extra=ctx)
 
     async def _cancelled(
         self,
         msg_id: bytes,
         job: Job,
+        attempt: int,
         action: CancelAction,
         graph_run: GraphRun | None,
         ctx: dict[str, object],
@@ -368,75 +438,154 @@ class Worker:
         final: list[Event] = []
         error = ""
         checkpoint_id: str | None = None
+        # The thread is written below: only while this attempt still owns the run.
+        if not await self.runs.update_fenced(rid, attempt):
+            raise Superseded(rid, attempt)
         try:
             if graph_run is not None and action is CancelAction.INTERRUPT:
                 checkpoint_id, values = await graph_run.save_partial()
-                if checkpoint_id:
-                    await self.runs.update(rid, checkpoint_id=checkpoint_id)
+                if checkpoint_id and not await self.runs.update_fenced(
+                    rid, attempt, checkpoint_id=checkpoint_id
+                ):
+                    raise Superseded(rid, attempt)
                 final.append(Event("values", codec.json_bytes(values)))
             elif graph_run is not None:
                 await graph_run.rollback()
+        except Superseded:
+            raise
         except Exception as exc:  # the run still ends; the error says what was not kept
             log.exception("could not %s the cancelled run", action.value, extra=ctx)
             error = f"{type(exc).__name__}: {exc}"
             final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
-        await self._finish(
-            msg_id, job, RunStatus.INTERRUPTED, final, error=error, checkpoint_id=checkpoint_id
-        )
+        if not await self._finish(
+            msg_id, job, attempt, RunStatus.INTERRUPTED, final, error=error, ctx=ctx,
+            checkpoint_id=checkpoint_id,
+        ):  # fmt: skip
+            return
         if action is CancelAction.ROLLBACK:
             await self.runs.delete(await self.runs.get(rid))
         log.info("run cancelled (%s)", action.value, extra=ctx)
+
+    async def _failed(
+        self, msg_id: bytes, job: Job, attempt: int, why: str, ctx: dict[str, object]
+    ) -> None:
+        """Redis refused the run's events for good: end it with an error, as far as Redis
+        lets us write one."""
+        log.error("run failed: Redis refuses its events: %s", why, extra=ctx)
+        self.publisher.revive(job.run_id)
+        message = f"Redis refused the run's events: {why}"
+        error = [Event("error", codec.error_payload("AppendFailed", message))]
+        await self._finish(msg_id, job, attempt, RunStatus.ERROR, error, error=message, ctx=ctx)
 
     async def _finish(
         self,
         msg_id: bytes,
         job: Job,
+        attempt: int,
         status: RunStatus,
         final: list[Event],
         *,
         error: str = "",
+        ctx: dict[str, object],
         interrupted: bool = False,
         checkpoint_id: str | None = None,
-    ) -> None:
-        """Write the run's terminal state: pending events, thread status, the active pointer,
-        then the last events and `end` with the final status in one append, then acknowledge
-        the job."""
+    ) -> bool:
+        """Write the run's terminal state: the final events, `end` and the final status in one
+        fenced append, then the thread's status and active pointer, then acknowledge the job.
+        Raises `Superseded` (having written nothing) when this attempt was superseded."""
         rid = job.run_id
+        running = self._running.get(rid)
+        if running is not None:
+            running.finishing = True
         if error:
-            await self.runs.update(rid, error=error)
+            try:
+                if not await self.runs.update_fenced(rid, attempt, error=error):
+                    raise Superseded(rid, attempt)
+            except Superseded:
+                raise
+            except Exception as exc:  # Redis refuses writes: the error event still says it
+                log.warning("could not record the run's error: %s", exc, extra=ctx)
             telemetry.RUNS_FAILED.inc()
-        final = [*final, _lifecycle_end(status, error, interrupted, checkpoint_id)]
-        final.append(Event(END_EVENT, b""))
-        await self.publisher.flush_run(rid)
+        backoff = Backoff()
+        end = _lifecycle_end(status, error, interrupted, checkpoint_id)
+        events = [*final, end, Event(END_EVENT, b"")]
+        while True:
+            try:
+                await self.publisher.close_run(rid, events, status)
+                break
+            except AppendFailed as exc:
+                # Events were lost: the run ends as an error that says so, whatever it was.
+                # Redis refuses writes (out of memory, say): try again, bounded, so readers
+                # get the end once it takes writes again; then give the run up.
+                if status is not RunStatus.ERROR or not error:
+                    status = RunStatus.ERROR
+                    error = f"AppendFailed: Redis refused the run's events: {exc}"
+                    events = [
+                        Event("error", codec.error_payload("AppendFailed", error)),
+                        _lifecycle_end(status, error, False, None),
+                        Event(END_EVENT, b""),
+                    ]
+                    with contextlib.suppress(Exception):
+                        await self.runs.update_fenced(rid, attempt, error=error)
+                if backoff.tries >= END_TRIES:
+                    log.error("could not write the end of the run, giving up: %s", exc, extra=ctx)
+                    break
+                delay = backoff.next_delay()
+                log.warning("could not write the end of the run, retrying in %.1fs", delay,
+                            extra=ctx)  # fmt: skip
+                await asyncio.sleep(delay)
+                self.publisher.revive(rid)
+        # The end is written by this attempt: no other attempt can start the run any more.
         # The thread's next run numbers its events after this one's last (`end`).
-        await self.threads.advance_seq(job.thread_id, await self.runs.last_seq(rid) + len(final))
+        await self.threads.advance_seq(job.thread_id, await self.runs.last_seq(rid))
         await self.threads.set_status(
             job.thread_id, "error" if status is RunStatus.ERROR else "idle"
         )
         promoted = await self.runs.release_active(job.thread_id, rid)
-        await self.publisher.close_run(rid, final, status)
-        await self.queue.ack(msg_id)
+        await self._retire_if_stateless(job.thread_id, ctx)
+        await self.queue.ack(msg_id, self.id)
         telemetry.RUNS_FINISHED.labels(status.value).inc()
         if promoted:
             # The next run queued on this thread (multitask enqueue) may start now.
             await self.queue.enqueue(self.runs.job(await self.runs.get(promoted)))
+        return True
 
-    async def _stopped(self, msg_id: bytes, job: Job, ctx: dict[str, object]) -> None:
+    async def _retire_if_stateless(self, thread_id: str, ctx: dict[str, object]) -> None:
+        """A stateless run (``POST /runs/...``) leaves no thread behind: its state is deleted
+        and its records expire with the run's."""
+        try:
+            thread = await self.threads.get(thread_id)
+        except ThreadNotFound:
+            return
+        if not thread.metadata.get("stateless"):
+            return
+        saver = self.registry.checkpointer
+        if saver is not None:
+            try:
+                await saver.adelete_thread(thread_id)
+            except Exception:  # the records still expire; the state is only kept longer
+                log.exception("could not delete a stateless run's thread state", extra=ctx)
+        await self.threads.retire(thread_id, self.settings.retention_seconds)
+
+    async def _stopped(self, msg_id: bytes, job: Job, attempt: int, ctx: dict[str, object]) -> None:
         """The run's task was cancelled: hand it back to the queue, or let it go if fenced."""
         running = self._running.get(job.run_id)
         reason = running.stop_reason if running else ""
         if reason == "fenced":
             self.publisher.forget(job.run_id)
+            log.warning("attempt superseded; its graph stopped", extra=ctx)
             return
         if reason == "handback":
             # What was published stays; the next attempt continues from the last checkpoint.
-            await self.publisher.flush_run(job.run_id)
+            with contextlib.suppress(Superseded, AppendFailed):
+                await self.publisher.flush_run(job.run_id)
             self.publisher.forget(job.run_id)
-            await self.runs.update(job.run_id, status=RunStatus.PENDING.value, worker="")
-            await self.queue.enqueue(job)
-            await self.queue.ack(msg_id)
-            telemetry.RUNS_HANDED_BACK.inc()
-            log.info("run handed back to the queue", extra=ctx)
+            fields = {"status": RunStatus.PENDING.value, "worker": ""}
+            if await self.runs.update_fenced(job.run_id, attempt, **fields):
+                await self.queue.enqueue(job)
+                await self.queue.ack(msg_id, self.id)
+                telemetry.RUNS_HANDED_BACK.inc()
+                log.info("run handed back to the queue", extra=ctx)
 
 
 def _lifecycle_end(

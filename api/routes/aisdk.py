@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import Services, services
 from api.routes.runs import cancel_run, start_run
 from api.schemas import RunCreate
-from api.sse import HEARTBEAT, EventStreamResponse, format_data
-from broker import codec
+from api.sse import HEARTBEAT, EventStreamResponse, format_data, gap_payload
+from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.errors import InvalidBody
 from broker.models import ZERO_ID, Gap, RunStatus
@@ -67,7 +67,11 @@ async def ui_parts(svc: Services, run_id: str) -> AsyncIterator[bytes]:
                 yield HEARTBEAT
                 continue
             if isinstance(item, Gap):
-                continue  # a replay always starts at the run's first event
+                # Trimmed history (MAXLEN): say so rather than stream a reply with a hole.
+                telemetry.GAPS.inc()
+                err = codec.json_loads(gap_payload(item))
+                yield _part({"type": "error", "errorText": f"{err['error']}: {err['message']}"})
+                continue
             if item.is_end:
                 break
             if item.name == "messages":

@@ -36,9 +36,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(svc: Services = Depends(services)) -> dict[str, str] | JSONResponse:
-    """Redis answers (every node of a cluster, with all its slots served)."""
+    """Redis answers (every node of a cluster, with all its slots served) and takes writes."""
     try:
-        await ready(svc.redis)
+        await ready(svc.redis, svc.keys.probe())
     except Exception as exc:  # any failure means not ready
         return JSONResponse(
             {"status": "unavailable", "detail": f"redis: {exc}"},

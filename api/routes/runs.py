@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from api.deps import Services, services
 from api.schemas import THREAD_ID_RULE, RunCreate, WireJSON, run_json, valid_thread_id
-from broker import codec
+from api.sse import gap_payload
+from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.errors import Conflict, InvalidBody, NoRunToCancel, RunNotFound
-from broker.models import ZERO_ID, Gap, RunStatus
+from broker.models import END_EVENT, ZERO_ID, Event, Gap, RunStatus
 from broker.runs import RunRecord, new_id, now_ms
 
 router = APIRouter(tags=["runs"])
@@ -48,11 +51,27 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
         multitask_strategy=body.multitask_strategy,
         on_disconnect=body.on_disconnect,
     )
-    job = await svc.runs.create(run)
-    strategy = body.multitask_strategy
-    verdict, active = await svc.runs.claim_thread(
-        run.thread_id, run.run_id, enqueue=strategy == "enqueue"
-    )
+    await svc.runs.create(run)
+    try:
+        await _claim_and_enqueue(svc, run, body.multitask_strategy)
+    except Conflict:
+        raise
+    except BaseException:
+        # Compensate, so a start cut short (Redis refusing writes, a lost connection, the
+        # client gone) never leaves the thread pointing at a run nobody will execute. If this
+        # fails too, `repair_active` frees the thread when the next run asks for it.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(_abandon(svc, run, "the run could not be queued"))
+        raise
+    return run
+
+
+async def _claim_and_enqueue(svc: Services, run: RunRecord, strategy: str) -> None:
+    job = svc.runs.job(run)
+    enqueue = strategy == "enqueue"
+    verdict, active = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=enqueue)
+    if verdict == "busy" and await repair_active(svc, run.thread_id, active):
+        verdict, active = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=enqueue)
     if verdict == "busy":
         if strategy == "reject":
             await svc.runs.delete(run)
@@ -65,21 +84,77 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
         verdict, _ = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=True)
     if verdict == "started":
         await svc.queue.enqueue(job)
-    return run
+
+
+STALE_START_MS = 5_000
+"""A run still unclaimed this long after it was created may be one whose start was cut short
+between claiming its thread and queueing it: worth looking for in the queue."""
+
+
+async def repair_active(svc: Services, thread_id: str, active: str) -> bool:
+    """Free the thread if its active run can never end by itself: it has ended (its worker is
+    about to release the thread), is gone, or was never queued. Returns whether it did."""
+    try:
+        run = await svc.runs.get(active)
+    except RunNotFound:
+        run = None
+    if run is not None and not run.status.terminal:
+        stale = run.attempt == 0 and not run.worker and now_ms() - run.created_at > STALE_START_MS
+        if not stale or await svc.queue.contains(active):
+            return False
+        return await _abandon(svc, run, "its start was cut short before it was queued")
+    promoted = await svc.runs.release_active(thread_id, active)
+    if promoted:
+        await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
+    return True
+
+
+async def _abandon(svc: Services, run: RunRecord, why: str) -> bool:
+    """End a run no worker has started with an error, and free its thread; False when a
+    worker started it meanwhile."""
+    message = f"Run {run.run_id} was not started: {why}"
+    error = [Event("error", codec.error_payload("RunNotQueued", message)), Event(END_EVENT, b"")]
+    if not await svc.log.end_unclaimed(run.run_id, error, RunStatus.ERROR):
+        return False
+    await svc.runs.update(run.run_id, error=message)
+    promoted = await svc.runs.release_active(run.thread_id, run.run_id)
+    if promoted:
+        await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
+    return True
 
 
 async def cancel_run(svc: Services, run: RunRecord, action: CancelAction) -> None:
-    """Ask the run's worker to stop it (a no-op for a run that already ended)."""
-    if not run.status.terminal:
-        await svc.cancel.request(run.run_id, action, run.worker)
+    """Ask the run's worker to stop it (a no-op for a run that already ended); a run no worker
+    has claimed yet is ended here and now."""
+    if run.status.terminal:
+        return
+    await svc.cancel.request(run.run_id, action, run.worker)
+    if run.worker:
+        return
+    end = [Event(END_EVENT, b"")]
+    if not await svc.log.end_unclaimed(run.run_id, end, RunStatus.INTERRUPTED):
+        return  # a worker started it meanwhile: it finds the cancel request and stops
+    # The job stays in the queue until a worker takes it and finds the run ended.
+    promoted = await svc.runs.release_active(run.thread_id, run.run_id)
+    if promoted:
+        await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
+    if action is CancelAction.ROLLBACK:
+        await svc.runs.delete(run)
 
 
-async def cancel_and_wait(svc: Services, run: RunRecord, action: CancelAction) -> RunRecord | None:
+async def cancel_and_wait(
+    svc: Services, run: RunRecord, action: CancelAction, request: Request | None = None
+) -> RunRecord | None:
     """Cancel `run` and return it once it has ended, or None once it is gone (a rollback's
-    worker deletes the run just after ending it)."""
+    worker deletes the run just after ending it).
+
+    Bounded: past two leases (time for another worker to take over a run whose worker died)
+    or once the client has gone, the run is returned as it is."""
     run_id = run.run_id
     deleted = action is CancelAction.ROLLBACK and not run.status.terminal
     grace = 100  # polls of 50 ms for an ended run to be deleted
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2 * svc.settings.lease_seconds + svc.settings.heartbeat_seconds
     # Subscribed before asking, so the run's last batch cannot slip by unseen.
     async with svc.fanout.subscribe(run_id) as live:
         await cancel_run(svc, run, action)
@@ -92,6 +167,8 @@ async def cancel_and_wait(svc: Services, run: RunRecord, action: CancelAction) -
                 if not deleted or grace == 0:
                     return run
                 grace -= 1
+            elif loop.time() > deadline or (request and await request.is_disconnected()):
+                return run
             await live.get(0.05 if run.status.terminal else svc.settings.heartbeat_seconds)
 
 
@@ -105,6 +182,7 @@ async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
     alive while the run goes on."""
     last_values: bytes | None = None
     error: bytes | None = None
+    gap: Gap | None = None
     async with svc.fanout.subscribe(run.run_id) as live:
         tail = svc.log.tail(run.run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds)
         async for item in tail:
@@ -115,15 +193,21 @@ async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
                     break
                 yield b"\n"
             elif isinstance(item, Gap):
-                continue
+                telemetry.GAPS.inc()
+                gap = item
             elif item.is_end:
                 break
             elif item.name == "values":
                 last_values = item.data
+                gap = None  # a whole state after the gap: the result is complete again
             elif item.name == "error":
                 error = item.data
     if error is not None:
         yield b'{"__error__":' + error + b"}"
+    elif gap is not None and "values" in run.stream_modes:
+        # The last `values` was among the trimmed history: say so rather than pass older
+        # values off as the result.
+        yield b'{"__error__":' + gap_payload(gap) + b"}"
     elif last_values is not None:
         yield last_values
     else:
@@ -210,6 +294,7 @@ async def join_run(
 async def cancel_one(
     thread_id: str,
     run_id: str,
+    request: Request,
     wait: bool = Query(default=False),
     action: CancelAction = Query(default=CancelAction.INTERRUPT),
     svc: Services = Depends(services),
@@ -220,9 +305,11 @@ async def cancel_one(
     if not wait:
         await cancel_run(svc, run, action)
         return WireJSON(run_json(run), status_code=202)
-    ended = await cancel_and_wait(svc, run, action)
+    ended = await cancel_and_wait(svc, run, action, request)
     if ended is None:
         return Response(status_code=204)
+    if not ended.status.terminal:  # still not ended when the wait ran out
+        return WireJSON(run_json(ended), status_code=202)
     return run_json(ended)
 
 

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Depends, Header, Query
 from starlette.responses import Response
 
 from api.deps import Services, services
-from api.routes.runs import cancel_run, start_run
+from api.routes.runs import cancel_run, repair_active, start_run
 from api.schemas import RunCreate
-from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event
+from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event, gap_payload
 from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.errors import EventIdPastEnd, InvalidBody
@@ -29,14 +29,6 @@ def run_headers(thread_id: str, run_id: str) -> dict[str, str]:
         "Location": f"/threads/{thread_id}/runs/{run_id}/stream",
         "Content-Location": f"/threads/{thread_id}/runs/{run_id}",
     }
-
-
-def gap_payload(gap: Gap) -> bytes:
-    return codec.error_payload(
-        "StreamGap",
-        f"events after {gap.after} are no longer retained; "
-        f"the stream goes on from {gap.resumes_at}",
-    )
 
 
 def wanted(modes: list[str] | None) -> set[str] | None:
@@ -228,7 +220,7 @@ async def join_thread_stream(
     after = parse_last_event_id(last_event_id_header, last_event_id)
     await svc.threads.get(thread_id)
     run_id = await svc.runs.active_run(thread_id)
-    if run_id is None:
+    if run_id is None or await repair_active(svc, thread_id, run_id):
         return Response(status_code=204)
     await refuse_past_end(svc, run_id, after)
     return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds)

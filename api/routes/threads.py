@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Services, services
 from api.schemas import ThreadCreate, WireJSON, thread_json
-from broker.errors import Conflict
+from broker.errors import Conflict, ThreadNotFound
 from broker.threads import ThreadRecord
 
 router = APIRouter(tags=["threads"])
@@ -126,7 +126,7 @@ async def _search(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
     for tid in ids:
         try:
             thread = await svc.threads.get(tid)
-        except Exception:  # deleted while we looked
+        except ThreadNotFound:  # deleted while we looked; Redis errors fail the search (503)
             continue
         if body.metadata and any(thread.metadata.get(k) != v for k, v in body.metadata.items()):
             continue

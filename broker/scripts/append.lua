@@ -2,7 +2,8 @@
 -- KEYS: 1 events stream, 2 blob hash, 3 meta hash, 4 cancel key, 5 live channel (a key, so a
 --       cluster checks that it shares the run's slot: SPUBLISH from a script requires it)
 -- ARGV: 1 maxlen, 2 ttl seconds, 3 now (ms), 4 status ('' keeps it), 5 batch sequence number
---       (0: none), 6 attempt (0: any), 7 publish command ('PUBLISH', or 'SPUBLISH' on a
+--       (0: none), 6 attempt (0: any; -1: only while no worker has started the run, which the
+--       API uses to end a run still waiting in the queue), 7 publish command ('PUBLISH', or 'SPUBLISH' on a
 --       cluster), 8 number of new blobs, then [blob_ref, blob] pairs, then [event, data,
 --       blob_ref ('' for none)] triples.
 -- An append from an attempt that is no longer the run's current one (its worker lost the lease
@@ -20,9 +21,12 @@
 -- maxlen, since nothing can be trimmed before) and `touched` (when the TTLs were last renewed;
 -- they are renewed when a quarter of the TTL has passed, when a key may be new, and at a
 -- status change, not on every append).
-local m = redis.call('HMGET', KEYS[3], 'attempt', 'seq', 'last', 'n', 'touched', 's0')
+local m = redis.call('HMGET', KEYS[3], 'attempt', 'seq', 'last', 'n', 'touched', 'status', 's0')
 local attempt = tonumber(ARGV[6])
 if attempt > 0 and tonumber(m[1] or '0') ~= attempt then
+  return '!fenced'
+end
+if attempt < 0 and (tonumber(m[1] or '0') ~= 0 or m[6] ~= 'pending') then
   return '!fenced'
 end
 local cancel = redis.call('GET', KEYS[4])
@@ -39,7 +43,7 @@ for _ = 1, nblobs do
 end
 local prev = m[3] or ''
 local batch = {}
-local next_seq = tonumber(m[6] or '0')
+local next_seq = tonumber(m[7] or '0')
 if next_seq > 0 then next_seq = next_seq + tonumber(m[4] or '0') end
 while i <= #ARGV do
   local e, d, r = ARGV[i], ARGV[i + 1], ARGV[i + 2]

@@ -3,13 +3,17 @@
 -- Returns {verdict, attempt, seq}: 'run' to execute, 'done' when the run already ended (or is
 -- gone), 'exhausted' when this attempt would pass the limit, 'cancel:<action>' when a cancel
 -- arrived before it started. `seq` is the last event batch an
--- earlier attempt wrote, so the new one continues after it.
+-- earlier attempt wrote, so the new one continues after it. Every verdict but 'done' makes the
+-- caller the run's current attempt, so whatever it writes next fences off the earlier ones.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'done', 0, 0} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'pending' and status ~= 'running' then return {'done', 0, 0} end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if attempt > tonumber(ARGV[3]) then return {'exhausted', attempt - 1, seq} end
+if attempt > tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'attempt', attempt, 'updated_at', ARGV[2])
+  return {'exhausted', attempt, seq}
+end
 local cancel = redis.call('GET', KEYS[2])
 if cancel then
   redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'attempt', attempt, 'updated_at', ARGV[2])

@@ -1,0 +1,119 @@
+"""Hanging up at any point of a join leaves no live subscription behind: the channel gauge and
+Redis's own list of channels come back to where they were."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from api.fanout import Fanout
+from broker.connection import RedisClient, connect
+from broker.keys import Keys
+from tests.conftest import RedisServer, make_settings
+from tests.integration.test_api_stream import metric
+from tests.integration.test_stream import new_thread, run_body, stream_run
+from tests.server import Tokenrelay
+from tests.sse import events
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+async def live_channels(redis: RedisClient, keys: Keys) -> list[bytes]:
+    return list(await redis.pubsub_channels(keys.live("*")))
+
+
+async def settle(redis: RedisClient, keys: Keys, fanout: Fanout | None = None) -> None:
+    """Wait until no live channel of `keys` is subscribed any more (bounded)."""
+    for _ in range(400):
+        if not await live_channels(redis, keys) and (fanout is None or not fanout.channel_count):
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"channels left subscribed: {await live_channels(redis, keys)}")
+
+
+@pytest.fixture
+async def fanout(redis_server: RedisServer) -> AsyncIterator[tuple[Fanout, RedisClient, Keys]]:
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    keys = Keys(s.key_prefix)
+    fan = Fanout(redis, keys)
+    await fan.start()
+    yield fan, redis, keys
+    await fan.stop()
+    await redis.aclose()
+
+
+async def test_cancelled_at_every_step_of_a_subscribe_nothing_leaks(
+    fanout: tuple[Fanout, RedisClient, Keys],
+) -> None:
+    fan, redis, keys = fanout
+    entered = 0
+    for steps in range(40):
+        # Several clients of one run, and one of another, cancelled after `steps` turns of the
+        # event loop: before, during and after the subscribe and its confirmation.
+        async def hold(run_id: str) -> None:
+            nonlocal entered
+            async with fan.subscribe(run_id):
+                entered += 1
+                await asyncio.Event().wait()
+
+        tasks = [asyncio.create_task(hold(r)) for r in ("a", "a", "b")]
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert fan.channel_count == 0
+    await settle(redis, keys, fan)
+    assert entered > 0  # later rounds got all the way in before they were cancelled
+
+
+async def test_clients_hanging_up_at_every_point_of_a_join(redis_server: RedisServer) -> None:
+    s = make_settings(redis_server)
+    server = Tokenrelay(s).start()
+    keys = Keys(s.key_prefix)
+    redis = connect(s.resolved_redis_url())
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            baseline = metric((await c.get("/metrics")).text, "tokenrelay_api_live_channels")
+            tid = await new_thread(c)
+            done, _ = await stream_run(c, tid, run_body("fast"))
+            finished = done[0].json()["run_id"]
+            url = f"/threads/{tid}/runs/{finished}/stream"
+            # A finished run replayed, hanging up after each number of events, on the last one
+            # and before the first byte.
+            for k in range(len(done) + 1):
+                async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
+                    if k:
+                        await events(r, limit=k)
+            for _ in range(5):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0):
+                        await c.get(url, headers={"Last-Event-ID": "-1"})
+            # A live run: joins that hang up mid-history and mid-live.
+            tid2 = await new_thread(c)
+            async with c.stream("POST", f"/threads/{tid2}/runs/stream", json=run_body("slow")) as r:
+                head = await events(r, limit=2)
+                live = f"/threads/{tid2}/runs/{head[0].json()['run_id']}/stream"
+                for k in (0, 1, 3, 5):
+                    async with c.stream("GET", live, headers={"Last-Event-ID": "-1"}) as j:
+                        if k:
+                            await events(j, limit=k)
+                rest = await events(r)
+            assert rest[-1].event == "values"
+            await settle(redis, keys)
+            for _ in range(100):
+                gauge = metric((await c.get("/metrics")).text, "tokenrelay_api_live_channels")
+                if gauge == baseline:
+                    break
+                await asyncio.sleep(0.05)
+            assert gauge == baseline
+    finally:
+        await redis.aclose()
+        server.stop()

@@ -1,0 +1,143 @@
+"""Nothing hangs: a cancel of a queued run, a client gone before the first byte, Redis refusing
+a run's appends for good, and readiness of a Redis that refuses writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from broker.connection import connect
+from broker.embedded import EmbeddedRedis, free_port
+from broker.keys import Keys
+from tests.conftest import RedisServer, make_settings
+from tests.integration.test_stream import new_thread, run_body, wait_status
+from tests.server import Tokenrelay
+from tests.sse import events
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(port=free_port()).start()
+    yield server
+    server.close()
+
+
+async def test_cancel_wait_of_a_queued_run_answers_at_once(redis_server: RedisServer) -> None:
+    s = make_settings(redis_server)
+    api = Tokenrelay(s, with_worker=False).start()  # no worker: the run stays queued
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as c:
+            tid = await new_thread(c)
+            run = (await c.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+            r = await c.post(f"/threads/{tid}/runs/{run['run_id']}/cancel", params={"wait": 1})
+            assert r.status_code == 200
+            assert r.json()["status"] == "interrupted"
+            assert (await c.get(f"/threads/{tid}")).json()["status"] == "idle"
+            # its stream is ended, and the thread takes a new run
+            async with c.stream("GET", f"/threads/{tid}/runs/{run['run_id']}/stream") as j:
+                assert await events(j) == []
+            follow = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
+            assert follow.status_code == 200
+        worker = Tokenrelay(s).start()  # a worker now finds the cancelled job ended
+        try:
+            async with httpx.AsyncClient(base_url=worker.url, timeout=30) as c:
+                await wait_status(c, tid, follow.json()["run_id"], "success")
+                got = (await c.get(f"/threads/{tid}/runs/{run['run_id']}")).json()
+                assert got["status"] == "interrupted" and got["attempt"] == 0
+        finally:
+            worker.stop()
+    finally:
+        api.stop()
+
+
+@pytest.mark.parametrize("api_keys", [[], ["k1"]])
+async def test_creator_gone_before_the_first_byte_cancels(
+    redis_server: RedisServer, api_keys: list[str]
+) -> None:
+    server = Tokenrelay(make_settings(redis_server, api_keys=api_keys)).start()
+    headers = {"x-api-key": "k1"} if api_keys else {}
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=headers) as c:
+            tid = await new_thread(c)
+            body = json.dumps({**run_body("slow"), "on_disconnect": "cancel"}).encode()
+            url = urlsplit(server.url)
+            _, writer = await asyncio.open_connection(url.hostname, url.port)
+            head = (
+                f"POST /threads/{tid}/runs/stream HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                + "\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+            writer.close()  # hang up without reading a byte
+            await writer.wait_closed()
+            runs: list[dict[str, object]] = []
+            while not runs:
+                runs = (await c.get(f"/threads/{tid}/runs")).json()
+            await wait_status(c, tid, str(runs[0]["run_id"]), "interrupted")
+    finally:
+        server.stop()
+
+
+async def test_wrong_type_key_fails_the_run_instead_of_stalling(redis_server: RedisServer) -> None:
+    s = make_settings(redis_server)
+    server = Tokenrelay(s).start()
+    redis = connect(s.resolved_redis_url())
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            tid = await new_thread(c)
+            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+                head = await events(r, limit=3)
+                run_id = head[0].json()["run_id"]
+                # Something else clobbers the run's blob hash: every append now fails.
+                await redis.set(Keys(s.key_prefix).run_blobs(run_id), b"not a hash")
+                await wait_status(c, tid, run_id, "error")
+            run = (await c.get(f"/threads/{tid}/runs/{run_id}")).json()
+            assert "WRONGTYPE" in run["error"] or "AppendFailed" in run["error"]
+            assert (await c.get(f"/threads/{tid}")).json()["status"] == "error"
+            follow = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
+            assert follow.status_code == 200
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+async def test_redis_at_maxmemory_fails_the_run_with_an_error_event(
+    own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = make_settings(own_redis)
+    server = Tokenrelay(s).start()
+    redis = connect(s.resolved_redis_url())
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            assert (await c.get("/readyz")).status_code == 200
+            tid = await new_thread(c)
+            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+                head = await events(r, limit=3)
+                await redis.config_set("maxmemory-policy", "noeviction")
+                await redis.config_set("maxmemory", 1)
+                ready = await c.get("/readyz")
+                assert ready.status_code == 503 and "maxmemory" in ready.json()["detail"]
+                # The worker gives the appends up and fails the run; its error and end are
+                # written once Redis takes writes again.
+                while "could not write the end of the run" not in caplog.text:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                await redis.config_set("maxmemory", 0)
+                rest = await events(r)
+            evts = head + rest
+            assert evts[-1].event == "error"
+            assert evts[-1].json()["error"] == "AppendFailed"
+            assert (await c.get("/readyz")).status_code == 200
+            run_id = head[0].json()["run_id"]
+            assert (await c.get(f"/threads/{tid}/runs/{run_id}")).json()["status"] == "error"
+    finally:
+        await redis.aclose()
+        server.stop()

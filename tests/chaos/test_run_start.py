@@ -1,0 +1,82 @@
+"""A run start cut short never blocks its thread, and the worker survives its queue vanishing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from broker.connection import connect
+from broker.keys import Keys
+from broker.runs import now_ms
+from broker.settings import Settings
+from tests.conftest import RedisServer, make_settings
+from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
+from tests.server import Tokenrelay, WorkerProcess
+from tests.sse import events
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+async def test_a_run_that_never_reached_the_queue_is_repaired(redis_server: RedisServer) -> None:
+    s = make_settings(redis_server)
+    api = Tokenrelay(s, with_worker=False).start()
+    keys = Keys(s.key_prefix)
+    redis = connect(s.resolved_redis_url())
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as c:
+            tid = await new_thread(c)
+            lost = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+            # As if its start had been cut short between claiming the thread and queueing it
+            # (Redis refused the enqueue, the process died): the thread points at a pending
+            # run that no worker will ever see.
+            await redis.delete(keys.queue())
+            await redis.hset(keys.run_meta(lost["run_id"]), "created_at", now_ms() - 60_000)
+            assert (await c.get(f"/threads/{tid}")).json()["status"] == "busy"
+            # A client joining the thread, or starting the next run, frees it.
+            assert (await c.get(f"/threads/{tid}/stream")).status_code == 204
+            nxt = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
+            assert nxt.status_code == 200
+            got = (await c.get(f"/threads/{tid}/runs/{lost['run_id']}")).json()
+            assert got["status"] == "error"
+            stream = f"/threads/{tid}/runs/{lost['run_id']}/stream"
+            async with c.stream("GET", stream, headers={"Last-Event-ID": "-1"}) as r:
+                evts = await events(r)
+            assert [e.event for e in evts] == ["error"]
+            assert evts[0].json()["error"] == "RunNotQueued"
+    finally:
+        await redis.aclose()
+        api.stop()
+
+
+async def test_worker_recreates_its_queue_when_it_vanishes(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    s: Settings = make_settings(redis_server)
+    api = Tokenrelay(s, with_worker=False).start()
+    worker = WorkerProcess(s, tmp_path / "worker.log").start()
+    redis = connect(s.resolved_redis_url())
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as c:
+            tid = await new_thread(c)
+            evts, _ = await stream_run(c, tid, run_body("fast"))
+            assert evts[-1].event == "values"
+            for i in range(3):  # the worker is blocked reading the queue when it goes
+                await redis.delete(Keys(s.key_prefix).queue())
+                while worker.log_path.read_text().count("recreating") <= i:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert worker.proc is not None and worker.proc.poll() is None
+            runs: list[Any] = []
+            for _ in range(3):
+                tid = await new_thread(c)
+                run = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+                runs.append((tid, run["run_id"]))
+            for tid, rid in runs:
+                await wait_status(c, tid, rid, "success")
+    finally:
+        await redis.aclose()
+        worker.stop()
+        api.stop()
