@@ -282,8 +282,17 @@ async def command(thread_id: str, request: Request, svc: Services = Depends(serv
 # -- the event stream -------------------------------------------------------------------------
 
 
-def _since(params: dict[str, Any]) -> int | None:
+def _since(params: dict[str, Any], last_event_id: str | None) -> int | None:
+    """The cursor: `since` in the body, else a `Last-Event-ID` header (the seq we sent as the
+    SSE `id:`), as an EventSource-style client resends it."""
     since = params.get("since")
+    if since is None and last_event_id is not None:
+        try:
+            since = int(last_event_id.strip())
+        except ValueError:
+            raise ProtocolError(
+                "invalid_argument", f"Last-Event-ID {last_event_id[:40]!r} is not a seq"
+            ) from None
     if since is None:
         return None
     if not isinstance(since, int) or isinstance(since, bool) or since < 0:
@@ -339,7 +348,7 @@ async def event_stream(
         if not valid_thread_id(thread_id) or len(thread_id) > 128:
             raise ProtocolError("invalid_argument", f"invalid thread id {thread_id[:140]!r}")
         flt = EventFilter.parse(params)
-        since = _since(params)
+        since = _since(params, request.headers.get("last-event-id"))
         await _check_since(svc, thread_id, since)
     except ProtocolError as exc:
         return WireJSON(exc.answer(None), status_code=exc.status)

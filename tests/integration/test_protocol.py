@@ -160,6 +160,21 @@ async def test_since_replays_exactly_what_was_missed_and_seq_spans_runs(
         async with subscription(client, tid, since=cut) as events:
             replay = await until_terminal(events, runs=2 if cut < first[-1]["seq"] else 1)
         assert replay == [e for e in everything if e["seq"] > cut]
+    # The SSE id as a Last-Event-ID header is the same cursor.
+    cut = first[-1]["seq"]
+    async with client.stream("POST", f"/threads/{tid}/stream/events", json={"channels": ALL},
+                             headers={"Last-Event-ID": str(cut)}) as r:  # fmt: skip
+        got = []
+        async with asyncio.timeout(30):
+            async for item in iter_sse(r):
+                if isinstance(item, SSE):
+                    got.append(item.json())
+                    if got[-1]["seq"] == second[-1]["seq"]:
+                        break
+    assert got == second
+    r = await client.post(f"/threads/{tid}/stream/events", json={"channels": ALL},
+                          headers={"Last-Event-ID": "nope"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"] == "invalid_argument"
     # No cursor: the latest run again, whole (the client drops what it has by event_id).
     async with subscription(client, tid) as events:
         assert await until_terminal(events) == second

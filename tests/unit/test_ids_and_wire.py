@@ -79,7 +79,7 @@ def test_content_split_splices_back_to_the_same_bytes(
     if last:
         chunk = AIMessageChunk(content=content, id=msg_id or None, chunk_position="last")
     meta = {"langgraph_node": "llm", "langgraph_step": 1}
-    event = _tuple_event("messages", chunk, meta)
+    event = _tuple_event("messages", chunk, codec.json_bytes(meta))
     assert event.content_only
     assert event.blob is not None
     wire = codec.splice_content(event.data, event.blob)
