@@ -414,7 +414,7 @@ class Worker:
             await self._stopped(msg_id, job, attempt, ctx)
             raise
         except Exception as exc:  # the run failed; the worker goes on
-            log.info("run failed: %s: %s", type(exc).__name__, exc, extra=ctx)
+            log.error("run failed: %s: %s", type(exc).__name__, exc, exc_info=exc, extra=ctx)
             status = RunStatus.ERROR
             error = f"{type(exc).__name__}: {exc}"
             final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
