@@ -49,7 +49,7 @@ async def paced_tokens(pace: Pace) -> AsyncIterator[str]:
             await asyncio.sleep(wait)
         elif i % 64 == 0:
             await asyncio.sleep(0)  # unpaced: let other runs through now and then
-        yield pace.token(i)
+        yield pace.token(i, due)
 
 
 class PacedModel(BaseChatModel):

@@ -1,9 +1,12 @@
 """The token stream every benchmarked system produces: same payload, same pacing.
 
-Each token is ``ts<time.monotonic_ns(), 19 digits> `` followed by `pad` filler characters, stamped
-when it is produced. The first `burst` tokens come back to back, the rest every `interval_ms`
-(0: unpaced), on absolute times so timers do not drift. `start_in_ms` delays the first token,
-so fan-out readers can connect before the run produces.
+Each token is ``ts<time.monotonic_ns(), 19 digits> du<19 digits> n<index> `` followed by `pad`
+filler characters: stamped when it is produced (``ts``), with the time it was due by the schedule
+(``du``) and its index in the stream (``n``). The first `burst` tokens come back to back, the rest
+every `interval_ms` (0: unpaced, every token due at the start), on absolute times so timers do not
+drift. `start_in_ms` delays the first token, so fan-out readers can connect before the run
+produces. Latency from ``ts`` is what the relay adds once a token exists; latency from ``du`` also
+counts a producer that fell behind its schedule (a loaded worker), which a user sees just the same.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 TS = re.compile(rb"ts(\d{19})")
 """Finds the production timestamps in any system's wire bytes."""
+TOKEN = re.compile(rb"ts(\d{19}) du(\d{19}) n(\d+)")
+"""A token's production time, due time and index."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,12 @@ class Pace:
     def params(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
 
-    def token(self, index: int) -> str:
+    def token(self, index: int, due: float | None = None) -> str:
+        """Token `index`, due at monotonic time `due` (seconds; None: now)."""
         # CLOCK_MONOTONIC: one clock for every process on the machine, Node's hrtime included.
-        return f"ts{time.monotonic_ns():019d} " + "x" * self.pad
+        now = time.monotonic_ns()
+        due_ns = now if due is None else int(due * 1e9)
+        return f"ts{now:019d} du{due_ns:019d} n{index} " + "x" * self.pad
 
     def schedule(self, t0: float) -> Iterator[float]:
         """Monotonic due time of each token, starting from `t0`."""

@@ -96,7 +96,7 @@ async def produce(redis: Redis, stream_id: str, pace: Pace) -> None:
         wait = due - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        await redis.xadd(key, {"d": orjson.dumps({"i": i, "content": pace.token(i)})})
+        await redis.xadd(key, {"d": orjson.dumps({"i": i, "content": pace.token(i, due)})})
     await redis.xadd(key, {"d": END})
     await redis.expire(key, 600)
 

@@ -28,8 +28,8 @@ HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 streams: dict[str, tuple[Pace, float]] = {}
 
 
-def event(i: int, pace: Pace) -> bytes:
-    data = orjson.dumps({"i": i, "content": pace.token(i)})
+def event(i: int, pace: Pace, due: float) -> bytes:
+    data = orjson.dumps({"i": i, "content": pace.token(i, due)})
     return b"id: %d\ndata: %s\n\n" % (i, data)
 
 
@@ -42,7 +42,7 @@ async def generate(pace: Pace, t0: float, after: int) -> AsyncIterator[bytes]:
             await asyncio.sleep(wait)
         elif i % 64 == 0:
             await asyncio.sleep(0)
-        yield event(i, pace)
+        yield event(i, pace, due)
     yield b"data: [DONE]\n\n"
 
 

@@ -98,10 +98,14 @@ function makeProducer({ tokens, interval_ms: intervalMs, burst, pad, start_in_ms
   const filler = "x".repeat(pad);
   let i = 0;
   let t0 = 0;
+  let baseNs = 0n; // hrtime at performance.now() === basePerf: converts due times to monotonic ns
+  let basePerf = 0;
   return new ReadableStream(
     {
       start() {
-        t0 = performance.now() + startIn; // start_in_ms delays the first token
+        basePerf = performance.now();
+        baseNs = process.hrtime.bigint();
+        t0 = basePerf + startIn; // start_in_ms delays the first token
       },
       async pull(controller) {
         if (i >= tokens) {
@@ -122,7 +126,11 @@ function makeProducer({ tokens, interval_ms: intervalMs, burst, pad, start_in_ms
         } else if (i > 0 && i % UNPACED_YIELD_EVERY === 0) {
           await yieldToLoop();
         }
-        controller.enqueue(`data: {"i":${i},"content":"ts${monoNs()} ${filler}"}\n\n`);
+        // Due by the schedule (as bench/pacing.py): the burst at t0, then every interval; unpaced,
+        // every token is due at t0.
+        const due = intervalMs > 0 && i >= burst ? t0 + (i - burst + 1) * intervalMs : t0;
+        const dueNs = (baseNs + BigInt(Math.round((due - basePerf) * 1e6))).toString().padStart(19, "0");
+        controller.enqueue(`data: {"i":${i},"content":"ts${monoNs()} du${dueNs} n${i} ${filler}"}\n\n`);
         i += 1;
       },
     },
