@@ -39,9 +39,10 @@ def json_bytes(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj, default=_default, option=_JSON_OPTS)
     except TypeError:
-        # orjson stops at 64-bit integers; the stdlib encoder does not, and this is rare.
+        # orjson stops at 64-bit integers and lone surrogates; the stdlib encoder does not, and
+        # this is rare. ASCII output escapes a lone surrogate instead of failing to encode it.
         return json.dumps(
-            obj, default=_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            obj, default=_default, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         ).encode()
 
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 import uvloop
@@ -32,6 +33,15 @@ APP_FACTORY = "api.app:create_app"
 log = logging.getLogger("tokenrelay")
 
 MICRO_BENCHMARKS = ("roundtrips", "cancel", "storage")
+
+
+def _limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn options for the API's limits (the protocol by name: the CLI imports no `api`)."""
+    return {
+        "http": "api.serving:GuardedHttpTools",
+        "timeout_keep_alive": settings.keepalive_timeout_seconds,
+        "ws_max_size": settings.max_body_bytes,
+    }
 
 
 def _check_graphs(settings: Settings) -> None:
@@ -99,7 +109,7 @@ async def _serve_dev(settings: Settings, sock: socket.socket) -> None:
         worker_task = asyncio.create_task(worker.serve(stop))
         config = uvicorn.Config(
             APP_FACTORY, factory=True, host=host, port=port, log_level="info",
-            timeout_graceful_shutdown=3,
+            timeout_graceful_shutdown=3, **_limits(settings),
         )  # fmt: skip
         server = uvicorn.Server(config)
         url = f"http://{host}:{port}"
@@ -194,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             workers=args.workers,
             log_level=args.log_level.lower(),
             timeout_graceful_shutdown=5,
+            **_limits(settings),
         )
     elif args.command == "worker":
         _check_graphs(settings)

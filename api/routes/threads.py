@@ -83,33 +83,7 @@ async def create_thread(body: ThreadCreate, svc: Services = Depends(services)) -
     return WireJSON(await thread_view(svc, thread))
 
 
-@router.get("/threads/{thread_id}", response_model=None)
-async def get_thread(thread_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
-    return await thread_view(svc, await svc.threads.get(thread_id))
-
-
-@router.patch("/threads/{thread_id}", response_model=None)
-async def patch_thread(
-    thread_id: str,
-    body: ThreadPatch,
-    prefer: str | None = Header(default=None),
-    svc: Services = Depends(services),
-) -> dict[str, Any] | Response:
-    thread = await svc.threads.update_metadata(thread_id, body.metadata)
-    if prefer and "return=minimal" in prefer:
-        return Response(status_code=204)
-    return await thread_view(svc, thread)
-
-
-@router.delete("/threads/{thread_id}", status_code=204)
-async def delete_thread(thread_id: str, svc: Services = Depends(services)) -> Response:
-    if await svc.runs.active_run(thread_id):
-        raise Conflict(f"Thread {thread_id} has an active run; cancel it first")
-    await svc.threads.delete(thread_id)
-    await svc.states.delete(thread_id)
-    return Response(status_code=204)
-
-
+# Literal paths before /threads/{thread_id}, so they win for every method (OPTIONS too).
 @router.post("/threads/search", response_model=None)
 async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) -> WireJSON:
     found = await _search(svc, body)
@@ -144,6 +118,33 @@ async def _search(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
 async def count_threads(body: ThreadSearch, svc: Services = Depends(services)) -> int:
     body = body.model_copy(update={"limit": 1_000_000, "offset": 0})
     return len(await _search(svc, body))
+
+
+@router.get("/threads/{thread_id}", response_model=None)
+async def get_thread(thread_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
+    return await thread_view(svc, await svc.threads.get(thread_id))
+
+
+@router.patch("/threads/{thread_id}", response_model=None)
+async def patch_thread(
+    thread_id: str,
+    body: ThreadPatch,
+    prefer: str | None = Header(default=None),
+    svc: Services = Depends(services),
+) -> dict[str, Any] | Response:
+    thread = await svc.threads.update_metadata(thread_id, body.metadata)
+    if prefer and "return=minimal" in prefer:
+        return Response(status_code=204)
+    return await thread_view(svc, thread)
+
+
+@router.delete("/threads/{thread_id}", status_code=204)
+async def delete_thread(thread_id: str, svc: Services = Depends(services)) -> Response:
+    if await svc.runs.active_run(thread_id):
+        raise Conflict(f"Thread {thread_id} has an active run; cancel it first")
+    await svc.threads.delete(thread_id)
+    await svc.states.delete(thread_id)
+    return Response(status_code=204)
 
 
 @router.post("/threads/{thread_id}/copy", response_model=None)
