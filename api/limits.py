@@ -199,7 +199,7 @@ class RequestLimits:
         too_large = f"Request body exceeds {limit} bytes (TOKENRELAY_MAX_BODY_BYTES)"
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await answer(send, 413, too_large, {"Connection": "close"})
+            await answer(send, 413, too_large)
             return None
         chunks: list[bytes] = []
         size = 0
@@ -210,7 +210,7 @@ class RequestLimits:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await answer(send, 413, too_large, {"Connection": "close"})
+                await answer(send, 413, too_large)
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
