@@ -46,6 +46,11 @@ def json_bytes(obj: Any) -> bytes:
         ).encode()
 
 
+def canonical_json(obj: Any) -> bytes:
+    """One encoding per JSON value whatever its key order: for digests of values."""
+    return orjson.dumps(obj, default=_default, option=_JSON_OPTS | orjson.OPT_SORT_KEYS)
+
+
 def json_loads(data: bytes | str) -> Any:
     return orjson.loads(data)
 
