@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from api import openapi
 from api.deps import Services
 from api.limits import RequestLimits
 from api.routes import aisdk, assistants, ops, protocol, runs, stream, threads
@@ -178,4 +179,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(aisdk.router)
     app.include_router(protocol.router)
+    openapi.install(app)
     return app

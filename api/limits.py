@@ -54,7 +54,7 @@ def json_problem(body: bytes, max_depth: int) -> str | None:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         return f"Request body is not valid JSON: {exc}"
-    stack: list[tuple[Any, int]] = [(doc, 1)]
+    stack: list[tuple[Any, int]] = [(doc, 1)] if isinstance(doc, (dict, list)) else []
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:

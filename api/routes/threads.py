@@ -29,7 +29,7 @@ class ThreadSearch(BaseModel):
     ids: list[str] | None = None
     status: Literal["idle", "busy", "interrupted", "error"] | None = None
     limit: int = Field(default=10, ge=0, le=1000)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=1_000_000_000)
     sort_by: Literal["thread_id", "status", "created_at", "updated_at", "state_updated_at"] = (
         "updated_at"
     )
@@ -153,7 +153,7 @@ async def _walk(
     None), and whether the candidates ran out."""
     found: list[dict[str, Any]] = []
     seen = start = 0
-    batch = max(50, 2 * (skip + (take or 0)))
+    batch = min(1000, max(50, 2 * (skip + (take or 0))))
     while take is None or len(found) < take:
         ids = await matches.page(start, batch)
         start += len(ids)
