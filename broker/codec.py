@@ -48,7 +48,12 @@ def json_bytes(obj: Any) -> bytes:
 
 def canonical_json(obj: Any) -> bytes:
     """One encoding per JSON value whatever its key order: for digests of values."""
-    return orjson.dumps(obj, default=_default, option=_JSON_OPTS | orjson.OPT_SORT_KEYS)
+    try:
+        return orjson.dumps(obj, default=_default, option=_JSON_OPTS | orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers past 64 bits, as in json_bytes
+        return json.dumps(
+            obj, default=_default, separators=(",", ":"), sort_keys=True, allow_nan=False
+        ).encode()
 
 
 def json_loads(data: bytes | str) -> Any:

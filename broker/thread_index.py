@@ -29,8 +29,21 @@ QUERY_TTL_SECONDS = 30
 """A search's intermediate set outlives the search only if its clean-up failed."""
 
 
-def metadata_digest(key: str, value: Any) -> str:
-    return hashlib.sha256(codec.canonical_json([key, value])).hexdigest()[:32]
+INDEXED_VALUE_BYTES = 256
+"""Metadata pairs longer than this (encoded) are not indexed: a filter on one reads threads."""
+
+
+def metadata_digest(key: str, value: Any) -> str | None:
+    """The digest naming the index set of one metadata pair, None when it is not indexed."""
+    encoded = codec.canonical_json([key, value])
+    if len(encoded) > INDEXED_VALUE_BYTES:
+        return None
+    return hashlib.sha256(encoded).hexdigest()[:32]
+
+
+def indexed(metadata: Mapping[str, Any] | None) -> bool:
+    """Whether every pair of a metadata filter has an index set."""
+    return all(metadata_digest(k, v) is not None for k, v in (metadata or {}).items())
 
 
 @dataclass(slots=True)
@@ -65,9 +78,8 @@ class ThreadIndex:
         self._keys = keys
 
     def _metadata_keys(self, metadata: Mapping[str, Any]) -> set[str]:
-        return {
-            self._keys.threads_with_metadata(metadata_digest(k, v)) for k, v in metadata.items()
-        }
+        digests = (metadata_digest(k, v) for k, v in metadata.items())
+        return {self._keys.threads_with_metadata(d) for d in digests if d is not None}
 
     async def added(self, thread_id: str, ts: int, metadata: Mapping[str, Any]) -> None:
         k = self._keys

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import Services, services
 from api.schemas import ThreadCreate, WireJSON, thread_json
 from broker.errors import Conflict, ThreadNotFound
-from broker.thread_index import Matches
+from broker.thread_index import Matches, indexed
 from broker.threads import ThreadRecord
 
 router = APIRouter(tags=["threads"])
@@ -100,7 +100,7 @@ async def count_threads(body: ThreadSearch, svc: Services = Depends(services)) -
         return len(await _read_all(svc, body))
     matches = await _matches(svc, body)
     try:
-        if body.status is None:
+        if body.status is None and indexed(body.metadata):
             return await matches.size()
         found, _ = await _walk(svc, body, matches, skip=0, take=None)
         return len(found)
@@ -132,12 +132,13 @@ async def _search(svc: Services, body: ThreadSearch) -> tuple[list[dict[str, Any
         return found[body.offset : end], len(found), end < len(found)
     matches = await _matches(svc, body)
     try:
-        if body.status is None:  # every candidate matches: read the page alone
+        if body.status is None and indexed(body.metadata):  # every candidate matches
             total = await matches.size()
             ids = await matches.page(body.offset, body.limit)
             page = [v for v in [await _matching_view(svc, body, t) for t in ids] if v]
             return page, total, body.offset + body.limit < total
-        # A status set is a superset: check candidates from the start until the page is full.
+        # A status set (or a filter on long metadata values, not indexed) is a superset: check
+        # candidates from the start until the page is full.
         page, exhausted = await _walk(svc, body, matches, skip=body.offset, take=body.limit + 1)
         more = len(page) > body.limit
         total = body.offset + len(page) if exhausted else await matches.size()

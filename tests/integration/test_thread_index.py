@@ -113,3 +113,15 @@ async def test_a_page_reads_the_page_not_every_thread(redis_server: RedisServer)
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_long_values_and_big_integers_are_searchable(client: httpx.AsyncClient) -> None:
+    # Pairs too long for the index are checked on the threads instead; integers past 64 bits
+    # (which orjson cannot encode) have digests too.
+    tag = uuid.uuid4().hex
+    long = await make(client, tag=tag, note="x" * 1000)
+    big = await make(client, tag=tag, n=2**70)
+    assert await search(client, metadata={"tag": tag, "note": "x" * 1000}) == [long]
+    assert await search(client, metadata={"note": "x" * 1000, "tag": tag}, limit=1) == [long]
+    assert await count(client, metadata={"tag": tag, "note": "x" * 1000}) == 1
+    assert await search(client, metadata={"tag": tag, "n": 2**70}) == [big]
