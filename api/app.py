@@ -12,14 +12,17 @@ from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from api import openapi
 from api.apikey import ApiKeyCheck
 from api.deps import Services
+from api.limits import RequestLimits
 from api.routes import aisdk, assistants, ops, protocol, runs, stream, threads
 from api.schemas import WireJSON
-from broker.connection import UNAVAILABLE, connect
+from broker.connection import REFUSING, UNAVAILABLE, connect
 from broker.errors import (
     Conflict,
     EventIdPastEnd,
@@ -107,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=WireJSON,
     )
+    app.add_middleware(RequestLimits, settings=cfg)
     if cfg.api_keys:
         # Probes, metrics and the docs stay open; everything else needs a key.
         app.add_middleware(ApiKeyCheck, keys=cfg.api_keys, open_paths=OPEN_PATHS)
@@ -118,7 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=EXPOSED_HEADERS,
-            allow_credentials=True,
+            # Credentials only with listed origins: a wildcard would let any site send them.
+            allow_credentials="*" not in cfg.cors_origins,
         )
 
     @app.exception_handler(TokenrelayError)
@@ -130,14 +135,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
+        detail = (
+            "Redis is unavailable; retry shortly"
+            if isinstance(exc, UNAVAILABLE)
+            else "Redis refuses writes for now (out of memory, read-only or loading); retry shortly"
+        )
         return JSONResponse(
-            {"detail": "Redis is unavailable; retry shortly"},
+            {"detail": detail},
             status_code=503,
             headers={"Retry-After": "1"},
         )
 
-    for unavailable in UNAVAILABLE:
+    for unavailable in (*UNAVAILABLE, *REFUSING):
         app.add_exception_handler(unavailable, _redis_down)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # What was wrong and where, never the input itself (it may be megabytes).
+        errors = [
+            {"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": str(e.get("msg"))[:300]}
+            for e in exc.errors()[:20]
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback by the server; the client learns nothing internal.
+        return JSONResponse({"detail": "Internal server error"}, status_code=500)
 
     app.include_router(ops.router)
     app.include_router(assistants.router)
@@ -146,4 +170,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(aisdk.router)
     app.include_router(protocol.router)
+    openapi.install(app)
     return app

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from starlette.responses import Response
 
 from broker import codec
@@ -32,28 +41,60 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
 
 
-THREAD_ID_RULE = "thread_id must not contain '{', '}', ':' or NUL"
-"""Thread ids are part of key names and hash tags (broker/keys.py): a brace would change which
-slot of a Redis Cluster a thread's keys fall in."""
+ID_MAX_LENGTH = 128
+ID_RULE = (
+    f"1 to {ID_MAX_LENGTH} characters, none of them a control character (such as a newline or "
+    "NUL), '{', '}', ':' or '/', and not '.' or '..'"
+)
+"""The one rule for a thread, run or chat id a client chooses. Ids are part of key names and
+hash tags (broker/keys.py): a brace would move a thread's keys to another slot of a Redis
+Cluster. They are path segments too: a slash, '.' or '..' would make the resume URL
+(`Location`) point elsewhere, and a newline cannot be sent in a header at all."""
+
+_ID_FORBIDDEN = frozenset("{}:/")
+_CONTROL = frozenset({"Cc", "Cs", "Zl", "Zp"})  # controls, lone surrogates, line breaks
 
 
-def valid_thread_id(thread_id: str) -> bool:
-    return not any(c in thread_id for c in "{}:\x00")
+def id_problem(value: str, name: str = "thread_id") -> str | None:
+    """Why `value` cannot be a thread, run or chat id, or None when it can."""
+    if (
+        not 0 < len(value) <= ID_MAX_LENGTH
+        or value in (".", "..")
+        or any(c in _ID_FORBIDDEN or unicodedata.category(c) in _CONTROL for c in value)
+    ):
+        return f"{name} must be {ID_RULE}"
+    return None
+
+
+def check_id(value: str, name: str = "thread_id") -> str:
+    """`value` when it is a valid id; InvalidBody (422) naming the rule otherwise."""
+    problem = id_problem(value, name)
+    if problem is not None:
+        raise InvalidBody(problem)
+    return value
+
+
+def _valid_id(value: str | None) -> str | None:
+    if value is not None and (problem := id_problem(value, "id")) is not None:
+        raise ValueError(problem)
+    return value
+
+
+ClientId = Annotated[str, AfterValidator(_valid_id)]
+"""A thread or chat id in a request body, checked by the one id rule."""
+
+
+def id_in_path(value: str) -> str:
+    """`value` percent-encoded for a `Location` header (ids may hold spaces or non-ASCII)."""
+    return quote(value, safe="")
 
 
 class ThreadCreate(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    thread_id: str | None = Field(default=None, min_length=1, max_length=128)
+    thread_id: ClientId | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     if_exists: Literal["raise", "do_nothing"] = "raise"
-
-    @field_validator("thread_id")
-    @classmethod
-    def _no_braces(cls, v: str | None) -> str | None:
-        if v is not None and not valid_thread_id(v):
-            raise ValueError(THREAD_ID_RULE)
-        return v
 
 
 class RunCreate(BaseModel):

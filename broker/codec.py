@@ -39,9 +39,20 @@ def json_bytes(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj, default=_default, option=_JSON_OPTS)
     except TypeError:
-        # orjson stops at 64-bit integers; the stdlib encoder does not, and this is rare.
+        # orjson stops at 64-bit integers and lone surrogates; the stdlib encoder does not, and
+        # this is rare. ASCII output escapes a lone surrogate instead of failing to encode it.
         return json.dumps(
-            obj, default=_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            obj, default=_default, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        ).encode()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """One encoding per JSON value whatever its key order: for digests of values."""
+    try:
+        return orjson.dumps(obj, default=_default, option=_JSON_OPTS | orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers past 64 bits, as in json_bytes
+        return json.dumps(
+            obj, default=_default, separators=(",", ":"), sort_keys=True, allow_nan=False
         ).encode()
 
 

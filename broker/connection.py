@@ -13,8 +13,13 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.exceptions import (
+    BusyLoadingError,
     ClusterDownError,
     ConnectionError,
+    MasterDownError,
+    MaxClientsReachedError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
@@ -42,6 +47,17 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 """Errors that mean Redis cannot serve right now (down, or a cluster without all its slots):
 answered 503 with Retry-After, retried by the worker. Nothing else is."""
+
+REFUSING: tuple[type[Exception], ...] = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    BusyLoadingError,
+    MasterDownError,
+    MaxClientsReachedError,
+)
+"""Errors of a Redis that answers but refuses writes for now (maxmemory reached, a read-only
+replica after a failover, loading its data set, out of client slots): the API answers them 503
+with Retry-After, like UNAVAILABLE."""
 
 NETWORK_ERRORS: tuple[type[Exception], ...] = (*UNAVAILABLE, OSError)
 """What long-lived loops (fan-out, the worker's, the publisher's) retry on: those and raw

@@ -78,6 +78,14 @@ class InvalidBody(TokenrelayError):
     """A request parameter that passed schema validation but means nothing here."""
 
 
+class InvalidState(InvalidBody):
+    """A state update, checkpoint or history filter the graph or its checkpointer rejected."""
+
+    def __init__(self, what: str, exc: Exception) -> None:
+        reason = str(exc).split("\n", 1)[0][:300] or type(exc).__name__
+        super().__init__(f"Invalid {what}: {reason}")
+
+
 class Conflict(TokenrelayError):
     """The request conflicts with current state (for example a thread that already exists)."""
 

@@ -18,8 +18,10 @@ from typing import Any
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.errors import InvalidUpdateError
 from langgraph.graph import StateGraph
 from langgraph.pregel import Pregel
+from psycopg import DataError as PostgresDataError
 
 from broker.errors import AssistantNotFound, GraphLoadError
 
@@ -30,6 +32,11 @@ _ASSISTANT_NAMESPACE = uuid.UUID("6ba7b821-9dad-11d1-80b4-00c04fd430c8")
 def assistant_uuid(graph_id: str) -> str:
     return str(uuid.uuid5(_ASSISTANT_NAMESPACE, graph_id))
 
+
+REJECTED_INPUT: tuple[type[Exception], ...] = (InvalidUpdateError, PostgresDataError, ValueError)
+"""What a graph or its checkpointer raises for a caller's bad values, node name, checkpoint or
+metadata filter (an unknown node, a list where a dict is expected, a message that cannot be
+coerced, a NUL character that Postgres cannot store): the caller's mistake, not the server's."""
 
 _MEMORY_SAVER: InMemorySaver | None = None
 

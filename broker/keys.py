@@ -47,8 +47,31 @@ class Keys:
         """List of run ids waiting for the thread's active run to end (multitask enqueue)."""
         return f"{self.prefix}:thread:{{{thread_id}}}:pending"
 
+    # The thread index spans threads: its keys share the hash tag `{threads}` (one slot of a
+    # Redis Cluster, so a search intersects them in one command) and are written with commands
+    # of their own, never in a script with a thread's keys.
+
     def threads_index(self) -> str:
-        return f"{self.prefix}:threads"
+        """Sorted set of every thread id by creation time."""
+        return f"{self.prefix}:threads:{{threads}}:created"
+
+    def threads_by_update(self) -> str:
+        """Sorted set of every thread id by its last update (`updated_at`)."""
+        return f"{self.prefix}:threads:{{threads}}:updated"
+
+    def threads_with_status(self, status: str) -> str:
+        """Sorted set (scores 0) of the threads whose last run left them `status` (idle,
+        error), or that may have an active run (busy)."""
+        return f"{self.prefix}:threads:{{threads}}:status:{status}"
+
+    def threads_with_metadata(self, digest: str) -> str:
+        """Sorted set (scores 0) of the threads whose metadata holds one key and value (named
+        by the digest of both)."""
+        return f"{self.prefix}:threads:{{threads}}:meta:{digest}"
+
+    def threads_query(self, token: str) -> str:
+        """A search's intermediate result, deleted after use (and expiring in any case)."""
+        return f"{self.prefix}:threads:{{threads}}:q:{token}"
 
     def queue(self) -> str:
         return f"{self.prefix}:queue"

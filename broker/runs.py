@@ -13,6 +13,7 @@ from broker.connection import RedisClient
 from broker.errors import RunExpired, RunLost, RunNotFound
 from broker.keys import Keys
 from broker.models import Job, RunStatus
+from broker.thread_index import ThreadIndex
 
 
 def now_ms() -> int:
@@ -113,6 +114,7 @@ class RunStore:
         self._keys = keys
         self._ttl = ttl_seconds
         self._release = scripts.script("release_active")
+        self._index = ThreadIndex(redis, keys)
         self._start = scripts.script("start_attempt")
         self._claim = scripts.script("claim_thread")
         self._update = scripts.script("update_run")
@@ -137,6 +139,8 @@ class RunStore:
             [run_id, "enqueue" if enqueue else ""],
         )
         verdict = reply[0].decode()
+        if verdict == "started":
+            await self._index.busy(thread_id)
         return verdict, reply[1].decode() if len(reply) > 1 else ""
 
     def job(self, run: RunRecord) -> Job:
@@ -247,6 +251,11 @@ class RunStore:
         promoted = await self._release(
             self._redis, [k.thread_active(thread_id), k.thread_pending(thread_id)], [run_id]
         )
+        if not promoted:
+            # Checked after removing, so a run claimed meanwhile leaves the thread marked busy.
+            await self._index.not_busy(thread_id)
+            if await self.active_run(thread_id):
+                await self._index.busy(thread_id)
         return promoted.decode() if promoted else None
 
     async def list(self, thread_id: str, *, limit: int, offset: int, status: str | None = None

@@ -41,6 +41,41 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
 
+    # Limits (docs/security.md): every one answers clearly past it and has a working default.
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Largest request body (413 past it)."
+    )
+    max_json_depth: int = Field(
+        default=64, ge=2, description="Deepest nesting of a JSON request body (422 past it)."
+    )
+    max_open_connections: int = Field(
+        default=900,
+        ge=1,
+        description="Open HTTP connections per API process; past it, requests other than the "
+        "probes are answered 503 with Retry-After and the connection is closed.",
+    )
+    max_open_streams: int = Field(
+        default=500,
+        ge=1,
+        description="Open streams (SSE, long-poll, wait, WebSocket) per API process; 503 with "
+        "Retry-After past it.",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Time a client has to send a request's headers."
+    )
+    keepalive_timeout_seconds: int = Field(
+        default=5, ge=1, description="Idle time before a keep-alive connection is closed."
+    )
+    rate_limit_per_minute: int = Field(
+        default=0,
+        ge=0,
+        description="Requests per minute per client (API key, else client address) per API "
+        "process, 429 with Retry-After past it; 0 turns it off.",
+    )
+    rate_limit_burst: int = Field(
+        default=0, ge=0, description="Requests a client may burst above the rate (0: a tenth)."
+    )
+
     demo_reply_words: int = Field(default=200, ge=0)
     demo_token_delay_ms: float = Field(default=20.0, ge=0)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.graphs import GraphRegistry
+from broker.errors import InvalidState
+from broker.graphs import REJECTED_INPUT, GraphRegistry
 
 
 def _checkpoint(config: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -108,7 +109,10 @@ class ThreadStates:
         graph = self._graph(graph_id)
         if graph.checkpointer is None:
             return dict(EMPTY_STATE)
-        snap = await graph.aget_state(_config(thread_id, checkpoint), subgraphs=subgraphs)
+        try:
+            snap = await graph.aget_state(_config(thread_id, checkpoint), subgraphs=subgraphs)
+        except REJECTED_INPUT as exc:
+            raise InvalidState("checkpoint", exc) from None
         if snap.config is None or not snap.created_at:
             return dict(EMPTY_STATE)
         return snapshot_json(snap)
@@ -125,13 +129,16 @@ class ThreadStates:
     ) -> list[dict[str, Any]]:
         graph = self._graph(graph_id)
         out: list[dict[str, Any]] = []
-        async for snap in graph.aget_state_history(
-            _config(thread_id, checkpoint),
-            limit=limit,
-            before=_config(thread_id, before) if before else None,
-            filter=metadata or None,
-        ):
-            out.append(snapshot_json(snap))
+        try:
+            async for snap in graph.aget_state_history(
+                _config(thread_id, checkpoint),
+                limit=limit,
+                before=_config(thread_id, before) if before else None,
+                filter=metadata or None,
+            ):
+                out.append(snapshot_json(snap))
+        except REJECTED_INPUT as exc:
+            raise InvalidState("history query", exc) from None
         return out
 
     async def update(
@@ -145,7 +152,12 @@ class ThreadStates:
     ) -> dict[str, Any]:
         """Write `values` as a new checkpoint; returns its checkpoint (Agent Server shape)."""
         graph = self._graph(graph_id)
-        config = await graph.aupdate_state(_config(thread_id, checkpoint), values, as_node=as_node)
+        try:
+            config = await graph.aupdate_state(
+                _config(thread_id, checkpoint), values, as_node=as_node
+            )
+        except REJECTED_INPUT as exc:
+            raise InvalidState("state update", exc) from None
         ckpt = _checkpoint(config)
         return {
             "checkpoint": ckpt,

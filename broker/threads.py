@@ -10,6 +10,7 @@ from broker.connection import RedisClient
 from broker.errors import Conflict, ThreadNotFound
 from broker.keys import Keys
 from broker.runs import new_id, now_ms
+from broker.thread_index import ThreadIndex
 
 RUN_STARTED = codec.pack([b"", []])
 """What `announce_run` publishes: an empty live batch, so the API's fan-out needs no new kind."""
@@ -28,6 +29,7 @@ class ThreadStore:
         self._redis = redis
         self._keys = keys
         self._advance_seq = scripts.script("advance_seq")
+        self.index = ThreadIndex(redis, keys)
 
     async def last_seq(self, thread_id: str) -> int:
         """The seq of the last event the thread's finished runs wrote (0: none yet)."""
@@ -59,8 +61,7 @@ class ThreadStore:
                 return await self.get(tid)
             raise Conflict(f"Thread with ID {tid} already exists")
         record = ThreadRecord(tid, ts, ts, dict(metadata or {}))
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(
+        await self._redis.hset(  # type: ignore[misc]
             key,
             mapping={
                 "created_at": ts,
@@ -68,8 +69,7 @@ class ThreadStore:
                 "metadata": codec.json_bytes(record.metadata),
             },
         )
-        pipe.zadd(self._keys.threads_index(), {tid: ts})
-        await pipe.execute()
+        await self.index.added(tid, ts, record.metadata)
         return record
 
     async def get(self, thread_id: str) -> ThreadRecord:
@@ -87,13 +87,17 @@ class ThreadStore:
         return bool(await self._redis.hexists(self._keys.thread_meta(thread_id), "created_at"))  # type: ignore[misc]
 
     async def touch(self, thread_id: str) -> None:
-        await self._redis.hset(self._keys.thread_meta(thread_id), "updated_at", now_ms())  # type: ignore[misc]
+        ts = now_ms()
+        await self._redis.hset(self._keys.thread_meta(thread_id), "updated_at", ts)  # type: ignore[misc]
+        await self.index.updated(thread_id, ts)
 
     async def set_status(self, thread_id: str, status: str) -> None:
         """Record how the thread's last run left it: idle, error or interrupted."""
+        ts = now_ms()
         await self._redis.hset(  # type: ignore[misc]
-            self._keys.thread_meta(thread_id), mapping={"status": status, "updated_at": now_ms()}
+            self._keys.thread_meta(thread_id), mapping={"status": status, "updated_at": ts}
         )
+        await self.index.status_recorded(thread_id, status, ts)
 
     async def last_status(self, thread_id: str) -> str:
         raw = cast(
@@ -104,6 +108,7 @@ class ThreadStore:
     async def update_metadata(self, thread_id: str, metadata: dict[str, Any]) -> ThreadRecord:
         """Merge `metadata` into the thread's."""
         thread = await self.get(thread_id)
+        before = dict(thread.metadata)
         thread.metadata.update(metadata)
         thread.updated_at = now_ms()
         await self._redis.hset(  # type: ignore[misc]
@@ -113,19 +118,18 @@ class ThreadStore:
                 "updated_at": thread.updated_at,
             },
         )
+        await self.index.metadata_changed(thread_id, before, thread.metadata, thread.updated_at)
         return thread
 
     async def delete(self, thread_id: str) -> None:
-        await self.get(thread_id)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(  # one slot: the thread's hash tag
+        thread = await self.get(thread_id)
+        await self._redis.delete(  # one slot: the thread's hash tag
             self._keys.thread_meta(thread_id),
             self._keys.thread_runs(thread_id),
             self._keys.thread_active(thread_id),
             self._keys.thread_pending(thread_id),
         )
-        pipe.zrem(self._keys.threads_index(), thread_id)
-        await pipe.execute()
+        await self.index.removed(thread_id, thread.metadata)
 
     async def retire(self, thread_id: str, ttl_seconds: int) -> None:
         """Take a thread out of listings and let its records expire with its runs' (a
@@ -139,6 +143,6 @@ class ThreadStore:
         await pipe.execute()
 
     async def list_ids(self) -> list[str]:
-        """Every thread id, newest first."""
+        """Every thread id, newest first (for the searches the index cannot answer)."""
         ids = cast(list[bytes], await self._redis.zrevrange(self._keys.threads_index(), 0, -1))
         return [i.decode() for i in ids]

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 import uvloop
@@ -36,6 +37,15 @@ APP_FACTORY = "api.app:create_app"
 log = logging.getLogger("tokenrelay")
 
 MICRO_BENCHMARKS = ("roundtrips", "cancel", "storage")
+
+
+def _limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn options for the API's limits (the protocol by name: the CLI imports no `api`)."""
+    return {
+        "http": "api.serving:GuardedHttpTools",
+        "timeout_keep_alive": settings.keepalive_timeout_seconds,
+        "ws_max_size": settings.max_body_bytes,
+    }
 
 
 def _check_graphs(settings: Settings) -> None:
@@ -266,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             workers=_processes(args.workers, settings, "API"),
             log_level=args.log_level.lower(),
             timeout_graceful_shutdown=5,
+            **_limits(settings),
         )
     elif args.command == "worker":
         _check_graphs(settings)

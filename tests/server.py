@@ -16,6 +16,7 @@ import httpx
 import uvicorn
 
 from api.app import create_app
+from api.serving import uvicorn_options
 from broker.connection import connect
 from broker.embedded import free_port
 from broker.graphs import GraphRegistry, open_checkpointer
@@ -89,7 +90,7 @@ class Tokenrelay:
             tasks.append(asyncio.create_task(self.worker.serve(self._stop)))
         config = uvicorn.Config(
             create_app(s), host="127.0.0.1", port=self.port, log_level="warning",
-            timeout_graceful_shutdown=1,
+            timeout_graceful_shutdown=1, **uvicorn_options(s),
         )  # fmt: skip
         self._server = uvicorn.Server(config)
         try:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Services, services
 from api.routes.runs import cancel_run, start_run
-from api.schemas import RunCreate
+from api.schemas import ClientId, RunCreate, id_in_path
 from api.sse import HEARTBEAT, EventStreamResponse, format_data, gap_payload
 from broker import codec, telemetry
 from broker.cancel import CancelAction
@@ -46,7 +46,7 @@ class ChatRequest(BaseModel):
     """What ``DefaultChatTransport`` posts, plus an optional ``assistant_id``."""
 
     model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[^{}:\x00]+$")
+    id: ClientId
     messages: list[UIMessage] = Field(min_length=1)
     assistant_id: str | None = None
 
@@ -110,8 +110,8 @@ async def ui_parts(svc: Services, run_id: str) -> AsyncIterator[bytes]:
 def ui_stream(svc: Services, thread_id: str, run_id: str) -> EventStreamResponse:
     headers = {
         **UI_STREAM_HEADERS,
-        "Location": f"/ai/chat/{thread_id}/stream",
-        "Content-Location": f"/threads/{thread_id}/runs/{run_id}",
+        "Location": f"/ai/chat/{id_in_path(thread_id)}/stream",
+        "Content-Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}",
     }
     return EventStreamResponse(ui_parts(svc, run_id), headers, abort=svc.draining)
 

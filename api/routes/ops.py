@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import Services, services
 from broker.connection import ready
+
+log = logging.getLogger("tokenrelay.api")
 
 router = APIRouter(tags=["ops"])
 
@@ -36,12 +39,14 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(svc: Services = Depends(services)) -> dict[str, str] | JSONResponse:
-    """Redis answers (every node of a cluster, with all its slots served) and takes writes."""
+    """Redis answers (every node of a cluster, with all its slots served) and takes writes.
+    Says what is down, never where or why: the answer is open to unauthenticated callers."""
     try:
         await ready(svc.redis, svc.keys.probe())
     except Exception as exc:  # any failure means not ready
+        log.warning("not ready: redis: %s", exc)
         return JSONResponse(
-            {"status": "unavailable", "detail": f"redis: {exc}"},
+            {"status": "unavailable", "detail": "redis is unreachable or not serving"},
             status_code=503,
             headers={"Retry-After": "1"},
         )

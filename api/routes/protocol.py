@@ -26,7 +26,7 @@ from api.deps import Services, services
 from api.fanout import Subscription
 from api.routes.runs import start_run
 from api.routes.threads import graph_of
-from api.schemas import RunCreate, WireJSON, valid_thread_id
+from api.schemas import RunCreate, WireJSON, id_problem
 from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_protocol_event
 from broker import codec, telemetry
 from broker.errors import AssistantNotFound, Conflict, InvalidBody, NotFound
@@ -246,7 +246,7 @@ async def execute(svc: Services, thread_id: str, body: Any) -> tuple[int, dict[s
     """Run one command; (HTTP status, the protocol's answer)."""
     cid: int | None = None
     try:
-        if not valid_thread_id(thread_id) or len(thread_id) > 128:
+        if id_problem(thread_id) is not None:
             raise ProtocolError("invalid_argument", f"invalid thread id {thread_id[:140]!r}")
         cid, method, params = _command(body)
         handler = COMMANDS.get(method)
@@ -345,7 +345,7 @@ async def event_stream(
             params = orjson.loads(await request.body() or b"{}")
         except orjson.JSONDecodeError as exc:
             raise ProtocolError("invalid_argument", f"the body is not JSON: {exc}") from None
-        if not valid_thread_id(thread_id) or len(thread_id) > 128:
+        if id_problem(thread_id) is not None:
             raise ProtocolError("invalid_argument", f"invalid thread id {thread_id[:140]!r}")
         flt = EventFilter.parse(params)
         since = _since(params, request.headers.get("last-event-id"))
@@ -446,7 +446,7 @@ async def event_socket(ws: WebSocket, thread_id: str) -> None:
     """The protocol over one WebSocket: commands (including `subscription.subscribe` and
     `subscription.unsubscribe`) as JSON text frames, and the subscribed events pushed."""
     svc: Services = ws.app.state.services
-    if not valid_thread_id(thread_id) or len(thread_id) > 128:
+    if id_problem(thread_id) is not None:
         await ws.close(code=1008, reason="invalid thread id")
         return
     await ws.accept()

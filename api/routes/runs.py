@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from api.deps import Services, services
-from api.schemas import THREAD_ID_RULE, RunCreate, WireJSON, run_json, valid_thread_id
+from api.schemas import RunCreate, WireJSON, check_id, id_in_path, run_json
 from api.sse import gap_payload
 from broker import codec, telemetry
 from broker.cancel import CancelAction
@@ -29,9 +29,8 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
     if thread_id is None:
         thread = await svc.threads.create(new_id(), {"graph_id": graph_id, "stateless": True})
     elif body.if_not_exists == "create":
-        if not valid_thread_id(thread_id):  # created from the path: checked as POST /threads does
-            raise InvalidBody(THREAD_ID_RULE)
-        thread = await svc.threads.create(thread_id, if_exists="do_nothing")
+        # Created from the path or a chat id: checked as POST /threads checks its body.
+        thread = await svc.threads.create(check_id(thread_id), if_exists="do_nothing")
     else:
         thread = await svc.threads.get(thread_id)
     if "graph_id" not in thread.metadata:
@@ -173,7 +172,7 @@ async def cancel_and_wait(
 
 
 def run_location(run: RunRecord) -> dict[str, str]:
-    return {"Content-Location": f"/threads/{run.thread_id}/runs/{run.run_id}"}
+    return {"Content-Location": f"/threads/{id_in_path(run.thread_id)}/runs/{run.run_id}"}
 
 
 async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
@@ -220,7 +219,7 @@ async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
 def wait_response(svc: Services, run: RunRecord) -> StreamingResponse:
     headers = {
         **run_location(run),
-        "Location": f"/threads/{run.thread_id}/runs/{run.run_id}/join",
+        "Location": f"/threads/{id_in_path(run.thread_id)}/runs/{run.run_id}/join",
         "Cache-Control": "no-store",
         "X-Accel-Buffering": "no",
     }

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from api.deps import Services, services
 from api.routes.runs import cancel_run, repair_active, start_run
-from api.schemas import RunCreate
+from api.schemas import RunCreate, id_in_path
 from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event, gap_payload
 from broker import codec, telemetry
 from broker.cancel import CancelAction
@@ -26,8 +26,8 @@ router = APIRouter(tags=["stream"])
 
 def run_headers(thread_id: str, run_id: str) -> dict[str, str]:
     return {
-        "Location": f"/threads/{thread_id}/runs/{run_id}/stream",
-        "Content-Location": f"/threads/{thread_id}/runs/{run_id}",
+        "Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}/stream",
+        "Content-Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}",
     }
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import Services, services
 from api.schemas import ThreadCreate, WireJSON, thread_json
 from broker.errors import Conflict, ThreadNotFound
+from broker.thread_index import Matches, indexed
 from broker.threads import ThreadRecord
 
 router = APIRouter(tags=["threads"])
@@ -28,7 +29,7 @@ class ThreadSearch(BaseModel):
     ids: list[str] | None = None
     status: Literal["idle", "busy", "interrupted", "error"] | None = None
     limit: int = Field(default=10, ge=0, le=1000)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=1_000_000_000)
     sort_by: Literal["thread_id", "status", "created_at", "updated_at", "state_updated_at"] = (
         "updated_at"
     )
@@ -83,6 +84,118 @@ async def create_thread(body: ThreadCreate, svc: Services = Depends(services)) -
     return WireJSON(await thread_view(svc, thread))
 
 
+# Literal paths before /threads/{thread_id}, so they win for every method (OPTIONS too).
+@router.post("/threads/search", response_model=None)
+async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) -> WireJSON:
+    page, total, more = await _search(svc, body)
+    headers = {"X-Pagination-Total": str(total)}
+    if more:
+        headers["X-Pagination-Next"] = str(body.offset + body.limit)
+    return WireJSON(page, headers=headers)
+
+
+@router.post("/threads/count", response_model=None)
+async def count_threads(body: ThreadSearch, svc: Services = Depends(services)) -> int:
+    if _needs_reading(body):
+        return len(await _read_all(svc, body))
+    matches = await _matches(svc, body)
+    try:
+        if body.status is None and indexed(body.metadata):
+            return await matches.size()
+        found, _ = await _walk(svc, body, matches, skip=0, take=None)
+        return len(found)
+    finally:
+        await matches.close()
+
+
+def _needs_reading(body: ThreadSearch) -> bool:
+    """Searches the index cannot answer: by ids (already a short list), by state values, or
+    sorted by status."""
+    return bool(body.ids) or bool(body.values) or body.sort_by == "status"
+
+
+async def _matches(svc: Services, body: ThreadSearch) -> Matches:
+    return await svc.threads.index.matches(
+        metadata=body.metadata,
+        status=body.status,
+        sort_by=body.sort_by,
+        descending=body.sort_order == "desc",
+    )
+
+
+async def _search(svc: Services, body: ThreadSearch) -> tuple[list[dict[str, Any]], int, bool]:
+    """One page of matching threads, the total (exact, or the index's upper bound when a
+    status filter stopped early) and whether more may follow."""
+    if _needs_reading(body):
+        found = await _read_all(svc, body)
+        end = body.offset + body.limit
+        return found[body.offset : end], len(found), end < len(found)
+    matches = await _matches(svc, body)
+    try:
+        if body.status is None and indexed(body.metadata):  # every candidate matches
+            total = await matches.size()
+            ids = await matches.page(body.offset, body.limit)
+            page = [v for v in [await _matching_view(svc, body, t) for t in ids] if v]
+            return page, total, body.offset + body.limit < total
+        # A status set (or a filter on long metadata values, not indexed) is a superset: check
+        # candidates from the start until the page is full.
+        page, exhausted = await _walk(svc, body, matches, skip=body.offset, take=body.limit + 1)
+        more = len(page) > body.limit
+        total = body.offset + len(page) if exhausted else await matches.size()
+        return page[: body.limit], total, more
+    finally:
+        await matches.close()
+
+
+async def _walk(
+    svc: Services, body: ThreadSearch, matches: Matches, *, skip: int, take: int | None
+) -> tuple[list[dict[str, Any]], bool]:
+    """Candidates checked in order: `take` matching threads after `skip` of them (all with
+    None), and whether the candidates ran out."""
+    found: list[dict[str, Any]] = []
+    seen = start = 0
+    batch = min(1000, max(50, 2 * (skip + (take or 0))))
+    while take is None or len(found) < take:
+        ids = await matches.page(start, batch)
+        start += len(ids)
+        for tid in ids:
+            view = await _matching_view(svc, body, tid)
+            if view is None:
+                continue
+            seen += 1
+            if seen > skip and (take is None or len(found) < take):
+                found.append(view)
+        if len(ids) < batch:
+            return found, True
+    return found, False
+
+
+async def _matching_view(svc: Services, body: ThreadSearch, tid: str) -> dict[str, Any] | None:
+    """The thread's view when it still exists and matches the search (the index may lag)."""
+    try:
+        thread = await svc.threads.get(tid)
+    except ThreadNotFound:  # deleted while we looked
+        return None
+    if body.metadata and any(thread.metadata.get(k) != v for k, v in body.metadata.items()):
+        return None
+    view = await thread_view(svc, thread)
+    if body.status and view["status"] != body.status:
+        return None
+    if body.values and any((view["values"] or {}).get(k) != v for k, v in body.values.items()):
+        return None
+    return view
+
+
+async def _read_all(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for tid in body.ids or await svc.threads.list_ids():
+        view = await _matching_view(svc, body, tid)
+        if view is not None:
+            found.append(view)
+    found.sort(key=lambda t: t.get(body.sort_by) or "", reverse=body.sort_order == "desc")
+    return found
+
+
 @router.get("/threads/{thread_id}", response_model=None)
 async def get_thread(thread_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
     return await thread_view(svc, await svc.threads.get(thread_id))
@@ -108,42 +221,6 @@ async def delete_thread(thread_id: str, svc: Services = Depends(services)) -> Re
     await svc.threads.delete(thread_id)
     await svc.states.delete(thread_id)
     return Response(status_code=204)
-
-
-@router.post("/threads/search", response_model=None)
-async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) -> WireJSON:
-    found = await _search(svc, body)
-    page = found[body.offset : body.offset + body.limit]
-    headers = {"X-Pagination-Total": str(len(found))}
-    if body.offset + body.limit < len(found):
-        headers["X-Pagination-Next"] = str(body.offset + body.limit)
-    return WireJSON(page, headers=headers)
-
-
-async def _search(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    ids = body.ids or await svc.threads.list_ids()
-    for tid in ids:
-        try:
-            thread = await svc.threads.get(tid)
-        except ThreadNotFound:  # deleted while we looked; Redis errors fail the search (503)
-            continue
-        if body.metadata and any(thread.metadata.get(k) != v for k, v in body.metadata.items()):
-            continue
-        view = await thread_view(svc, thread)
-        if body.status and view["status"] != body.status:
-            continue
-        if body.values and any((view["values"] or {}).get(k) != v for k, v in body.values.items()):
-            continue
-        found.append(view)
-    found.sort(key=lambda t: t.get(body.sort_by) or "", reverse=body.sort_order == "desc")
-    return found
-
-
-@router.post("/threads/count", response_model=None)
-async def count_threads(body: ThreadSearch, svc: Services = Depends(services)) -> int:
-    body = body.model_copy(update={"limit": 1_000_000, "offset": 0})
-    return len(await _search(svc, body))
 
 
 @router.post("/threads/{thread_id}/copy", response_model=None)

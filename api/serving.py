@@ -1,0 +1,80 @@
+"""How uvicorn serves the API: timeouts and the open-connection count the limits read.
+
+uvicorn closes idle keep-alive connections but gives a client forever to send a request's
+headers; `GuardedHttpTools` closes a connection whose headers do not arrive in time, and tells
+the application how many connections the process holds (``RequestLimits`` answers 503 past the
+cap, probes excepted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from api.limits import OPEN_CONNECTIONS
+from broker.settings import Settings, get_settings
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header-read timeout
+    (TOKENRELAY_HEADER_TIMEOUT_SECONDS, read from the environment in each worker process)."""
+
+    header_timeout: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.header_timeout is None:
+            type(self).header_timeout = get_settings().header_timeout_seconds
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        # Bytes after a finished response start the next request: its headers are timed.
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_header_timer()
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[OPEN_CONNECTIONS] = len(self.connections)  # type: ignore[literal-required]
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            assert self.header_timeout is not None
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.Config` that apply `settings`' limits, for a server run
+    in-process (the CLI names `GuardedHttpTools`, which reads the environment's settings)."""
+    protocol = type(
+        "GuardedHttpTools", (GuardedHttpTools,), {"header_timeout": settings.header_timeout_seconds}
+    )
+    return {
+        "http": protocol,
+        "timeout_keep_alive": settings.keepalive_timeout_seconds,
+        "ws_max_size": settings.max_body_bytes,
+    }
