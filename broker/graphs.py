@@ -104,6 +104,11 @@ def _import_attr(spec: str) -> Any:
         raise GraphLoadError(f"graph spec {spec!r}: {target!r} has no attribute {attr!r}") from None
 
 
+def import_object(spec: str) -> Any:
+    """The object a ``module:attr`` or ``file.py:attr`` spec names (an auth object, an app)."""
+    return _import_attr(spec)
+
+
 class GraphRegistry:
     """The configured graphs by id, each bound to the shared checkpointer."""
 

@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -21,6 +22,7 @@ from broker.connection import connect
 from broker.embedded import EmbeddedRedis
 from broker.errors import GraphLoadError
 from broker.graphs import GraphRegistry, open_checkpointer
+from broker.project import find_project
 from broker.runtime import settle_heap
 from broker.settings import Settings, get_settings
 from broker.telemetry import setup_logging
@@ -40,6 +42,18 @@ def _check_graphs(settings: Settings) -> None:
         GraphRegistry(settings.graphs, None).load_all()
     except GraphLoadError as exc:
         sys.exit(f"tokenrelay: {exc}")
+
+
+def _load_project(config: str | None) -> None:
+    """Apply `config` (or ./langgraph.json when present) to this process's environment, before
+    the settings are read: its keys fill the TOKENRELAY_* settings that are not already set."""
+    try:
+        project = find_project(config)
+    except GraphLoadError as exc:
+        sys.exit(f"tokenrelay: {exc}")
+    if project is not None:
+        project.apply()
+        get_settings.cache_clear()
 
 
 def _signals(stop: asyncio.Event, force: asyncio.Event) -> None:
@@ -126,6 +140,15 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="PATH",
+        help="the project's langgraph.json (default: ./langgraph.json when there is one)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: global options, then one subcommand and its options."""
     parser = argparse.ArgumentParser(prog="tokenrelay", description=__doc__)
@@ -148,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_api.add_argument(
         "--workers", type=int, default=1, help="uvicorn worker processes (%(default)s)"
     )
+    _add_config(p_api)
 
     p_worker = sub.add_parser("worker", help="run a producer worker")
     p_worker.add_argument(
@@ -159,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_worker.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
     )
+    _add_config(p_worker)
 
     p_dev = sub.add_parser("dev", help="API + worker + demo graph (+ Redis) in one process")
     p_dev.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
@@ -166,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=2024, help="port to listen on (%(default)s); pick another "
         "when it is taken",
     )  # fmt: skip
+    _add_config(p_dev)
 
     sub.add_parser(
         "bench",
@@ -182,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(args.log_level, args.log_format)
+    sock = _bind(args.host, args.port) if args.command == "dev" else None
+    if args.command in ("api", "worker", "dev"):
+        _load_project(args.config)
+        # One stream token secret for all of this command's API processes (uvicorn workers).
+        os.environ.setdefault("TOKENRELAY_STREAM_TOKEN_SECRET", secrets.token_urlsafe(32))
     settings = get_settings()
 
     if args.command == "api":
@@ -208,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.argv = [f"tokenrelay bench {'' if name == 'suite' else name}".rstrip(), *rest]
         module.main()
     elif args.command == "dev":
-        sock = _bind(args.host, args.port)
+        assert sock is not None
         _check_graphs(settings)
         embedded: EmbeddedRedis | None = None
         # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so the
