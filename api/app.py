@@ -15,9 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from api.auth import AuthLayer, load_auth
 from api.deps import Services
 from api.routes import aisdk, assistants, ops, protocol, runs, stream, threads
 from api.schemas import WireJSON
+from api.tokens import StreamTokens
 from broker.connection import UNAVAILABLE, connect
 from broker.errors import (
     Conflict,
@@ -28,7 +30,7 @@ from broker.errors import (
     RunExpired,
     TokenrelayError,
 )
-from broker.graphs import GraphRegistry, open_checkpointer
+from broker.graphs import GraphRegistry, import_object, open_checkpointer
 from broker.runtime import settle_heap
 from broker.settings import Settings, get_settings
 
@@ -106,19 +108,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=WireJSON,
     )
-    if cfg.api_keys:
-        keys = frozenset(cfg.api_keys)
-
-        @app.middleware("http")
-        async def _require_api_key(request: Request, call_next: Any) -> Any:
-            # Probes, metrics and the docs stay open; everything else needs a key.
-            if request.url.path in OPEN_PATHS or request.method == "OPTIONS":
-                return await call_next(request)
-            if request.headers.get("x-api-key") not in keys:
-                return JSONResponse(
-                    {"detail": "Missing or invalid API key (x-api-key header)"}, status_code=401
-                )
-            return await call_next(request)
+    # Custom auth, stream tokens and API keys (api/auth.py); probes, metrics and docs stay open.
+    app.state.auth = load_auth(cfg)
+    app.add_middleware(
+        AuthLayer, auth=app.state.auth, api_keys=cfg.api_keys, open_paths=OPEN_PATHS,
+        tokens=StreamTokens.from_settings(cfg), routes=lambda: app.router.routes,
+    )  # fmt: skip
 
     if cfg.cors_origins:
         app.add_middleware(
@@ -155,4 +150,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(aisdk.router)
     app.include_router(protocol.router)
+    if cfg.http_app:  # langgraph.json's http.app: the user's routes, beside (after) the API's
+        app.mount("/", import_object(cfg.http_app))
     return app

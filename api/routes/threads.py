@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.auth import Caller, Filter, caller, matches
 from api.deps import Services, services
 from api.schemas import ThreadCreate, WireJSON, thread_json
 from broker.errors import Conflict
@@ -78,14 +79,25 @@ async def thread_view(svc: Services, thread: ThreadRecord) -> dict[str, Any]:
 
 
 @router.post("/threads", response_model=None)
-async def create_thread(body: ThreadCreate, svc: Services = Depends(services)) -> WireJSON:
-    thread = await svc.threads.create(body.thread_id, body.metadata, if_exists=body.if_exists)
+async def create_thread(
+    body: ThreadCreate, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> WireJSON:
+    metadata = await who.new_thread_metadata(body.thread_id, body.metadata, body.if_exists)
+    if (
+        body.thread_id is not None
+        and body.if_exists == "do_nothing"
+        and await svc.threads.exists(body.thread_id)
+    ):
+        return WireJSON(await thread_view(svc, await who.thread(body.thread_id)))
+    thread = await svc.threads.create(body.thread_id, metadata, if_exists=body.if_exists)
     return WireJSON(await thread_view(svc, thread))
 
 
 @router.get("/threads/{thread_id}", response_model=None)
-async def get_thread(thread_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
-    return await thread_view(svc, await svc.threads.get(thread_id))
+async def get_thread(
+    thread_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> dict[str, Any]:
+    return await thread_view(svc, await who.thread(thread_id))
 
 
 @router.patch("/threads/{thread_id}", response_model=None)
@@ -94,15 +106,21 @@ async def patch_thread(
     body: ThreadPatch,
     prefer: str | None = Header(default=None),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any] | Response:
-    thread = await svc.threads.update_metadata(thread_id, body.metadata)
+    value: dict[str, Any] = {"metadata": dict(body.metadata)}
+    await who.thread(thread_id, "update", **value)
+    thread = await svc.threads.update_metadata(thread_id, value["metadata"])
     if prefer and "return=minimal" in prefer:
         return Response(status_code=204)
     return await thread_view(svc, thread)
 
 
 @router.delete("/threads/{thread_id}", status_code=204)
-async def delete_thread(thread_id: str, svc: Services = Depends(services)) -> Response:
+async def delete_thread(
+    thread_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> Response:
+    await who.thread(thread_id, "delete")
     if await svc.runs.active_run(thread_id):
         raise Conflict(f"Thread {thread_id} has an active run; cancel it first")
     await svc.threads.delete(thread_id)
@@ -111,8 +129,10 @@ async def delete_thread(thread_id: str, svc: Services = Depends(services)) -> Re
 
 
 @router.post("/threads/search", response_model=None)
-async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) -> WireJSON:
-    found = await _search(svc, body)
+async def search_threads(
+    body: ThreadSearch, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> WireJSON:
+    found = await _search(svc, body, await _search_filter(who, body))
     page = found[body.offset : body.offset + body.limit]
     headers = {"X-Pagination-Total": str(len(found))}
     if body.offset + body.limit < len(found):
@@ -120,7 +140,14 @@ async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) 
     return WireJSON(page, headers=headers)
 
 
-async def _search(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
+async def _search_filter(who: Caller, body: ThreadSearch) -> Filter | None:
+    value = body.model_dump(include={"metadata", "values", "status", "limit", "offset", "ids"})
+    return await who.allow("threads", "search", value)
+
+
+async def _search(
+    svc: Services, body: ThreadSearch, scope: Filter | None = None
+) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     ids = body.ids or await svc.threads.list_ids()
     for tid in ids:
@@ -129,6 +156,8 @@ async def _search(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
         except Exception:  # deleted while we looked
             continue
         if body.metadata and any(thread.metadata.get(k) != v for k, v in body.metadata.items()):
+            continue
+        if scope and not matches(thread.metadata, scope):
             continue
         view = await thread_view(svc, thread)
         if body.status and view["status"] != body.status:
@@ -141,25 +170,32 @@ async def _search(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
 
 
 @router.post("/threads/count", response_model=None)
-async def count_threads(body: ThreadSearch, svc: Services = Depends(services)) -> int:
+async def count_threads(
+    body: ThreadSearch, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> int:
     body = body.model_copy(update={"limit": 1_000_000, "offset": 0})
-    return len(await _search(svc, body))
+    return len(await _search(svc, body, await _search_filter(who, body)))
 
 
 @router.post("/threads/{thread_id}/copy", response_model=None)
-async def copy_thread(thread_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
+async def copy_thread(
+    thread_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> dict[str, Any]:
     """A new thread with this one's metadata and checkpoints."""
-    source = await svc.threads.get(thread_id)
-    copy = await svc.threads.create(None, dict(source.metadata))
+    source = await who.thread(thread_id)
+    copy = await svc.threads.create(None, await who.new_thread_metadata(None, source.metadata))
     await svc.states.copy(thread_id, copy.thread_id)
     return await thread_view(svc, copy)
 
 
 @router.get("/threads/{thread_id}/state", response_model=None)
 async def get_state(
-    thread_id: str, subgraphs: bool = Query(default=False), svc: Services = Depends(services)
+    thread_id: str,
+    subgraphs: bool = Query(default=False),
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.get(graph_of(thread), thread_id, subgraphs=subgraphs)
 
 
@@ -169,8 +205,9 @@ async def get_state_at(
     checkpoint_id: str,
     subgraphs: bool = Query(default=False),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.get(
         graph_of(thread), thread_id, {"checkpoint_id": checkpoint_id}, subgraphs=subgraphs
     )
@@ -178,9 +215,12 @@ async def get_state_at(
 
 @router.post("/threads/{thread_id}/state/checkpoint", response_model=None)
 async def post_state_at(
-    thread_id: str, body: StateAt, svc: Services = Depends(services)
+    thread_id: str,
+    body: StateAt,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.get(
         graph_of(thread), thread_id, body.checkpoint, subgraphs=body.subgraphs
     )
@@ -188,9 +228,12 @@ async def post_state_at(
 
 @router.post("/threads/{thread_id}/state", response_model=None)
 async def update_state(
-    thread_id: str, body: StateUpdate, svc: Services = Depends(services)
+    thread_id: str,
+    body: StateUpdate,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id, "update")
     if await svc.runs.active_run(thread_id):
         raise Conflict(f"Thread {thread_id} has an active run; its state cannot be updated now")
     checkpoint = body.checkpoint or (
@@ -214,9 +257,12 @@ def _before(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
 
 @router.post("/threads/{thread_id}/history", response_model=None)
 async def post_history(
-    thread_id: str, body: HistoryQuery, svc: Services = Depends(services)
+    thread_id: str,
+    body: HistoryQuery,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> list[dict[str, Any]]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.history(
         graph_of(thread),
         thread_id,
@@ -233,8 +279,9 @@ async def get_history(
     limit: int = Query(default=10, ge=1, le=1000),
     before: str | None = Query(default=None),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> list[dict[str, Any]]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.history(
         graph_of(thread), thread_id, limit=limit, before=_before(before)
     )
