@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 from langgraph_sdk import get_client
 from langgraph_sdk.errors import NotFoundError, PermissionDeniedError
 
@@ -318,6 +319,17 @@ async def test_other_protocols_are_scoped_too(project: Dev) -> None:
         r = await c.get(f"/threads/{new}", headers=auth(BOB))
         assert r.json()["metadata"]["owner"] == "bob"
         assert (await c.get(f"/threads/{new}", headers=auth(ALICE))).status_code == 404
+
+    # The protocol's WebSocket: authenticated at the handshake, someone else's thread refused.
+    ws_url = project.url.replace("http://", "ws://") + f"/threads/{tid}/stream/events"
+    for headers, status in (({}, 403), (auth(BOB), 403)):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(ws_url, additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == status
+    async with websockets.connect(ws_url, additional_headers=auth(ALICE)) as ws:
+        await ws.send(json.dumps(cmd))
+        assert json.loads(await ws.recv())["type"] == "success"
 
 
 async def test_a_stream_token_lets_a_plain_sse_reader_resume_until_it_expires(
