@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,9 @@ from langgraph_sdk import get_client
 from langgraph_sdk.errors import NotFoundError, PermissionDeniedError
 
 from broker.embedded import free_port
+from tests.conftest import RedisServer
 from tests.e2e.test_js_clients import run_node_tests
-from tests.sse import events
+from tests.sse import SSE, events, parse_block
 
 REPO = Path(__file__).resolve().parents[2]
 ALICE, BOB = "token-alice", "token-bob"
@@ -397,3 +399,65 @@ def test_the_js_sdk_with_a_bearer_token(project: Dev) -> None:
         "auth.test.js",
         env={"TOKENRELAY_BEARER": ALICE, "TOKENRELAY_BEARER_OTHER": BOB},
     )
+
+
+def test_api_and_worker_processes_read_the_config_named_by_config(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`tokenrelay api --workers 2 --config ...` and `tokenrelay worker --config ...` started
+    elsewhere: each uvicorn worker loads the project's package and auth, and they share one
+    stream token secret; the worker runs what the API stored."""
+    root = tmp_path / "project"
+    root.mkdir()
+    write_project(root)
+    config = str(root / "langgraph.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["TOKENRELAY_REDIS_URL"] = redis_server.url
+    env["TOKENRELAY_KEY_PREFIX"] = f"t{uuid.uuid4().hex[:8]}"
+    env["TOKENRELAY_DEMO_REPLY_WORDS"] = "20"  # wins over the project's env file
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    commands = [
+        ["api", "--port", str(port), "--workers", "2", "--config", config],
+        ["worker", "--config", config],
+    ]
+    procs = []
+    try:
+        for args in commands:
+            with (tmp_path / f"{args[0]}.log").open("ab") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "producer.cli", *args],
+                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                ))  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, (tmp_path / "api.log").read_text()
+            try:
+                if httpx.get(url + "/ok", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        with httpx.Client(base_url=url, timeout=30, headers=auth(ALICE)) as c:
+            tid = c.post("/threads", json={}).json()["thread_id"]
+            body = {"assistant_id": "agent", "input": say("hi"), "stream_mode": "messages-tuple"}
+            with c.stream("POST", f"/threads/{tid}/runs/stream", json=body) as r:
+                text = r.read().decode()
+            blocks = [parse_block(b) for b in text.split("\n\n")]
+            chunks = [b.json()[0] for b in blocks if isinstance(b, SSE) and b.event == "messages"]
+            assert len("".join(c["content"] for c in chunks).split()) == 20
+            token = c.post(f"/threads/{tid}/stream_token").json()["token"]
+            assert c.get(f"/threads/{tid}", headers=auth(BOB)).status_code == 404
+        # Whichever API process a request reaches accepts the token.
+        for _ in range(6):
+            r = httpx.get(f"{url}/threads/{tid}/stream", params={"stream_token": token})
+            assert r.status_code == 204
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
