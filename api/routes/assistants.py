@@ -54,6 +54,7 @@ async def _readable(svc: Services, who: Caller, assistant_id: str) -> str:
 
 async def _search_filter(who: Caller, body: AssistantSearch) -> Filter | None:
     value = body.model_dump(include={"graph_id", "metadata", "limit", "offset"})
+    value["metadata"] = value["metadata"] or {}
     return await who.allow("assistants", "search", value)
 
 

@@ -142,6 +142,7 @@ async def search_threads(
 
 async def _search_filter(who: Caller, body: ThreadSearch) -> Filter | None:
     value = body.model_dump(include={"metadata", "values", "status", "limit", "offset", "ids"})
+    value["metadata"] = value["metadata"] or {}
     return await who.allow("threads", "search", value)
 
 
