@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = load_auth(cfg)
     app.add_middleware(
         AuthLayer, auth=app.state.auth, api_keys=cfg.api_keys, open_paths=OPEN_PATHS,
-        tokens=StreamTokens.from_settings(cfg), routes=lambda: app.router.routes,
+        tokens=StreamTokens.from_settings(cfg), paths=lambda: app.openapi()["paths"],
     )  # fmt: skip
 
     if cfg.cors_origins:

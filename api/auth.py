@@ -28,7 +28,7 @@ from langgraph_sdk import Auth
 from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Services
@@ -125,14 +125,15 @@ class AuthLayer:
         api_keys: Iterable[str],
         tokens: StreamTokens,
         open_paths: Iterable[str],
-        routes: Callable[[], list[BaseRoute]],
+        paths: Callable[[], Mapping[str, Mapping[str, Any]]],
     ) -> None:
         self.app = app
         self._auth = auth
         self._keys = [k.encode() for k in api_keys]
         self._tokens = tokens
         self._open = frozenset(open_paths)
-        self._routes = routes
+        self._paths = paths
+        self._patterns: list[tuple[re.Pattern[str], frozenset[str]]] | None = None
         authenticate = auth._authenticate_handler if auth is not None else None
         self._authenticate = authenticate
         self._wants = set(inspect.signature(authenticate).parameters) if authenticate else set()
@@ -186,10 +187,18 @@ class AuthLayer:
         return _refusal(403, "the stream token does not grant this stream")
 
     def _path_params(self, scope: Scope) -> dict[str, Any]:
-        for route in self._routes():
-            match, child = route.matches(scope)
-            if match is not Match.NONE:
-                return dict(child.get("path_params") or {})
+        """The path parameters of the route the request will reach, as the Agent Server passes
+        them (matched here, before routing, against the API's path templates)."""
+        if self._patterns is None:
+            self._patterns = [
+                (compile_path(path)[0], frozenset(m.upper() for m in methods))
+                for path, methods in self._paths().items()
+            ]
+        method = scope.get("method")
+        for pattern, methods in self._patterns:
+            found = pattern.match(scope["path"])
+            if found and (method is None or method in methods):
+                return found.groupdict()
         return {}
 
     async def _run_authenticate(
@@ -197,10 +206,13 @@ class AuthLayer:
     ) -> tuple[JSONResponse | None, Receive]:
         assert self._authenticate is not None
         headers = Headers(scope=scope)
+        body = b""
+        replay: Callable[[], Receive] = lambda: receive  # noqa: E731
         if scope["type"] == "http" and self._wants & {"body", "request"}:
-            receive = await _buffered(receive)
+            body, replay = await _read_body(receive)
+            receive = replay()
         available: dict[str, Callable[[], Any]] = {
-            "request": lambda: Request(scope, receive) if scope["type"] == "http" else None,
+            "request": lambda: Request(scope, replay()) if scope["type"] == "http" else None,
             "path": lambda: scope["path"],
             "method": lambda: scope.get("method", "GET"),
             "path_params": lambda: self._path_params(scope),
@@ -211,7 +223,7 @@ class AuthLayer:
         kwargs = {name: make() for name, make in available.items() if name in self._wants}
         try:
             if "body" in self._wants:
-                kwargs["body"] = await _json_body(receive) if scope["type"] == "http" else None
+                kwargs["body"] = _json_or_none(body)
             user = _user(await self._authenticate(**kwargs))
         except Auth.exceptions.HTTPException as exc:
             return _refusal(exc.status_code, exc.detail, exc.headers), receive
@@ -223,26 +235,33 @@ class AuthLayer:
         return None, receive
 
 
-async def _buffered(receive: Receive) -> Receive:
-    """Read the whole request body now and replay it, so the handler and the route both see it."""
+async def _read_body(receive: Receive) -> tuple[bytes, Callable[[], Receive]]:
+    """Read the whole request body now; and a maker of `receive` callables that each replay it
+    from the start, so the handler and the route both see all of it."""
     messages: list[Message] = []
     while True:
         message = await receive()
         messages.append(message)
         if message["type"] != "http.request" or not message.get("more_body"):
             break
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
 
-    async def replay() -> Message:
-        return messages.pop(0) if messages else await receive()
+    def replay() -> Receive:
+        pending = list(messages)
 
-    return replay
+        async def next_message() -> Message:
+            return pending.pop(0) if pending else await receive()
+
+        return next_message
+
+    return body, replay
 
 
-async def _json_body(receive: Receive) -> Any:
-    request = Request({"type": "http"}, receive)
-    raw = await request.body()
+def _json_or_none(body: bytes) -> Any:
+    """The body as JSON for the handler's `body`; a body that is not JSON is the route's to
+    refuse (422), not a reason to fail authentication."""
     try:
-        return orjson.loads(raw) if raw else None
+        return orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         return None
 
