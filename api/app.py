@@ -151,5 +151,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(aisdk.router)
     app.include_router(protocol.router)
     if cfg.http_app:  # langgraph.json's http.app: the user's routes, beside (after) the API's
-        app.mount("/", import_object(cfg.http_app))
+        app.mount("/", import_object(cfg.http_app, "http.app"))
     return app

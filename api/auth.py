@@ -102,7 +102,7 @@ def load_auth(settings: Settings) -> Auth | None:
     """The project's Auth object (``TOKENRELAY_AUTH``), or None when none is configured."""
     if not settings.auth:
         return None
-    auth = import_object(settings.auth)
+    auth = import_object(settings.auth, "auth path")
     if not isinstance(auth, Auth):
         raise GraphLoadError(
             f"auth {settings.auth!r} is a {type(auth).__name__}, not a langgraph_sdk.Auth"

@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from broker.connection import connect
 from broker.embedded import EmbeddedRedis
 from broker.errors import GraphLoadError
-from broker.graphs import GraphRegistry, open_checkpointer
+from broker.graphs import GraphRegistry, import_object, open_checkpointer
 from broker.project import find_project
 from broker.runtime import settle_heap
 from broker.settings import Settings, get_settings
@@ -36,10 +36,15 @@ log = logging.getLogger("tokenrelay")
 MICRO_BENCHMARKS = ("roundtrips", "cancel", "storage")
 
 
-def _check_graphs(settings: Settings) -> None:
-    """Import every configured graph now, so a wrong spec fails at start, naming it."""
+def _check_graphs(settings: Settings, *, serving: bool = False) -> None:
+    """Import every configured graph now (and, for the API, the project's auth object and
+    app), so a wrong spec fails at start, naming it."""
     try:
         GraphRegistry(settings.graphs, None).load_all()
+        if serving and settings.auth:
+            import_object(settings.auth, "auth path")
+        if serving and settings.http_app:
+            import_object(settings.http_app, "http.app")
     except GraphLoadError as exc:
         sys.exit(f"tokenrelay: {exc}")
 
@@ -216,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = get_settings()
 
     if args.command == "api":
-        _check_graphs(settings)
+        _check_graphs(settings, serving=True)
         uvicorn.run(
             APP_FACTORY,
             factory=True,
@@ -240,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         module.main()
     elif args.command == "dev":
         assert sock is not None
-        _check_graphs(settings)
+        _check_graphs(settings, serving=True)
         embedded: EmbeddedRedis | None = None
         # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so the
         # embedded Redis below is stopped instead of the process dying on the spot.

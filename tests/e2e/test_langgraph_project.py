@@ -461,3 +461,17 @@ def test_api_and_worker_processes_read_the_config_named_by_config(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_wrong_auth_path_stops_the_api_at_start_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "langgraph.json").write_text(
+        json.dumps({"graphs": {"agent": "producer.demo:graph"}, "auth": {"path": "./a.py:auth"}})
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "api", "--port", str(free_port())],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"auth path '{tmp_path / 'a.py'}:auth': cannot import" in done.stderr
