@@ -100,5 +100,19 @@ async def test_stream_tokens_beside_api_keys(redis_server: RedisServer) -> None:
                 ), path  # fmt: skip
             r = await c.post("/threads", json={})
             assert r.status_code == 401
+
+            # A thread-wide token: the AI SDK's resume and the agent protocol's event stream.
+            idle = (await c.post("/threads", json={}, headers=key)).json()["thread_id"]
+            r = await c.post(f"/threads/{idle}/stream_token", headers=key)
+            token = {"stream_token": r.json()["token"]}
+            assert (await c.get(f"/ai/chat/{idle}/stream", params=token)).status_code == 204
+            events = f"/threads/{idle}/stream/events"
+            async with c.stream(
+                "POST", events, params=token, json={"channels": ["lifecycle"]}
+            ) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/event-stream")
+            r = await c.post(f"/threads/{idle}/commands", params=token, json={})
+            assert r.status_code == 403
     finally:
         server.stop()
