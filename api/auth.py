@@ -110,6 +110,11 @@ def load_auth(settings: Settings) -> Auth | None:
     return auth
 
 
+def can_deny(scope: Scope) -> bool:
+    """Whether the server can answer a WebSocket handshake with an HTTP response."""
+    return "websocket.http.response" in scope.get("extensions", {})
+
+
 def _refusal(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
 
@@ -157,9 +162,9 @@ class AuthLayer:
             refusal = _refusal(401, "Missing or invalid API key (x-api-key header)")
         if refusal is None:
             await self.app(scope, receive, send)
-        elif scope["type"] == "websocket":
+        elif scope["type"] == "websocket" and not can_deny(scope):
             await send({"type": "websocket.close", "code": 4000 + refusal.status_code})
-        else:
+        else:  # an HTTP answer, to a WebSocket handshake too (its denial response)
             await refusal(scope, receive, send)
 
     def _key_ok(self, given: str | None) -> bool:

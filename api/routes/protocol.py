@@ -22,7 +22,7 @@ from api.agentstream import (
     thread_events,
     thread_last_seq,
 )
-from api.auth import Caller, caller
+from api.auth import Caller, caller, can_deny
 from api.deps import Services, services
 from api.fanout import Subscription
 from api.routes.runs import start_run
@@ -470,8 +470,11 @@ async def event_socket(ws: WebSocket, thread_id: str, who: Caller = Depends(call
         return
     try:
         await who.visible(thread_id)
-    except NotFound:  # someone else's thread
-        await ws.close(code=4404, reason=f"Thread with ID {thread_id} not found")
+    except NotFound as exc:  # someone else's thread: answered as the HTTP endpoints answer
+        if can_deny(ws.scope):
+            await ws.send_denial_response(WireJSON({"detail": str(exc)}, status_code=404))
+        else:
+            await ws.close(code=4404, reason=str(exc))
         return
     await ws.accept()
     sock = _Socket(svc, who, ws, thread_id)

@@ -324,7 +324,7 @@ async def test_other_protocols_are_scoped_too(project: Dev) -> None:
 
     # The protocol's WebSocket: authenticated at the handshake, someone else's thread refused.
     ws_url = project.url.replace("http://", "ws://") + f"/threads/{tid}/stream/events"
-    for headers, status in (({}, 403), (auth(BOB), 403)):
+    for headers, status in (({}, 401), (auth(BOB), 404)):
         with pytest.raises(websockets.InvalidStatus) as refused:
             async with websockets.connect(ws_url, additional_headers=headers):
                 pass
