@@ -17,11 +17,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from api import openapi
-from api.apikey import ApiKeyCheck
+from api.auth import AuthLayer, load_auth
 from api.deps import Services
 from api.limits import RequestLimits
 from api.routes import aisdk, assistants, ops, protocol, runs, stream, threads
 from api.schemas import WireJSON
+from api.tokens import StreamTokens
 from broker.connection import REFUSING, UNAVAILABLE, connect
 from broker.errors import (
     Conflict,
@@ -32,7 +33,7 @@ from broker.errors import (
     RunExpired,
     TokenrelayError,
 )
-from broker.graphs import GraphRegistry, open_checkpointer
+from broker.graphs import GraphRegistry, import_object, open_checkpointer
 from broker.runtime import settle_heap
 from broker.settings import Settings, get_settings
 
@@ -111,9 +112,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=WireJSON,
     )
     app.add_middleware(RequestLimits, settings=cfg)
-    if cfg.api_keys:
-        # Probes, metrics and the docs stay open; everything else needs a key.
-        app.add_middleware(ApiKeyCheck, keys=cfg.api_keys, open_paths=OPEN_PATHS)
+    # Custom auth, stream tokens and API keys (api/auth.py); probes, metrics and docs stay open.
+    app.state.auth = load_auth(cfg)
+    app.add_middleware(
+        AuthLayer, auth=app.state.auth, api_keys=cfg.api_keys, open_paths=OPEN_PATHS,
+        tokens=StreamTokens.from_settings(cfg), paths=lambda: app.openapi()["paths"],
+    )  # fmt: skip
 
     if cfg.cors_origins:
         app.add_middleware(
@@ -171,4 +175,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(aisdk.router)
     app.include_router(protocol.router)
     openapi.install(app)
+    if cfg.http_app:  # langgraph.json's http.app: the user's routes, beside (after) the API's
+        app.mount("/", import_object(cfg.http_app, "http.app"))
     return app

@@ -94,9 +94,9 @@ async def open_checkpointer(spec: str) -> AsyncIterator[BaseCheckpointSaver[Any]
     )
 
 
-def _import_attr(spec: str) -> Any:
+def _import_attr(spec: str, what: str = "graph spec") -> Any:
     if ":" not in spec:
-        raise GraphLoadError(f"graph spec {spec!r} must look like 'module:attr' or 'file.py:attr'")
+        raise GraphLoadError(f"{what} {spec!r} must look like 'module:attr' or 'file.py:attr'")
     target, attr = spec.rsplit(":", 1)
     try:
         if target.endswith(".py") or "/" in target:
@@ -104,7 +104,7 @@ def _import_attr(spec: str) -> Any:
             mod_name = f"tokenrelay_graph_{path.stem}"
             loader_spec = importlib.util.spec_from_file_location(mod_name, path)
             if loader_spec is None or loader_spec.loader is None:
-                raise GraphLoadError(f"graph spec {spec!r}: cannot load file {path}")
+                raise GraphLoadError(f"{what} {spec!r}: cannot load file {path}")
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[mod_name] = module
             loader_spec.loader.exec_module(module)
@@ -113,11 +113,17 @@ def _import_attr(spec: str) -> Any:
     except GraphLoadError:
         raise
     except Exception as exc:
-        raise GraphLoadError(f"graph spec {spec!r}: cannot import {target!r}: {exc}") from exc
+        raise GraphLoadError(f"{what} {spec!r}: cannot import {target!r}: {exc}") from exc
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise GraphLoadError(f"graph spec {spec!r}: {target!r} has no attribute {attr!r}") from None
+        raise GraphLoadError(f"{what} {spec!r}: {target!r} has no attribute {attr!r}") from None
+
+
+def import_object(spec: str, what: str) -> Any:
+    """The object a ``module:attr`` or ``file.py:attr`` spec names (an auth object, an app),
+    `what` naming it in errors."""
+    return _import_attr(spec, what)
 
 
 class GraphRegistry:

@@ -39,6 +39,21 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
 
     api_keys: list[str] = Field(default_factory=list)
+    auth: str | None = Field(
+        default=None,
+        description="A `langgraph_sdk.Auth` object ('./auth.py:auth' or 'module:attr'), as "
+        "langgraph.json's auth.path; it authenticates every request and scopes every thread.",
+    )
+    http_app: str | None = Field(
+        default=None,
+        description="A Starlette/FastAPI app mounted beside the API, as langgraph.json's http.app.",
+    )
+    stream_token_secret: str | None = Field(
+        default=None,
+        description="HMAC secret of stream tokens; the same on every API replica. Unset: "
+        "one random secret per `tokenrelay api`/`dev` command.",
+    )
+    stream_token_ttl_seconds: int = Field(default=300, ge=1, le=86_400)
     cors_origins: list[str] = Field(default_factory=list)
 
     # Limits (docs/security.md): every one answers clearly past it and has a working default.

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -25,7 +27,8 @@ from prometheus_client import start_http_server
 from broker.connection import connect
 from broker.embedded import EmbeddedRedis, die_with_parent
 from broker.errors import GraphLoadError
-from broker.graphs import GraphRegistry, open_checkpointer
+from broker.graphs import GraphRegistry, import_object, open_checkpointer
+from broker.project import find_project
 from broker.runtime import settle_heap
 from broker.settings import Settings, get_settings
 from broker.telemetry import setup_logging
@@ -48,12 +51,29 @@ def _limits(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _check_graphs(settings: Settings) -> None:
-    """Import every configured graph now, so a wrong spec fails at start, naming it."""
+def _check_graphs(settings: Settings, *, serving: bool = False) -> None:
+    """Import every configured graph now (and, for the API, the project's auth object and
+    app), so a wrong spec fails at start, naming it."""
     try:
         GraphRegistry(settings.graphs, None).load_all()
+        if serving and settings.auth:
+            import_object(settings.auth, "auth path")
+        if serving and settings.http_app:
+            import_object(settings.http_app, "http.app")
     except GraphLoadError as exc:
         sys.exit(f"tokenrelay: {exc}")
+
+
+def _load_project(config: str | None) -> None:
+    """Apply `config` (or ./langgraph.json when present) to this process's environment, before
+    the settings are read: its keys fill the TOKENRELAY_* settings that are not already set."""
+    try:
+        project = find_project(config)
+    except GraphLoadError as exc:
+        sys.exit(f"tokenrelay: {exc}")
+    if project is not None:
+        project.apply()
+        get_settings.cache_clear()
 
 
 def _signals(stop: asyncio.Event, force: asyncio.Event) -> None:
@@ -162,7 +182,7 @@ def _processes(requested: int | None, settings: Settings, what: str) -> int:
     return os.cpu_count() or 1
 
 
-def _dev(settings: Settings, sock: socket.socket, log_args: list[str]) -> int:
+def _dev(settings: Settings, sock: socket.socket, log_args: list[str], extra: list[str]) -> int:
     """The API and the worker(s) as processes of their own on one Redis and one checkpointer."""
     host, port = sock.getsockname()[:2]
     env = {**os.environ, "TOKENRELAY_REDIS_URL": settings.resolved_redis_url()}
@@ -185,13 +205,24 @@ def _dev(settings: Settings, sock: socket.socket, log_args: list[str]) -> int:
         flush=True,
     )
     fd = sock.fileno()
-    children = [_child([*log_args, "api", "--fd", str(fd), "--workers", "1"], env, [fd])]
-    children += [_child([*log_args, "worker", "--processes", "1"], env) for _ in range(workers)]
+    api = [*log_args, "api", "--fd", str(fd), "--workers", "1", *extra]
+    children = [_child(api, env, [fd])]
+    worker = [*log_args, "worker", "--processes", "1", *extra]
+    children += [_child(worker, env) for _ in range(workers)]
     try:
         return _supervise(children, grace=10)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="PATH",
+        help="the project's langgraph.json (default: ./langgraph.json when there is one)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve on this inherited listening socket instead of --host/--port "
         "(how tokenrelay dev hands its socket to the API process)",
     )  # fmt: skip
+    _add_config(p_api)
 
     p_worker = sub.add_parser("worker", help="run a producer worker")
     p_worker.add_argument(
@@ -237,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_worker.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
     )
+    _add_config(p_worker)
 
     p_dev = sub.add_parser(
         "dev", help="API and worker processes, the demo graph (or yours), a throwaway Redis"
@@ -246,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=2024, help="port to listen on (%(default)s); pick another "
         "when it is taken",
     )  # fmt: skip
+    _add_config(p_dev)
 
     sub.add_parser(
         "bench",
@@ -262,11 +296,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(args.log_level, args.log_format)
+    sock = _bind(args.host, args.port) if args.command == "dev" else None
+    if args.command in ("api", "worker", "dev"):
+        _load_project(args.config)
+        # One stream token secret for all of this command's API processes (uvicorn workers).
+        os.environ.setdefault("TOKENRELAY_STREAM_TOKEN_SECRET", secrets.token_urlsafe(32))
     settings = get_settings()
 
     log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
     if args.command == "api":
-        _check_graphs(settings)
+        _check_graphs(settings, serving=True)
         uvicorn.run(
             APP_FACTORY,
             factory=True,
@@ -297,8 +336,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.argv = [f"tokenrelay bench {'' if name == 'suite' else name}".rstrip(), *rest]
         module.main()
     elif args.command == "dev":
-        sock = _bind(args.host, args.port)
-        _check_graphs(settings)
+        assert sock is not None
+        _check_graphs(settings, serving=True)
         embedded: EmbeddedRedis | None = None
         status = 0
         try:
@@ -309,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     sys.exit(f"tokenrelay dev: {exc}")
                 os.environ["TOKENRELAY_REDIS_URL"] = embedded.url
                 get_settings.cache_clear()
-            status = _dev(get_settings(), sock, log_args)
+            config = ["--config", str(Path(args.config).resolve())] if args.config else []
+            status = _dev(get_settings(), sock, log_args, config)
         finally:
             sock.close()
             if embedded is not None:

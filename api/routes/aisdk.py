@@ -15,13 +15,14 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.auth import Caller, caller
 from api.deps import Services, services
 from api.routes.runs import cancel_run, start_run
 from api.schemas import ClientId, RunCreate, id_in_path
 from api.sse import HEARTBEAT, EventStreamResponse, format_data, gap_payload
 from broker import codec, telemetry
 from broker.cancel import CancelAction
-from broker.errors import InvalidBody
+from broker.errors import InvalidBody, NotFound
 from broker.models import ZERO_ID, Gap, RunStatus
 
 router = APIRouter(prefix="/ai", tags=["ai-sdk"])
@@ -116,8 +117,17 @@ def ui_stream(svc: Services, thread_id: str, run_id: str) -> EventStreamResponse
     return EventStreamResponse(ui_parts(svc, run_id), headers, abort=svc.draining)
 
 
+async def _mine(who: Caller, chat_id: str, op: str = "read", **value: Any) -> bool:
+    try:
+        return await who.visible(chat_id, op, **value)
+    except NotFound:
+        return False
+
+
 @router.post("/chat")
-async def chat(body: ChatRequest, svc: Services = Depends(services)) -> EventStreamResponse:
+async def chat(
+    body: ChatRequest, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> EventStreamResponse:
     last = body.messages[-1]
     if last.role != "user":
         raise InvalidBody("the last message must be the user's")
@@ -129,24 +139,28 @@ async def chat(body: ChatRequest, svc: Services = Depends(services)) -> EventStr
         multitask_strategy="interrupt",
         if_not_exists="create",
     )
-    run = await start_run(svc, body.id, run_body)
+    run = await start_run(svc, body.id, run_body, who)
     return ui_stream(svc, run.thread_id, run.run_id)
 
 
 @router.get("/chat/{chat_id}/stream", response_model=None)
 async def resume_chat(
-    chat_id: str, svc: Services = Depends(services)
+    chat_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> EventStreamResponse | Response:
-    run_id = await svc.runs.active_run(chat_id)
+    # Someone else's chat is answered as a missing one: nothing to resume.
+    run_id = await svc.runs.active_run(chat_id) if await _mine(who, chat_id) else None
     if run_id is None:
         return Response(status_code=204)
     return ui_stream(svc, chat_id, run_id)
 
 
 @router.post("/chat/{chat_id}/stop")
-async def stop_chat(chat_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
+async def stop_chat(
+    chat_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> dict[str, Any]:
     """Cancel the chat's active run; its partial reply stays in the thread."""
-    run_id = await svc.runs.active_run(chat_id)
+    mine = await _mine(who, chat_id, "update", action=CancelAction.INTERRUPT.value)
+    run_id = await svc.runs.active_run(chat_id) if mine else None
     if run_id is None:
         return {"stopped": None}
     run = await svc.runs.get(run_id)

@@ -8,8 +8,10 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.auth import Caller, Filter, caller, matches
 from api.deps import Services, services
 from api.schemas import iso
+from broker.errors import AssistantNotFound
 from broker.graphs import assistant_uuid
 
 router = APIRouter(tags=["assistants"])
@@ -41,11 +43,29 @@ def assistant_json(graph_id: str) -> dict[str, Any]:
     }
 
 
-def _matching(svc: Services, body: AssistantSearch) -> list[dict[str, Any]]:
+async def _readable(svc: Services, who: Caller, assistant_id: str) -> str:
+    """The graph id of an assistant the caller may read; one it may not is not found."""
+    graph_id = svc.registry.graph_id(assistant_id)
+    flt = await who.allow("assistants", "read", {"assistant_id": assistant_id})
+    if flt and not matches(assistant_json(graph_id)["metadata"], flt):
+        raise AssistantNotFound(assistant_id)
+    return graph_id
+
+
+async def _search_filter(who: Caller, body: AssistantSearch) -> Filter | None:
+    value = body.model_dump(include={"graph_id", "metadata", "limit", "offset"})
+    value["metadata"] = value["metadata"] or {}
+    return await who.allow("assistants", "search", value)
+
+
+def _matching(
+    svc: Services, body: AssistantSearch, scope: Filter | None = None
+) -> list[dict[str, Any]]:
     return [
         assistant_json(gid)
         for gid in svc.registry.specs
-        if (body.graph_id is None or gid == body.graph_id)
+        if (not scope or matches(assistant_json(gid)["metadata"], scope))
+        and (body.graph_id is None or gid == body.graph_id)
         and (body.name is None or gid == body.name)
         and all(
             assistant_json(gid)["metadata"].get(k) == v for k, v in (body.metadata or {}).items()
@@ -55,22 +75,28 @@ def _matching(svc: Services, body: AssistantSearch) -> list[dict[str, Any]]:
 
 @router.post("/assistants/search")
 async def search_assistants(
-    body: AssistantSearch, svc: Services = Depends(services)
+    body: AssistantSearch, svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> JSONResponse:
-    found = _matching(svc, body)
+    found = _matching(svc, body, await _search_filter(who, body))
     page = found[body.offset : body.offset + body.limit]
     return JSONResponse(page, headers={"X-Pagination-Total": str(len(found))})
 
 
 @router.post("/assistants/count", response_model=None)
-async def count_assistants(body: AssistantSearch, svc: Services = Depends(services)) -> int:
-    return len(_matching(svc, body))
+async def count_assistants(
+    body: AssistantSearch, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> int:
+    return len(_matching(svc, body, await _search_filter(who, body)))
 
 
 @router.get("/assistants/{assistant_id}/subgraphs", response_model=None)
 async def get_subgraphs(
-    assistant_id: str, recurse: bool = Query(default=False), svc: Services = Depends(services)
+    assistant_id: str,
+    recurse: bool = Query(default=False),
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
+    await _readable(svc, who, assistant_id)
     graph = svc.registry.get(assistant_id)
     out: dict[str, Any] = {}
     async for ns, sub in graph.aget_subgraphs(recurse=recurse):
@@ -85,8 +111,10 @@ async def get_subgraphs(
 
 
 @router.get("/assistants/{assistant_id}")
-async def get_assistant(assistant_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
-    return assistant_json(svc.registry.graph_id(assistant_id))
+async def get_assistant(
+    assistant_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> dict[str, Any]:
+    return assistant_json(await _readable(svc, who, assistant_id))
 
 
 @router.get("/assistants/{assistant_id}/graph")
@@ -94,7 +122,9 @@ async def get_assistant_graph(
     assistant_id: str,
     xray: str = Query(default="false"),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
+    await _readable(svc, who, assistant_id)
     graph = svc.registry.get(assistant_id)
     depth: int | bool = xray.lower() in ("true", "1") or (int(xray) if xray.isdigit() else False)
     drawable = await graph.aget_graph(xray=depth)
@@ -107,9 +137,9 @@ async def get_assistant_graph(
 
 @router.get("/assistants/{assistant_id}/schemas")
 async def get_assistant_schemas(
-    assistant_id: str, svc: Services = Depends(services)
+    assistant_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> dict[str, Any]:
-    graph_id = svc.registry.graph_id(assistant_id)
+    graph_id = await _readable(svc, who, assistant_id)
     graph = svc.registry.get(assistant_id)
 
     def schema(fn: str) -> Any:

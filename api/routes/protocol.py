@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, HTTPException, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
 from api.agentstream import (
@@ -22,6 +22,7 @@ from api.agentstream import (
     thread_events,
     thread_last_seq,
 )
+from api.auth import Caller, caller, can_deny
 from api.deps import Services, services
 from api.fanout import Subscription
 from api.routes.runs import start_run
@@ -29,7 +30,7 @@ from api.routes.threads import graph_of
 from api.schemas import RunCreate, WireJSON, id_problem
 from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_protocol_event
 from broker import codec, telemetry
-from broker.errors import AssistantNotFound, Conflict, InvalidBody, NotFound
+from broker.errors import Conflict, InvalidBody, NotFound
 from broker.models import Gap
 from broker.protocol import checkpoint_summary
 from broker.runs import new_id
@@ -75,21 +76,27 @@ async def _thread(svc: Services, thread_id: str) -> ThreadRecord:
         raise ProtocolError("invalid_argument", f"Thread with ID {thread_id} not found") from None
 
 
-async def _start(svc: Services, thread_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+async def _start(
+    svc: Services, who: Caller, thread_id: str, fields: dict[str, Any]
+) -> dict[str, Any]:
     """Start a run as the classic API does (thread created when missing, multitask strategy),
     streamed for this protocol; returns the command's result."""
     body = {"if_not_exists": "create", "multitask_strategy": "enqueue", **fields}
     body["stream_protocol"] = AGENT_PROTOCOL
     try:
-        run = await start_run(svc, thread_id, RunCreate.model_validate(body))
-    except AssistantNotFound as exc:
+        run = await start_run(svc, thread_id, RunCreate.model_validate(body), who)
+    except NotFound as exc:  # an unknown assistant, or someone else's thread
         raise ProtocolError("invalid_argument", str(exc)) from None
     except (InvalidBody, Conflict, ValueError) as exc:
         raise ProtocolError("invalid_argument", str(exc)) from None
+    except HTTPException as exc:  # refused by the project's auth handlers
+        raise ProtocolError("permission_denied", str(exc.detail)) from None
     return {"run_id": run.run_id}
 
 
-async def _run_start(svc: Services, thread_id: str, params: dict[str, Any]) -> dict[str, Any]:
+async def _run_start(
+    svc: Services, who: Caller, thread_id: str, params: dict[str, Any]
+) -> dict[str, Any]:
     assistant_id = params.get("assistant_id")
     if not isinstance(assistant_id, str) or not assistant_id:
         raise ProtocolError("invalid_argument", "run.start needs an `assistant_id`")
@@ -101,7 +108,7 @@ async def _run_start(svc: Services, thread_id: str, params: dict[str, Any]) -> d
     for name in ("multitask_strategy", "checkpoint_id", "interrupt_before", "interrupt_after"):
         if params.get(name) is not None:
             fields[name] = params[name]
-    return await _start(svc, thread_id, fields)
+    return await _start(svc, who, thread_id, fields)
 
 
 async def _pending_interrupts(svc: Services, thread: ThreadRecord) -> dict[str, list[str]]:
@@ -114,7 +121,9 @@ async def _pending_interrupts(svc: Services, thread: ThreadRecord) -> dict[str, 
     return out
 
 
-async def _input_respond(svc: Services, thread_id: str, params: dict[str, Any]) -> dict[str, Any]:
+async def _input_respond(
+    svc: Services, who: Caller, thread_id: str, params: dict[str, Any]
+) -> dict[str, Any]:
     if "responses" in params:
         entries = params["responses"]
         if not isinstance(entries, list) or not entries:
@@ -145,11 +154,13 @@ async def _input_respond(svc: Services, thread_id: str, params: dict[str, Any]) 
         value = _dict_param(params, name)
         if value is not None:
             fields[name] = value
-    await _start(svc, thread_id, fields)
+    await _start(svc, who, thread_id, fields)
     return {}
 
 
-async def _agent_tree(svc: Services, thread_id: str, params: dict[str, Any]) -> dict[str, Any]:
+async def _agent_tree(
+    svc: Services, who: Caller, thread_id: str, params: dict[str, Any]
+) -> dict[str, Any]:
     run_id = params.get("run_id") or await svc.runs.active_run(thread_id)
     if not isinstance(run_id, str) or not run_id:
         raise ProtocolError("no_such_run", "no run is active on the thread")
@@ -163,7 +174,9 @@ async def _agent_tree(svc: Services, thread_id: str, params: dict[str, Any]) -> 
     return {"tree": {"namespace": [], "status": status, "graph_name": graph_name, "children": []}}
 
 
-async def _state_get(svc: Services, thread_id: str, params: dict[str, Any]) -> dict[str, Any]:
+async def _state_get(
+    svc: Services, who: Caller, thread_id: str, params: dict[str, Any]
+) -> dict[str, Any]:
     thread = await _thread(svc, thread_id)
     namespace = params.get("namespace") or []
     if namespace:
@@ -180,8 +193,9 @@ async def _state_get(svc: Services, thread_id: str, params: dict[str, Any]) -> d
     return out
 
 
-async def _list_checkpoints(svc: Services, thread_id: str, params: dict[str, Any]
-) -> dict[str, Any]:  # fmt: skip
+async def _list_checkpoints(
+    svc: Services, who: Caller, thread_id: str, params: dict[str, Any]
+) -> dict[str, Any]:
     thread = await _thread(svc, thread_id)
     limit = params.get("limit", 10)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
@@ -209,7 +223,9 @@ async def _list_checkpoints(svc: Services, thread_id: str, params: dict[str, Any
     return {"checkpoints": out}
 
 
-async def _state_fork(svc: Services, thread_id: str, params: dict[str, Any]) -> dict[str, Any]:
+async def _state_fork(
+    svc: Services, who: Caller, thread_id: str, params: dict[str, Any]
+) -> dict[str, Any]:
     thread = await _thread(svc, thread_id)
     checkpoint_id = params.get("checkpoint_id")
     if not isinstance(checkpoint_id, str) or not checkpoint_id:
@@ -227,11 +243,11 @@ async def _state_fork(svc: Services, thread_id: str, params: dict[str, Any]) -> 
     config = _dict_param(params, "config")
     if config is not None:
         fields["config"] = config
-    result = await _start(svc, thread_id, fields)
+    result = await _start(svc, who, thread_id, fields)
     return {"run_id": result["run_id"], "thread_id": thread_id}
 
 
-Handler = Callable[[Services, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[Services, Caller, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 COMMANDS: dict[str, Handler] = {
     "run.start": _run_start,
     "input.respond": _input_respond,
@@ -242,7 +258,9 @@ COMMANDS: dict[str, Handler] = {
 }
 
 
-async def execute(svc: Services, thread_id: str, body: Any) -> tuple[int, dict[str, Any]]:
+async def execute(
+    svc: Services, who: Caller, thread_id: str, body: Any
+) -> tuple[int, dict[str, Any]]:
     """Run one command; (HTTP status, the protocol's answer)."""
     cid: int | None = None
     try:
@@ -258,7 +276,7 @@ async def execute(svc: Services, thread_id: str, body: Any) -> tuple[int, dict[s
                 )  # fmt: skip
             raise ProtocolError("unknown_command", f"unknown command {method!r}")
         applied = await thread_last_seq(svc, thread_id)
-        result = await handler(svc, thread_id, params)
+        result = await handler(svc, who, thread_id, params)
         return 200, {"type": "success", "id": cid, "result": result,
                      "meta": {"applied_through_seq": applied}}  # fmt: skip
     except ProtocolError as exc:
@@ -266,16 +284,21 @@ async def execute(svc: Services, thread_id: str, body: Any) -> tuple[int, dict[s
 
 
 @router.post("/threads/{thread_id}/commands")
-async def command(thread_id: str, request: Request, svc: Services = Depends(services)
-) -> Response:  # fmt: skip
+async def command(
+    thread_id: str,
+    request: Request,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> Response:
     """One protocol command (`run.start`, `input.respond`, `agent.getTree`, `state.get`,
-    `state.listCheckpoints`, `state.fork`) and its answer."""
+    `state.listCheckpoints`, `state.fork`) and its answer; someone else's thread is a 404."""
+    await who.visible(thread_id)
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError as exc:
         answer = ProtocolError("invalid_argument", f"the body is not JSON: {exc}").answer(None)
         return WireJSON(answer, status_code=400)
-    status, answer = await execute(svc, thread_id, body)
+    status, answer = await execute(svc, who, thread_id, body)
     return WireJSON(answer, status_code=status)
 
 
@@ -336,10 +359,14 @@ async def _sse_body(
 
 @router.post("/threads/{thread_id}/stream/events", response_model=None)
 async def event_stream(
-    thread_id: str, request: Request, svc: Services = Depends(services)
+    thread_id: str,
+    request: Request,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> Response:
     """A subscription to the thread's events (SSE): `channels`, `namespaces`, `depth`, and
     `since` to replay what came after a seq. It spans runs, with heartbeats while idle."""
+    await who.visible(thread_id)
     try:
         try:
             params = orjson.loads(await request.body() or b"{}")
@@ -363,8 +390,9 @@ async def event_stream(
 class _Socket:
     """One WebSocket: commands in, answers and the events of its subscriptions out."""
 
-    def __init__(self, svc: Services, ws: WebSocket, thread_id: str) -> None:
+    def __init__(self, svc: Services, who: Caller, ws: WebSocket, thread_id: str) -> None:
         self.svc = svc
+        self.who = who
         self.ws = ws
         self.thread_id = thread_id
         self.subscriptions: dict[str, tuple[asyncio.Task[None], contextlib.AsyncExitStack]] = {}
@@ -396,7 +424,7 @@ class _Socket:
             answer = {"type": "success", "id": cid, "result": {"restored": False}}
             await self.send(codec.json_bytes(answer))
         else:
-            _, answer = await execute(self.svc, self.thread_id, body)
+            _, answer = await execute(self.svc, self.who, self.thread_id, body)
             await self.send(codec.json_bytes(answer))
 
     async def _subscribe(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -442,15 +470,23 @@ async def _end(task: asyncio.Task[None], subscribed: contextlib.AsyncExitStack) 
 
 
 @router.websocket("/threads/{thread_id}/stream/events")
-async def event_socket(ws: WebSocket, thread_id: str) -> None:
+async def event_socket(ws: WebSocket, thread_id: str, who: Caller = Depends(caller)) -> None:
     """The protocol over one WebSocket: commands (including `subscription.subscribe` and
     `subscription.unsubscribe`) as JSON text frames, and the subscribed events pushed."""
     svc: Services = ws.app.state.services
     if id_problem(thread_id) is not None:
         await ws.close(code=1008, reason="invalid thread id")
         return
+    try:
+        await who.visible(thread_id)
+    except NotFound as exc:  # someone else's thread: answered as the HTTP endpoints answer
+        if can_deny(ws.scope):
+            await ws.send_denial_response(WireJSON({"detail": str(exc)}, status_code=404))
+        else:
+            await ws.close(code=4404, reason=str(exc))
+        return
     await ws.accept()
-    sock = _Socket(svc, ws, thread_id)
+    sock = _Socket(svc, who, ws, thread_id)
     telemetry.STREAMS_OPEN.inc()
     draining = asyncio.create_task(svc.draining.wait())
     try:

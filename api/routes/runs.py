@@ -11,28 +11,45 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from api.auth import Caller, caller, matches
 from api.deps import Services, services
 from api.schemas import RunCreate, WireJSON, check_id, id_in_path, run_json
 from api.sse import gap_payload
 from broker import codec, telemetry
 from broker.cancel import CancelAction
-from broker.errors import Conflict, InvalidBody, NoRunToCancel, RunNotFound
+from broker.errors import Conflict, InvalidBody, NoRunToCancel, RunNotFound, ThreadNotFound
 from broker.models import END_EVENT, ZERO_ID, Event, Gap, RunStatus
 from broker.runs import RunRecord, new_id, now_ms
 
 router = APIRouter(tags=["runs"])
 
 
-async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> RunRecord:
-    """Validate, record and enqueue a run on `thread_id` (None: a new thread, stateless)."""
+async def start_run(
+    svc: Services, thread_id: str | None, body: RunCreate, who: Caller
+) -> RunRecord:
+    """Validate, authorize, record and enqueue a run on `thread_id` (None: a new thread,
+    stateless); a thread it creates gets the metadata the caller's create handler writes."""
     graph_id = svc.registry.graph_id(body.assistant_id)
+    allowed: dict[str, Any] = {
+        "thread_id": thread_id, "assistant_id": body.assistant_id,
+        "metadata": dict(body.metadata or {}), "multitask_strategy": body.multitask_strategy,
+        "if_not_exists": body.if_not_exists, "kwargs": body.run_kwargs(),
+    }  # fmt: skip
+    scope = await who.allow("threads", "create_run", allowed)
     if thread_id is None:
-        thread = await svc.threads.create(new_id(), {"graph_id": graph_id, "stateless": True})
+        metadata = await who.new_thread_metadata(None, {"graph_id": graph_id, "stateless": True})
+        thread = await svc.threads.create(new_id(), metadata)
     elif body.if_not_exists == "create":
         # Created from the path or a chat id: checked as POST /threads checks its body.
-        thread = await svc.threads.create(check_id(thread_id), if_exists="do_nothing")
+        check_id(thread_id)
+        metadata = {}
+        if not await svc.threads.exists(thread_id):
+            metadata = await who.new_thread_metadata(thread_id, {}, "do_nothing")
+        thread = await svc.threads.create(thread_id, metadata, if_exists="do_nothing")
     else:
         thread = await svc.threads.get(thread_id)
+    if scope and not matches(thread.metadata, scope):
+        raise ThreadNotFound(thread.thread_id)
     if "graph_id" not in thread.metadata:
         await svc.threads.update_metadata(
             thread.thread_id, {"graph_id": graph_id, "assistant_id": body.assistant_id}
@@ -45,7 +62,7 @@ async def start_run(svc: Services, thread_id: str | None, body: RunCreate) -> Ru
         status=RunStatus.PENDING,
         created_at=ts,
         updated_at=ts,
-        metadata=body.metadata or {},
+        metadata=allowed["metadata"],
         kwargs=body.run_kwargs(),
         multitask_strategy=body.multitask_strategy,
         on_disconnect=body.on_disconnect,
@@ -228,38 +245,46 @@ def wait_response(svc: Services, run: RunRecord) -> StreamingResponse:
 
 @router.post("/threads/{thread_id}/runs")
 async def create_run(
-    thread_id: str, body: RunCreate, svc: Services = Depends(services)
+    thread_id: str,
+    body: RunCreate,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> JSONResponse:
-    run = await start_run(svc, thread_id, body)
+    run = await start_run(svc, thread_id, body, who)
     return JSONResponse(run_json(run), headers=run_location(run))
 
 
 @router.post("/runs")
-async def create_stateless_run(body: RunCreate, svc: Services = Depends(services)) -> JSONResponse:
-    run = await start_run(svc, None, body)
+async def create_stateless_run(
+    body: RunCreate, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> JSONResponse:
+    run = await start_run(svc, None, body, who)
     return JSONResponse(run_json(run), headers=run_location(run))
 
 
 @router.post("/runs/batch")
 async def create_run_batch(
-    body: list[RunCreate], svc: Services = Depends(services)
+    body: list[RunCreate], svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> list[dict[str, Any]]:
     """Several stateless background runs at once."""
-    return [run_json(await start_run(svc, None, b)) for b in body]
+    return [run_json(await start_run(svc, None, b, who)) for b in body]
 
 
 @router.post("/threads/{thread_id}/runs/wait")
 async def wait_run(
-    thread_id: str, body: RunCreate, svc: Services = Depends(services)
+    thread_id: str,
+    body: RunCreate,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> StreamingResponse:
-    return wait_response(svc, await start_run(svc, thread_id, body))
+    return wait_response(svc, await start_run(svc, thread_id, body, who))
 
 
 @router.post("/runs/wait")
 async def wait_stateless_run(
-    body: RunCreate, svc: Services = Depends(services)
+    body: RunCreate, svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> StreamingResponse:
-    return wait_response(svc, await start_run(svc, None, body))
+    return wait_response(svc, await start_run(svc, None, body, who))
 
 
 @router.get("/threads/{thread_id}/runs")
@@ -269,8 +294,9 @@ async def list_runs(
     offset: int = Query(default=0, ge=0),
     status: RunStatus | None = Query(default=None),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> list[dict[str, Any]]:
-    await svc.threads.get(thread_id)
+    await who.thread(thread_id)
     runs = await svc.runs.list(
         thread_id, limit=limit, offset=offset, status=status.value if status else None
     )
@@ -278,14 +304,18 @@ async def list_runs(
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}")
-async def get_run(thread_id: str, run_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
+async def get_run(
+    thread_id: str, run_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> dict[str, Any]:
+    await who.thread(thread_id, run_id=run_id)
     return run_json(await svc.runs.find(thread_id, run_id))
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/join")
 async def join_run(
-    thread_id: str, run_id: str, svc: Services = Depends(services)
+    thread_id: str, run_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> StreamingResponse:
+    await who.thread(thread_id, run_id=run_id)
     return wait_response(svc, await svc.runs.find(thread_id, run_id))
 
 
@@ -297,9 +327,11 @@ async def cancel_one(
     wait: bool = Query(default=False),
     action: CancelAction = Query(default=CancelAction.INTERRUPT),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> Response | dict[str, Any]:
     """Stop a run. `interrupt` keeps its partial output in the thread (the new checkpoint id
     is the run's `checkpoint_id`); `rollback` undoes it and deletes the run."""
+    await who.thread(thread_id, "update", run_id=run_id, action=action.value)
     run = await svc.runs.find(thread_id, run_id)
     if not wait:
         await cancel_run(svc, run, action)
@@ -324,12 +356,14 @@ async def cancel_many(
     body: CancelMany,
     action: CancelAction = Query(default=CancelAction.INTERRUPT),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> Response:
     """Cancel runs by id, or whatever is active on a thread (`{"thread_id": ...}` alone)."""
     if body.status is not None:
         raise InvalidBody("cancelling by status is not supported; pass thread_id (and run_ids)")
     if body.thread_id is None:
         raise InvalidBody("thread_id is required")
+    await who.thread(body.thread_id, "update", action=action.value)
     run_ids = body.run_ids
     if not run_ids:
         active = await svc.runs.active_run(body.thread_id)
@@ -344,7 +378,10 @@ async def cancel_many(
 
 
 @router.delete("/threads/{thread_id}/runs/{run_id}", status_code=204)
-async def delete_run(thread_id: str, run_id: str, svc: Services = Depends(services)) -> Response:
+async def delete_run(
+    thread_id: str, run_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> Response:
+    await who.thread(thread_id, "delete", run_id=run_id)
     run = await svc.runs.find(thread_id, run_id)
     if not run.status.terminal:
         raise Conflict(f"Run {run_id} is {run.status.value}; cancel it before deleting it")

@@ -9,12 +9,15 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from api.auth import Caller, caller
 from api.deps import Services, services
 from api.routes.runs import cancel_run, repair_active, start_run
-from api.schemas import RunCreate, id_in_path
+from api.schemas import RunCreate, id_in_path, iso
 from api.sse import HEARTBEAT, EventStreamResponse, format_error, format_event, gap_payload
+from api.tokens import StreamTokens
 from broker import codec, telemetry
 from broker.cancel import CancelAction
 from broker.errors import EventIdPastEnd, InvalidBody
@@ -169,12 +172,12 @@ def query_modes(values: list[str] | None) -> list[str] | None:
 
 
 async def _stream_new_run(
-    svc: Services, thread_id: str | None, body: RunCreate, max_seconds: float | None,
-    modes: list[str] | None,
+    svc: Services, who: Caller, thread_id: str | None, body: RunCreate,
+    max_seconds: float | None, modes: list[str] | None,
 ) -> EventStreamResponse:  # fmt: skip
     if modes:
         body = body.with_stream_modes(modes)
-    run = await start_run(svc, thread_id, body)
+    run = await start_run(svc, thread_id, body, who)
 
     async def creator_left() -> None:
         # on_disconnect=cancel: only the connection that created the run cancels it.
@@ -193,8 +196,10 @@ async def stream_run(
     max_seconds: float | None = MaxSeconds,
     stream_mode: list[str] | None = StreamModes,
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> EventStreamResponse:
-    return await _stream_new_run(svc, thread_id, body, max_seconds, query_modes(stream_mode))
+    modes = query_modes(stream_mode)
+    return await _stream_new_run(svc, who, thread_id, body, max_seconds, modes)
 
 
 @router.post("/runs/stream")
@@ -203,8 +208,9 @@ async def stream_stateless_run(
     max_seconds: float | None = MaxSeconds,
     stream_mode: list[str] | None = StreamModes,
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> EventStreamResponse:
-    return await _stream_new_run(svc, None, body, max_seconds, query_modes(stream_mode))
+    return await _stream_new_run(svc, who, None, body, max_seconds, query_modes(stream_mode))
 
 
 @router.get("/threads/{thread_id}/stream", response_model=None)
@@ -214,11 +220,12 @@ async def join_thread_stream(
     last_event_id: str | None = Query(default=None),
     max_seconds: float | None = MaxSeconds,
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> EventStreamResponse | Response:
     """Join whatever run is active on the thread (204 when idle): enough to rejoin, and stop,
     from a page that only knows the thread."""
     after = parse_last_event_id(last_event_id_header, last_event_id)
-    await svc.threads.get(thread_id)
+    await who.thread(thread_id)
     run_id = await svc.runs.active_run(thread_id)
     if run_id is None or await repair_active(svc, thread_id, run_id):
         return Response(status_code=204)
@@ -235,8 +242,10 @@ async def join_run_stream(
     max_seconds: float | None = MaxSeconds,
     stream_mode: list[str] | None = StreamModes,
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> EventStreamResponse:
     after = parse_last_event_id(last_event_id_header, last_event_id)
+    await who.thread(thread_id, run_id=run_id)
     run = await svc.runs.find(thread_id, run_id)
     await refuse_past_end(svc, run_id, after)
     return await stream_response(
@@ -253,9 +262,11 @@ async def poll_run_events(
     wait_ms: int = Query(default=0, ge=0, le=60_000),
     limit: int = Query(default=512, ge=1, le=10_000),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> Response:
     """Long-poll fallback: events after `after`, waiting up to `wait_ms` for the first one."""
     since = StreamId.parse_last_event_id(after)
+    await who.thread(thread_id, run_id=run_id)
     run = await svc.runs.find(thread_id, run_id)
     gap = await svc.log.gap_after(run_id, since)
     entries = await svc.log.read(run_id, since, count=limit)
@@ -287,3 +298,37 @@ async def poll_run_events(
         done = run.status.terminal and not await svc.log.has_after(run_id, since)
     body = orjson.dumps({"events": out, "next": str(nxt), "done": done})
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+class StreamTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run_id: str | None = None
+    ttl_seconds: int | None = Field(default=None, ge=1)
+
+
+@router.post("/threads/{thread_id}/stream_token")
+async def issue_stream_token(
+    thread_id: str,
+    body: StreamTokenRequest | None = None,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> dict[str, Any]:
+    """A short-lived token that opens this thread's streams (only `run_id`'s when given) as
+    `?stream_token=`: a browser resumes with it, no long-lived secret and no proxy needed."""
+    body = body or StreamTokenRequest()
+    await who.thread(thread_id, run_id=body.run_id)
+    if body.run_id is not None:
+        await svc.runs.find(thread_id, body.run_id)
+    limit = svc.settings.stream_token_ttl_seconds
+    ttl = min(body.ttl_seconds or limit, limit)
+    user = who.identity.user
+    subject = None if user is None else str(user.identity)
+    token, expires_at = StreamTokens.from_settings(svc.settings).issue(
+        thread_id, body.run_id, ttl, subject
+    )
+    return {
+        "token": token,
+        "thread_id": thread_id,
+        "run_id": body.run_id,
+        "expires_at": iso(expires_at * 1000),
+    }

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.auth import Caller, Filter, caller, matches
 from api.deps import Services, services
 from api.schemas import ThreadCreate, WireJSON, thread_json
 from broker.errors import Conflict, ThreadNotFound
@@ -79,15 +80,29 @@ async def thread_view(svc: Services, thread: ThreadRecord) -> dict[str, Any]:
 
 
 @router.post("/threads", response_model=None)
-async def create_thread(body: ThreadCreate, svc: Services = Depends(services)) -> WireJSON:
-    thread = await svc.threads.create(body.thread_id, body.metadata, if_exists=body.if_exists)
+async def create_thread(
+    body: ThreadCreate, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> WireJSON:
+    metadata = await who.new_thread_metadata(body.thread_id, body.metadata, body.if_exists)
+    if (
+        body.thread_id is not None
+        and body.if_exists == "do_nothing"
+        and await svc.threads.exists(body.thread_id)
+    ):
+        return WireJSON(await thread_view(svc, await who.thread(body.thread_id)))
+    thread = await svc.threads.create(body.thread_id, metadata, if_exists=body.if_exists)
     return WireJSON(await thread_view(svc, thread))
 
 
 # Literal paths before /threads/{thread_id}, so they win for every method (OPTIONS too).
 @router.post("/threads/search", response_model=None)
-async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) -> WireJSON:
-    page, total, more = await _search(svc, body)
+async def search_threads(
+    body: ThreadSearch, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> WireJSON:
+    scoped, scope = await _scoped(who, body)
+    if scoped is None:
+        return WireJSON([], headers={"X-Pagination-Total": "0"})
+    page, total, more = await _search(svc, scoped, scope)
     headers = {"X-Pagination-Total": str(total)}
     if more:
         headers["X-Pagination-Next"] = str(body.offset + body.limit)
@@ -95,17 +110,42 @@ async def search_threads(body: ThreadSearch, svc: Services = Depends(services)) 
 
 
 @router.post("/threads/count", response_model=None)
-async def count_threads(body: ThreadSearch, svc: Services = Depends(services)) -> int:
+async def count_threads(
+    body: ThreadSearch, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> int:
+    scoped, scope = await _scoped(who, body)
+    if scoped is None:
+        return 0
+    body = scoped
     if _needs_reading(body):
-        return len(await _read_all(svc, body))
+        return len(await _read_all(svc, body, scope))
     matches = await _matches(svc, body)
     try:
-        if body.status is None and indexed(body.metadata):
+        if body.status is None and indexed(body.metadata) and not scope:
             return await matches.size()
-        found, _ = await _walk(svc, body, matches, skip=0, take=None)
+        found, _ = await _walk(svc, body, matches, skip=0, take=None, scope=scope)
         return len(found)
     finally:
         await matches.close()
+
+
+async def _scoped(who: Caller, body: ThreadSearch) -> tuple[ThreadSearch | None, Filter | None]:
+    """The search narrowed to what the caller's auth handlers allow: an equality filter joins
+    the metadata filter (so the index answers it; None when the two contradict), any other
+    filter is checked on each candidate."""
+    value = body.model_dump(include={"metadata", "values", "status", "limit", "offset", "ids"})
+    value["metadata"] = value["metadata"] or {}
+    scope = await who.allow("threads", "search", value)
+    if not scope:
+        return body, None
+    if any(isinstance(v, dict) for v in scope.values()):
+        return body, scope
+    metadata = dict(body.metadata or {})
+    for key, want in scope.items():
+        if key in metadata and metadata[key] != want:
+            return None, None
+        metadata[key] = want
+    return body.model_copy(update={"metadata": metadata}), None
 
 
 def _needs_reading(body: ThreadSearch) -> bool:
@@ -123,23 +163,27 @@ async def _matches(svc: Services, body: ThreadSearch) -> Matches:
     )
 
 
-async def _search(svc: Services, body: ThreadSearch) -> tuple[list[dict[str, Any]], int, bool]:
+async def _search(
+    svc: Services, body: ThreadSearch, scope: Filter | None
+) -> tuple[list[dict[str, Any]], int, bool]:
     """One page of matching threads, the total (exact, or the index's upper bound when a
     status filter stopped early) and whether more may follow."""
     if _needs_reading(body):
-        found = await _read_all(svc, body)
+        found = await _read_all(svc, body, scope)
         end = body.offset + body.limit
         return found[body.offset : end], len(found), end < len(found)
     matches = await _matches(svc, body)
     try:
-        if body.status is None and indexed(body.metadata):  # every candidate matches
+        if body.status is None and indexed(body.metadata) and not scope:  # all candidates match
             total = await matches.size()
             ids = await matches.page(body.offset, body.limit)
             page = [v for v in [await _matching_view(svc, body, t) for t in ids] if v]
             return page, total, body.offset + body.limit < total
         # A status set (or a filter on long metadata values, not indexed) is a superset: check
         # candidates from the start until the page is full.
-        page, exhausted = await _walk(svc, body, matches, skip=body.offset, take=body.limit + 1)
+        page, exhausted = await _walk(
+            svc, body, matches, skip=body.offset, take=body.limit + 1, scope=scope
+        )
         more = len(page) > body.limit
         total = body.offset + len(page) if exhausted else await matches.size()
         return page[: body.limit], total, more
@@ -148,7 +192,13 @@ async def _search(svc: Services, body: ThreadSearch) -> tuple[list[dict[str, Any
 
 
 async def _walk(
-    svc: Services, body: ThreadSearch, matches: Matches, *, skip: int, take: int | None
+    svc: Services,
+    body: ThreadSearch,
+    matches: Matches,
+    *,
+    skip: int,
+    take: int | None,
+    scope: Filter | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     """Candidates checked in order: `take` matching threads after `skip` of them (all with
     None), and whether the candidates ran out."""
@@ -159,7 +209,7 @@ async def _walk(
         ids = await matches.page(start, batch)
         start += len(ids)
         for tid in ids:
-            view = await _matching_view(svc, body, tid)
+            view = await _matching_view(svc, body, tid, scope)
             if view is None:
                 continue
             seen += 1
@@ -170,13 +220,17 @@ async def _walk(
     return found, False
 
 
-async def _matching_view(svc: Services, body: ThreadSearch, tid: str) -> dict[str, Any] | None:
+async def _matching_view(
+    svc: Services, body: ThreadSearch, tid: str, scope: Filter | None = None
+) -> dict[str, Any] | None:
     """The thread's view when it still exists and matches the search (the index may lag)."""
     try:
         thread = await svc.threads.get(tid)
     except ThreadNotFound:  # deleted while we looked
         return None
     if body.metadata and any(thread.metadata.get(k) != v for k, v in body.metadata.items()):
+        return None
+    if scope and not matches(thread.metadata, scope):
         return None
     view = await thread_view(svc, thread)
     if body.status and view["status"] != body.status:
@@ -186,10 +240,12 @@ async def _matching_view(svc: Services, body: ThreadSearch, tid: str) -> dict[st
     return view
 
 
-async def _read_all(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
+async def _read_all(
+    svc: Services, body: ThreadSearch, scope: Filter | None = None
+) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for tid in body.ids or await svc.threads.list_ids():
-        view = await _matching_view(svc, body, tid)
+        view = await _matching_view(svc, body, tid, scope)
         if view is not None:
             found.append(view)
     found.sort(key=lambda t: t.get(body.sort_by) or "", reverse=body.sort_order == "desc")
@@ -197,8 +253,10 @@ async def _read_all(svc: Services, body: ThreadSearch) -> list[dict[str, Any]]:
 
 
 @router.get("/threads/{thread_id}", response_model=None)
-async def get_thread(thread_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
-    return await thread_view(svc, await svc.threads.get(thread_id))
+async def get_thread(
+    thread_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> dict[str, Any]:
+    return await thread_view(svc, await who.thread(thread_id))
 
 
 @router.patch("/threads/{thread_id}", response_model=None)
@@ -207,15 +265,21 @@ async def patch_thread(
     body: ThreadPatch,
     prefer: str | None = Header(default=None),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any] | Response:
-    thread = await svc.threads.update_metadata(thread_id, body.metadata)
+    value: dict[str, Any] = {"metadata": dict(body.metadata)}
+    await who.thread(thread_id, "update", **value)
+    thread = await svc.threads.update_metadata(thread_id, value["metadata"])
     if prefer and "return=minimal" in prefer:
         return Response(status_code=204)
     return await thread_view(svc, thread)
 
 
 @router.delete("/threads/{thread_id}", status_code=204)
-async def delete_thread(thread_id: str, svc: Services = Depends(services)) -> Response:
+async def delete_thread(
+    thread_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> Response:
+    await who.thread(thread_id, "delete")
     if await svc.runs.active_run(thread_id):
         raise Conflict(f"Thread {thread_id} has an active run; cancel it first")
     await svc.threads.delete(thread_id)
@@ -224,19 +288,24 @@ async def delete_thread(thread_id: str, svc: Services = Depends(services)) -> Re
 
 
 @router.post("/threads/{thread_id}/copy", response_model=None)
-async def copy_thread(thread_id: str, svc: Services = Depends(services)) -> dict[str, Any]:
+async def copy_thread(
+    thread_id: str, svc: Services = Depends(services), who: Caller = Depends(caller)
+) -> dict[str, Any]:
     """A new thread with this one's metadata and checkpoints."""
-    source = await svc.threads.get(thread_id)
-    copy = await svc.threads.create(None, dict(source.metadata))
+    source = await who.thread(thread_id)
+    copy = await svc.threads.create(None, await who.new_thread_metadata(None, source.metadata))
     await svc.states.copy(thread_id, copy.thread_id)
     return await thread_view(svc, copy)
 
 
 @router.get("/threads/{thread_id}/state", response_model=None)
 async def get_state(
-    thread_id: str, subgraphs: bool = Query(default=False), svc: Services = Depends(services)
+    thread_id: str,
+    subgraphs: bool = Query(default=False),
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.get(graph_of(thread), thread_id, subgraphs=subgraphs)
 
 
@@ -246,8 +315,9 @@ async def get_state_at(
     checkpoint_id: str,
     subgraphs: bool = Query(default=False),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.get(
         graph_of(thread), thread_id, {"checkpoint_id": checkpoint_id}, subgraphs=subgraphs
     )
@@ -255,9 +325,12 @@ async def get_state_at(
 
 @router.post("/threads/{thread_id}/state/checkpoint", response_model=None)
 async def post_state_at(
-    thread_id: str, body: StateAt, svc: Services = Depends(services)
+    thread_id: str,
+    body: StateAt,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.get(
         graph_of(thread), thread_id, body.checkpoint, subgraphs=body.subgraphs
     )
@@ -265,9 +338,12 @@ async def post_state_at(
 
 @router.post("/threads/{thread_id}/state", response_model=None)
 async def update_state(
-    thread_id: str, body: StateUpdate, svc: Services = Depends(services)
+    thread_id: str,
+    body: StateUpdate,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id, "update")
     if await svc.runs.active_run(thread_id):
         raise Conflict(f"Thread {thread_id} has an active run; its state cannot be updated now")
     checkpoint = body.checkpoint or (
@@ -291,9 +367,12 @@ def _before(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
 
 @router.post("/threads/{thread_id}/history", response_model=None)
 async def post_history(
-    thread_id: str, body: HistoryQuery, svc: Services = Depends(services)
+    thread_id: str,
+    body: HistoryQuery,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> list[dict[str, Any]]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.history(
         graph_of(thread),
         thread_id,
@@ -310,8 +389,9 @@ async def get_history(
     limit: int = Query(default=10, ge=1, le=1000),
     before: str | None = Query(default=None),
     svc: Services = Depends(services),
+    who: Caller = Depends(caller),
 ) -> list[dict[str, Any]]:
-    thread = await svc.threads.get(thread_id)
+    thread = await who.thread(thread_id)
     return await svc.states.history(
         graph_of(thread), thread_id, limit=limit, before=_before(before)
     )

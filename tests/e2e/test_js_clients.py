@@ -23,7 +23,7 @@ MIN_NODE = (20, 19)
 pytestmark = pytest.mark.timeout(TIMEOUT_SECONDS + 30)
 
 
-def run_node_tests(relay: Tokenrelay, test_file: str) -> None:
+def run_node_tests(relay: Tokenrelay, test_file: str, env: dict[str, str] | None = None) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail(
@@ -38,7 +38,8 @@ def run_node_tests(relay: Tokenrelay, test_file: str) -> None:
             f"the JS client packages are not installed: run `npm ci` in {JS_DIR} "
             "(./scripts/test does)"
         )
-    env = {**os.environ, "TOKENRELAY_URL": relay.url, "NO_COLOR": "1", "FORCE_COLOR": "0"}
+    env = {**os.environ, **(env or {}), "TOKENRELAY_URL": relay.url, "NO_COLOR": "1",
+           "FORCE_COLOR": "0"}  # fmt: skip
     try:
         proc = subprocess.run(
             [node, "--test", "--test-reporter=spec", f"test/{test_file}"],
