@@ -333,9 +333,8 @@ class GraphRun:
         elif kind == "message-finish":
             self._texts.pop(self._current, None)
 
-    async def protocol_events(self) -> AsyncIterator[Event]:
-        """The run as the agent streaming protocol's events, from LangGraph's own protocol
-        event stream (``astream_events(version="v3")``)."""
+    def _graph_kwargs(self) -> dict[str, Any]:
+        """The run's context and interrupt_before/after, as the graph's stream takes them."""
         kwargs: dict[str, Any] = {}
         context = self.run.kwargs.get("context")
         if context:
@@ -343,6 +342,12 @@ class GraphRun:
         for key in ("interrupt_before", "interrupt_after"):
             if self.run.kwargs.get(key):
                 kwargs[key] = self.run.kwargs[key]
+        return kwargs
+
+    async def protocol_events(self) -> AsyncIterator[Event]:
+        """The run as the agent streaming protocol's events, from LangGraph's own protocol
+        event stream (``astream_events(version="v3")``)."""
+        kwargs = self._graph_kwargs()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LangChainBetaWarning)
             stream = await self.graph.astream_events(  # type: ignore[call-overload]
@@ -396,13 +401,7 @@ class GraphRun:
         # message it keeps, whether or not the client asked for them.
         # `updates` too: an interrupt shows there, and the protocol's `input` channel needs it.
         graph_modes = sorted({_GRAPH_MODE[m] for m in self.modes} | {"messages", "updates"})
-        kwargs: dict[str, Any] = {}
-        context = self.run.kwargs.get("context")
-        if context:
-            kwargs["context"] = context
-        for key in ("interrupt_before", "interrupt_after"):
-            if self.run.kwargs.get(key):
-                kwargs[key] = self.run.kwargs[key]
+        kwargs = self._graph_kwargs()
         subgraphs = bool(self.run.kwargs.get("subgraphs"))
         stream = self.graph.astream(  # type: ignore[call-overload]
             self._input(),

@@ -125,21 +125,22 @@ class ToolCallingModel(FakeStreamingChatModel):
 tools = _chat(ToolCallingModel())
 
 
+def _asking(node: Any) -> Any:
+    """A graph whose node `ask` interrupts, then answers with the fast model."""
+    return (
+        StateGraph(MessagesState)
+        .add_node("ask", node)
+        .add_node("llm", fast.nodes["llm"].bound)
+        .add_edge(START, "ask")
+        .add_edge("ask", "llm")
+        .add_edge("llm", END)
+        .compile()
+    )
+
+
 def _ask(state: MessagesState) -> dict[str, list[BaseMessage]]:
     answer = interrupt({"question": "Go ahead?"})
     return {"messages": [AIMessage(content=f"You said {answer}")]}
-
-
-# Asks a question (an interrupt), then answers with the fast model.
-ask = (
-    StateGraph(MessagesState)
-    .add_node("ask", _ask)
-    .add_node("llm", fast.nodes["llm"].bound)
-    .add_edge(START, "ask")
-    .add_edge("ask", "llm")
-    .add_edge("llm", END)
-    .compile()
-)
 
 
 def _approve(state: MessagesState) -> dict[str, list[BaseMessage]]:
@@ -147,16 +148,10 @@ def _approve(state: MessagesState) -> dict[str, list[BaseMessage]]:
     return {"messages": [HumanMessage(content=f"answer: {answer}")]}
 
 
-# Asks for approval (an interrupt), records the answer as a user message, then answers.
-approve = (
-    StateGraph(MessagesState)
-    .add_node("ask", _approve)
-    .add_node("llm", fast.nodes["llm"].bound)
-    .add_edge(START, "ask")
-    .add_edge("ask", "llm")
-    .add_edge("llm", END)
-    .compile()
-)
+# Asks a question, then answers: the answer is an AI message (`ask`), or recorded as the
+# user's (`approve`, as useStream v1's tests expect).
+ask = _asking(_ask)
+approve = _asking(_approve)
 
 
 @tool
