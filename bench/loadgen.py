@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 import uvloop
 
-from bench.pacing import TS, Pace
+from bench.pacing import TOKEN, TS, Pace
 
 ID_LINE = re.compile(rb"(?m)^id: ?(\S+)$")
 CDF_POINTS = 500
@@ -37,9 +37,13 @@ class Sink:
     """What all clients of a scenario received."""
 
     latencies_ns: list[int] = field(default_factory=list)
+    """Receipt minus production (``ts``): what the relay adds."""
+    schedule_ns: list[int] = field(default_factory=list)
+    """Receipt minus the time the token was due by its pace (``du``): what a user waits."""
     steady_from_ns: int = 0
     """Tokens produced from then on also count in `steady_ns` (all streams were started)."""
     steady_ns: list[int] = field(default_factory=list)
+    steady_schedule_ns: list[int] = field(default_factory=list)
     tokens: int = 0
     first_ns: int | None = None
     last_ns: int = 0
@@ -49,11 +53,14 @@ class Sink:
     def take(self, recv_ns: int, data: bytes) -> int:
         n = 0
         lat, steady, since = self.latencies_ns, self.steady_ns, self.steady_from_ns
-        for match in TS.finditer(data):
-            ts = int(match.group(1))
+        sched, steady_sched = self.schedule_ns, self.steady_schedule_ns
+        for match in TOKEN.finditer(data):
+            ts, due = int(match.group(1)), int(match.group(2))
             lat.append(recv_ns - ts)
+            sched.append(recv_ns - due)
             if since and ts >= since:
                 steady.append(recv_ns - ts)
+                steady_sched.append(recv_ns - due)
             n += 1
         if n:
             self.tokens += n
@@ -232,6 +239,10 @@ def summary(sink: Sink, started_ns: int, expected: int) -> dict[str, Any]:
         "receive_span_seconds": span,
         "latency_ms": percentiles(sink.latencies_ns),
         "steady_latency_ms": percentiles(sink.steady_ns),
+        # Against the pace's schedule: only meaningful for paced streams (unpaced tokens are all
+        # due at the start).
+        "schedule_latency_ms": percentiles(sink.schedule_ns),
+        "steady_schedule_latency_ms": percentiles(sink.steady_schedule_ns),
         "latency_cdf_ms": [round(pct(i / CDF_POINTS) or 0.0, 3) for i in range(CDF_POINTS)]
         if lat
         else [],
@@ -417,8 +428,214 @@ async def scenario_cancel(target: Target, spec: dict[str, Any]) -> dict[str, Any
     }
 
 
+async def read_cursors(
+    target: Target, resp: aiohttp.ClientResponse, cursors: list[str], stop: asyncio.Event
+) -> None:
+    """Read a stream from its start until `stop`, appending after each token the cursor that
+    resumes right after it (its event id; on resumable-stream, the characters read so far)."""
+    chars = target.system.startswith("resumable-stream")
+    offset = 0
+    rest = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            *events, rest = (rest + chunk).split(b"\n\n")
+            for ev in events:
+                offset += len(ev) + 2
+                if TS.search(ev):
+                    if chars:
+                        cursors.append(str(offset))
+                    else:
+                        found = ID_LINE.search(ev)
+                        cursors.append(found.group(1).decode() if found else "")
+            if stop.is_set():
+                return
+    finally:
+        resp.release()
+
+
+@dataclass
+class Rejoin:
+    """One reader of the storm: where it resumes and what it got."""
+
+    handle: dict[str, str]
+    after: int
+    """The index of the last token it had: it must get every later one, once."""
+    cursor: str
+    indexes: list[int] = field(default_factory=list)
+    caught_up_ns: int | None = None
+    first_ns: int | None = None
+
+
+async def scenario_storm(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
+    """`runs` paced runs, each read from its start by one client; once every run has produced
+    `storm_after` tokens those clients drop, and `readers` clients reconnect at the same moment,
+    spread over the runs, each with the cursor of a random token it had already read. Each must
+    get every later token exactly once (indexes contiguous); it is caught up when it receives a
+    token produced after it reconnected."""
+    pace = Pace.from_json(spec["pace"])
+    runs, readers = int(spec["runs"]), int(spec["readers"])
+    storm_after = int(spec["storm_after"])
+    rng = random.Random(16)
+    handles = await asyncio.gather(*(target.start_background(pace) for _ in range(runs)))
+    stop = asyncio.Event()
+    cursors: list[list[str]] = [[] for _ in range(runs)]
+    primers = [
+        asyncio.create_task(read_cursors(target, await target.join(h, None), c, stop))
+        for h, c in zip(handles, cursors, strict=True)
+    ]
+    deadline = time.monotonic() + float(spec["timeout"]) / 2
+    while min(len(c) for c in cursors) < storm_after:
+        if time.monotonic() > deadline or any(t.done() for t in primers):
+            stop.set()
+            await asyncio.gather(*primers, return_exceptions=True)
+            raise RuntimeError(f"runs did not reach {storm_after} tokens before the storm")
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.gather(*primers, return_exceptions=True)
+    rejoins = []
+    for i in range(readers):
+        run = i % runs
+        after = rng.randrange(len(cursors[run]))
+        rejoins.append(Rejoin(handles[run], after, cursors[run][after]))
+    sink = Sink()
+    expected = sum(pace.tokens - 1 - r.after for r in rejoins)
+
+    async def one(r: Rejoin) -> None:
+        sent_ns = time.monotonic_ns()
+        try:
+            resp = await target.join(r.handle, r.cursor)
+            if resp.status != 200:
+                resp.release()
+                raise RuntimeError(f"HTTP {resp.status} instead of a stream")
+            rest = b""
+            async for chunk in resp.content.iter_any():
+                now = time.monotonic_ns()
+                buf = rest + chunk
+                end = buf.rfind(b"\n\n")
+                if end < 0:
+                    rest = buf
+                    continue
+                frames, rest = buf[: end + 2], buf[end + 2 :]
+                sink.take(now, frames)
+                for match in TOKEN.finditer(frames):
+                    r.indexes.append(int(match.group(3)))
+                    if r.first_ns is None:
+                        r.first_ns = now
+                    if r.caught_up_ns is None and int(match.group(1)) >= sent_ns:
+                        r.caught_up_ns = now
+            resp.release()
+        except Exception as exc:
+            sink.errors.append(repr(exc))
+            return
+        if r.indexes == list(range(r.after + 1, pace.tokens)):
+            sink.complete += 1
+
+    started = time.monotonic_ns()
+    await asyncio.wait_for(asyncio.gather(*(one(r) for r in rejoins)), spec["timeout"])
+    result = summary(sink, started, expected)
+    gaps = duplicates = 0
+    for r in rejoins:
+        got = r.indexes
+        duplicates += len(got) - len(set(got))
+        gaps += len(set(range(r.after + 1, pace.tokens)) - set(got))
+    caught = [r.caught_up_ns - started for r in rejoins if r.caught_up_ns is not None]
+    first = [r.first_ns - started for r in rejoins if r.first_ns is not None]
+    result.update(
+        runs=runs,
+        readers=readers,
+        exact_readers=sink.complete,
+        missing_tokens=gaps,
+        duplicate_tokens=duplicates,
+        caught_up_readers=len(caught),
+        # From the moment every reader sent its request at once.
+        caught_up_ms=percentiles(caught),
+        all_caught_up_ms=max(caught) / 1e6 if len(caught) == readers else None,
+        first_token_ms=percentiles(first),
+    )
+    return result
+
+
+async def scenario_demo_runs(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
+    """`runs` runs of the demo chat graph started at once, each on a thread of its own and read
+    on the request that starts it (`POST /threads/{tid}/runs/stream`, `messages-tuple`, as
+    `client.runs.stream` sends it). A run's stretch is its wall time over its ideal one (its
+    words times the delay between them)."""
+    n, words = int(spec["runs"]), int(spec["words"])
+    ideal = words * float(spec["delay_ms"]) / 1000
+    sink = Sink()
+    walls: list[float] = []
+    url, http = target.url, target.http
+    started = time.monotonic_ns()
+
+    async def one(i: int) -> None:
+        t0 = time.monotonic()
+        try:
+            async with http.post(f"{url}/threads", json={}) as r:
+                r.raise_for_status()
+                tid = (await r.json())["thread_id"]
+            body = {
+                "assistant_id": "agent",
+                "input": {"messages": [{"role": "user", "content": f"question {i}"}]},
+                "stream_mode": ["messages-tuple"],
+            }
+            got = 0
+            rest = b""
+            async with http.post(f"{url}/threads/{tid}/runs/stream", json=body) as resp:
+                resp.raise_for_status()
+                async for chunk in resp.content.iter_any():
+                    # The Agent Server ends its lines with CRLF, tokenrelay with LF.
+                    buf = (rest + chunk).replace(b"\r\n", b"\n")
+                    *events, rest = buf.split(b"\n\n")
+                    now = time.monotonic_ns()
+                    for ev in events:
+                        if ev.startswith(b"event: messages\n") and _has_content(ev):
+                            got += 1
+                    if got:
+                        sink.first_ns = sink.first_ns or now
+                        sink.last_ns = max(sink.last_ns, now)
+            sink.tokens += got
+            walls.append(time.monotonic() - t0)
+            if got == words:
+                sink.complete += 1
+            else:
+                sink.errors.append(f"run {i}: {got} of {words} tokens")
+        except Exception as exc:
+            sink.errors.append(repr(exc))
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), spec["timeout"])
+    end_ns = sink.last_ns or time.monotonic_ns()
+    stretch = sorted(w / ideal for w in walls)
+
+    def pct(p: float) -> float | None:
+        return stretch[min(len(stretch) - 1, int(len(stretch) * p))] if stretch else None
+
+    return {
+        "runs": n,
+        "tokens": sink.tokens,
+        "expected_tokens": n * words,
+        "complete_clients": sink.complete,
+        "errors": sink.errors[:10],
+        "error_count": len(sink.errors),
+        # From the first request to the last token, start-up included: what the users saw.
+        "tokens_per_second": sink.tokens / ((end_ns - started) / 1e9),
+        "wall_seconds": (end_ns - started) / 1e9,
+        "ideal_run_seconds": ideal,
+        "stretch": {"p50": pct(0.5), "p99": pct(0.99), "max": stretch[-1] if stretch else None},
+    }
+
+
+MESSAGE_CONTENT = re.compile(rb'^data: \[\{[^\n]*?"content":"(?!")', re.M)
+
+
+def _has_content(event: bytes) -> bool:
+    """Whether a `messages` event carries a non-empty text chunk (not a closing or empty one)."""
+    return MESSAGE_CONTENT.search(event) is not None
+
+
 SCENARIOS = {
     "streams": scenario_streams,
+    "storm": scenario_storm,
+    "demo_runs": scenario_demo_runs,
     "fanout": scenario_fanout,
     "resume": scenario_resume,
     "idle": scenario_idle,

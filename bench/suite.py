@@ -5,9 +5,10 @@ Each system runs in its own processes on a fresh redis-server; the load generato
 (bench/loadgen.py) runs in another. Results go to JSON; the full run also rewrites the
 side-by-side section of docs/benchmarks.md and its plots.
 
-    tokenrelay bench --quick              # smoke check, under 2 minutes
-    tokenrelay bench                      # the full suite; updates docs/benchmarks.md
+    tokenrelay bench --quick              # smoke check, under 3 minutes, one repetition
+    tokenrelay bench                      # full suite, 3 repetitions; updates docs/benchmarks.md
     tokenrelay bench --systems tokenrelay naive --scenarios b c
+    tokenrelay bench --systems tokenrelay-dev langgraph-dev --scenarios j
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.systems import DESCRIPTIONS, SYSTEMS, Running, available, start
+from bench.systems import (
+    DEMO_DELAY_MS,
+    DEMO_WORDS,
+    DESCRIPTIONS,
+    SYSTEMS,
+    Running,
+    available,
+    start,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +55,8 @@ FULL: dict[str, Any] = {
     "e": {"history": 10_000, "tail": 400, "tail_ms": 50, "repeats": 5},
     "f": {"cancels": 200, "concurrency": 10},
     "g": {"clients": 1000, "runs": 10},
+    "i": {"runs": 100, "readers": 1000, "tokens": 400, "interval_ms": 20, "storm_after": 50},
+    "j": {"runs": [100, 300]},
 }
 QUICK: dict[str, Any] = {
     "a": {"tokens": 2_000},
@@ -55,8 +66,12 @@ QUICK: dict[str, Any] = {
     "e": {"history": 1_000, "tail": 100, "tail_ms": 50, "repeats": 2},
     "f": {"cancels": 10, "concurrency": 5},
     "g": {"clients": 100, "runs": 5},
+    "i": {"runs": 20, "readers": 200, "tokens": 150, "interval_ms": 20, "storm_after": 25},
+    "j": {"runs": [20]},
 }
-SCENARIOS = "abcdefg"
+SCENARIOS = "abcdefgij"
+REPETITIONS = {"full": 3, "quick": 1}
+"""Each measured figure is the median of this many runs of its scenario, with its spread."""
 
 
 def run_loadgen(spec: dict[str, Any], on_ready: Callable[[], None] | None = None) -> Any:
@@ -82,16 +97,54 @@ def run_loadgen(spec: dict[str, Any], on_ready: Callable[[], None] | None = None
     return result
 
 
-def _cpu(procs: dict[str, psutil.Process]) -> dict[str, float]:
-    out = {}
-    for name, proc in procs.items():
-        times = proc.cpu_times()
-        out[name] = times.user + times.system
+def _cpu(procs: dict[str, psutil.Process]) -> dict[str, dict[int, float]]:
+    """CPU seconds of each role's process tree, by pid (a role's children are its own: API
+    and worker processes, a `tokenrelay dev`'s Redis)."""
+    out: dict[str, dict[int, float]] = {}
+    for name, root in procs.items():
+        tree: dict[int, float] = {}
+        try:
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            members = []
+        for proc in members:
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            # Reaped children's time is in their parent's children_* fields.
+            tree[proc.pid] = t.user + t.system + t.children_user + t.children_system
+        out[name] = tree
     return out
 
 
-def measured(system: Running, spec: dict[str, Any]) -> dict[str, Any]:
-    """A scenario's result plus the servers' CPU and the Redis commands it cost."""
+def cpu_figures(
+    before: dict[str, dict[int, float]],
+    after: dict[str, dict[int, float]],
+    wall: float,
+    tokens: int | None,
+) -> dict[str, Any]:
+    """Each role's CPU over a scenario and their sum: percent of a core, seconds, microseconds
+    per delivered token, and delivered tokens per CPU-second."""
+    seconds = {
+        role: sum(cpu - before.get(role, {}).get(pid, 0.0) for pid, cpu in tree.items())
+        for role, tree in after.items()
+    }
+    seconds["total"] = sum(seconds.values())
+    out: dict[str, Any] = {
+        "cpu_percent": {k: 100 * v / wall for k, v in seconds.items()},
+        "cpu_seconds": seconds,
+    }
+    if tokens:
+        out["cpu_us_per_token"] = {k: 1e6 * v / tokens for k, v in seconds.items()}
+        if seconds["total"] > 0:
+            out["tokens_per_cpu_second"] = tokens / seconds["total"]
+    return out
+
+
+def measured_once(system: Running, spec: dict[str, Any]) -> dict[str, Any]:
+    """A scenario's result plus the CPU of every process of the system and the Redis commands
+    it cost."""
     procs = system.processes()
     cpu0, calls0, t0 = _cpu(procs), system.redis_calls(), time.monotonic()
     result = run_loadgen({"system": system.name, "url": system.url, **spec})
@@ -103,12 +156,55 @@ def measured(system: Running, spec: dict[str, Any]) -> dict[str, Any]:
     if result.get("error_count"):
         result["server_log"] = system.log_tail()
     cpu1, calls1 = _cpu(procs), system.redis_calls()
-    result["cpu_percent"] = {k: 100 * (cpu1[k] - cpu0[k]) / wall for k in procs}
+    result.update(cpu_figures(cpu0, cpu1, wall, result.get("tokens")))
     result["api_rss_mb"] = system.server.memory_info().rss / 2**20
     result["redis_commands"] = calls1 - calls0
     if result.get("tokens"):
         result["redis_commands_per_token"] = (calls1 - calls0) / result["tokens"]
     return result
+
+
+def combine(runs: list[Any]) -> tuple[Any, Any]:
+    """Repetitions of one result as one: each number's median, and beside it its spread
+    ``[min, median, max]`` in a tree of the same shape (None where nothing varies)."""
+    first = runs[0]
+    if all(isinstance(r, int | float) and not isinstance(r, bool) for r in runs):
+        ordered = sorted(runs)
+        median = ordered[len(ordered) // 2]
+        return median, [ordered[0], median, ordered[-1]]
+    if all(isinstance(r, dict) for r in runs):
+        value: dict[str, Any] = {}
+        spread: dict[str, Any] = {}
+        for key in first:
+            present = [r[key] for r in runs if key in r]
+            if key == "errors":  # every repetition's, not the median one's
+                value[key] = [e for r in present for e in r][:10]
+                continue
+            if key == "error_count":
+                value[key] = sum(present)
+                continue
+            value[key], sub = combine(present)
+            if sub is not None:
+                spread[key] = sub
+        return value, spread or None
+    return first, None
+
+
+def measured(system: Running, spec: dict[str, Any], repetitions: int = 1) -> dict[str, Any]:
+    """`measured_once` `repetitions` times: medians, with each figure's spread under `spread`."""
+    runs = []
+    for _ in range(repetitions):
+        runs.append(measured_once(system, spec))
+        if "failed" in runs[-1]:
+            return runs[-1]
+    result, spread = combine(runs)
+    result["repetitions"] = repetitions
+    result["spread"] = spread or {}
+    if "expected_tokens" in result:
+        result["incomplete_repetitions"] = sum(
+            1 for r in runs if r.get("tokens") != r.get("expected_tokens")
+        )
+    return dict(result)
 
 
 def idle_memory(system: Running, spec: dict[str, Any]) -> dict[str, Any]:
@@ -132,13 +228,44 @@ def timeout_for(tokens: int, interval_ms: float, slack: float = 120) -> float:
     return tokens * interval_ms / 1000 + slack
 
 
-ONLY = {"resumable-stream-resumed": "bc", "tokenrelay-protocol": "abcd"}
-"""Systems that differ from another only in some scenarios run just those."""
+ONLY = {
+    "resumable-stream": "abcdefg",
+    "resumable-stream-resumed": "bci",
+    "tokenrelay-protocol": "abcd",
+    "tokenrelay-dev": "j",
+    "langgraph-dev": "j",
+}
+"""Systems that differ from another only in some scenarios run just those. The join storm (i)
+resumes mid-stream, which resumable-stream does only through `resumeExistingStream` (its
+`-resumed` system); the `dev` commands serve only the demo chat graph (j)."""
+DEFAULT = "abcdefgi"
 
 
-def run_system(name: str, sizes: dict[str, Any], scenarios: str) -> dict[str, Any]:
+def scenarios_of(name: str) -> str:
+    return ONLY.get(name, DEFAULT)
+
+
+def run_demo_runs(name: str, sizes: dict[str, Any], repetitions: int) -> dict[str, Any]:
+    """(j) each run count on a fresh server (langgraph-dev with as many jobs as runs)."""
     out: dict[str, Any] = {}
-    scenarios = "".join(s for s in scenarios if s in ONLY.get(name, SCENARIOS))
+    for n in sizes["j"]["runs"]:
+        with start(name, jobs=n) as system:
+            # Warm up: imports, graph compilation, the first thread.
+            spec = {"scenario": "demo_runs", "words": DEMO_WORDS, "delay_ms": DEMO_DELAY_MS}
+            run_loadgen({"system": name, "url": system.url, **spec, "runs": 2, "timeout": 120})
+            out[str(n)] = measured(system, {**spec, "runs": n, "timeout": 900}, repetitions)
+    return out
+
+
+def run_system(
+    name: str, sizes: dict[str, Any], scenarios: str, repetitions: int = 1
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    scenarios = "".join(s for s in scenarios if s in scenarios_of(name))
+    if "j" in scenarios:
+        out["j"] = run_demo_runs(name, sizes, repetitions)
+    if not scenarios.replace("j", ""):
+        return out
     with start(name) as system:
         # Warm up: imports, graph compilation, connection pools.
         warm = {"tokens": 20, "interval_ms": 5}
@@ -151,7 +278,7 @@ def run_system(name: str, sizes: dict[str, Any], scenarios: str) -> dict[str, An
             s = sizes["a"]
             pace = {"tokens": s["tokens"], "interval_ms": 0}
             out["a"] = measured(system, {"scenario": "streams", "streams": 1, "pace": pace,
-                                         "timeout": 300})  # fmt: skip
+                                         "timeout": 300}, repetitions)  # fmt: skip
         if "b" in scenarios:
             s = sizes["b"]
             pace = {"tokens": s["tokens"], "interval_ms": s["interval_ms"]}
@@ -161,7 +288,7 @@ def run_system(name: str, sizes: dict[str, Any], scenarios: str) -> dict[str, An
                     "scenario": "streams", "streams": n, "pace": pace,
                     "ramp_seconds": s["ramp_seconds"] * n / s["streams"],
                     "timeout": timeout_for(s["tokens"], s["interval_ms"]),
-                })  # fmt: skip
+                }, repetitions)  # fmt: skip
 
             # The same pace at fewer streams first (where latency starts to climb), before the
             # full load leaves a bigger heap behind.
@@ -175,22 +302,53 @@ def run_system(name: str, sizes: dict[str, Any], scenarios: str) -> dict[str, An
                 out["c"][str(n)] = measured(system, {
                     "scenario": "streams", "streams": n, "pace": pace,
                     "ramp_seconds": s["ramp_seconds"], "timeout": 600,
-                })  # fmt: skip
+                }, repetitions)  # fmt: skip
         if "d" in scenarios:
             s = sizes["d"]
             pace = {"tokens": s["tokens"], "interval_ms": 0, "start_in_ms": s["start_in_ms"]}
             out["d"] = measured(system, {"scenario": "fanout", "clients": s["clients"],
-                                         "pace": pace, "timeout": 600})  # fmt: skip
+                                         "pace": pace, "timeout": 600}, repetitions)  # fmt: skip
         if "e" in scenarios:
-            out["e"] = measured(system, {"scenario": "resume", **sizes["e"], "timeout": 600})
+            out["e"] = measured(
+                system, {"scenario": "resume", **sizes["e"], "timeout": 600}, repetitions
+            )
         if "f" in scenarios and name == "tokenrelay":
-            out["f"] = measured(system, {"scenario": "cancel", **sizes["f"], "timeout": 600})
+            out["f"] = measured(
+                system, {"scenario": "cancel", **sizes["f"], "timeout": 600}, repetitions
+            )
+        if "i" in scenarios:
+            s = sizes["i"]
+            pace = {"tokens": s["tokens"], "interval_ms": s["interval_ms"]}
+            out["i"] = measured(system, {
+                "scenario": "storm", "runs": s["runs"], "readers": s["readers"], "pace": pace,
+                "storm_after": s["storm_after"],
+                "timeout": timeout_for(s["tokens"], s["interval_ms"]),
+            }, repetitions)  # fmt: skip
     return out
+
+
+def commit() -> str | None:
+    """The measured code's commit (`git rev-parse HEAD`), None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def dirty() -> bool:
+    """Whether the checkout has changes the commit hash does not name."""
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=10)  # fmt: skip
+    return bool(done.stdout.strip())
 
 
 def machine() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "dirty": dirty(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -209,15 +367,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="results directory (default: docs/ for a full run, "
                              "./bench-results for --quick)")  # fmt: skip
+    parser.add_argument("--repetitions", type=int, default=None,
+                        help="runs of each measured scenario, reported as median and spread "
+                             "(default: 3, or 1 with --quick)")  # fmt: skip
     args = parser.parse_args(argv)
 
     sizes = QUICK if args.quick else FULL
+    repetitions = args.repetitions or REPETITIONS["quick" if args.quick else "full"]
     out_dir = args.out or (Path("bench-results") if args.quick else ROOT / "docs")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "sizes": sizes,
-                               "systems": {}, "skipped": {}}  # fmt: skip
+                               "repetitions": repetitions, "systems": {},
+                               "skipped": {}}  # fmt: skip
     started = time.monotonic()
     for name in args.systems:
+        if not set(args.scenarios) & set(scenarios_of(name)):
+            continue
         why = available(name)
         if why is not None:
             results["skipped"][name] = why
@@ -225,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         t0 = time.monotonic()
         print(f"{name}: {DESCRIPTIONS[name]}", flush=True)
-        results["systems"][name] = run_system(name, sizes, "".join(args.scenarios))
+        results["systems"][name] = run_system(name, sizes, "".join(args.scenarios), repetitions)
         print(f"{name}: done in {time.monotonic() - t0:.0f}s", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "benchmarks-partial.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -18,6 +18,7 @@ from typing import IO
 import httpx
 import psutil
 
+from bench import agentserver
 from broker.embedded import EmbeddedRedis, free_port
 
 PEERS = Path(__file__).parent / "peers"
@@ -36,6 +37,8 @@ SYSTEMS = (
     "resumable-stream-resumed",
     "naive",
     "raw",
+    "tokenrelay-dev",
+    "langgraph-dev",
 )
 DESCRIPTIONS = {
     "tokenrelay": "tokenrelay: one API process, one worker process running a LangGraph chat "
@@ -50,7 +53,13 @@ DESCRIPTIONS = {
     "background (resumeExistingStream), as after a refresh",
     "naive": "FastAPI StreamingResponse, one XREAD BLOCK per client, XADD per token",
     "raw": "uvicorn streaming events generated in-process, no Redis (the ceiling)",
+    "tokenrelay-dev": "`tokenrelay dev` as a new user runs it (default settings, its own "
+    "embedded Redis and SQLite checkpointer), serving the demo chat graph",
+    "langgraph-dev": "the official `langgraph dev` (langgraph-cli[inmem], in its own virtualenv), "
+    "serving the same demo chat graph, --n-jobs-per-worker = the run count",
 }
+DEMO_WORDS, DEMO_DELAY_MS = 200, 20
+"""The demo chat graph's defaults, which both `dev` systems serve unchanged."""
 
 
 @dataclass
@@ -95,6 +104,8 @@ def available(name: str) -> str | None:
     """Why `name` cannot run here, or None."""
     if name.startswith("resumable-stream") and shutil.which("node") is None:
         return "node is not installed"
+    if name == "langgraph-dev":
+        return agentserver.ensure_venv()
     return None
 
 
@@ -140,15 +151,30 @@ def _node_modules() -> None:
 
 
 @contextlib.contextmanager
-def start(name: str) -> Iterator[Running]:
-    """Run system `name` until the block ends."""
-    redis = EmbeddedRedis().start() if name != "raw" else None
+def start(name: str, jobs: int = 100) -> Iterator[Running]:
+    """Run system `name` until the block ends (`jobs`: langgraph-dev's runs at once)."""
+    dev = name.endswith("-dev")
+    redis = EmbeddedRedis().start() if name != "raw" and not dev else None
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
+    workdir = tempfile.TemporaryDirectory()
     try:
-        if name.startswith("tokenrelay"):
+        if name == "tokenrelay-dev":
+            # Its own Redis and checkpointer, as `tokenrelay dev` starts them: all its children.
+            env.update(TOKENRELAY_LOG_LEVEL="warning")
+            procs.append(_spawn([py, "-m", "producer.cli", "dev", "--port", str(port)], env,
+                                cwd=Path(workdir.name)))  # fmt: skip
+            health = "/ok"
+        elif name == "langgraph-dev":
+            config = agentserver.project(Path(workdir.name))
+            env.update(LANGGRAPH_CLI_NO_ANALYTICS="1", LANGSMITH_TRACING="false",
+                       PYTHONPATH=str(PEERS.parent.parent))  # fmt: skip
+            procs.append(_spawn(agentserver.command(config, port, jobs), env,
+                                cwd=Path(workdir.name)))  # fmt: skip
+            health = "/ok"
+        elif name.startswith("tokenrelay"):
             assert redis is not None
             env.update(
                 TOKENRELAY_REDIS_URL=redis.url,
@@ -182,6 +208,11 @@ def start(name: str) -> Iterator[Running]:
         others = {"worker": psutil.Process(procs[1].pid)} if len(procs) > 1 else {}
         yield Running(name, url, redis, psutil.Process(procs[0].pid), others, procs)
     finally:
+        # The `dev` commands start processes of their own; none may outlive the system.
+        descendants: list[psutil.Process] = []
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                descendants += psutil.Process(proc.pid).children(recursive=True)
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
@@ -192,5 +223,10 @@ def start(name: str) -> Iterator[Running]:
                 proc.kill()
                 proc.wait()
             _logs.pop(proc.pid).close()
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        for child in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         if redis is not None:
             redis.close()
+        workdir.cleanup()
