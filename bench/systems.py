@@ -79,12 +79,26 @@ class Running:
         """The end of each server process's stderr, for a failed scenario's report."""
         return "\n".join(f"{p.args}: {_stderr(p)[-600:]}" for p in self.logs)
 
-    def processes(self) -> dict[str, psutil.Process]:
-        procs = {"api": self.server, **self.others}
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        """Every process of the system by role, children included: `api` serves the readers
+        (the Node server for resumable-stream, the whole server for langgraph-dev), `worker`
+        produces, `redis`; `tokenrelay dev`'s own processes are sorted into the same roles,
+        its supervisor under `dev`."""
+        roots = {"api": self.server, **self.others}
         if self.redis is not None:
             assert self.redis.pid is not None
-            procs["redis"] = psutil.Process(self.redis.pid)
-        return procs
+            roots["redis"] = psutil.Process(self.redis.pid)
+        out: dict[str, list[psutil.Process]] = {}
+        for role, root in roots.items():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                children = root.children(recursive=True)
+                if self.name == "tokenrelay-dev":
+                    out["dev"] = [root]
+                    for child in children:
+                        out.setdefault(_dev_role(child), []).append(child)
+                else:
+                    out[role] = [root, *children]
+        return out
 
     def redis_calls(self) -> int:
         """Commands Redis has executed (INFO commandstats, summed)."""
@@ -98,6 +112,20 @@ class Running:
         finally:
             client.close()
         return sum(int(v["calls"]) for v in stats.values())
+
+
+def _dev_role(proc: psutil.Process) -> str:
+    """Which of `tokenrelay dev`'s roles a child process plays, from its command line."""
+    try:
+        args = proc.cmdline()
+    except psutil.NoSuchProcess:
+        return "dev"
+    if args and "redis" in Path(args[0]).name:
+        return "redis"
+    for role in ("api", "worker"):
+        if role in args:
+            return role
+    return "dev"
 
 
 def available(name: str) -> str | None:
