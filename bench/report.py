@@ -1,4 +1,4 @@
-# ruff: noqa: RUF001  (the tables typeset multiplication signs and en dashes)
+# ruff: noqa: RUF001, RUF002, RUF003  (the tables typeset multiplication signs and en dashes)
 """Tables, goals and plots from a suite run (bench/suite.py)."""
 
 from __future__ import annotations
@@ -10,31 +10,120 @@ from typing import Any
 
 BEGIN = "<!-- side-by-side:begin (written by `tokenrelay bench`) -->"
 END = "<!-- side-by-side:end -->"
-OURS = ("tokenrelay", "tokenrelay-writer", "tokenrelay-protocol")
-PEERS = ("resumable-stream", "resumable-stream-resumed", "naive", "raw")
+OURS = ("tokenrelay", "tokenrelay-writer", "tokenrelay-protocol", "tokenrelay-dev")
+PEERS = ("resumable-stream", "resumable-stream-resumed", "naive", "raw", "langgraph-dev")
 COMPARED = ("resumable-stream", "resumable-stream-resumed", "naive")
+PAIRS = (
+    *((o, p) for o in OURS[:3] for p in COMPARED),
+    ("tokenrelay-dev", "langgraph-dev"),
+)
+"""The ratio table's columns: each streaming variant against each peer, and the two `dev`
+commands against each other."""
+LABELS = {
+    "tokenrelay": "tokenrelay (chat graph: the product)",
+    "tokenrelay-writer": "tokenrelay-writer (the relay's own ceiling)",
+}
+"""Column heads: the chat-graph column is what users run; the writer column's producer costs
+next to nothing, so it is the relay's own ceiling, never the product's figure."""
 
 Getter = Callable[[dict[str, Any]], float | None]
 
 
-def _get(*path: str) -> Getter:
-    def get(system: dict[str, Any]) -> float | None:
-        value: Any = system
-        for key in path:
-            if not isinstance(value, dict) or key not in value:
-                return None
-            value = value[key]
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def _walk(value: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+class Figure:
+    """Reads one figure (the median of its repetitions) and its spread out of a system's
+    results."""
+
+    def __init__(self, *path: str) -> None:
+        self.path = path
+
+    def __call__(self, system: dict[str, Any]) -> float | None:
+        value = _walk(system, self.path)
         return float(value) if isinstance(value, int | float) else None
 
-    return get
+    def spread(self, system: dict[str, Any]) -> tuple[float, float] | None:
+        """(min, max) over the repetitions, when there were several."""
+        head, rest = self.path[0], self.path[1:]
+        # `c`, `b_sweep` and `j` hold one result (with its own spread) per size.
+        if head in ("c", "b_sweep", "j") and rest:
+            head, rest = f"{head}/{rest[0]}", rest[1:]
+            scenario = _walk(system, tuple(head.split("/")))
+        else:
+            scenario = system.get(head)
+        if not isinstance(scenario, dict) or scenario.get("repetitions", 1) < 2:
+            return None
+        found = _walk(scenario.get("spread"), rest)
+        if isinstance(found, list) and len(found) == 3:
+            return float(found[0]), float(found[2])
+        return None
+
+
+def _get(*path: str) -> Figure:
+    return Figure(*path)
+
+
+def _cpu_rows(scenario: str, *path: str) -> list[tuple[str, Getter, bool]]:
+    """CPU per delivered token summed over every process of a system, tokens per CPU-second,
+    and the per-process figures beside them."""
+    where = f"({scenario})" if not path else f"({scenario}) {path[0]} streams:"
+    at = (scenario, *path)
+    return [
+        (f"{where} CPU per delivered token, all processes (µs)",
+         _get(*at, "cpu_us_per_token", "total"), False),
+        (f"{where} tokens per CPU-second, all processes", _get(*at, "tokens_per_cpu_second"),
+         True),
+        *[(f"{where} CPU per token: {role} (µs)", _get(*at, "cpu_us_per_token", role), False)
+          for role in ("api", "worker", "redis")],
+    ]  # fmt: skip
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
     """(label, getter, higher is better) for each compared figure."""
     sizes = results["sizes"]
     b, c, d, e = sizes["b"], sizes["c"], sizes["d"], sizes["e"]
+    i, j = sizes.get("i"), sizes.get("j")
     interval = b["interval_ms"]
     most = str(max(c["streams"]))
+    storm: list[tuple[str, Getter, bool]] = (
+        [
+            (f"(i) join storm, {i['readers']:,} readers reconnecting at once to {i['runs']} "
+             "live runs: readers served exactly", _get("i", "exact_readers"), True),
+            ("(i) tokens missing or duplicated",
+             lambda s: None if "i" not in s or "missing_tokens" not in s["i"]
+             else float(s["i"]["missing_tokens"] + s["i"]["duplicate_tokens"]), False),
+            ("(i) every reader caught up (ms)", _get("i", "all_caught_up_ms"), False),
+            ("(i) reader caught up p50 (ms)", _get("i", "caught_up_ms", "p50"), False),
+            ("(i) reader caught up p99 (ms)", _get("i", "caught_up_ms", "p99"), False),
+            *_cpu_rows("i")[:2],
+        ]
+        if i
+        else []
+    )  # fmt: skip
+    demo: list[tuple[str, Getter, bool]] = [
+        row
+        for n in (j or {}).get("runs", [])
+        for row in (
+            (f"(j) {n} demo runs at once (200 words, 20 ms apart): tokens/s",
+             _get("j", str(n), "tokens_per_second"), True),
+            (f"(j) {n} runs: run stretch p50 (×)", _get("j", str(n), "stretch", "p50"), False),
+            (f"(j) {n} runs: run stretch p99 (×)", _get("j", str(n), "stretch", "p99"), False),
+            (f"(j) {n} runs: CPU per delivered token, all processes (µs)",
+             _get("j", str(n), "cpu_us_per_token", "total"), False),
+            (f"(j) {n} runs: tokens per CPU-second", _get("j", str(n), "tokens_per_cpu_second"),
+             True),
+        )
+    ]  # fmt: skip
     return [
         ("(a) 1 stream unpaced: tokens/s", _get("a", "tokens_per_second"), True),
         (f"(b) {b['streams']} streams × {1000 / interval:g} tok/s: latency p50 (ms)",
@@ -44,13 +133,26 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
         ("(b) steady state (all streams started): latency p50 (ms)",
          _get("b", "steady_latency_ms", "p50"), False),
         ("(b) steady state: latency p99 (ms)", _get("b", "steady_latency_ms", "p99"), False),
+        ("(b) steady state, against the schedule (when each token was due): latency p50 (ms)",
+         _get("b", "steady_schedule_latency_ms", "p50"), False),
+        ("(b) steady state, against the schedule: latency p99 (ms)",
+         _get("b", "steady_schedule_latency_ms", "p99"), False),
         *[(f"(b) the same pace at {n} streams: steady p99 (ms)",
            _get("b_sweep", str(n), "steady_latency_ms", "p99"), False)
           for n in b.get("sweep", [])],
+        *[(f"(b) the same pace at {n} streams: steady p99 against the schedule (ms)",
+           _get("b_sweep", str(n), "steady_schedule_latency_ms", "p99"), False)
+          for n in b.get("sweep", [])],
         ("(b) API process CPU (%)", _get("b", "cpu_percent", "api"), False),
+        ("(b) all processes CPU (% of one core)", _get("b", "cpu_percent", "total"), False),
+        *_cpu_rows("b"),
         (f"(c) {most} streams unpaced: tokens/s", _get("c", most, "tokens_per_second"), True),
+        *_cpu_rows("c", most)[:2],
         (f"(d) 1 stream × {d['clients']} clients: events/s delivered",
          _get("d", "events_per_second"), True),
+        ("(d) latency p50 (ms)", _get("d", "latency_ms", "p50"), False),
+        ("(d) latency p99 (ms)", _get("d", "latency_ms", "p99"), False),
+        *_cpu_rows("d")[:2],
         (f"(e) join a {e['history']:,}-event run from the start: first token (ms)",
          _get("e", "first_byte_ms"), False),
         ("(e) full replay (ms)", _get("e", "full_replay_ms"), False),
@@ -62,6 +164,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
         ("(h) Redis commands per token, in (b)", _get("b", "redis_commands_per_token"), False),
         (f"(h) Redis commands per token, in (c) at {most}",
          _get("c", most, "redis_commands_per_token"), False),
+        *storm,
+        *demo,
     ]  # fmt: skip
 
 
@@ -82,31 +186,48 @@ def _ratio(ours: float | None, theirs: float | None, higher_better: bool) -> str
     return f"{(ours / theirs if higher_better else theirs / ours):.2f}×"
 
 
+def _cell(get: Getter, system: dict[str, Any]) -> str:
+    """The figure's median, with its (min–max) over the repetitions when there were several."""
+    text = _fmt(get(system))
+    spread = get.spread(system) if isinstance(get, Figure) else None
+    if spread is not None and text != "–":
+        text += f" ({_fmt(spread[0])}–{_fmt(spread[1])})"
+    return text
+
+
 def summary_table(results: dict[str, Any]) -> str:
     """Each figure for each system, then how many times better each tokenrelay variant is."""
     systems = results["systems"]
     names = [n for n in (*OURS, *PEERS) if n in systems]
-    pairs = [(o, p) for o in OURS for p in COMPARED if o in systems and p in systems]
     figures = [r for r in rows(results) if any(r[1](systems[n]) is not None for n in names)]
+    # A pair whose systems share no figure (the `dev` commands run only (j)) has no column.
+    pairs = [
+        (o, p)
+        for o, p in PAIRS
+        if o in systems
+        and p in systems
+        and any(get(systems[o]) is not None and get(systems[p]) is not None
+                for _, get, _ in figures)
+    ]  # fmt: skip
 
     def table(head: list[str], body: list[list[str]]) -> str:
         lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
     values = table(
-        ["figure", *names],
-        [[label, *(_fmt(get(systems[n])) for n in names)] for label, get, _ in figures],
+        ["figure", *(label(n) for n in names)],
+        [[text, *(_cell(get, systems[n]) for n in names)] for text, get, _ in figures],
     )
     if not pairs:
         return values
     ratios = table(
-        ["figure", *(f"{o} vs {p}" for o, p in pairs)],
+        ["figure", *(f"{label(o)} vs {p}" for o, p in pairs)],
         [
-            [label, *(_ratio(get(systems[o]), get(systems[p]), higher) for o, p in pairs)]
-            for label, get, higher in figures
+            [text, *(_ratio(get(systems[o]), get(systems[p]), higher) for o, p in pairs)]
+            for text, get, higher in figures
         ],
     )
-    return values + "\n\nHow many times better tokenrelay is:\n\n" + ratios
+    return values + "\n\nHow many times better tokenrelay is (medians):\n\n" + ratios
 
 
 def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | None]]]:
@@ -119,6 +240,34 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
 
     def times(peer: dict[str, Any]) -> Getter:
         return lambda s: (tps(s) or 0) / (tps(peer) or 1) if tps(s) and tps(peer) else None
+
+    sizes = results["sizes"]
+    demo_runs = [str(n) for n in sizes.get("j", {}).get("runs", [])]
+    lg = systems.get("langgraph-dev", {})
+    dev_checks: list[tuple[str, Getter, Callable[[float], bool], str]] = []
+    if demo_runs:
+        most_runs, fewest_runs = demo_runs[-1], demo_runs[0]
+        dev_tps = _get("j", most_runs, "tokens_per_second")
+        lg_stretch = _fmt(_get("j", fewest_runs, "stretch", "p99")(lg))
+        dev_checks = [
+            (f"`tokenrelay dev` ≥ 5× `langgraph dev` tokens/s at {most_runs} runs",
+             lambda s: (dev_tps(s) or 0) / (dev_tps(lg) or 1)
+             if dev_tps(s) and dev_tps(lg) else None,
+             lambda v: v >= 5, "×"),
+            (f"run stretch p99 ≤ 1.3× at {fewest_runs} runs (`langgraph dev`: {lg_stretch}×)",
+             _get("j", fewest_runs, "stretch", "p99"), lambda v: v <= 1.3, "×"),
+        ]  # fmt: skip
+    storm_checks: list[tuple[str, Getter, Callable[[float], bool], str]] = []
+    if "i" in sizes:
+        rsr_storm = _fmt(_get("i", "all_caught_up_ms")(rsr))
+        storm_checks = [
+            (f"join storm ({sizes['i']['readers']:,} readers, {sizes['i']['runs']} runs): "
+             f"served exactly, all caught up ≤ 1 s (resumable-stream-resumed: {rsr_storm} ms)",
+             lambda s: _get("i", "all_caught_up_ms")(s)
+             if s.get("i", {}).get("exact_readers") == sizes["i"]["readers"] else None,
+             lambda v: v <= 1000, " ms"),
+        ]  # fmt: skip
+    sweep = [n for n in sizes["b"].get("sweep", []) if n == 250]
 
     checks: list[tuple[str, Getter, Callable[[float], bool], str]] = [
         (f"≥ 2× resumable-stream tokens/s at {most} streams (its creator reads)",
@@ -134,6 +283,11 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
          " ms"),
         ("≤ 40 KB per idle connection", _get("g", "kb_per_connection"), lambda v: v <= 40,
          " KB"),
+        *[(f"p99 added latency ≤ 10 ms at {n} streams × {1000 / sizes['b']['interval_ms']:g} "
+           "tok/s, steady state", _get("b_sweep", str(n), "steady_latency_ms", "p99"),
+           lambda v: v <= 10, " ms") for n in sweep],
+        *storm_checks,
+        *dev_checks,
     ]  # fmt: skip
     out = []
     variants = [systems[o] for o in OURS if o in systems]
@@ -141,7 +295,8 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
         values = [get(v) for v in variants]
         out.append((
             goal,
-            [_fmt(v) + unit if v is not None else "not measured" for v in values],
+            # "–": this variant does not run the goal's scenario (failures are listed apart).
+            [_fmt(v) + unit if v is not None else "–" for v in values],
             [ok(v) if v is not None else None for v in values],
         ))  # fmt: skip
     return out
@@ -217,8 +372,8 @@ def failures(results: dict[str, Any]) -> list[str]:
     out = []
     for name, scenarios in results["systems"].items():
         for key, value in scenarios.items():
-            # `c` and `b_sweep` hold one result per stream count.
-            nested = value.items() if key in ("c", "b_sweep") else [("", value)]
+            # `c`, `b_sweep` and `j` hold one result per stream or run count.
+            nested = value.items() if key in ("c", "b_sweep", "j") else [("", value)]
             for sub, result in nested:
                 if isinstance(result, dict) and "failed" in result:
                     out.append(f"{name} ({key}{sub}): {result['failed']}")
@@ -240,18 +395,35 @@ def section(results: dict[str, Any]) -> str:
         + " |"
         for g, vals, oks in goals(results)
     )
-    goal_head = "| goal | " + " | ".join(variants) + " |\n|---" + "|---" * len(variants) + "|"
+    heads = [label(v) for v in variants]
+    goal_head = "| goal | " + " | ".join(heads) + " |\n|---" + "|---" * len(variants) + "|"
+    reps = int(results.get("repetitions", 1))
+    commit = m.get("commit") or "unknown"
+    if m.get("dirty"):
+        commit += " plus uncommitted changes"
+    spread = (
+        f" Each figure is the median of {reps} runs of its scenario, with the lowest and highest "
+        "in brackets; ratios compare medians."
+        if reps > 1
+        else " Each scenario ran once."
+    )
     return f"""{BEGIN}
-## Side by side: tokenrelay, resumable-stream, a naive baseline, the raw ceiling
+## Side by side: tokenrelay, resumable-stream, a naive baseline, the raw ceiling, the Agent Server
 
-One run of `tokenrelay bench` on {m["date"]} ({m["cpus"]} cores, Python {m["python"]}, the
-load generator, every server and redis-server sharing them), {results["seconds"]:.0f} s in all.
+One run of `tokenrelay bench` on {m["date"]} at commit `{commit}` ({m["cpus"]} cores, Python
+{m["python"]}, the load generator, every server and redis-server sharing them),
+{results["seconds"]:.0f} s in all.{spread}
 Each system ran in its own processes on a fresh redis-server with the same payload
-(`ts<monotonic_ns>` plus 16 filler characters per token) and the same pacing; the load generator
-(`bench/loadgen.py`, aiohttp) ran in a process of its own. Latency is the token's receipt time
-minus the time its producer made it, both read from CLOCK_MONOTONIC, which every process on the
-machine shares. Ratios are "times better for tokenrelay" whichever way a figure goes. Raw
-numbers: `docs/benchmarks.json`.{skipped}
+(`ts<monotonic_ns> du<monotonic_ns> n<index>` plus 16 filler characters per token) and the same
+pacing; the load generator (`bench/loadgen.py`, aiohttp) ran in a process of its own. Latency is
+the token's receipt time minus the time its producer made it; latency against the schedule is
+the receipt time minus the time the token was due by its pace, so it also counts a producer that
+fell behind. Both are read from CLOCK_MONOTONIC, which every process on the machine shares. CPU
+per delivered token adds up every process of a system (API, worker, Redis, the Node server, each
+with its children) over the scenario, the load generator excluded. The chat-graph column is the
+product; the writer column's producer costs next to nothing, so it is the relay's own ceiling.
+Ratios are "times better for tokenrelay" whichever way a figure goes. Raw numbers:
+`docs/benchmarks.json`.{skipped}
 
 {summary_table(results)}
 
