@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 
-from bench.suite import ONLY, SCENARIOS
+from bench.suite import scenarios_of
 from bench.systems import SYSTEMS
+
+STREAMING = [s for s in SYSTEMS if not s.endswith("-dev")]
+"""The systems that run the streaming scenarios (a-i); the `dev` commands run only (j)."""
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +38,63 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.timeout(420)
 def test_every_system_ran(results: dict[str, Any]) -> None:
-    assert results["skipped"] == {}
-    assert set(results["systems"]) == set(SYSTEMS)
+    # Only the official server may be skipped: its virtualenv needs PyPI once. The reason is
+    # recorded.
+    assert set(results["skipped"]) <= {"langgraph-dev"}
+    assert all(results["skipped"].values())
+    assert set(results["systems"]) | set(results["skipped"]) == set(SYSTEMS)
+    assert len(results["machine"]["commit"]) == 40
+    assert results["repetitions"] == 1
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("system", [s for s in SYSTEMS if s != "resumable-stream-resumed"])
+@pytest.mark.parametrize("system", [s for s in STREAMING if s != "resumable-stream-resumed"])
 def test_every_stream_is_read_whole(results: dict[str, Any], system: str) -> None:
     got = results["systems"][system]
-    ran = ONLY.get(system, SCENARIOS)
+    ran = scenarios_of(system)
     assert set(got) - {"b_sweep"} == set(ran) - {"f"} | ({"f"} if system == "tokenrelay" else set())
     for scenario in [got["a"], got["b"], *got["c"].values(), got["d"]]:
         assert scenario["errors"] == []
         assert scenario["tokens"] == scenario["expected_tokens"]
         assert scenario["latency_ms"]["count"] == scenario["tokens"]
+        assert scenario["schedule_latency_ms"]["count"] == scenario["tokens"]
+        assert scenario["cpu_us_per_token"]["total"] > 0
+        assert scenario["incomplete_repetitions"] == 0
     if "e" in ran:
         assert got["e"]["repeats"] == results["sizes"]["e"]["repeats"]
     if "g" in ran:
         assert got["g"]["open_at_measure"] == results["sizes"]["g"]["clients"]
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("system", [s for s in STREAMING if "i" in scenarios_of(s)])
+def test_the_join_storm_is_served_exactly(results: dict[str, Any], system: str) -> None:
+    storm = results["systems"][system]["i"]
+    readers = results["sizes"]["i"]["readers"]
+    assert storm["readers"] == readers
+    assert storm["duplicate_tokens"] == 0
+    if system == "resumable-stream-resumed":
+        # Its resume gives up after a fixed second under load: such a reader is an error,
+        # reported, never a silent gap.
+        assert storm["exact_readers"] + storm["error_count"] == readers
+        return
+    assert storm["errors"] == []
+    assert storm["exact_readers"] == storm["caught_up_readers"] == readers
+    assert storm["missing_tokens"] == 0
+    assert storm["tokens"] == storm["expected_tokens"]
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("system", ["tokenrelay-dev", "langgraph-dev"])
+def test_the_dev_commands_serve_every_demo_run(results: dict[str, Any], system: str) -> None:
+    if system in results["skipped"]:
+        pytest.skip(f"{system}: {results['skipped'][system]}")
+    runs = results["systems"][system]["j"]
+    assert set(runs) == {str(n) for n in results["sizes"]["j"]["runs"]}
+    for n, got in runs.items():
+        assert got["errors"] == []
+        assert got["complete_clients"] == int(n)
+        assert got["tokens"] == got["expected_tokens"]
 
 
 @pytest.mark.timeout(420)
