@@ -386,13 +386,11 @@ def section(results: dict[str, Any]) -> str:
     skipped += "".join(f"\n- failed: {f}" for f in failures(results))
     variants = [o for o in OURS if o in results["systems"]]
 
-    def verdict(ok: bool | None) -> str:
-        return "met" if ok else "not met" if ok is False else "–"
+    def verdict(value: str, ok: bool | None) -> str:
+        return value if ok is None else f"{value} ({'met' if ok else 'not met'})"
 
     goal_lines = "\n".join(
-        "| "
-        + " | ".join([g, *(f"{v} ({verdict(ok)})" for v, ok in zip(vals, oks, strict=True))])
-        + " |"
+        "| " + " | ".join([g, *(verdict(v, ok) for v, ok in zip(vals, oks, strict=True))]) + " |"
         for g, vals, oks in goals(results)
     )
     heads = [label(v) for v in variants]
