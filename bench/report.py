@@ -268,6 +268,15 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
              lambda v: v <= 1000, " ms"),
         ]  # fmt: skip
     sweep = [n for n in sizes["b"].get("sweep", []) if n == 250]
+    alone = _get("cpu_us_per_token", "total")(results.get("astream", {}))
+    cpu_checks: list[tuple[str, Getter, Callable[[float], bool], str]] = []
+    if alone:
+        cpu_checks = [
+            ("CPU per delivered token at the (b) load, all processes, ≤ 1.5× the graph's own "
+             f"(the same graph under LangGraph `astream` in one process: {_fmt(alone)} µs)",
+             lambda s: (v / alone) if (v := _get("b", "cpu_us_per_token", "total")(s)) else None,
+             lambda v: v <= 1.5, "×"),
+        ]  # fmt: skip
 
     checks: list[tuple[str, Getter, Callable[[float], bool], str]] = [
         (f"≥ 2× resumable-stream tokens/s at {most} streams (its creator reads)",
@@ -286,6 +295,7 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
         *[(f"p99 added latency ≤ 10 ms at {n} streams × {1000 / sizes['b']['interval_ms']:g} "
            "tok/s, steady state", _get("b_sweep", str(n), "steady_latency_ms", "p99"),
            lambda v: v <= 10, " ms") for n in sweep],
+        *cpu_checks,
         *storm_checks,
         *dev_checks,
     ]  # fmt: skip

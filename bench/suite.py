@@ -74,10 +74,14 @@ REPETITIONS = {"full": 3, "quick": 1}
 """Each measured figure is the median of this many runs of its scenario, with its spread."""
 
 
-def run_loadgen(spec: dict[str, Any], on_ready: Callable[[], None] | None = None) -> Any:
+def run_loadgen(
+    spec: dict[str, Any],
+    on_ready: Callable[[], None] | None = None,
+    module: str = "bench.loadgen",
+) -> Any:
     """Run one scenario in a load-generator process; its parsed result."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.loadgen"],
+        [sys.executable, "-m", module],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
@@ -93,7 +97,7 @@ def run_loadgen(spec: dict[str, Any], on_ready: Callable[[], None] | None = None
         elif line.startswith("RESULT "):
             result = json.loads(line[len("RESULT ") :])
     if proc.wait(timeout=60) != 0 or result is None:
-        raise RuntimeError(f"load generator failed on {spec['scenario']} ({proc.returncode})")
+        raise RuntimeError(f"{module} failed on {spec.get('scenario')} ({proc.returncode})")
     return result
 
 
@@ -339,6 +343,21 @@ def dirty() -> bool:
     return bool(done.stdout.strip())
 
 
+def graph_alone(sizes: dict[str, Any], repetitions: int) -> dict[str, Any]:
+    """The paced chat graph run by LangGraph's `astream` in one process at the (b) load: what
+    the graph itself costs per token, which the relay's all-process total is compared with."""
+    s = sizes["b"]
+    spec = {"streams": s["streams"], "ramp_seconds": s["ramp_seconds"],
+            "pace": {"tokens": s["tokens"], "interval_ms": s["interval_ms"]}}  # fmt: skip
+    runs = []
+    for _ in range(repetitions):
+        runs.append(run_loadgen(spec, module="bench.astream"))
+        if "failed" in runs[-1]:
+            return dict(runs[-1])
+    result, spread = combine(runs)
+    return {**result, "repetitions": repetitions, "spread": spread or {}}
+
+
 def machine() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -389,6 +408,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: done in {time.monotonic() - t0:.0f}s", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "benchmarks-partial.json").write_text(json.dumps(results, indent=1) + "\n")
+    if "b" in args.scenarios and "tokenrelay" in args.systems:
+        print("astream: the chat graph alone (LangGraph astream, one process)", flush=True)
+        results["astream"] = graph_alone(sizes, repetitions)
     results["seconds"] = time.monotonic() - started
 
     (out_dir / "benchmarks-partial.json").unlink(missing_ok=True)

@@ -107,6 +107,13 @@ def test_resumed_readers_and_cancels_are_measured(results: dict[str, Any]) -> No
     assert cancel["cancels"] == results["sizes"]["f"]["cancels"]
 
 
+@pytest.mark.timeout(420)
+def test_the_graph_alone_is_measured(results: dict[str, Any]) -> None:
+    alone = results["astream"]
+    assert alone["tokens"] == alone["expected_tokens"] > 0
+    assert alone["cpu_us_per_token"]["total"] > 0
+
+
 def test_docs_are_written_from_a_result(tmp_path: Path) -> None:
     from bench import report
 
