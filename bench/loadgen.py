@@ -543,6 +543,9 @@ async def scenario_storm(target: Target, spec: dict[str, Any]) -> dict[str, Any]
     result.update(
         runs=runs,
         readers=readers,
+        # What every reader received, the clients that dropped included: what the servers'
+        # CPU over the scenario is divided by.
+        delivered_tokens=sink.tokens + sum(len(c) for c in cursors),
         exact_readers=sink.complete,
         missing_tokens=gaps,
         duplicate_tokens=duplicates,

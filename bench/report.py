@@ -172,6 +172,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
 def _fmt(value: float | None) -> str:
     if value is None:
         return "–"
+    if value == int(value) and abs(value) < 10:
+        return str(int(value))  # a count, such as tokens missing
     if abs(value) >= 100:
         return f"{value:,.0f}"
     if abs(value) >= 10:

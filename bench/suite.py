@@ -155,7 +155,9 @@ def measured_once(system: Running, spec: dict[str, Any]) -> dict[str, Any]:
     if result.get("error_count"):
         result["server_log"] = system.log_tail()
     cpu1, calls1 = _cpu(procs), system.redis_calls()
-    result.update(cpu_figures(cpu0, cpu1, wall, result.get("tokens")))
+    result.update(
+        cpu_figures(cpu0, cpu1, wall, result.get("delivered_tokens", result.get("tokens")))
+    )
     result["api_rss_mb"] = system.server.memory_info().rss / 2**20
     result["redis_commands"] = calls1 - calls0
     if result.get("tokens"):
