@@ -340,9 +340,12 @@ def commit() -> str | None:
 
 def dirty() -> bool:
     """Whether the checkout has changes the commit hash does not name."""
-    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=10)  # fmt: skip
-    return bool(done.stdout.strip())
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and bool(done.stdout.strip())
 
 
 def graph_alone(sizes: dict[str, Any], repetitions: int) -> dict[str, Any]:
