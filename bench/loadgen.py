@@ -533,6 +533,13 @@ async def scenario_storm(target: Target, spec: dict[str, Any]) -> dict[str, Any]
             return
         if r.indexes == list(range(r.after + 1, pace.tokens)):
             sink.complete += 1
+        else:
+            want = set(range(r.after + 1, pace.tokens))
+            sink.errors.append(
+                f"reader resuming after token {r.after}: {len(want - set(r.indexes))} missing, "
+                f"{len(r.indexes) - len(set(r.indexes))} twice, "
+                f"{'in order' if r.indexes == sorted(r.indexes) else 'out of order'}"
+            )
 
     started = time.monotonic_ns()
     await asyncio.wait_for(asyncio.gather(*(one(r) for r in rejoins)), spec["timeout"])
