@@ -32,6 +32,13 @@ def langgraph() -> Path:
 
 def ensure_venv(timeout: float = 900) -> str | None:
     """Create the virtualenv if needed; None when `langgraph` is ready, else why not."""
+    try:
+        return _ensure_venv(timeout)
+    except OSError as exc:
+        return f"could not create {VENV}: {exc}"
+
+
+def _ensure_venv(timeout: float) -> str | None:
     wanted = "\n".join(REQUIREMENTS) + "\n"
     if READY.exists() and READY.read_text() == wanted and langgraph().exists():
         return None

@@ -471,7 +471,7 @@ async def scenario_storm(target: Target, spec: dict[str, Any]) -> dict[str, Any]
     `storm_after` tokens those clients drop, and `readers` clients reconnect at the same moment,
     spread over the runs, each with the cursor of a random token it had already read. Each must
     get every later token exactly once (indexes contiguous); it is caught up when it receives a
-    token produced after it reconnected."""
+    token produced after it reconnected (or the run's last, if the run ended first)."""
     pace = Pace.from_json(spec["pace"])
     runs, readers = int(spec["runs"]), int(spec["readers"])
     storm_after = int(spec["storm_after"])
@@ -518,10 +518,14 @@ async def scenario_storm(target: Target, spec: dict[str, Any]) -> dict[str, Any]
                 frames, rest = buf[: end + 2], buf[end + 2 :]
                 sink.take(now, frames)
                 for match in TOKEN.finditer(frames):
-                    r.indexes.append(int(match.group(3)))
+                    index = int(match.group(3))
+                    r.indexes.append(index)
                     if r.first_ns is None:
                         r.first_ns = now
-                    if r.caught_up_ns is None and int(match.group(1)) >= sent_ns:
+                    # Caught up: a token made after it reconnected, or the run's last one when
+                    # the run ended first.
+                    late = int(match.group(1)) >= sent_ns or index == pace.tokens - 1
+                    if r.caught_up_ns is None and late:
                         r.caught_up_ns = now
             resp.release()
         except Exception as exc:
@@ -529,6 +533,13 @@ async def scenario_storm(target: Target, spec: dict[str, Any]) -> dict[str, Any]
             return
         if r.indexes == list(range(r.after + 1, pace.tokens)):
             sink.complete += 1
+        else:
+            want = set(range(r.after + 1, pace.tokens))
+            sink.errors.append(
+                f"reader resuming after token {r.after}: {len(want - set(r.indexes))} missing, "
+                f"{len(r.indexes) - len(set(r.indexes))} twice, "
+                f"{'in order' if r.indexes == sorted(r.indexes) else 'out of order'}"
+            )
 
     started = time.monotonic_ns()
     await asyncio.wait_for(asyncio.gather(*(one(r) for r in rejoins)), spec["timeout"])
@@ -543,6 +554,9 @@ async def scenario_storm(target: Target, spec: dict[str, Any]) -> dict[str, Any]
     result.update(
         runs=runs,
         readers=readers,
+        # What every reader received, the clients that dropped included: what the servers'
+        # CPU over the scenario is divided by.
+        delivered_tokens=sink.tokens + sum(len(c) for c in cursors),
         exact_readers=sink.complete,
         missing_tokens=gaps,
         duplicate_tokens=duplicates,

@@ -155,7 +155,9 @@ def measured_once(system: Running, spec: dict[str, Any]) -> dict[str, Any]:
     if result.get("error_count"):
         result["server_log"] = system.log_tail()
     cpu1, calls1 = _cpu(procs), system.redis_calls()
-    result.update(cpu_figures(cpu0, cpu1, wall, result.get("tokens")))
+    result.update(
+        cpu_figures(cpu0, cpu1, wall, result.get("delivered_tokens", result.get("tokens")))
+    )
     result["api_rss_mb"] = system.server.memory_info().rss / 2**20
     result["redis_commands"] = calls1 - calls0
     if result.get("tokens"):
@@ -191,9 +193,15 @@ def combine(runs: list[Any]) -> tuple[Any, Any]:
 
 def measured(system: Running, spec: dict[str, Any], repetitions: int = 1) -> dict[str, Any]:
     """`measured_once` `repetitions` times: medians, with each figure's spread under `spread`."""
+    return repeated(lambda: measured_once(system, spec), repetitions)
+
+
+def repeated(measure: Callable[[], dict[str, Any]], repetitions: int) -> dict[str, Any]:
+    """`measure` `repetitions` times (stopping at a failure): medians, with each figure's spread
+    under `spread`."""
     runs = []
     for _ in range(repetitions):
-        runs.append(measured_once(system, spec))
+        runs.append(measure())
         if "failed" in runs[-1]:
             return runs[-1]
     result, spread = combine(runs)
@@ -256,6 +264,30 @@ def run_demo_runs(name: str, sizes: dict[str, Any], repetitions: int) -> dict[st
     return out
 
 
+def idle_memories(system: Running, spec: dict[str, Any], repetitions: int) -> dict[str, Any]:
+    """(g) `repetitions` times: first on `system`, then each time on a fresh start of it (a
+    repetition in the same server would reuse the memory the first one freed)."""
+    done = 0
+
+    def once() -> dict[str, Any]:
+        nonlocal done
+        done += 1
+        if done == 1:
+            return idle_memory(system, spec)
+        with start(system.name) as fresh:
+            warm_up(fresh)
+            return idle_memory(fresh, spec)
+
+    return repeated(once, repetitions)
+
+
+def warm_up(system: Running) -> None:
+    """Imports, graph compilation, connection pools."""
+    warm = {"tokens": 20, "interval_ms": 5}
+    run_loadgen({"system": system.name, "url": system.url, "scenario": "streams", "streams": 5,
+                 "pace": warm, "timeout": 60})  # fmt: skip
+
+
 def run_system(
     name: str, sizes: dict[str, Any], scenarios: str, repetitions: int = 1
 ) -> dict[str, Any]:
@@ -266,13 +298,11 @@ def run_system(
     if not scenarios.replace("j", ""):
         return out
     with start(name) as system:
-        # Warm up: imports, graph compilation, connection pools.
-        warm = {"tokens": 20, "interval_ms": 5}
-        run_loadgen({"system": name, "url": system.url, "scenario": "streams", "streams": 5,
-                     "pace": warm, "timeout": 60})  # fmt: skip
+        warm_up(system)
         # Idle memory first, before the load scenarios leave freed memory to reuse.
         if "g" in scenarios:
-            out["g"] = idle_memory(system, {"scenario": "idle", **sizes["g"], "timeout": 600})
+            spec = {"scenario": "idle", **sizes["g"], "timeout": 600}
+            out["g"] = idle_memories(system, spec, repetitions)
         if "a" in scenarios:
             s = sizes["a"]
             pace = {"tokens": s["tokens"], "interval_ms": 0}
@@ -338,9 +368,12 @@ def commit() -> str | None:
 
 def dirty() -> bool:
     """Whether the checkout has changes the commit hash does not name."""
-    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=10)  # fmt: skip
-    return bool(done.stdout.strip())
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and bool(done.stdout.strip())
 
 
 def graph_alone(sizes: dict[str, Any], repetitions: int) -> dict[str, Any]:
@@ -349,13 +382,7 @@ def graph_alone(sizes: dict[str, Any], repetitions: int) -> dict[str, Any]:
     s = sizes["b"]
     spec = {"streams": s["streams"], "ramp_seconds": s["ramp_seconds"],
             "pace": {"tokens": s["tokens"], "interval_ms": s["interval_ms"]}}  # fmt: skip
-    runs = []
-    for _ in range(repetitions):
-        runs.append(run_loadgen(spec, module="bench.astream"))
-        if "failed" in runs[-1]:
-            return dict(runs[-1])
-    result, spread = combine(runs)
-    return {**result, "repetitions": repetitions, "spread": spread or {}}
+    return repeated(lambda: dict(run_loadgen(spec, module="bench.astream")), repetitions)
 
 
 def machine() -> dict[str, Any]:
