@@ -131,6 +131,7 @@ class AuthLayer:
         tokens: StreamTokens,
         open_paths: Iterable[str],
         paths: Callable[[], Mapping[str, Mapping[str, Any]]],
+        guard_other_paths: bool = True,
     ) -> None:
         self.app = app
         self._auth = auth
@@ -139,6 +140,7 @@ class AuthLayer:
         self._open = frozenset(open_paths)
         self._paths = paths
         self._patterns: list[tuple[re.Pattern[str], frozenset[str]]] | None = None
+        self._guard_other_paths = guard_other_paths
         authenticate = auth._authenticate_handler if auth is not None else None
         self._authenticate = authenticate
         self._wants = set(inspect.signature(authenticate).parameters) if authenticate else set()
@@ -148,7 +150,11 @@ class AuthLayer:
             await self.app(scope, receive, send)
             return
         scope[SCOPE_KEY] = ANONYMOUS
-        if scope["path"] in self._open or scope.get("method") == "OPTIONS":
+        if (
+            scope["path"] in self._open
+            or scope.get("method") == "OPTIONS"
+            or not (self._guard_other_paths or self._route(scope, any_method=True) is not None)
+        ):
             await self.app(scope, receive, send)
             return
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -191,9 +197,9 @@ class AuthLayer:
                     break
         return _refusal(403, "the stream token does not grant this stream")
 
-    def _path_params(self, scope: Scope) -> dict[str, Any]:
-        """The path parameters of the route the request will reach, as the Agent Server passes
-        them (matched here, before routing, against the API's path templates)."""
+    def _route(self, scope: Scope, *, any_method: bool = False) -> dict[str, Any] | None:
+        """The path parameters of the API route the request will reach (matched here, before
+        routing, against the API's path templates), or None for a path of no API route."""
         if self._patterns is None:
             self._patterns = [
                 (compile_path(path)[0], frozenset(m.upper() for m in methods))
@@ -202,9 +208,9 @@ class AuthLayer:
         method = scope.get("method")
         for pattern, methods in self._patterns:
             found = pattern.match(scope["path"])
-            if found and (method is None or method in methods):
+            if found and (any_method or method is None or method in methods):
                 return found.groupdict()
-        return {}
+        return None
 
     async def _run_authenticate(
         self, scope: Scope, receive: Receive, query: dict[str, str]
@@ -220,7 +226,7 @@ class AuthLayer:
             "request": lambda: Request(scope, replay()) if scope["type"] == "http" else None,
             "path": lambda: scope["path"],
             "method": lambda: scope.get("method", "GET"),
-            "path_params": lambda: self._path_params(scope),
+            "path_params": lambda: self._route(scope) or {},
             "query_params": lambda: query,
             "headers": lambda: dict(scope["headers"]),
             "authorization": lambda: headers.get("authorization"),

@@ -6,8 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from langgraph_sdk import Auth
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 auth = Auth()
+webapp = Starlette(routes=[Route("/hello", lambda request: PlainTextResponse("hello"))])
 SEEN: list[dict[str, Any]] = []
 
 

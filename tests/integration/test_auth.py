@@ -17,7 +17,10 @@ pytestmark = pytest.mark.redis("standalone")  # HTTP only
 
 @pytest.fixture(scope="module")
 def custom(redis_server: RedisServer) -> Iterator[Tokenrelay]:
-    server = Tokenrelay(make_settings(redis_server, auth="tests.authproject:auth")).start()
+    settings = make_settings(
+        redis_server, auth="tests.authproject:auth", http_app="tests.authproject:webapp"
+    )
+    server = Tokenrelay(settings).start()
     yield server
     server.stop()
 
@@ -36,6 +39,10 @@ async def test_authenticate_refusals_keep_their_status_and_message(custom: Token
             r = await c.post("/threads/search", json={}, headers=headers)
             assert (r.status_code, r.json()) == (status, {"detail": detail})
         assert (await c.get("/readyz")).status_code == 200
+        # http.app's routes are open unless enable_custom_route_auth asks otherwise, as on the
+        # Agent Server; the API's routes, including unknown methods on them, are not.
+        assert (await c.get("/hello")).text == "hello"
+        assert (await c.get("/threads/search")).status_code == 401
 
 
 async def test_handlers_see_the_request_and_scope_threads(custom: Tokenrelay) -> None:
