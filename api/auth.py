@@ -73,6 +73,9 @@ class User:
     def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
 
+    def keys(self) -> Iterable[str]:
+        return self._fields.keys()
+
 
 def _user(result: Any) -> Any:
     if isinstance(result, str):
@@ -305,6 +308,22 @@ class Caller:
         self.svc = svc
         self.identity = identity
         self._auth = auth if identity.user is not None else None
+
+    def run_configurable(self) -> dict[str, Any]:
+        """What a run's graph gets in ``config["configurable"]`` about its user, under the Agent
+        Server's keys (the worker trusts what the API stored); empty without custom auth."""
+        user = self.identity.user
+        if user is None:
+            return {}
+        fields = dict(user) if isinstance(user, User) else {}
+        permissions = list(getattr(user, "permissions", []) or [])
+        fields.update(identity=str(user.identity), permissions=permissions)
+        fields.setdefault("display_name", getattr(user, "display_name", user.identity))
+        return {
+            "langgraph_auth_user": fields,
+            "langgraph_auth_user_id": str(user.identity),
+            "langgraph_auth_permissions": permissions,
+        }
 
     def _handler(self, resource: str, action: str) -> Callable[..., Awaitable[Any]] | None:
         assert self._auth is not None

@@ -10,6 +10,7 @@ import pytest
 
 from tests import authproject
 from tests.conftest import RedisServer, make_settings
+from tests.graphs import GRAPHS
 from tests.server import Tokenrelay
 
 pytestmark = pytest.mark.redis("standalone")  # HTTP only
@@ -18,7 +19,10 @@ pytestmark = pytest.mark.redis("standalone")  # HTTP only
 @pytest.fixture(scope="module")
 def custom(redis_server: RedisServer) -> Iterator[Tokenrelay]:
     settings = make_settings(
-        redis_server, auth="tests.authproject:auth", http_app="tests.authproject:webapp"
+        redis_server,
+        auth="tests.authproject:auth",
+        http_app="tests.authproject:webapp",
+        graphs={**GRAPHS, "whoami": "tests.authproject:whoami"},
     )
     server = Tokenrelay(settings).start()
     yield server
@@ -76,6 +80,15 @@ async def test_handlers_see_the_request_and_scope_threads(custom: Tokenrelay) ->
         assert (r.status_code, r.json()) == (403, {"detail": "Forbidden"})
         r = await c.patch(f"/threads/{tid}", json=patch, headers=as_("carol"))
         assert (r.status_code, r.json()["metadata"]["topic"]) == (200, "x")
+
+
+async def test_the_graph_is_told_who_started_the_run(custom: Tokenrelay) -> None:
+    async with httpx.AsyncClient(base_url=custom.url, timeout=30) as c:
+        tid = (await c.post("/threads", json={}, headers=as_("carol"))).json()["thread_id"]
+        body = {"assistant_id": "whoami", "input": {"messages": []},
+                "config": {"configurable": {"langgraph_auth_user_id": "forged"}}}  # fmt: skip
+        r = await c.post(f"/threads/{tid}/runs/wait", json=body, headers=as_("carol"))
+        assert r.json()["messages"][-1]["content"] == "carol carol ['team:red']"
 
 
 async def test_stream_tokens_beside_api_keys(redis_server: RedisServer) -> None:
