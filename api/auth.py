@@ -246,6 +246,7 @@ class AuthLayer:
         except Exception as exc:
             return _refusal(401, str(exc) or "Unauthorized"), receive
         scope[SCOPE_KEY] = Identity(user=user)
+        scope["user"] = user  # `request.user`, for http.app's routes as on the Agent Server
         return None, receive
 
 
