@@ -117,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         AuthLayer, auth=app.state.auth, api_keys=cfg.api_keys, open_paths=OPEN_PATHS,
         tokens=StreamTokens.from_settings(cfg), paths=lambda: app.openapi()["paths"],
+        # As the Agent Server: http.app's own routes are authenticated only when asked to.
+        guard_other_paths=not cfg.http_app or cfg.http_app_auth,
     )  # fmt: skip
 
     if cfg.cors_origins:

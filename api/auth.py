@@ -73,6 +73,9 @@ class User:
     def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
 
+    def keys(self) -> Iterable[str]:
+        return self._fields.keys()
+
 
 def _user(result: Any) -> Any:
     if isinstance(result, str):
@@ -131,6 +134,7 @@ class AuthLayer:
         tokens: StreamTokens,
         open_paths: Iterable[str],
         paths: Callable[[], Mapping[str, Mapping[str, Any]]],
+        guard_other_paths: bool = True,
     ) -> None:
         self.app = app
         self._auth = auth
@@ -139,6 +143,7 @@ class AuthLayer:
         self._open = frozenset(open_paths)
         self._paths = paths
         self._patterns: list[tuple[re.Pattern[str], frozenset[str]]] | None = None
+        self._guard_other_paths = guard_other_paths
         authenticate = auth._authenticate_handler if auth is not None else None
         self._authenticate = authenticate
         self._wants = set(inspect.signature(authenticate).parameters) if authenticate else set()
@@ -148,7 +153,11 @@ class AuthLayer:
             await self.app(scope, receive, send)
             return
         scope[SCOPE_KEY] = ANONYMOUS
-        if scope["path"] in self._open or scope.get("method") == "OPTIONS":
+        if (
+            scope["path"] in self._open
+            or scope.get("method") == "OPTIONS"
+            or not (self._guard_other_paths or self._route(scope, any_method=True) is not None)
+        ):
             await self.app(scope, receive, send)
             return
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -191,9 +200,9 @@ class AuthLayer:
                     break
         return _refusal(403, "the stream token does not grant this stream")
 
-    def _path_params(self, scope: Scope) -> dict[str, Any]:
-        """The path parameters of the route the request will reach, as the Agent Server passes
-        them (matched here, before routing, against the API's path templates)."""
+    def _route(self, scope: Scope, *, any_method: bool = False) -> dict[str, Any] | None:
+        """The path parameters of the API route the request will reach (matched here, before
+        routing, against the API's path templates), or None for a path of no API route."""
         if self._patterns is None:
             self._patterns = [
                 (compile_path(path)[0], frozenset(m.upper() for m in methods))
@@ -202,9 +211,9 @@ class AuthLayer:
         method = scope.get("method")
         for pattern, methods in self._patterns:
             found = pattern.match(scope["path"])
-            if found and (method is None or method in methods):
+            if found and (any_method or method is None or method in methods):
                 return found.groupdict()
-        return {}
+        return None
 
     async def _run_authenticate(
         self, scope: Scope, receive: Receive, query: dict[str, str]
@@ -220,7 +229,7 @@ class AuthLayer:
             "request": lambda: Request(scope, replay()) if scope["type"] == "http" else None,
             "path": lambda: scope["path"],
             "method": lambda: scope.get("method", "GET"),
-            "path_params": lambda: self._path_params(scope),
+            "path_params": lambda: self._route(scope) or {},
             "query_params": lambda: query,
             "headers": lambda: dict(scope["headers"]),
             "authorization": lambda: headers.get("authorization"),
@@ -237,6 +246,7 @@ class AuthLayer:
         except Exception as exc:
             return _refusal(401, str(exc) or "Unauthorized"), receive
         scope[SCOPE_KEY] = Identity(user=user)
+        scope["user"] = user  # `request.user`, for http.app's routes as on the Agent Server
         return None, receive
 
 
@@ -299,6 +309,22 @@ class Caller:
         self.svc = svc
         self.identity = identity
         self._auth = auth if identity.user is not None else None
+
+    def run_configurable(self) -> dict[str, Any]:
+        """What a run's graph gets in ``config["configurable"]`` about its user, under the Agent
+        Server's keys (the worker trusts what the API stored); empty without custom auth."""
+        user = self.identity.user
+        if user is None:
+            return {}
+        fields = dict(user) if isinstance(user, User) else {}
+        permissions = list(getattr(user, "permissions", []) or [])
+        fields.update(identity=str(user.identity), permissions=permissions)
+        fields.setdefault("display_name", getattr(user, "display_name", user.identity))
+        return {
+            "langgraph_auth_user": fields,
+            "langgraph_auth_user_id": str(user.identity),
+            "langgraph_auth_permissions": permissions,
+        }
 
     def _handler(self, resource: str, action: str) -> Callable[..., Awaitable[Any]] | None:
         assert self._auth is not None

@@ -24,7 +24,7 @@ CONFIG_FILE = "langgraph.json"
 SUPPORTED_KEYS = frozenset({"graphs", "env", "dependencies", "auth", "http"})
 QUIET_KEYS = frozenset({"$schema"})
 SUPPORTED_AUTH_KEYS = frozenset({"path"})
-SUPPORTED_HTTP_KEYS = frozenset({"app"})
+SUPPORTED_HTTP_KEYS = frozenset({"app", "enable_custom_route_auth"})
 
 
 @dataclass(slots=True)
@@ -37,6 +37,7 @@ class Project:
     dependencies: list[Path] = field(default_factory=list)
     auth: str | None = None
     http_app: str | None = None
+    http_app_auth: bool = False
     unsupported: list[str] = field(default_factory=list)
 
     def apply(self, environ: MutableMapping[str, str] = os.environ) -> None:
@@ -52,6 +53,8 @@ class Project:
             environ.setdefault("TOKENRELAY_AUTH", self.auth)
         if self.http_app:
             environ.setdefault("TOKENRELAY_HTTP_APP", self.http_app)
+        if self.http_app_auth:
+            environ.setdefault("TOKENRELAY_HTTP_APP_AUTH", "true")
         if self.unsupported:
             log.warning(
                 "%s: not supported by tokenrelay, ignored: %s",
@@ -138,6 +141,7 @@ def read_project(config: Path) -> Project:
     if isinstance(http, dict):
         if isinstance(http.get("app"), str):
             project.http_app = _spec(root, http["app"])
+        project.http_app_auth = http.get("enable_custom_route_auth") is True
         project.unsupported += [f"http.{k}" for k in sorted(http) if k not in SUPPORTED_HTTP_KEYS]
     elif http is not None:
         raise GraphLoadError(f"{config}: `http` must be an object")

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         default=None,
         description="A Starlette/FastAPI app mounted beside the API, as langgraph.json's http.app.",
     )
+    http_app_auth: bool = Field(
+        default=False,
+        description="Authenticate the routes of http.app too (langgraph.json's "
+        "http.enable_custom_route_auth); by default only the API's own routes are.",
+    )
     stream_token_secret: str | None = Field(
         default=None,
         description="HMAC secret of stream tokens; the same on every API replica. Unset: "

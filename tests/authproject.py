@@ -5,10 +5,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph_sdk import Auth
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 auth = Auth()
+webapp = Starlette(routes=[Route("/hello", lambda request: PlainTextResponse("hello"))])
 SEEN: list[dict[str, Any]] = []
+
+
+def _whoami(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+    conf = config["configurable"]
+    user = conf["langgraph_auth_user"]
+    said = f"{conf['langgraph_auth_user_id']} {user['display_name']} {user['permissions']}"
+    return {"messages": [AIMessage(content=said)]}
+
+
+# Answers with what the worker was told about the run's user.
+whoami = (
+    StateGraph(MessagesState).add_node("whoami", _whoami)
+    .add_edge(START, "whoami").add_edge("whoami", END).compile()
+)  # fmt: skip
 
 
 @auth.authenticate

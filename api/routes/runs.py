@@ -30,10 +30,15 @@ async def start_run(
     """Validate, authorize, record and enqueue a run on `thread_id` (None: a new thread,
     stateless); a thread it creates gets the metadata the caller's create handler writes."""
     graph_id = svc.registry.graph_id(body.assistant_id)
+    kwargs = body.run_kwargs()
+    if user := who.run_configurable():
+        config = dict(kwargs["config"])
+        config["configurable"] = {**(config.get("configurable") or {}), **user}
+        kwargs["config"] = config
     allowed: dict[str, Any] = {
         "thread_id": thread_id, "assistant_id": body.assistant_id,
         "metadata": dict(body.metadata or {}), "multitask_strategy": body.multitask_strategy,
-        "if_not_exists": body.if_not_exists, "kwargs": body.run_kwargs(),
+        "if_not_exists": body.if_not_exists, "kwargs": kwargs,
     }  # fmt: skip
     scope = await who.allow("threads", "create_run", allowed)
     if thread_id is None:
@@ -63,7 +68,7 @@ async def start_run(
         created_at=ts,
         updated_at=ts,
         metadata=allowed["metadata"],
-        kwargs=body.run_kwargs(),
+        kwargs=kwargs,
         multitask_strategy=body.multitask_strategy,
         on_disconnect=body.on_disconnect,
     )

@@ -99,7 +99,7 @@ LANGGRAPH_JSON = {
     "graphs": {"agent": "support_bot.graph:graph"},
     "env": ".env",
     "auth": {"path": "./auth.py:auth"},
-    "http": {"app": "./webapp.py:app"},
+    "http": {"app": "./webapp.py:app", "enable_custom_route_auth": True},
     "python_version": "3.11",
 }
 

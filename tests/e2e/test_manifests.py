@@ -332,7 +332,9 @@ def test_configmap_and_secret_are_tokenrelay_settings(monkeypatch: pytest.Monkey
         assert field in Settings.model_fields or key in cli_env, f"{key} is not a setting"
 
     # The checkpointer URL and the API keys come from the Secret only.
-    assert set(secret) == {"TOKENRELAY_CHECKPOINTER", "TOKENRELAY_API_KEYS"}
+    assert set(secret) == {
+        "TOKENRELAY_CHECKPOINTER", "TOKENRELAY_API_KEYS", "TOKENRELAY_STREAM_TOKEN_SECRET"
+    }  # fmt: skip
     assert not set(secret) & set(config)
 
     for key in list(os.environ):

@@ -10,6 +10,7 @@ import pytest
 
 from tests import authproject
 from tests.conftest import RedisServer, make_settings
+from tests.graphs import GRAPHS
 from tests.server import Tokenrelay
 
 pytestmark = pytest.mark.redis("standalone")  # HTTP only
@@ -17,7 +18,13 @@ pytestmark = pytest.mark.redis("standalone")  # HTTP only
 
 @pytest.fixture(scope="module")
 def custom(redis_server: RedisServer) -> Iterator[Tokenrelay]:
-    server = Tokenrelay(make_settings(redis_server, auth="tests.authproject:auth")).start()
+    settings = make_settings(
+        redis_server,
+        auth="tests.authproject:auth",
+        http_app="tests.authproject:webapp",
+        graphs={**GRAPHS, "whoami": "tests.authproject:whoami"},
+    )
+    server = Tokenrelay(settings).start()
     yield server
     server.stop()
 
@@ -36,6 +43,10 @@ async def test_authenticate_refusals_keep_their_status_and_message(custom: Token
             r = await c.post("/threads/search", json={}, headers=headers)
             assert (r.status_code, r.json()) == (status, {"detail": detail})
         assert (await c.get("/readyz")).status_code == 200
+        # http.app's routes are open unless enable_custom_route_auth asks otherwise, as on the
+        # Agent Server; the API's routes, including unknown methods on them, are not.
+        assert (await c.get("/hello")).text == "hello"
+        assert (await c.get("/threads/search")).status_code == 401
 
 
 async def test_handlers_see_the_request_and_scope_threads(custom: Tokenrelay) -> None:
@@ -69,6 +80,15 @@ async def test_handlers_see_the_request_and_scope_threads(custom: Tokenrelay) ->
         assert (r.status_code, r.json()) == (403, {"detail": "Forbidden"})
         r = await c.patch(f"/threads/{tid}", json=patch, headers=as_("carol"))
         assert (r.status_code, r.json()["metadata"]["topic"]) == (200, "x")
+
+
+async def test_the_graph_is_told_who_started_the_run(custom: Tokenrelay) -> None:
+    async with httpx.AsyncClient(base_url=custom.url, timeout=30) as c:
+        tid = (await c.post("/threads", json={}, headers=as_("carol"))).json()["thread_id"]
+        body = {"assistant_id": "whoami", "input": {"messages": []},
+                "config": {"configurable": {"langgraph_auth_user_id": "forged"}}}  # fmt: skip
+        r = await c.post(f"/threads/{tid}/runs/wait", json=body, headers=as_("carol"))
+        assert r.json()["messages"][-1]["content"] == "carol carol ['team:red']"
 
 
 async def test_stream_tokens_beside_api_keys(redis_server: RedisServer) -> None:

@@ -29,7 +29,7 @@ def test_specs_and_paths_are_resolved_against_the_config_folder(tmp_path: Path) 
         "dependencies": [".", "./src", "langchain-openai", "./missing"],
         "env": ".env",
         "auth": {"path": "./auth.py:auth"},
-        "http": {"app": "./web.py:app"},
+        "http": {"app": "./web.py:app", "enable_custom_route_auth": True},
     })  # fmt: skip
     project = read_project(tmp_path / "langgraph.json")
     assert project.graphs == {
@@ -41,6 +41,7 @@ def test_specs_and_paths_are_resolved_against_the_config_folder(tmp_path: Path) 
     assert project.env == {"A": "1", "B": "two words", "C": "x=y"}
     assert project.auth == f"{tmp_path / 'auth.py'}:auth"
     assert project.http_app == f"{tmp_path / 'web.py'}:app"
+    assert project.http_app_auth is True
     assert project.unsupported == []
 
 
