@@ -115,12 +115,13 @@ class RateLimiter:
         return wait
 
 
-def client_key(scope: Scope) -> str:
-    """Who a request counts against: its API key, else its client address (uvicorn resolves
+def client_key(scope: Scope, api_keys: frozenset[str]) -> str:
+    """Who a request counts against: its API key when it is a configured one (an invented key
+    per request would escape the limit), else its client address (uvicorn resolves
     X-Forwarded-For from the proxies `--forwarded-allow-ips` trusts)."""
-    key = _header(scope, b"x-api-key")
-    if key:
-        return "key:" + key.decode("latin-1")
+    key = (_header(scope, b"x-api-key") or b"").decode("latin-1")
+    if key in api_keys:
+        return "key:" + key
     client = scope.get("client")
     return "addr:" + (client[0] if client else "unknown")
 
@@ -132,6 +133,7 @@ class RequestLimits:
         self.app = app
         self.settings = settings
         self.open_streams = 0
+        self.api_keys = frozenset(settings.api_keys)
         self.limiter = (
             RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
             if settings.rate_limit_per_minute
@@ -176,7 +178,7 @@ class RequestLimits:
                 {"Retry-After": "1", "Connection": "close"},
             )
         if self.limiter is not None:
-            wait = self.limiter.take(client_key(scope))
+            wait = self.limiter.take(client_key(scope, self.api_keys))
             if wait > 0:
                 return (
                     429,

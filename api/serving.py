@@ -16,6 +16,18 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from api.limits import OPEN_CONNECTIONS
 from broker.settings import Settings, get_settings
 
+MAX_HEADER_BYTES = 64 * 1024
+"""A request line and headers longer than this are refused (431) rather than buffered."""
+
+REFUSED_LINGER_SECONDS = 1.0
+"""How long a refused connection is drained before it is closed."""
+
+_TOO_LARGE_BODY = b'{"detail":"Request headers exceed %d bytes"}' % MAX_HEADER_BYTES
+HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_TOO_LARGE_BODY)
+) + _TOO_LARGE_BODY
+
 
 class GuardedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header-read timeout
@@ -28,16 +40,28 @@ class GuardedHttpTools(HttpToolsProtocol):
         if self.header_timeout is None:
             type(self).header_timeout = get_settings().header_timeout_seconds
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped until closed, so the client reads the 431 (no reset)
         # Bytes after a finished response start the next request: its headers are timed.
         if self.cycle is None or self.cycle.response_complete:
             self._arm_header_timer()
+        if self._header_timer is not None:
+            self._header_bytes += len(data)
         super().data_received(data)
+        if self._header_timer is not None and self._header_bytes > MAX_HEADER_BYTES:
+            self._disarm_header_timer()
+            if not self.transport.is_closing():
+                self._refused = True
+                self.transport.write(HEADERS_TOO_LARGE)
+                self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -53,6 +77,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
+            self._header_bytes = 0
             assert self.header_timeout is not None
             self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
 
