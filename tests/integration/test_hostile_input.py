@@ -195,3 +195,16 @@ async def test_wildcard_cors_never_allows_credentials(redis_server: RedisServer)
             assert "access-control-allow-credentials" not in r.headers
     finally:
         server.stop()
+
+
+async def test_a_state_update_from_a_checkpoint_id_alone(client: httpx.AsyncClient) -> None:
+    # Found by schemathesis: a checkpoint id without its namespace was a KeyError (500) in the
+    # in-memory checkpointer; the root namespace is meant.
+    tid = await new_thread(client)
+    await stream_run(client, tid, run_body())
+    first = (await client.get(f"/threads/{tid}/state")).json()["checkpoint_id"]
+    r = await client.post(
+        f"/threads/{tid}/state", json={"values": {"messages": []}, "checkpoint_id": first}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["checkpoint"]["checkpoint_ns"] == ""
