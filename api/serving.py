@@ -41,6 +41,7 @@ class GuardedHttpTools(HttpToolsProtocol):
             type(self).header_timeout = get_settings().header_timeout_seconds
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0
+        self._in_headers = False
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -50,24 +51,26 @@ class GuardedHttpTools(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped until closed, so the client reads the 431 (no reset)
-        # Bytes after a finished response start the next request: its headers are timed.
-        if self.cycle is None or self.cycle.response_complete:
-            self._arm_header_timer()
-        if self._header_timer is not None:
-            self._header_bytes += len(data)
         super().data_received(data)
-        if self._header_timer is not None and self._header_bytes > MAX_HEADER_BYTES:
+        if not self._in_headers:
+            return
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
             self._disarm_header_timer()
-            if not self.transport.is_closing():
-                self._refused = True
-                self.transport.write(HEADERS_TOO_LARGE)
-                self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
+            self._refused = True
+            self.transport.write(HEADERS_TOO_LARGE)
+            self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
 
     def on_message_begin(self) -> None:
+        # A request starts (not the rest of a body the app did not read): its headers are timed.
         super().on_message_begin()
         self.scope[OPEN_CONNECTIONS] = len(self.connections)  # type: ignore[literal-required]
+        self._in_headers = True
+        self._header_bytes = 0
+        self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         self._disarm_header_timer()
         super().on_headers_complete()
 
@@ -77,7 +80,6 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
-            self._header_bytes = 0
             assert self.header_timeout is not None
             self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
 

@@ -40,6 +40,10 @@ async def test_a_body_over_the_limit_is_413_and_not_echoed(client: httpx.AsyncCl
     r = await client.post("/threads", json=big)
     assert r.status_code == 413
     assert r.json() == {"detail": "Request body exceeds 4096 bytes (TOKENRELAY_MAX_BODY_BYTES)"}
+    # The rest of a refused body is read and dropped: the connection serves the next request.
+    r = await client.post("/threads", json={"metadata": {"blob": "x" * 500_000}})
+    assert r.status_code == 413
+    assert (await client.post("/threads", json={})).status_code == 200
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
         yield b'{"metadata": {"blob": "'
