@@ -240,6 +240,16 @@ async def get_state(
     return await svc.states.get(graph_of(thread), thread_id, subgraphs=subgraphs)
 
 
+@router.post("/threads/{thread_id}/state/checkpoint", response_model=None)
+async def post_state_at(
+    thread_id: str, body: StateAt, svc: Services = Depends(services)
+) -> dict[str, Any]:
+    thread = await svc.threads.get(thread_id)
+    return await svc.states.get(
+        graph_of(thread), thread_id, body.checkpoint, subgraphs=body.subgraphs
+    )
+
+
 @router.get("/threads/{thread_id}/state/{checkpoint_id}", response_model=None)
 async def get_state_at(
     thread_id: str,
@@ -250,16 +260,6 @@ async def get_state_at(
     thread = await svc.threads.get(thread_id)
     return await svc.states.get(
         graph_of(thread), thread_id, {"checkpoint_id": checkpoint_id}, subgraphs=subgraphs
-    )
-
-
-@router.post("/threads/{thread_id}/state/checkpoint", response_model=None)
-async def post_state_at(
-    thread_id: str, body: StateAt, svc: Services = Depends(services)
-) -> dict[str, Any]:
-    thread = await svc.threads.get(thread_id)
-    return await svc.states.get(
-        graph_of(thread), thread_id, body.checkpoint, subgraphs=body.subgraphs
     )
 
 

@@ -123,7 +123,7 @@ async def test_an_id_with_spaces_and_non_ascii_resumes_through_its_location(
 
 
 async def test_literal_thread_paths_win_over_a_thread_id(client: httpx.AsyncClient) -> None:
-    for path in ("/threads/search", "/threads/count"):
+    for path in ("/threads/search", "/threads/count", "/threads/t/state/checkpoint"):
         r = await client.request("OPTIONS", path)
         assert r.status_code == 405 and r.headers["allow"] == "POST", path
 
