@@ -81,14 +81,21 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def answer(
-    send: Send, status: int, detail: str, headers: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    *,
+    websocket: bool = False,
 ) -> None:
-    """A small JSON error response, written straight to ASGI."""
+    """A small JSON error response, written straight to ASGI (a WebSocket's denial response
+    with `websocket`)."""
     body = orjson.dumps({"detail": detail})
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    kind = "websocket.http.response" if websocket else "http.response"
+    await send({"type": f"{kind}.start", "status": status, "headers": raw})
+    await send({"type": f"{kind}.body", "body": body})
 
 
 class RateLimiter:
@@ -148,10 +155,10 @@ class RequestLimits:
         refusal = self._refusal(scope)
         if refusal is not None:
             status, detail, headers = refusal
-            if websocket:  # 1013: try again later
+            if websocket and "websocket.http.response" not in scope.get("extensions", {}):
                 await send({"type": "websocket.close", "code": 1013, "reason": detail[:120]})
-            else:
-                await answer(send, status, detail, headers)
+            else:  # an HTTP answer, for a WebSocket too where the server can deny with one
+                await answer(send, status, detail, headers, websocket=websocket)
             return
         if not websocket and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
             body = await self._read_body(scope, receive, send)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+import websockets
 
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body
@@ -88,6 +89,12 @@ async def test_open_streams_are_capped_and_probes_still_answer(
         for probe in ("/healthz", "/readyz", "/ok"):
             assert (await client.get(probe)).status_code == 200
         assert (await client.get(f"/threads/{tid}")).status_code == 200  # not a stream
+        ws_url = str(client.base_url).replace("http://", "ws://") + f"/threads/{tid}/stream/events"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(ws_url):
+                pass
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["retry-after"] == "1"
     for _ in range(200):  # until the server has seen the first stream end
         r = await client.post(f"/threads/{tid}/runs/stream", json=run_body())
         if r.status_code == 200:
