@@ -126,6 +126,11 @@ async def test_literal_thread_paths_win_over_a_thread_id(client: httpx.AsyncClie
     for path in ("/threads/search", "/threads/count", "/threads/t/state/checkpoint"):
         r = await client.request("OPTIONS", path)
         assert r.status_code == 405 and r.headers["allow"] == "POST", path
+    # Every method of a path, not only those of its first route.
+    r = await client.request("OPTIONS", "/threads/t")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, HEAD, PATCH"
+    r = await client.request("PUT", "/threads/t/state")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
 
 
 @pytest.fixture
