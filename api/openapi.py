@@ -230,7 +230,7 @@ def build(app: FastAPI) -> dict[str, Any]:
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """The methods the document declares for `path` (HEAD wherever GET is), sorted. The most
+    """The methods the document declares for `path`, sorted. The most
     literal templates win, as in routing: `/threads/search` is its own resource, not also a
     `/threads/{thread_id}`."""
     paths = app.openapi()["paths"]
@@ -240,8 +240,6 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     for template in matching:
         if template.count("{") == fewest:
             methods |= {m.upper() for m in paths[template]}
-    if "GET" in methods:
-        methods.add("HEAD")
     return sorted(methods)
 
 
