@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from api import openapi
 from api.auth import AuthLayer, load_auth
@@ -163,6 +164,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for e in exc.errors()[:20]
         ]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        allowed = openapi.allowed_methods(app, request.url.path) if exc.status_code == 405 else []
+        if allowed:  # every method of the path, not those of its first route
+            headers["Allow"] = ", ".join(allowed)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -81,14 +81,21 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def answer(
-    send: Send, status: int, detail: str, headers: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    *,
+    websocket: bool = False,
 ) -> None:
-    """A small JSON error response, written straight to ASGI."""
+    """A small JSON error response, written straight to ASGI (a WebSocket's denial response
+    with `websocket`)."""
     body = orjson.dumps({"detail": detail})
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    kind = "websocket.http.response" if websocket else "http.response"
+    await send({"type": f"{kind}.start", "status": status, "headers": raw})
+    await send({"type": f"{kind}.body", "body": body})
 
 
 class RateLimiter:
@@ -115,12 +122,13 @@ class RateLimiter:
         return wait
 
 
-def client_key(scope: Scope) -> str:
-    """Who a request counts against: its API key, else its client address (uvicorn resolves
+def client_key(scope: Scope, api_keys: frozenset[str]) -> str:
+    """Who a request counts against: its API key when it is a configured one (an invented key
+    per request would escape the limit), else its client address (uvicorn resolves
     X-Forwarded-For from the proxies `--forwarded-allow-ips` trusts)."""
-    key = _header(scope, b"x-api-key")
-    if key:
-        return "key:" + key.decode("latin-1")
+    key = (_header(scope, b"x-api-key") or b"").decode("latin-1")
+    if key in api_keys:
+        return "key:" + key
     client = scope.get("client")
     return "addr:" + (client[0] if client else "unknown")
 
@@ -132,6 +140,7 @@ class RequestLimits:
         self.app = app
         self.settings = settings
         self.open_streams = 0
+        self.api_keys = frozenset(settings.api_keys)
         self.limiter = (
             RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
             if settings.rate_limit_per_minute
@@ -146,10 +155,10 @@ class RequestLimits:
         refusal = self._refusal(scope)
         if refusal is not None:
             status, detail, headers = refusal
-            if websocket:  # 1013: try again later
+            if websocket and "websocket.http.response" not in scope.get("extensions", {}):
                 await send({"type": "websocket.close", "code": 1013, "reason": detail[:120]})
-            else:
-                await answer(send, status, detail, headers)
+            else:  # an HTTP answer, for a WebSocket too where the server can deny with one
+                await answer(send, status, detail, headers, websocket=websocket)
             return
         if not websocket and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
             body = await self._read_body(scope, receive, send)
@@ -176,7 +185,7 @@ class RequestLimits:
                 {"Retry-After": "1", "Connection": "close"},
             )
         if self.limiter is not None:
-            wait = self.limiter.take(client_key(scope))
+            wait = self.limiter.take(client_key(scope, self.api_keys))
             if wait > 0:
                 return (
                     429,

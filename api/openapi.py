@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
+from starlette.routing import compile_path
 
 # -- response shapes (documentation: the routes build these dicts themselves) ------------------
 
@@ -226,6 +227,20 @@ def build(app: FastAPI) -> dict[str, Any]:
                     responses.setdefault(str(status), _response(Error, description))
             op["responses"] = responses
     return doc
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the document declares for `path`, sorted. The most
+    literal templates win, as in routing: `/threads/search` is its own resource, not also a
+    `/threads/{thread_id}`."""
+    paths = app.openapi()["paths"]
+    matching = [t for t in paths if compile_path(t)[0].match(path)]
+    fewest = min((t.count("{") for t in matching), default=0)
+    methods: set[str] = set()
+    for template in matching:
+        if template.count("{") == fewest:
+            methods |= {m.upper() for m in paths[template]}
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:

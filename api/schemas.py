@@ -80,7 +80,18 @@ def _valid_id(value: str | None) -> str | None:
     return value
 
 
-ClientId = Annotated[str, AfterValidator(_valid_id)]
+ClientId = Annotated[
+    str,
+    AfterValidator(_valid_id),
+    Field(
+        description=f"A client-chosen id: {ID_RULE}.",
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": ID_MAX_LENGTH,
+            "pattern": "^(?!\\.\\.?$)[^{}:/\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]+$",
+        },
+    ),
+]
 """A thread or chat id in a request body, checked by the one id rule."""
 
 

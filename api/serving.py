@@ -16,6 +16,18 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from api.limits import OPEN_CONNECTIONS
 from broker.settings import Settings, get_settings
 
+MAX_HEADER_BYTES = 64 * 1024
+"""A request line and headers longer than this are refused (431) rather than buffered."""
+
+REFUSED_LINGER_SECONDS = 1.0
+"""How long a refused connection is drained before it is closed."""
+
+_TOO_LARGE_BODY = b'{"detail":"Request headers exceed %d bytes"}' % MAX_HEADER_BYTES
+HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_TOO_LARGE_BODY)
+) + _TOO_LARGE_BODY
+
 
 class GuardedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header-read timeout
@@ -28,22 +40,37 @@ class GuardedHttpTools(HttpToolsProtocol):
         if self.header_timeout is None:
             type(self).header_timeout = get_settings().header_timeout_seconds
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._in_headers = False
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
-        # Bytes after a finished response start the next request: its headers are timed.
-        if self.cycle is None or self.cycle.response_complete:
-            self._arm_header_timer()
+        if self._refused:
+            return  # read and dropped until closed, so the client reads the 431 (no reset)
         super().data_received(data)
+        if not self._in_headers:
+            return
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            self._disarm_header_timer()
+            self._refused = True
+            self.transport.write(HEADERS_TOO_LARGE)
+            self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
 
     def on_message_begin(self) -> None:
+        # A request starts (not the rest of a body the app did not read): its headers are timed.
         super().on_message_begin()
         self.scope[OPEN_CONNECTIONS] = len(self.connections)  # type: ignore[literal-required]
+        self._in_headers = True
+        self._header_bytes = 0
+        self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         self._disarm_header_timer()
         super().on_headers_complete()
 

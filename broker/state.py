@@ -84,6 +84,8 @@ def _config(thread_id: str, checkpoint: dict[str, Any] | None = None) -> dict[st
     for key in ("checkpoint_id", "checkpoint_ns", "checkpoint_map"):
         if checkpoint and checkpoint.get(key) is not None:
             conf[key] = checkpoint[key]
+    if "checkpoint_id" in conf:  # a checkpoint is named in a namespace: the root one by default
+        conf.setdefault("checkpoint_ns", "")
     return {"configurable": conf}
 
 

@@ -29,6 +29,9 @@ QUERY_TTL_SECONDS = 30
 """A search's intermediate set outlives the search only if its clean-up failed."""
 
 
+MAX_METADATA_KEYS = 128
+"""Keys of one thread's metadata (422 past it): each pair is an index entry."""
+
 INDEXED_VALUE_BYTES = 256
 """Metadata pairs longer than this (encoded) are not indexed: a filter on one reads threads."""
 

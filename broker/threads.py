@@ -7,13 +7,19 @@ from typing import Any, cast
 
 from broker import codec, pubsub, scripts
 from broker.connection import RedisClient
-from broker.errors import Conflict, ThreadNotFound
+from broker.errors import Conflict, InvalidBody, ThreadNotFound
 from broker.keys import Keys
 from broker.runs import new_id, now_ms
-from broker.thread_index import ThreadIndex
+from broker.thread_index import MAX_METADATA_KEYS, ThreadIndex
 
 RUN_STARTED = codec.pack([b"", []])
 """What `announce_run` publishes: an empty live batch, so the API's fan-out needs no new kind."""
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    # Each pair is an entry of the thread index: a bounded number per thread.
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidBody(f"A thread's metadata has at most {MAX_METADATA_KEYS} keys")
 
 
 @dataclass(slots=True)
@@ -52,6 +58,7 @@ class ThreadStore:
         if_exists: str = "raise",
     ) -> ThreadRecord:
         """Create a thread; an existing id raises Conflict, or is returned with `do_nothing`."""
+        _check_metadata(metadata or {})
         tid = thread_id or new_id()
         key = self._keys.thread_meta(tid)
         ts = now_ms()
@@ -110,6 +117,7 @@ class ThreadStore:
         thread = await self.get(thread_id)
         before = dict(thread.metadata)
         thread.metadata.update(metadata)
+        _check_metadata(thread.metadata)
         thread.updated_at = now_ms()
         await self._redis.hset(  # type: ignore[misc]
             self._keys.thread_meta(thread_id),

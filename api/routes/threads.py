@@ -309,6 +309,19 @@ async def get_state(
     return await svc.states.get(graph_of(thread), thread_id, subgraphs=subgraphs)
 
 
+@router.post("/threads/{thread_id}/state/checkpoint", response_model=None)
+async def post_state_at(
+    thread_id: str,
+    body: StateAt,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> dict[str, Any]:
+    thread = await who.thread(thread_id)
+    return await svc.states.get(
+        graph_of(thread), thread_id, body.checkpoint, subgraphs=body.subgraphs
+    )
+
+
 @router.get("/threads/{thread_id}/state/{checkpoint_id}", response_model=None)
 async def get_state_at(
     thread_id: str,
@@ -320,19 +333,6 @@ async def get_state_at(
     thread = await who.thread(thread_id)
     return await svc.states.get(
         graph_of(thread), thread_id, {"checkpoint_id": checkpoint_id}, subgraphs=subgraphs
-    )
-
-
-@router.post("/threads/{thread_id}/state/checkpoint", response_model=None)
-async def post_state_at(
-    thread_id: str,
-    body: StateAt,
-    svc: Services = Depends(services),
-    who: Caller = Depends(caller),
-) -> dict[str, Any]:
-    thread = await who.thread(thread_id)
-    return await svc.states.get(
-        graph_of(thread), thread_id, body.checkpoint, subgraphs=body.subgraphs
     )
 
 

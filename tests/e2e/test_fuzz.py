@@ -1,7 +1,7 @@
 """Schemathesis on /openapi.json against a real tokenrelay (uvicorn on loopback, real Redis, a
 worker): no 5xx, no status code the document does not declare, no response that violates its
-schema. A few examples per operation keep it to a couple of minutes; `st run` with more examples
-is in docs/security.md.
+schema, and a 405's Allow lists the methods the document has for the path. A few examples per
+operation keep it to well under a minute; `st run` with more examples is in docs/security.md.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -61,6 +62,7 @@ def test_no_5xx_no_undeclared_status_no_schema_violation(
             status_code_conformance,
             content_type_conformance,
             response_schema_conformance,
+            allow_header_conformance,
         ],
         timeout=30,
     )

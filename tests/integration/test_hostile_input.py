@@ -123,9 +123,14 @@ async def test_an_id_with_spaces_and_non_ascii_resumes_through_its_location(
 
 
 async def test_literal_thread_paths_win_over_a_thread_id(client: httpx.AsyncClient) -> None:
-    for path in ("/threads/search", "/threads/count"):
+    for path in ("/threads/search", "/threads/count", "/threads/t/state/checkpoint"):
         r = await client.request("OPTIONS", path)
         assert r.status_code == 405 and r.headers["allow"] == "POST", path
+    # Every method of a path, not only those of its first route.
+    r = await client.request("OPTIONS", "/threads/t")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PATCH"
+    r = await client.request("PUT", "/threads/t/state")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
 
 
 @pytest.fixture
@@ -195,3 +200,16 @@ async def test_wildcard_cors_never_allows_credentials(redis_server: RedisServer)
             assert "access-control-allow-credentials" not in r.headers
     finally:
         server.stop()
+
+
+async def test_a_state_update_from_a_checkpoint_id_alone(client: httpx.AsyncClient) -> None:
+    # Found by schemathesis: a checkpoint id without its namespace was a KeyError (500) in the
+    # in-memory checkpointer; the root namespace is meant.
+    tid = await new_thread(client)
+    await stream_run(client, tid, run_body())
+    first = (await client.get(f"/threads/{tid}/state")).json()["checkpoint_id"]
+    r = await client.post(
+        f"/threads/{tid}/state", json={"values": {"messages": []}, "checkpoint_id": first}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["checkpoint"]["checkpoint_ns"] == ""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+import websockets
 
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body
@@ -40,6 +41,10 @@ async def test_a_body_over_the_limit_is_413_and_not_echoed(client: httpx.AsyncCl
     r = await client.post("/threads", json=big)
     assert r.status_code == 413
     assert r.json() == {"detail": "Request body exceeds 4096 bytes (TOKENRELAY_MAX_BODY_BYTES)"}
+    # The rest of a refused body is read and dropped: the connection serves the next request.
+    r = await client.post("/threads", json={"metadata": {"blob": "x" * 500_000}})
+    assert r.status_code == 413
+    assert (await client.post("/threads", json={})).status_code == 200
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
         yield b'{"metadata": {"blob": "'
@@ -84,6 +89,12 @@ async def test_open_streams_are_capped_and_probes_still_answer(
         for probe in ("/healthz", "/readyz", "/ok"):
             assert (await client.get(probe)).status_code == 200
         assert (await client.get(f"/threads/{tid}")).status_code == 200  # not a stream
+        ws_url = str(client.base_url).replace("http://", "ws://") + f"/threads/{tid}/stream/events"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(ws_url):
+                pass
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["retry-after"] == "1"
     for _ in range(200):  # until the server has seen the first stream end
         r = await client.post(f"/threads/{tid}/runs/stream", json=run_body())
         if r.status_code == 200:
@@ -140,7 +151,9 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(
 async def test_rate_limit_per_client_is_429_with_retry_after(redis_server: RedisServer) -> None:
     # One request a minute after a burst of two: the third in a row is refused whatever the
     # machine's speed.
-    settings = make_settings(redis_server, rate_limit_per_minute=1, rate_limit_burst=2)
+    settings = make_settings(
+        redis_server, rate_limit_per_minute=1, rate_limit_burst=2, api_keys=["alice", "bob"]
+    )
     server = Tokenrelay(settings, with_worker=False).start()
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
@@ -152,8 +165,26 @@ async def test_rate_limit_per_client_is_429_with_retry_after(redis_server: Redis
             assert 1 <= int(r.headers["retry-after"]) <= 60
             assert "TOKENRELAY_RATE_LIMIT_PER_MINUTE" in r.json()["detail"]
             assert (await c.get("/info", headers={"x-api-key": "bob"})).status_code == 200
-            assert (await c.get("/info")).status_code == 200  # keyed by address without a key
+            # Without a key, or with an invented one, the client address is the key.
+            assert (await c.get("/info")).status_code == 200
+            assert (await c.get("/info", headers={"x-api-key": "eve1"})).status_code == 200
+            assert (await c.get("/info", headers={"x-api-key": "eve2"})).status_code == 429
             for _ in range(5):
                 assert (await c.get("/healthz", headers=alice)).status_code == 200
     finally:
         server.stop()
+
+
+def test_headers_past_64_kib_are_refused(limited: Tokenrelay) -> None:
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(20):
+            try:
+                sock.sendall(b"X-Pad: " + b"a" * 8000 + b"\r\n")
+            except OSError:  # refused and closed before all of it was sent
+                break
+        response = b""
+        while chunk := sock.recv(4096):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 431 ")
+    assert response.endswith(b'{"detail":"Request headers exceed 65536 bytes"}')

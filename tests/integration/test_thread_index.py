@@ -125,3 +125,14 @@ async def test_long_values_and_big_integers_are_searchable(client: httpx.AsyncCl
     assert await search(client, metadata={"note": "x" * 1000, "tag": tag}, limit=1) == [long]
     assert await count(client, metadata={"tag": tag, "note": "x" * 1000}) == 1
     assert await search(client, metadata={"tag": tag, "n": 2**70}) == [big]
+
+
+async def test_a_threads_metadata_has_at_most_128_keys(client: httpx.AsyncClient) -> None:
+    many = {f"k{i}": i for i in range(129)}
+    r = await client.post("/threads", json={"metadata": many})
+    assert r.status_code == 422
+    assert r.json() == {"detail": "A thread's metadata has at most 128 keys"}
+    tid = await make(client, **{f"k{i}": i for i in range(128)})
+    r = await client.patch(f"/threads/{tid}", json={"metadata": {"one_more": 1}})
+    assert r.status_code == 422
+    assert await search(client, metadata={"k127": 127}) == [tid]
