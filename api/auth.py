@@ -371,7 +371,14 @@ class Caller:
         """The thread, if the caller may do `op` (an auth action) on it, with `value` for the
         handler; someone else's thread is not found."""
         flt = await self.allow("threads", op, {"thread_id": thread_id, **value})
-        thread = await self.svc.threads.get(thread_id)
+        try:
+            thread = await self.svc.threads.get(thread_id)
+        except ThreadNotFound:
+            run_id = value.get("run_id")
+            if isinstance(run_id, str):
+                # A run lost with its Redis (or expired) says so (410), not just "not found".
+                await self.svc.runs.find(thread_id, run_id)
+            raise
         if flt and not matches(thread.metadata, flt):
             raise ThreadNotFound(thread_id)
         return thread

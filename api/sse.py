@@ -129,14 +129,17 @@ class EventStreamResponse(Response):
         }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            first = next(iter(done))
+            # A client that left makes the body's next write fail too: when both ended in
+            # one wake-up, the disconnect is what happened (and `on_disconnect` must run).
+            first = next((t for t in done if tasks[t] == "disconnected"), next(iter(done)))
             outcome = tasks[first]
             for task in tasks:
                 if task not in done:
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if first.exception() is not None and outcome == "done":
-                outcome = "error"
+                # A write to a client that is gone is its disconnect, not a failed stream.
+                outcome = "disconnected" if isinstance(first.exception(), OSError) else "error"
         finally:
             for task in tasks:
                 task.cancel()

@@ -68,6 +68,8 @@ class _Running:
     finishing: bool = False
     """Writing the run's end: nothing may cancel the task any more (a superseded or failed
     write raises in the task itself)."""
+    stopping: bool = False
+    """The task took its cancellation and is ending the run (saving its partial output)."""
 
 
 class Worker:
@@ -294,7 +296,13 @@ class Worker:
 
     def _cancel(self, run_id: str, action: CancelAction) -> None:
         running = self._running.get(run_id)
-        if running is None or running.stop_reason or running.finishing:
+        if running is None or running.finishing or running.stopping:
+            return
+        if running.stop_reason:
+            # Asked again (every flush reads the durable cancel request) while the task has
+            # not taken its cancellation: code inside the graph swallowed it; deliver it again.
+            if running.stop_reason.startswith("cancel:"):
+                running.task.cancel()
             return
         log.info("cancel requested: %s", action.value, extra={**self._ctx, "run_id": run_id})
         running.stop_reason = f"cancel:{action.value}"
@@ -399,6 +407,8 @@ class Worker:
         except asyncio.CancelledError:
             running = self._running.get(rid)
             reason = running.stop_reason if running else ""
+            if running is not None:
+                running.stopping = True
             if reason.startswith("cancel:") or reason == "failed":
                 task = asyncio.current_task()
                 if task is not None:

@@ -66,7 +66,8 @@ async def test_creator_gone_before_the_first_byte_cancels(
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=headers) as c:
             tid = await new_thread(c)
-            body = json.dumps({**run_body("slow"), "on_disconnect": "cancel"}).encode()
+            # A long run: the hang-up must be noticed while it runs, even on a busy machine.
+            body = json.dumps({**run_body("twostep"), "on_disconnect": "cancel"}).encode()
             url = urlsplit(server.url)
             _, writer = await asyncio.open_connection(url.hostname, url.port)
             head = (

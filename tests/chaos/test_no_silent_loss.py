@@ -133,8 +133,12 @@ async def keys_without_owner(redis: RedisClient, keys: Keys) -> list[str]:
             continue
         if key == keys.queue():
             continue  # the workers' queue: every job is acknowledged and deleted
-        if key == keys.threads_index():
-            continue  # the list of threads, each removed with its thread
+        if key.startswith(f"{keys.prefix}:threads:{{threads}}:") and ":q:" not in key:
+            # The thread index (by creation, update, status, metadata): each member is removed
+            # with its thread, so every member must be a live thread.
+            members = [m.decode() for m in await redis.zrange(key, 0, -1)]
+            if all([await redis.hexists(keys.thread_meta(m), "created_at") for m in members]):
+                continue
         if ":thread:{" in key:
             tid = key.split("{", 1)[1].split("}", 1)[0]
             meta = await redis.hgetall(keys.thread_meta(tid))
