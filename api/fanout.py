@@ -110,6 +110,7 @@ class Fanout:
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._subscribed = asyncio.Event()
+        self._closing = False
 
     @property
     def channel_count(self) -> int:
@@ -123,6 +124,8 @@ class Fanout:
         ]
 
     async def stop(self) -> None:
+        self._closing = True
+        self._changed.set()  # the syncer ends at its next turn, even if a cancel is swallowed
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -186,8 +189,13 @@ class Fanout:
         """Subscribe the channels that gained clients, unsubscribe the ones that lost them."""
         assert self._pubsub is not None
         backoff = Backoff()
+        task = asyncio.current_task()
         while True:
             await self._changed.wait()
+            # redis-py can swallow a cancellation that lands inside a (un)subscribe: stop
+            # anyway when asked to.
+            if self._closing or (task is not None and task.cancelling()):
+                return
             self._changed.clear()
             add = [n for n in self._channels if n not in self._active]
             drop = [n for n in self._active if n not in self._channels]

@@ -6,6 +6,7 @@ the attribute is a compiled graph, an uncompiled ``StateGraph``, or a factory re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import importlib.util
@@ -39,6 +40,10 @@ metadata filter (an unknown node, a list where a dict is expected, a message tha
 coerced, a NUL character that Postgres cannot store): the caller's mistake, not the server's."""
 
 _MEMORY_SAVER: InMemorySaver | None = None
+
+
+SETUP_LOCK = 0x746F6B656E72
+"""The Postgres advisory lock key under which the checkpointer's tables are set up."""
 
 
 @contextlib.asynccontextmanager
@@ -75,7 +80,21 @@ async def open_checkpointer(spec: str) -> AsyncIterator[BaseCheckpointSaver[Any]
             ) from exc
         try:
             saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
-            await saver.setup()
+            # Replicas starting together against a fresh database would race creating the
+            # tables (UniqueViolation): one sets them up at a time, the others find them made.
+            # The lock is polled, not waited for: a session blocked in pg_advisory_lock is an
+            # open transaction, which the migrations' CREATE INDEX CONCURRENTLY waits on.
+            async with pool.connection() as conn:
+                while True:
+                    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (SETUP_LOCK,))
+                    row = await cur.fetchone()
+                    if row is not None and next(iter(row.values())):
+                        break
+                    await asyncio.sleep(0.1)
+                try:
+                    await saver.setup()
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK,))
             yield saver
         finally:
             await pool.close()

@@ -142,16 +142,20 @@ class EventLog:
             raise result
         return result  # type: ignore[no-any-return]
 
-    async def end_unclaimed(self, run_id: str, events: Sequence[Event], status: RunStatus) -> bool:
+    async def end_unclaimed(
+        self, run_id: str, events: Sequence[Event], status: RunStatus, *, attempt: int = -1
+    ) -> bool:
         """Append `events` with the final `status` only if no worker has started the run yet
-        (a cancel of a run still waiting in the queue); returns whether it did."""
+        (a cancel of a run still waiting in the queue), or, with a positive `attempt`, only if
+        that is still the run's current attempt (a run whose worker is gone for good); returns
+        whether it did."""
         rows = [(e.name, _inline(e), b"") for e in events]
         pipe = self._redis.pipeline(transaction=False)
-        self.append_in(pipe, run_id, rows, status=status, attempt=-1)
+        self.append_in(pipe, run_id, rows, status=status, attempt=attempt)
         (result,) = await pipe.execute(raise_on_error=False)
         if isinstance(result, NoScriptError):
             await self._append.load(self._redis)
-            return await self.end_unclaimed(run_id, events, status)
+            return await self.end_unclaimed(run_id, events, status, attempt=attempt)
         if isinstance(result, Exception):
             raise result
         return bool(result != FENCED)

@@ -70,6 +70,10 @@ class RunQueue:
                 await self.ack(msg_id, consumer)
         return jobs
 
+    async def holds(self, msg_id: str) -> bool:
+        """Whether the job `msg_id` is still in the queue (it leaves when acknowledged)."""
+        return bool(await self._redis.xrange(self._key, min=msg_id, max=msg_id, count=1))
+
     async def contains(self, run_id: str) -> bool:
         """Whether a job of `run_id` is in the queue (waiting or being run). Reads the whole
         queue: only for repairs, never on a hot path."""

@@ -60,6 +60,8 @@ class RunRecord:
     """Last event batch applied to the run's stream (see scripts/append.lua)."""
     seq_base: int = 0
     """The thread seq of the run's first event; 0 until a worker starts it."""
+    job: str = ""
+    """The queue entry its current attempt runs from."""
 
     @property
     def stream_modes(self) -> list[str]:
@@ -103,6 +105,7 @@ class RunRecord:
             checkpoint_id=s.get("checkpoint_id", ""),
             seq=int(s.get("seq") or 0),
             seq_base=int(s.get("s0") or 0),
+            job=s.get("job", ""),
         )
 
 
@@ -147,14 +150,15 @@ class RunStore:
         return Job(run.run_id, run.thread_id, run.assistant_id)
 
     async def start_attempt(
-        self, run_id: str, worker_id: str, max_attempts: int
+        self, run_id: str, worker_id: str, max_attempts: int, job_id: bytes = b""
     ) -> tuple[str, int, int]:
-        """Begin the next attempt of `run_id` for `worker_id`: (verdict, attempt, applied seq);
-        verdict is ``run``, ``done`` (already ended) or ``exhausted``."""
+        """Begin the next attempt of `run_id` for `worker_id`, run from the queue entry
+        `job_id`: (verdict, attempt, applied seq); verdict is ``run``, ``done`` (already ended)
+        or ``exhausted``."""
         verdict, attempt, seq = await self._start(
             self._redis,
             [self._keys.run_meta(run_id), self._keys.run_cancel(run_id)],
-            [worker_id, now_ms(), max_attempts],
+            [worker_id, now_ms(), max_attempts, job_id],
         )
         return verdict.decode(), int(attempt), int(seq)
 

@@ -252,7 +252,7 @@ class Worker:
         owned = {r.msg_id: r for r in self._running.values() if not r.stop_reason}
         for msg_id in await self.queue.renew(self.id, list(owned)):
             running = owned[msg_id]
-            self._fence(running.job.run_id, "its lease lapsed and another worker holds it")
+            self._fence(running.job.run_id, "its job was taken over by another worker or deleted")
         free = self.concurrency - len(self._running)
         if free > 0:
             try:
@@ -344,7 +344,7 @@ class Worker:
         rid = job.run_id
         ctx: dict[str, object] = {**self._ctx, "run_id": rid, "thread_id": job.thread_id}
         verdict, attempt, seq = await self.runs.start_attempt(
-            rid, self.id, self.settings.max_attempts
+            rid, self.id, self.settings.max_attempts, msg_id
         )
         if verdict == "done":
             await self.queue.ack(msg_id, self.id)

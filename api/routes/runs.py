@@ -93,6 +93,12 @@ async def _claim_and_enqueue(svc: Services, run: RunRecord, strategy: str) -> No
     verdict, active = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=enqueue)
     if verdict == "busy" and await repair_active(svc, run.thread_id, active):
         verdict, active = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=enqueue)
+    elif verdict == "queued":
+        # Queued behind the active run: free the thread if that run can never end (this run
+        # is then promoted and queued by the repair).
+        active = await svc.runs.active_pointer(run.thread_id) or ""
+        if active and active != run.run_id:
+            await repair_active(svc, run.thread_id, active)
     if verdict == "busy":
         if strategy == "reject":
             await svc.runs.delete(run)
@@ -120,10 +126,20 @@ async def repair_active(svc: Services, thread_id: str, active: str) -> bool:
     except RunNotFound:
         run = None
     if run is not None and not run.status.terminal:
-        stale = run.attempt == 0 and not run.worker and now_ms() - run.created_at > STALE_START_MS
-        if not stale or await svc.queue.contains(active):
+        # A started run is in the queue until it ends (its job is acknowledged after its end
+        # is written); one not started yet may be between claiming its thread and the queue.
+        unclaimed = run.attempt == 0 and not run.worker
+        if unclaimed:
+            if now_ms() - run.created_at <= STALE_START_MS or await svc.queue.contains(active):
+                return False
+        elif not run.job or await svc.queue.holds(run.job):
             return False
-        return await _abandon(svc, run, "its start was cut short before it was queued")
+        why = (
+            "its start was cut short before it was queued"
+            if unclaimed
+            else "its job left the queue before it ended (the queue was deleted or lost)"
+        )
+        return await _abandon(svc, run, why)
     promoted = await svc.runs.release_active(thread_id, active)
     if promoted:
         await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
@@ -131,11 +147,12 @@ async def repair_active(svc: Services, thread_id: str, active: str) -> bool:
 
 
 async def _abandon(svc: Services, run: RunRecord, why: str) -> bool:
-    """End a run no worker has started with an error, and free its thread; False when a
-    worker started it meanwhile."""
-    message = f"Run {run.run_id} was not started: {why}"
+    """End a run that nothing will end with an error, and free its thread; False when a
+    worker started it (or a later attempt of it) meanwhile."""
+    message = f"Run {run.run_id} cannot end by itself: {why}"
     error = [Event("error", codec.error_payload("RunNotQueued", message)), Event(END_EVENT, b"")]
-    if not await svc.log.end_unclaimed(run.run_id, error, RunStatus.ERROR):
+    fence = run.attempt if run.attempt > 0 else -1
+    if not await svc.log.end_unclaimed(run.run_id, error, RunStatus.ERROR, attempt=fence):
         return False
     await svc.runs.update(run.run_id, error=message)
     promoted = await svc.runs.release_active(run.thread_id, run.run_id)

@@ -31,6 +31,8 @@ def test_services_replicas_and_health() -> None:
     worker = services["worker"]
     grace = int(worker["environment"]["TOKENRELAY_SHUTDOWN_GRACE_SECONDS"])
     assert int(worker["stop_grace_period"].rstrip("s")) > grace
+    # a process that dies (Redis or Postgres not ready yet, a crash) comes back by itself
+    assert all(svc["restart"] == "unless-stopped" for svc in services.values())
 
 
 def test_nginx_uses_the_shipped_sse_config() -> None:

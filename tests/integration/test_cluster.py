@@ -162,6 +162,8 @@ async def test_one_flush_appends_to_runs_on_every_node(
     )
     publisher.start()
     try:
+        for rid in run_ids:
+            await cluster_client.hset(keys.run_meta(rid), "attempt", 1)  # its current attempt
         for n, rid in enumerate(run_ids):
             publisher.begin_run(rid, attempt=1)
             for i in range(3):

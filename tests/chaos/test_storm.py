@@ -1,0 +1,201 @@
+"""Bounded reconnect storm and process kills: readers that drop and resume, a worker killed
+-9, the API killed -9 and Redis restarted with AOF all end in a stream byte-equal to a full
+replay of the run."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from broker.embedded import EmbeddedRedis, free_port
+from broker.settings import Settings
+from tests.conftest import RedisServer, make_settings
+from tests.integration.test_stream import join, new_thread, run_body, wait_status
+from tests.integration.test_worker import body as worker_body
+from tests.integration.test_worker import words
+from tests.server import Tokenrelay, WorkerProcess
+from tests.sse import SSE, iter_sse
+
+pytestmark = [pytest.mark.timeout(180)]
+
+RUNS = 30
+
+
+def frames(evts: list[SSE]) -> list[tuple[str | None, str, str]]:
+    """What a client received, exactly: ids, names and payload bytes."""
+    return [(e.id, e.event, e.data) for e in evts]
+
+
+async def dropping_reader(
+    urls: list[str], start: tuple[str, dict[str, Any]], rng: random.Random, drop_after: int
+) -> tuple[str, str, list[SSE], int]:
+    """Start a run on `start`, then hang up after 1..`drop_after` events and resume with
+    Last-Event-ID, each time on one of `urls` at random, until the run ends. Returns the thread
+    and run ids, what was received and how many times it reconnected."""
+    got: list[SSE] = []
+    location: str | None = None
+    reconnects = 0
+    while True:
+        budget = rng.randint(1, drop_after)
+        ended = True
+        if location is None:
+            method, url, body, headers = "POST", start[0], start[1], {}
+        else:
+            last = got[-1].id if got else None
+            method, url, body, headers = "GET", location, None, {"Last-Event-ID": last or "-1"}
+        try:
+            async with (
+                httpx.AsyncClient(base_url=rng.choice(urls), timeout=60) as client,
+                client.stream(method, url, json=body, headers=headers) as r,
+            ):
+                assert r.status_code == 200, await r.aread()
+                location = location or r.headers["location"]
+                async for item in iter_sse(r):
+                    if isinstance(item, SSE):
+                        got.append(item)
+                        budget -= 1
+                        if budget == 0:
+                            ended = False
+                            break  # hang up mid-run
+        except httpx.ConnectError:
+            ended = False  # that server is gone (killed): nothing was sent, try another
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            ended = False  # the server went away mid-response: resume elsewhere
+        if ended:
+            break
+        reconnects += 1
+    assert location is not None
+    tid, rid = location.split("/")[2], location.split("/")[4]
+    return tid, rid, got, reconnects
+
+
+def readers(
+    urls: list[str], tids: list[str], body: dict[str, Any], drop_after: int
+) -> list[asyncio.Task[tuple[str, str, list[SSE], int]]]:
+    """One `dropping_reader` task per thread, each starting a run with `body`."""
+    return [
+        asyncio.create_task(
+            dropping_reader(
+                urls, (f"/threads/{tid}/runs/stream", body), random.Random(i), drop_after
+            )
+        )
+        for i, tid in enumerate(tids)
+    ]
+
+
+async def test_reconnect_storm_is_byte_equal_to_a_full_replay(relay: Tokenrelay) -> None:
+    rng = random.Random(20261204)
+    async with httpx.AsyncClient(base_url=relay.url, timeout=60) as c:
+        tids = [await new_thread(c) for _ in range(RUNS)]
+        results = await asyncio.gather(
+            *(
+                dropping_reader(
+                    [relay.url], (f"/threads/{tid}/runs/stream", run_body("slow")),
+                    random.Random(rng.random()), drop_after=3,
+                )
+                for tid in tids
+            )
+        )  # fmt: skip
+        total = sum(r[3] for r in results)
+        for tid, rid, got, _ in results:
+            reference = await join(c, tid, rid, "-1")
+            assert frames(got) == frames(reference)
+            assert reference[-1].event == "values"
+    assert total >= RUNS * 10  # a storm: every run was resumed many times
+    print(f"\n{RUNS} runs, {total} reconnects, every stream byte-equal to its replay")
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, postgres_url: str) -> Settings:
+    return make_settings(redis_server, checkpointer=postgres_url, lease_seconds=1.5)
+
+
+async def test_worker_killed_9_mid_runs_readers_get_every_run_whole(
+    settings: Settings, tmp_path: Path
+) -> None:
+    api = Tokenrelay(settings, with_worker=False).start()
+    first = WorkerProcess(settings, tmp_path / "w0.log").start()
+    second: WorkerProcess | None = None
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
+            tids = [await new_thread(c) for _ in range(4)]
+            tasks = readers([api.url], tids, worker_body("twostep"), drop_after=15)
+            # every run is streaming on the first worker: kill it
+            while first.log_path.read_text().count("run started") < len(tids):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            first.signal(signal.SIGKILL)
+            first.wait()
+            second = WorkerProcess(settings, tmp_path / "w1.log").start()
+            results = await asyncio.gather(*tasks)
+            for tid, rid, got, _ in results:
+                reference = await join(c, tid, rid, "-1")
+                assert frames(got) == frames(reference)
+                assert [e.json()["attempt"] for e in got if e.event == "metadata"] == [1, 2]
+                assert words(got, attempt=2).count(" ") + 1 == 100
+                await wait_status(c, tid, rid, "success")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        api.stop()
+
+
+async def test_api_killed_9_clients_resume_on_another_replica(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    s = make_settings(redis_server)
+    survivor = Tokenrelay(s).start()  # an API replica and the worker
+    doomed = WorkerProcess(s, tmp_path / "api.log", command="api").start()
+    try:
+        async with httpx.AsyncClient(base_url=survivor.url, timeout=60) as c:
+            tids = [await new_thread(c) for _ in range(6)]
+        tasks = readers([doomed.url, survivor.url], tids, run_body("twostep"), drop_after=30)
+        while "POST /threads" not in doomed.log_path.read_text():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        doomed.signal(signal.SIGKILL)  # no shutdown: its connections just break
+        doomed.wait()
+        results = await asyncio.gather(*tasks)
+        async with httpx.AsyncClient(base_url=survivor.url, timeout=60) as c:
+            for tid, rid, got, _ in results:
+                reference = await join(c, tid, rid, "-1")
+                assert frames(got) == frames(reference)
+                assert reference[-1].event == "values"
+    finally:
+        doomed.stop()
+        survivor.stop()
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(
+        port=free_port(), extra_args=["--appendonly", "yes", "--appendfsync", "always"]
+    ).start()
+    yield server
+    server.close()
+
+
+async def test_redis_restarted_with_aof_runs_go_on(aof_redis: EmbeddedRedis) -> None:
+    s = make_settings(aof_redis)
+    server = Tokenrelay(s).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            tids = [await new_thread(c) for _ in range(3)]
+            tasks = readers([server.url], tids, run_body("twostep"), drop_after=40)
+            while (await c.get(f"/threads/{tids[-1]}")).json()["status"] != "busy":  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            aof_redis.kill()  # kill -9: what was fsynced to the AOF survives
+            aof_redis.start()
+            results = await asyncio.gather(*tasks)
+            for tid, rid, got, _ in results:
+                reference = await join(c, tid, rid, "-1")
+                assert frames(got) == frames(reference)
+                await wait_status(c, tid, rid, "success")
+    finally:
+        server.stop()
