@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import Services, services
-from broker.connection import ready
+from broker.connection import REFUSING, ready
 
 log = logging.getLogger("tokenrelay.api")
 
@@ -45,8 +45,11 @@ async def readyz(svc: Services = Depends(services)) -> dict[str, str] | JSONResp
         await ready(svc.redis, svc.keys.probe())
     except Exception as exc:  # any failure means not ready
         log.warning("not ready: redis: %s", exc)
+        detail = "redis is unreachable or not serving"
+        if isinstance(exc, REFUSING):
+            detail = "redis refuses writes (at maxmemory, read-only or loading)"
         return JSONResponse(
-            {"status": "unavailable", "detail": "redis is unreachable or not serving"},
+            {"status": "unavailable", "detail": detail},
             status_code=503,
             headers={"Retry-After": "1"},
         )
