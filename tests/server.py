@@ -147,8 +147,11 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         args = [sys.executable, "-m", "producer.cli", self.command]
+        # One process each: a test signals (pauses, kills) the process it started.
         if self.command == "api":
-            args += ["--port", str(self.port)]
+            args += ["--port", str(self.port), "--workers", "1"]
+        else:
+            args += ["--processes", "1"]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 args,
