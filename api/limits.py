@@ -141,6 +141,7 @@ class RequestLimits:
         self.settings = settings
         self.open_streams = 0
         self.api_keys = frozenset(settings.api_keys)
+        self.connections_cap = settings.connections_cap()
         self.limiter = (
             RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
             if settings.rate_limit_per_minute
@@ -177,10 +178,10 @@ class RequestLimits:
     def _refusal(self, scope: Scope) -> tuple[int, str, dict[str, str]] | None:
         cfg = self.settings
         connections = scope.get(OPEN_CONNECTIONS)
-        if connections is not None and connections > cfg.max_open_connections:
+        if connections is not None and connections > self.connections_cap:
             return (
                 503,
-                f"This server has more than {cfg.max_open_connections} open connections "
+                f"This server has more than {self.connections_cap} open connections "
                 "(TOKENRELAY_MAX_OPEN_CONNECTIONS); retry shortly",
                 {"Retry-After": "1", "Connection": "close"},
             )

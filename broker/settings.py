@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from functools import lru_cache
 
 from pydantic import Field
@@ -69,13 +70,14 @@ class Settings(BaseSettings):
         default=64, ge=2, description="Deepest nesting of a JSON request body (422 past it)."
     )
     max_open_connections: int = Field(
-        default=900,
-        ge=1,
+        default=0,
+        ge=0,
         description="Open HTTP connections per API process; past it, requests other than the "
-        "probes are answered 503 with Retry-After and the connection is closed.",
+        "probes are answered 503 with Retry-After and the connection is closed. 0: the "
+        "process's file-descriptor limit less 128 (Redis, Postgres, files), at least 64.",
     )
     max_open_streams: int = Field(
-        default=500,
+        default=2000,
         ge=1,
         description="Open streams (SSE, long-poll, wait, WebSocket) per API process; 503 with "
         "Retry-After past it.",
@@ -98,6 +100,15 @@ class Settings(BaseSettings):
 
     demo_reply_words: int = Field(default=200, ge=0)
     demo_token_delay_ms: float = Field(default=20.0, ge=0)
+
+    def connections_cap(self) -> int:
+        """`max_open_connections`, or what the file-descriptor limit leaves for clients."""
+        if self.max_open_connections:
+            return self.max_open_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 65_536
+        return max(64, soft - 128)
 
     def resolved_redis_url(self) -> str:
         """The configured Redis URL, or the local default for `api`/`worker`."""

@@ -2,7 +2,9 @@
 
     python scripts/hostile_input.py http://127.0.0.1:2024 [connections]
 
-Start the server with an `agent` assistant (`tokenrelay dev` has one). It creates a few threads.
+Start the server with an `agent` assistant (`tokenrelay dev` has one) and a connection cap under
+the number of connections held (TOKENRELAY_MAX_OPEN_CONNECTIONS=900 for the default 1000). It
+creates a few threads.
 """
 
 from __future__ import annotations
