@@ -30,8 +30,9 @@ class RunQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def enqueue(self, job: Job) -> None:
-        await self._redis.xadd(self._key, {"j": codec.pack(asdict(job))})
+    async def enqueue(self, job: Job) -> bytes:
+        """Queue `job`; returns its entry id."""
+        return cast(bytes, await self._redis.xadd(self._key, {"j": codec.pack(asdict(job))}))
 
     async def claim(self, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, Job]]:
         """Up to `count` new jobs for `consumer`, waiting at most `block_ms` for the first."""

@@ -592,7 +592,9 @@ class Worker:
             self.publisher.forget(job.run_id)
             fields = {"status": RunStatus.PENDING.value, "worker": ""}
             if await self.runs.update_fenced(job.run_id, attempt, **fields):
-                await self.queue.enqueue(job)
+                requeued = await self.queue.enqueue(job)
+                # The record names the job that holds the run now (see the thread repair).
+                await self.runs.update_fenced(job.run_id, attempt, job=requeued.decode())
                 await self.queue.ack(msg_id, self.id)
                 telemetry.RUNS_HANDED_BACK.inc()
                 log.info("run handed back to the queue", extra=ctx)

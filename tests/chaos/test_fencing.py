@@ -18,7 +18,7 @@ from tests.integration.test_worker import body, thread_state, words
 from tests.server import WorkerProcess
 from tests.sse import SSE, events, until_messages
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 
 
 async def log_line(worker: WorkerProcess, text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from broker.connection import connect
 from broker.embedded import EmbeddedRedis, free_port
 from broker.keys import Keys
+from broker.models import ZERO_ID
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, wait_status
 from tests.server import Tokenrelay
@@ -142,3 +144,47 @@ async def test_redis_at_maxmemory_fails_the_run_with_an_error_event(
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_an_exception_in_the_publisher_fails_its_runs_and_it_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    from broker import codec
+    from broker.errors import AppendFailed
+    from broker.log import EventLog
+    from broker.models import Event
+    from producer.publisher import Publisher
+
+    class Faulty(EventLog):
+        """Raises (a bug, say) on its first append of the doomed run."""
+
+        armed = True
+
+        def append_in(self, pipe: Any, run_id: str, *args: Any, **kwargs: Any) -> None:
+            if run_id == "doomed" and self.armed:
+                self.armed = False
+                raise RuntimeError("a bug")
+            super().append_in(pipe, run_id, *args, **kwargs)
+
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    log = Faulty(redis, Keys(s.key_prefix), maxlen=100, ttl_seconds=60)
+    failed: list[str] = []
+    publisher = Publisher(
+        redis, log, flush_ms=1, max_events=100, on_failed=lambda rid, _exc: failed.append(rid)
+    )
+    publisher.start()
+    try:
+        publisher.begin_run("doomed", attempt=0)
+        publisher.emit("doomed", Event("custom", codec.json_bytes({"i": 0})))
+        with pytest.raises(AppendFailed):
+            await publisher.flush_run("doomed")
+        assert failed == ["doomed"]
+        # the publisher is still serving other runs
+        publisher.begin_run("fine", attempt=0)
+        publisher.emit("fine", Event("custom", codec.json_bytes({"i": 1})))
+        await publisher.flush_run("fine")
+        assert [e.name for e in await log.read("fine", ZERO_ID)] == ["custom"]
+    finally:
+        await publisher.stop()
+        await redis.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from broker.runs import now_ms
 from broker.settings import Settings
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
+from tests.integration.test_worker import body as worker_body
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import events
 
@@ -116,3 +118,24 @@ async def _replay(c: httpx.AsyncClient, tid: str, run_id: str) -> Any:
     async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
         for e in await events(r):
             yield e
+
+
+async def test_a_handed_back_run_is_not_taken_for_lost(
+    client: httpx.AsyncClient, workers: Any
+) -> None:
+    first = workers()
+    tid = await new_thread(client)
+    run = (await client.post(f"/threads/{tid}/runs", json=worker_body("twostep"))).json()
+    while "run started" not in first.log_path.read_text():  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    first.signal(signal.SIGTERM)  # the run outlasts the grace period: handed back
+    first.wait()
+    assert "handed back" in first.log_path.read_text()
+    # With no worker, a run queued behind it looks at the active run: it is queued, not lost.
+    body = {**worker_body("fast"), "multitask_strategy": "enqueue"}
+    nxt = (await client.post(f"/threads/{tid}/runs", json=body)).json()
+    got = (await client.get(f"/threads/{tid}/runs/{run['run_id']}")).json()
+    assert got["status"] == "pending"
+    workers()
+    await wait_status(client, tid, run["run_id"], "success")
+    await wait_status(client, tid, nxt["run_id"], "success")
