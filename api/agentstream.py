@@ -112,14 +112,10 @@ class EventFilter:
             for prefix in self.namespaces
         )
 
-    def union(self, other: EventFilter) -> EventFilter:
-        """A filter that carries what either carries (for one socket's subscriptions)."""
-        if not self.namespaces or not other.namespaces:
-            return EventFilter(self.channels | other.channels)
-        depth = None if self.depth is None or other.depth is None else max(self.depth, other.depth)
-        return EventFilter(
-            self.channels | other.channels, tuple({*self.namespaces, *other.namespaces}), depth
-        )
+    def select(self, entries: list[Entry]) -> list[ProtocolEvent]:
+        """The protocol events of `entries` this filter carries."""
+        events = (render(entry) for entry in entries)
+        return [e for e in events if e is not None and self.wants(e.channel, e.namespace)]
 
 
 def _is_prefix(namespace: Sequence[str], prefix: Sequence[str]) -> bool:

@@ -18,7 +18,6 @@ from api.agentstream import (
     ProtocolError,
     SubscribedStream,
     gap_error,
-    render,
     thread_events,
     thread_last_seq,
 )
@@ -345,11 +344,9 @@ async def _sse_body(
                 telemetry.GAPS.inc()
                 yield format_error(gap_error(item))
             else:
-                frames = []
-                for entry in item:
-                    event = render(entry)
-                    if event is not None and flt.wants(event.channel, event.namespace):
-                        frames.append(format_protocol_event(event.method, event.payload, event.seq))
+                frames = [
+                    format_protocol_event(e.method, e.payload, e.seq) for e in flt.select(item)
+                ]
                 if frames:
                     telemetry.EVENTS_SENT.inc(len(frames))
                     yield b"".join(frames)
@@ -408,10 +405,8 @@ class _Socket:
             if isinstance(item, Gap):
                 await self.send(gap_error(item))
             elif item is not None:
-                for entry in item:
-                    event = render(entry)
-                    if event is not None and flt.wants(event.channel, event.namespace):
-                        await self.send(event.payload)
+                for event in flt.select(item):
+                    await self.send(event.payload)
 
     async def handle(self, body: Any) -> None:
         method = body.get("method") if isinstance(body, dict) else None
