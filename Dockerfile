@@ -2,10 +2,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY broker ./broker
-COPY producer ./producer
-COPY api ./api
-COPY bench ./bench
+COPY tokenrelay ./tokenrelay
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim

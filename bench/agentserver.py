@@ -1,8 +1,8 @@
 """The official Agent Server (`langgraph dev`) as a benchmark peer, in a virtualenv of its own.
 
 The virtualenv is created once under the cache directory (`pip install 'langgraph-cli[inmem]'`)
-and reused; it serves the same demo chat graph as `tokenrelay dev` (`producer/demo.py:graph`)
-from a `langgraph.json` written to a temporary directory.
+and reused; it serves the same demo chat graph as `tokenrelay dev`
+(`tokenrelay/producer/demo.py:graph`) from a `langgraph.json` written to a temporary directory.
 
     python -m bench.agentserver        # create (or check) the virtualenv, print its path
 """
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenrelay-bench"
 VENV = CACHE / "langgraph-venv"
 REQUIREMENTS = ("langgraph-cli[inmem]", "pydantic-settings")
-"""The server, and what the demo graph imports besides LangChain (`broker.settings`)."""
+"""The server, and what the demo graph imports besides LangChain (`tokenrelay.broker.settings`)."""
 READY = VENV / ".tokenrelay-ready"
 """Lists what was installed once the install finished, so a half-made virtualenv is never
 used."""
@@ -67,7 +67,7 @@ def project(directory: Path) -> Path:
     """A `langgraph.json` serving the demo graph as assistant `agent`, as `tokenrelay dev` does."""
     config = {
         "dependencies": [str(ROOT)],
-        "graphs": {"agent": f"{ROOT / 'producer' / 'demo.py'}:graph"},
+        "graphs": {"agent": f"{ROOT / 'tokenrelay' / 'producer' / 'demo.py'}:graph"},
     }
     path = directory / "langgraph.json"
     path.write_text(json.dumps(config))

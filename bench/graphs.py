@@ -23,7 +23,7 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import START, MessagesState, StateGraph
 
 from bench.pacing import Pace
-from producer.demo import FakeStreamingChatModel, chat_graph
+from tokenrelay.producer.demo import FakeStreamingChatModel, chat_graph
 
 
 def chat() -> Any:

@@ -19,15 +19,15 @@ from typing import Any
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import Connection
 
-from broker.connection import connect
-from broker.embedded import EmbeddedRedis
-from broker.graphs import GraphRegistry, open_checkpointer
-from broker.keys import Keys
-from broker.models import RunStatus
-from broker.queue import RunQueue
-from broker.runs import RunRecord, RunStore, new_id, now_ms
-from broker.settings import Settings
-from producer.worker import Worker
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.embedded import EmbeddedRedis
+from tokenrelay.broker.graphs import GraphRegistry, open_checkpointer
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import RunStatus
+from tokenrelay.broker.queue import RunQueue
+from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
+from tokenrelay.broker.settings import Settings
+from tokenrelay.producer.worker import Worker
 
 WORDS = 100
 TOKEN_DELAY_MS = 20  # 50 tokens/s per run

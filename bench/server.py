@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 
 
 @contextlib.contextmanager
@@ -22,7 +22,7 @@ def dev_server(**env: str) -> Iterator[tuple[str, str]]:
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
     child_env.update(TOKENRELAY_REDIS_URL=redis.url, TOKENRELAY_LOG_LEVEL="warning", **env)
     server = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
+        [sys.executable, "-m", "tokenrelay.producer.cli", "dev", "--port", str(port)],
         env=child_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -14,8 +14,8 @@ import asyncio
 import httpx
 
 from bench.server import dev_server
-from broker.connection import connect
-from broker.keys import Keys
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.keys import Keys
 
 
 async def measure(url: str, redis_url: str) -> tuple[int, int, int]:

@@ -19,11 +19,11 @@ import httpx
 import psutil
 
 from bench import agentserver
-from broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 
 PEERS = Path(__file__).parent / "peers"
 GRAPHS = {
-    "agent": "producer.demo:graph",
+    "agent": "tokenrelay.producer.demo:graph",
     "paced": "bench.graphs:paced",
     "paced-writer": "bench.graphs:paced_writer",
 }
@@ -192,8 +192,8 @@ def start(name: str, jobs: int = 100) -> Iterator[Running]:
         if name == "tokenrelay-dev":
             # Its own Redis and checkpointer, as `tokenrelay dev` starts them: all its children.
             env.update(TOKENRELAY_LOG_LEVEL="warning")
-            procs.append(_spawn([py, "-m", "producer.cli", "dev", "--port", str(port)], env,
-                                cwd=Path(workdir.name)))  # fmt: skip
+            dev = [py, "-m", "tokenrelay.producer.cli", "dev", "--port", str(port)]
+            procs.append(_spawn(dev, env, cwd=Path(workdir.name)))
             health = "/ok"
         elif name == "langgraph-dev":
             config = agentserver.project(Path(workdir.name))
@@ -211,8 +211,10 @@ def start(name: str, jobs: int = 100) -> Iterator[Running]:
                 TOKENRELAY_LOG_LEVEL="warning",
                 TOKENRELAY_SHUTDOWN_GRACE_SECONDS="1",
             )
-            procs.append(_spawn([py, "-m", "producer.cli", "api", "--port", str(port)], env))
-            procs.append(_spawn([py, "-m", "producer.cli", "worker"], env))
+            procs.append(
+                _spawn([py, "-m", "tokenrelay.producer.cli", "api", "--port", str(port)], env)
+            )
+            procs.append(_spawn([py, "-m", "tokenrelay.producer.cli", "worker"], env))
             health = "/readyz"
         elif name.startswith("resumable-stream"):
             assert redis is not None

@@ -16,11 +16,11 @@ import httpx
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from broker.connection import RedisClient
-from broker.embedded import EmbeddedCluster, EmbeddedRedis
-from broker.settings import Settings
 from tests.graphs import GRAPHS
 from tests.server import Tokenrelay, stop_leftovers
+from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.embedded import EmbeddedCluster, EmbeddedRedis
+from tokenrelay.broker.settings import Settings
 
 RedisServer = EmbeddedRedis | EmbeddedCluster
 

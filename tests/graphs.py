@@ -14,7 +14,7 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.types import interrupt
 
-from producer.demo import FakeStreamingChatModel, chat_graph
+from tokenrelay.producer.demo import FakeStreamingChatModel, chat_graph
 
 FAST_WORDS = 40
 fast_model = FakeStreamingChatModel(reply_words=FAST_WORDS, token_delay_ms=2)
@@ -188,7 +188,7 @@ GRAPHS = {
     "flood": "tests.graphs:flood",
     "twostep": "tests.graphs:twostep",
     "quiet": "tests.graphs:quiet",
-    "agent": "producer.demo:graph",
+    "agent": "tokenrelay.producer.demo:graph",
     "fast": "tests.graphs:fast",
     "slow": "tests.graphs:slow",
     "failing": "tests.graphs:failing",

@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import uvicorn
 
-from api.app import create_app
-from api.serving import uvicorn_options
-from broker.connection import connect
-from broker.embedded import free_port
-from broker.graphs import GraphRegistry, open_checkpointer
-from broker.settings import Settings
-from producer.worker import Worker
+from tokenrelay.api.app import create_app
+from tokenrelay.api.serving import uvicorn_options
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.embedded import free_port
+from tokenrelay.broker.graphs import GraphRegistry, open_checkpointer
+from tokenrelay.broker.settings import Settings
+from tokenrelay.producer.worker import Worker
 
 
 class Tokenrelay:
@@ -147,7 +147,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        args = [sys.executable, "-m", "producer.cli", self.command]
+        args = [sys.executable, "-m", "tokenrelay.producer.cli", self.command]
         # One process each: a test signals (pauses, kills) the process it started.
         if self.command == "api":
             args += ["--port", str(self.port), "--workers", "1"]

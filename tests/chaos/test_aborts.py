@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.embedded import EmbeddedRedis, free_port
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_api_stream import read_into
 from tests.integration.test_stream import new_thread, run_body
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from api.fanout import Fanout
-from broker.connection import RedisClient, connect
-from broker.keys import Keys
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_api_stream import metric
 from tests.integration.test_stream import new_thread, run_body, stream_run
 from tests.server import Tokenrelay
 from tests.sse import events
+from tokenrelay.api.fanout import Fanout
+from tokenrelay.broker.connection import RedisClient, connect
+from tokenrelay.broker.keys import Keys
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -10,13 +10,13 @@ import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
-from broker.settings import Settings
-from producer.demo import reply_text
 from tests.graphs import LONG_WORDS
 from tests.integration.test_stream import USER, new_thread
 from tests.integration.test_worker import body, thread_state, words
 from tests.server import WorkerProcess
 from tests.sse import SSE, events, until_messages
+from tokenrelay.broker.settings import Settings
+from tokenrelay.producer.demo import reply_text
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 

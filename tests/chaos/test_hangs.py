@@ -12,14 +12,14 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from broker.connection import connect
-from broker.embedded import EmbeddedRedis, free_port
-from broker.keys import Keys
-from broker.models import ZERO_ID
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, wait_status
 from tests.server import Tokenrelay
 from tests.sse import events
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import ZERO_ID
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -149,11 +149,11 @@ async def test_redis_at_maxmemory_fails_the_run_with_an_error_event(
 async def test_an_exception_in_the_publisher_fails_its_runs_and_it_goes_on(
     redis_server: RedisServer,
 ) -> None:
-    from broker import codec
-    from broker.errors import AppendFailed
-    from broker.log import EventLog
-    from broker.models import Event
-    from producer.publisher import Publisher
+    from tokenrelay.broker import codec
+    from tokenrelay.broker.errors import AppendFailed
+    from tokenrelay.broker.log import EventLog
+    from tokenrelay.broker.models import Event
+    from tokenrelay.producer.publisher import Publisher
 
     class Faulty(EventLog):
         """Raises (a bug, say) on its first append of the doomed run."""

@@ -11,14 +11,14 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.connection import RedisClient, connect
-from broker.embedded import EmbeddedRedis, free_port
-from broker.keys import Keys
-from broker.models import RunStatus
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import join, new_thread, run_body, stream_run, wait_status
 from tests.server import Tokenrelay
 from tests.sse import SSE, events, iter_sse
+from tokenrelay.broker.connection import RedisClient, connect
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import RunStatus
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -105,7 +105,7 @@ async def test_a_run_lost_with_its_redis_is_410_and_not_written_back(
 
 
 def new_run_id() -> str:
-    from broker.runs import new_id
+    from tokenrelay.broker.runs import new_id
 
     return new_id()
 

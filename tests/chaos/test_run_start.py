@@ -10,15 +10,15 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.connection import connect
-from broker.keys import Keys
-from broker.runs import now_ms
-from broker.settings import Settings
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
 from tests.integration.test_worker import body as worker_body
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import events
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.runs import now_ms
+from tokenrelay.broker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from broker.graphs import open_checkpointer
+from tokenrelay.broker.graphs import open_checkpointer
 
 pytestmark = [pytest.mark.timeout(120)]
 

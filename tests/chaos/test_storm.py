@@ -14,14 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.embedded import EmbeddedRedis, free_port
-from broker.settings import Settings
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import join, new_thread, run_body, wait_status
 from tests.integration.test_worker import body as worker_body
 from tests.integration.test_worker import words
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, iter_sse
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(180)]
 

@@ -27,7 +27,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
     done = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "tokenrelay.producer.cli", "bench", "--quick", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

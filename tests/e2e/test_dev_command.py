@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from broker.embedded import free_port
+from tokenrelay.broker.embedded import free_port
 
 
 @contextlib.contextmanager
@@ -28,7 +28,7 @@ def running_dev(log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[b
     child_env.update(env)
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
+            [sys.executable, "-m", "tokenrelay.producer.cli", "dev", "--port", str(port)],
             env=child_env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -86,7 +86,7 @@ def test_dev_serves_a_run_on_embedded_redis(
     roles = sorted(
         next(a for a in child.cmdline() if a in ("api", "worker"))
         for child in psutil.Process(proc.pid).children()
-        if "producer.cli" in child.cmdline()
+        if "tokenrelay.producer.cli" in child.cmdline()
     )
     assert roles[0] == "api" and set(roles[1:]) == {"worker"}
     state = httpx.get(f"{url}/threads/{tid}/state").json()
@@ -110,7 +110,7 @@ def test_dev_on_a_taken_port_says_so_in_one_line_before_anything_else() -> None:
         port = taken.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
         done = subprocess.run(
-            [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
+            [sys.executable, "-m", "tokenrelay.producer.cli", "dev", "--port", str(port)],
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert done.returncode != 0

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from langchain_core.messages import HumanMessage
 
-from producer.demo import reply_text
 from tests.e2e.test_dev_command import running_dev
+from tokenrelay.producer.demo import reply_text
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

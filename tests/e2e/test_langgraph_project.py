@@ -25,10 +25,10 @@ import websockets
 from langgraph_sdk import get_client
 from langgraph_sdk.errors import NotFoundError, PermissionDeniedError
 
-from broker.embedded import free_port
 from tests.conftest import RedisServer
 from tests.e2e.test_js_clients import run_node_tests
 from tests.sse import SSE, events, parse_block
+from tokenrelay.broker.embedded import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ALICE, BOB = "token-alice", "token-bob"
@@ -73,7 +73,7 @@ async def anyone(ctx: Auth.types.AuthContext, value: dict):
 GRAPH_PY = """
 import os
 
-from producer.demo import FakeStreamingChatModel, chat_graph
+from tokenrelay.producer.demo import FakeStreamingChatModel, chat_graph
 
 GREETING = os.environ["SUPPORT_BOT_GREETING"]  # from the project's env file
 graph = chat_graph(FakeStreamingChatModel())
@@ -138,7 +138,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "dev", "--port", str(port)],
+            [sys.executable, "-m", "tokenrelay.producer.cli", "dev", "--port", str(port)],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -427,7 +427,7 @@ def test_api_and_worker_processes_read_the_config_named_by_config(
         for args in commands:
             with (tmp_path / f"{args[0]}.log").open("ab") as out:
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "producer.cli", *args],
+                    [sys.executable, "-m", "tokenrelay.producer.cli", *args],
                     cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
                 ))  # fmt: skip
         deadline = time.monotonic() + 60
@@ -465,12 +465,14 @@ def test_api_and_worker_processes_read_the_config_named_by_config(
 
 def test_a_wrong_auth_path_stops_the_api_at_start_naming_it(tmp_path: Path) -> None:
     (tmp_path / "langgraph.json").write_text(
-        json.dumps({"graphs": {"agent": "producer.demo:graph"}, "auth": {"path": "./a.py:auth"}})
+        json.dumps(
+            {"graphs": {"agent": "tokenrelay.producer.demo:graph"}, "auth": {"path": "./a.py:auth"}}
+        )
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "api", "--port", str(free_port())],
+        [sys.executable, "-m", "tokenrelay.producer.cli", "api", "--port", str(free_port())],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0

@@ -27,10 +27,10 @@ import pytest
 import yaml
 from kubernetes.utils import parse_quantity
 
-from broker.keys import Keys
-from broker.queue import GROUP
-from broker.settings import Settings
-from broker.telemetry import RUNS_ACTIVE
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.queue import GROUP
+from tokenrelay.broker.settings import Settings
+from tokenrelay.broker.telemetry import RUNS_ACTIVE
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "deploy" / "k8s"
@@ -48,7 +48,7 @@ KINDS = {
     ("networking.k8s.io/v1", "Ingress"): "V1Ingress",
 }
 
-# `uvicorn.run(..., timeout_graceful_shutdown=5)` for `tokenrelay api` (producer/cli.py).
+# `uvicorn.run(..., timeout_graceful_shutdown=5)` for `tokenrelay api` (tokenrelay/producer/cli.py).
 API_GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
@@ -353,7 +353,7 @@ def test_configmap_and_secret_are_tokenrelay_settings(monkeypatch: pytest.Monkey
     assert settings.api_keys and all(settings.api_keys)
     assert isinstance(settings.cors_origins, list)
     assert settings.key_prefix
-    assert settings.graphs == {"agent": "producer.demo:graph"}
+    assert settings.graphs == {"agent": "tokenrelay.producer.demo:graph"}
 
 
 def test_both_deployments_read_the_configmap_and_the_secret() -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.embedded import EmbeddedRedis, free_port
 from tests.conftest import make_settings
 from tests.integration.test_stream import join, new_thread, run_body
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, Comment, iter_sse
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,9 +7,9 @@ import pytest
 from langchain_core.messages import HumanMessage
 from langgraph_sdk import get_client
 
-from producer.demo import reply_text
 from tests.graphs import FAST_WORDS
 from tests.server import Tokenrelay
+from tokenrelay.producer.demo import reply_text
 
 
 def say(text: str) -> dict[str, list[dict[str, str]]]:

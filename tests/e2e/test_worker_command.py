@@ -14,26 +14,26 @@ import psutil
 import pytest
 from redis import Redis
 
-from broker.embedded import EmbeddedRedis
 from tests.conftest import make_settings
 from tests.server import WorkerProcess
+from tokenrelay.broker.embedded import EmbeddedRedis
 
 
 @pytest.mark.parametrize(
     ("spec", "complaint"),
     [
         ("no_such_module:graph", "cannot import 'no_such_module'"),
-        ("producer.demo:nothing", "has no attribute 'nothing'"),
-        ("producer.demo:reply_text", "calling it as a graph factory failed"),
-        ("producer.demo:model", "is a FakeStreamingChatModel, not a LangGraph graph"),
-        ("producer.demo", "must look like 'module:attr'"),
+        ("tokenrelay.producer.demo:nothing", "has no attribute 'nothing'"),
+        ("tokenrelay.producer.demo:reply_text", "calling it as a graph factory failed"),
+        ("tokenrelay.producer.demo:model", "is a FakeStreamingChatModel, not a LangGraph graph"),
+        ("tokenrelay.producer.demo", "must look like 'module:attr'"),
     ],
 )
 def test_a_wrong_graph_spec_fails_at_start_naming_it(spec: str, complaint: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
     env["TOKENRELAY_GRAPHS"] = json.dumps({"mine": spec})
     proc = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "worker"],
+        [sys.executable, "-m", "tokenrelay.producer.cli", "worker"],
         env=env,
         capture_output=True,
         text=True,
@@ -73,7 +73,7 @@ def test_processes_run_side_by_side_and_stop_together(
         TOKENRELAY_CHECKPOINTER=f"sqlite:///{tmp_path}/checkpoints.sqlite",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "worker", "--processes", "2"], env=env
+        [sys.executable, "-m", "tokenrelay.producer.cli", "worker", "--processes", "2"], env=env
     )
     redis = Redis.from_url(redis_server.url)
     try:

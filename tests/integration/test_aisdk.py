@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 from langchain_core.messages import HumanMessage
 
-from producer.demo import reply_text
 from tests.graphs import FAST_WORDS
 from tests.sse import SSE, events
+from tokenrelay.producer.demo import reply_text
 
 
 def chat_body(chat_id: str, text: str, assistant: str = "fast") -> dict[str, Any]:

@@ -13,15 +13,15 @@ import httpx
 import psutil
 import pytest
 
-from broker.connection import connect
-from broker.embedded import EmbeddedRedis, free_port
-from broker.keys import Keys
-from broker.settings import Settings
 from tests.conftest import RedisServer, live_subscribers, make_settings
 from tests.graphs import FLOOD_EVENTS
 from tests.integration.test_stream import join, new_thread, run_body, stream_run
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events, iter_sse
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.redis("standalone", "cluster")]
 

@@ -9,12 +9,12 @@ from typing import Any
 import httpx
 import pytest
 
-from broker import codec, pubsub
-from broker.connection import RedisClient, connect
-from broker.keys import Keys
 from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
 from tests.server import Tokenrelay
 from tests.sse import SSE, events, until_messages
+from tokenrelay.broker import codec, pubsub
+from tokenrelay.broker.connection import RedisClient, connect
+from tokenrelay.broker.keys import Keys
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 

@@ -15,19 +15,19 @@ from redis.asyncio.connection import SSLConnection
 from redis.cluster import key_slot
 from redis.exceptions import ClusterCrossSlotError, RedisClusterException
 
-from api.fanout import Fanout, Subscription
-from broker import codec, scripts
-from broker.connection import UNAVAILABLE, BoundedCluster, connect
-from broker.embedded import EmbeddedCluster, free_port
-from broker.keys import Keys
-from broker.log import EventLog
-from broker.models import END_EVENT, ZERO_ID, Event, RunStatus
-from broker.runs import RunRecord, RunStore, new_id, now_ms
-from broker.settings import Settings
-from producer.publisher import Publisher
 from tests.conftest import make_settings
 from tests.integration.test_stream import new_thread, run_body, stream_run
 from tests.server import Tokenrelay
+from tokenrelay.api.fanout import Fanout, Subscription
+from tokenrelay.broker import codec, scripts
+from tokenrelay.broker.connection import UNAVAILABLE, BoundedCluster, connect
+from tokenrelay.broker.embedded import EmbeddedCluster, free_port
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.log import EventLog
+from tokenrelay.broker.models import END_EVENT, ZERO_ID, Event, RunStatus
+from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
+from tokenrelay.broker.settings import Settings
+from tokenrelay.producer.publisher import Publisher
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from api.fanout import Fanout, Subscription
-from broker import codec
-from broker.connection import connect
-from broker.keys import Keys
-from broker.log import EventLog, LiveBatch
-from broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus
-from broker.runs import new_id
 from tests.conftest import RedisServer, make_settings
+from tokenrelay.api.fanout import Fanout, Subscription
+from tokenrelay.broker import codec
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.log import EventLog, LiveBatch
+from tokenrelay.broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus
+from tokenrelay.broker.runs import new_id
 
 pytestmark = pytest.mark.redis("standalone", "cluster")
 

@@ -9,10 +9,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from broker.embedded import EmbeddedRedis, free_port
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, stream_run
 from tests.server import Tokenrelay
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Limits per API process (api/limits.py, api/serving.py): each answers clearly past it, and the
-probes are answered whatever the load."""
+"""Limits per API process (tokenrelay/api/limits.py, tokenrelay/api/serving.py): each answers
+clearly past it, and the probes are answered whatever the load."""
 
 from __future__ import annotations
 

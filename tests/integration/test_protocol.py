@@ -15,11 +15,11 @@ import httpx
 import pytest
 import websockets
 
-from broker.connection import connect
-from broker.keys import Keys
 from tests.graphs import FAST_WORDS
 from tests.server import Tokenrelay
 from tests.sse import SSE, iter_sse
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.keys import Keys
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 

@@ -9,16 +9,16 @@ import httpx
 import pytest
 from langchain_core.messages import HumanMessage
 
-from broker.connection import connect
-from broker.keys import Keys
-from broker.models import RunStatus, StreamId
-from broker.queue import RunQueue
-from broker.runs import RunRecord, RunStore, new_id, now_ms
-from producer.demo import reply_text
 from tests.conftest import RedisServer, live_subscribers, make_settings
 from tests.graphs import FAST_WORDS
 from tests.server import Tokenrelay
 from tests.sse import SSE, Comment, events, iter_sse
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import RunStatus, StreamId
+from tokenrelay.broker.queue import RunQueue
+from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
+from tokenrelay.producer.demo import reply_text
 
 pytestmark = pytest.mark.redis("standalone", "cluster")
 

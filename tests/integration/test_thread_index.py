@@ -1,5 +1,5 @@
-"""Thread search and count answered from the index (broker/thread_index.py): the same answers as
-reading every thread, at the cost of the page."""
+"""Thread search and count answered from the index (tokenrelay/broker/thread_index.py): the same
+answers as reading every thread, at the cost of the page."""
 
 from __future__ import annotations
 

@@ -12,14 +12,14 @@ import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
-from broker.graphs import GraphRegistry, open_checkpointer
-from broker.settings import Settings
-from producer.demo import reply_text
 from tests.conftest import RedisServer, make_settings
 from tests.graphs import FAST_WORDS, LONG_WORDS
 from tests.integration.test_stream import USER, join, new_thread, wait_status
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events, until_messages
+from tokenrelay.broker.graphs import GraphRegistry, open_checkpointer
+from tokenrelay.broker.settings import Settings
+from tokenrelay.producer.demo import reply_text
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.redis("standalone", "cluster")]
 

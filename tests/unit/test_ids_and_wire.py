@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.sse import HEARTBEAT, format_event
-from broker import codec
-from broker.errors import InvalidEventId
-from broker.models import ZERO_ID, Entry, StreamId
 from tests.sse import SSE, Comment, parse_block
+from tokenrelay.api.sse import HEARTBEAT, format_event
+from tokenrelay.broker import codec
+from tokenrelay.broker.errors import InvalidEventId
+from tokenrelay.broker.models import ZERO_ID, Entry, StreamId
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 
@@ -73,7 +73,7 @@ def test_content_split_splices_back_to_the_same_bytes(
 ) -> None:
     from langchain_core.messages import AIMessageChunk
 
-    from producer.runner import _tuple_event
+    from tokenrelay.producer.runner import _tuple_event
 
     chunk = AIMessageChunk(content=content, id=msg_id or None)
     if last:

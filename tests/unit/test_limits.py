@@ -6,8 +6,8 @@ import resource
 
 import pytest
 
-from api.limits import RateLimiter, json_problem
-from broker.settings import Settings
+from tokenrelay.api.limits import RateLimiter, json_problem
+from tokenrelay.broker.settings import Settings
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import GraphLoadError
-from broker.project import find_project, read_project
-from broker.settings import Settings
+from tokenrelay.broker.errors import GraphLoadError
+from tokenrelay.broker.project import find_project, read_project
+from tokenrelay.broker.settings import Settings
 
 
 def write(root: Path, config: dict[str, object]) -> Path:
@@ -49,18 +49,21 @@ def test_tokenrelay_settings_already_set_win(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write(tmp_path, {
-        "graphs": {"agent": "producer.demo:graph"},
+        "graphs": {"agent": "tokenrelay.producer.demo:graph"},
         "env": {"TOKENRELAY_DEMO_REPLY_WORDS": "7", "TOKENRELAY_KEY_PREFIX": "project"},
         "auth": {"path": "./auth.py:auth"},
     })  # fmt: skip
-    environ = {"TOKENRELAY_KEY_PREFIX": "ops", "TOKENRELAY_GRAPHS": '{"x": "producer.demo:graph"}'}
+    environ = {
+        "TOKENRELAY_KEY_PREFIX": "ops",
+        "TOKENRELAY_GRAPHS": '{"x": "tokenrelay.producer.demo:graph"}',
+    }
     monkeypatch.setattr(sys, "path", list(sys.path))
     find_project(None, cwd=tmp_path).apply(environ)  # type: ignore[union-attr]
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
     assert settings.key_prefix == "ops"
-    assert settings.graphs == {"x": "producer.demo:graph"}
+    assert settings.graphs == {"x": "tokenrelay.producer.demo:graph"}
     assert settings.demo_reply_words == 7
     assert settings.auth == f"{tmp_path / 'auth.py'}:auth"
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from broker.embedded import NO_REDIS, redis_binary
+from tokenrelay.broker.embedded import NO_REDIS, redis_binary
 
 
 def fake_redis(folder: Path, version: str) -> str:

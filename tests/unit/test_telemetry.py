@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from broker.telemetry import JsonFormatter, TextFormatter
+from tokenrelay.broker.telemetry import JsonFormatter, TextFormatter
 
 
 def record(**extra: object) -> logging.LogRecord:

@@ -2,7 +2,7 @@
 // POST /threads/{tid}/commands, POST /threads/{tid}/stream/events SSE, WebSocket on the same
 // path) under jsdom, against the server at TOKENRELAY_URL, once per built-in transport.
 //
-// Graphs (assistant ids) the server must register: "agent" (producer.demo:graph, any reply
+// Graphs (assistant ids) the server must register: "agent" (tokenrelay.producer.demo:graph, any reply
 // length >= 4 words with a token delay that leaves time to act mid-run), "interrupt" (asks
 // interrupt({"question": "approve?"}) then answers with the fast model) and "nested" (a
 // subgraph node "inner" that streams the reply): see clients/js/PROTOCOL-NOTES.md.

@@ -1,0 +1,264 @@
+"""Live fan-out: one pub/sub connection per API process, one subscription per run, shared by all
+of that run's clients through reference counting.
+
+Clients join and leave a channel synchronously (no await, so no cancellation can cut it
+short); one task, the syncer, brings the Redis subscriptions in line with the channels that
+have clients. No lock is held across a round trip to Redis, and a client that hangs up at any
+point, however its task is cancelled, leaves nothing subscribed behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+
+from tokenrelay.broker import telemetry
+from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.log import LiveBatch
+from tokenrelay.broker.pubsub import Subscriber, subscriber
+from tokenrelay.broker.retry import Backoff
+
+log = logging.getLogger("tokenrelay.fanout")
+
+
+class Subscription:
+    """One client's view of a run's live feed: a queue bounded by its number of entries.
+
+    Past the bound the queue is dropped and the client is told to catch up from the stream, so a
+    slow client costs at most `limit` entries of memory, however fast the run produces.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._queued = 0
+        self._queue: deque[LiveBatch] = deque()
+        self._ready = asyncio.Event()
+        self._overflowed = False
+
+    @property
+    def overflowed(self) -> bool:
+        return self._overflowed
+
+    def push(self, batch: LiveBatch) -> None:
+        if self._overflowed:
+            return
+        if self._queued + len(batch.entries) > self._limit:
+            self._drop()
+            self._overflowed = True
+            telemetry.SLOW_CLIENT_FALLBACKS.inc()
+        else:
+            self._queue.append(batch)
+            self._queued += len(batch.entries)
+            telemetry.LIVE_QUEUED_ENTRIES.inc(len(batch.entries))
+        self._ready.set()
+
+    def _drop(self) -> None:
+        telemetry.LIVE_QUEUED_ENTRIES.dec(self._queued)
+        self._queue.clear()
+        self._queued = 0
+
+    def mark_overflowed(self) -> None:
+        self._drop()
+        self._overflowed = True
+        self._ready.set()
+
+    def reset(self) -> None:
+        self._drop()
+        self._overflowed = False
+        self._ready.clear()
+
+    async def get(self, timeout: float) -> LiveBatch | None:
+        if not self._queue:
+            self._ready.clear()
+            try:
+                # asyncio.timeout, not wait_for: no task per wait on this hot path, and on
+                # Python 3.11 wait_for can swallow a cancellation that meets a wake-up.
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
+            if not self._queue:
+                return None
+        batch = self._queue.popleft()
+        self._queued -= len(batch.entries)
+        telemetry.LIVE_QUEUED_ENTRIES.dec(len(batch.entries))
+        return batch
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.subscribers: set[Subscription] = set()
+        self.confirmed = asyncio.Event()
+
+
+class Fanout:
+    """Shares one Redis pub/sub connection among every live reader of this process."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, *, queue_limit: int = 2048) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._limit = queue_limit
+        self._channels: dict[bytes, _Channel] = {}
+        """Channels with at least one client: what should be subscribed."""
+        self._active: set[bytes] = set()
+        """Channels subscribed on Redis (or being subscribed), as the syncer last left them."""
+        self._pubsub: Subscriber | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._closing = False
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    async def start(self) -> None:
+        self._pubsub = subscriber(self._redis)
+        self._tasks = [
+            asyncio.create_task(self._reader(), name="fanout"),
+            asyncio.create_task(self._syncer(), name="fanout-sync"),
+        ]
+
+    async def stop(self) -> None:
+        self._closing = True
+        self._changed.set()  # the syncer ends at its next turn, even if a cancel is swallowed
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+        telemetry.LIVE_CHANNELS.dec(len(self._channels))
+        self._channels.clear()
+
+    def subscribe(self, run_id: str) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        """A subscription to `run_id`'s live batches, active (confirmed by Redis) on entry."""
+        return self._subscribe(self._keys.live(run_id).encode())
+
+    def subscribe_thread(
+        self, thread_id: str
+    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        """A subscription woken (with an empty batch) each time a run of the thread starts."""
+        return self._subscribe(self._keys.thread_live(thread_id).encode())
+
+    @contextlib.asynccontextmanager
+    async def _subscribe(self, name: bytes) -> AsyncIterator[Subscription]:
+        assert self._pubsub is not None, "Fanout.start() was not called"
+        sub = Subscription(self._limit)
+        channel = self._join(name, sub)
+        try:
+            # Readers go on to read history, so the subscription must be live first; a missed
+            # confirmation (Redis down, a slow subscribe) only costs a catch-up read, never an
+            # event.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await channel.confirmed.wait()
+            # The confirmation marks subscribers for catch-up (it also follows reconnects);
+            # a new one reads history next anyway, so it starts clean.
+            sub.reset()
+            yield sub
+        finally:
+            self._leave(name, channel, sub)
+
+    def _join(self, name: bytes, sub: Subscription) -> _Channel:
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = self._channels[name] = _Channel()
+            telemetry.LIVE_CHANNELS.inc()
+            if name in self._active:
+                # Still subscribed from an earlier client (its unsubscribe not yet sent): live.
+                channel.confirmed.set()
+            self._changed.set()
+        channel.subscribers.add(sub)
+        return channel
+
+    def _leave(self, name: bytes, channel: _Channel, sub: Subscription) -> None:
+        sub.reset()
+        channel.subscribers.discard(sub)
+        if not channel.subscribers and self._channels.get(name) is channel:
+            del self._channels[name]
+            telemetry.LIVE_CHANNELS.dec()
+            self._changed.set()
+
+    async def _syncer(self) -> None:
+        """Subscribe the channels that gained clients, unsubscribe the ones that lost them."""
+        assert self._pubsub is not None
+        backoff = Backoff()
+        task = asyncio.current_task()
+        while True:
+            await self._changed.wait()
+            # redis-py can swallow a cancellation that lands inside a (un)subscribe: stop
+            # anyway when asked to.
+            if self._closing or (task is not None and task.cancelling()):
+                return
+            self._changed.clear()
+            add = [n for n in self._channels if n not in self._active]
+            drop = [n for n in self._active if n not in self._channels]
+            try:
+                if drop:
+                    self._active.difference_update(drop)
+                    await self._pubsub.unsubscribe(*drop)
+                if add:
+                    self._active.update(add)
+                    await self._pubsub.subscribe(*add)
+                    self._subscribed.set()
+                backoff.reset()
+            except NETWORK_ERRORS as exc:
+                # Redis is away: try again until what is subscribed matches what is wanted
+                # (unsubscribing or subscribing twice is harmless).
+                self._active.difference_update(add)
+                self._active.update(drop)
+                delay = backoff.next_delay()
+                log.warning("pub/sub (un)subscribe failed, retrying in %.2fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                self._changed.set()
+
+    async def _reader(self) -> None:
+        assert self._pubsub is not None
+        pubsub = self._pubsub
+        while True:
+            try:
+                if not pubsub.subscribed:
+                    # Nothing to read until the first subscribe; it wakes this at once.
+                    self._subscribed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self._subscribed.wait()
+                    continue
+                msg = await pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except NETWORK_ERRORS as exc:
+                log.warning("pub/sub connection lost: %s", exc)
+                self._all_catch_up()
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None:
+                continue
+            kind = msg["type"]
+            channel = self._channels.get(msg["channel"])
+            if channel is None:
+                continue
+            if kind == "subscribe":
+                channel.confirmed.set()
+                # After a reconnect redis-py re-subscribes; readers may have missed batches.
+                for sub in channel.subscribers:
+                    sub.mark_overflowed()
+            elif kind == "message":
+                try:
+                    batch = LiveBatch.decode(msg["data"])
+                except Exception:  # a malformed publish must not stop fan-out
+                    log.exception("undecodable live batch on %r", msg["channel"])
+                    continue
+                for sub in channel.subscribers:
+                    sub.push(batch)
+
+    def _all_catch_up(self) -> None:
+        for channel in self._channels.values():
+            for sub in channel.subscribers:
+                sub.mark_overflowed()

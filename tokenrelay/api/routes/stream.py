@@ -1,0 +1,340 @@
+"""Streaming endpoints: start a run and stream it, join a run's stream with resume, and the
+long-poll JSON fallback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Query
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from tokenrelay.api.auth import Caller, caller
+from tokenrelay.api.deps import Services, services
+from tokenrelay.api.routes.runs import cancel_run, repair_active, start_run
+from tokenrelay.api.schemas import RunCreate, id_in_path, iso
+from tokenrelay.api.sse import (
+    HEARTBEAT,
+    EventStreamResponse,
+    format_error,
+    format_event,
+    gap_payload,
+)
+from tokenrelay.api.tokens import StreamTokens
+from tokenrelay.broker import codec, telemetry
+from tokenrelay.broker.cancel import CancelAction
+from tokenrelay.broker.errors import EventIdPastEnd, InvalidBody
+from tokenrelay.broker.log import BlobResolver
+from tokenrelay.broker.models import ZERO_ID, Gap, StreamId
+
+router = APIRouter(tags=["stream"])
+
+
+def run_headers(thread_id: str, run_id: str) -> dict[str, str]:
+    return {
+        "Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}/stream",
+        "Content-Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}",
+    }
+
+
+def wanted(modes: list[str] | None) -> set[str] | None:
+    """Event names a join asked for (`stream_mode` query), or None for all of them."""
+    picked = [m for m in modes or [] if m]
+    if not picked:
+        return None
+    names = {"metadata", "error"}
+    for mode in picked:
+        if mode == "messages-tuple":
+            names.add("messages")
+        elif mode == "messages":
+            names.update({"messages/partial", "messages/complete", "messages/metadata"})
+        else:
+            names.add(mode)
+    return names
+
+
+async def run_events(
+    svc: Services, run_id: str, after: StreamId | None, names: set[str] | None = None
+) -> AsyncIterator[bytes]:
+    """SSE bytes of `run_id` after `after` (None: from now on) until the run ends, keeping
+    only events named in `names` (by their mode, before any `|namespace`) when given."""
+    telemetry.STREAMS_OPEN.inc()
+    try:
+        async with svc.fanout.subscribe(run_id) as live:
+            last = await svc.log.last_entry(run_id)
+            if last is not None and last.is_end and (after is None or after >= last.id):
+                return  # the run has ended and nothing lies after the cursor
+            if after is None:
+                after = last.id if last is not None else ZERO_ID
+            tail = svc.log.tail_batches(
+                run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds
+            )
+            async for item in tail:
+                if item is None:
+                    # Idle. A run that ended behind our position (a client id past its end)
+                    # must not hold the response open.
+                    run = await svc.runs.get(run_id)
+                    if run.status.terminal and not await svc.log.has_after(run_id, after):
+                        return
+                    yield HEARTBEAT
+                elif isinstance(item, Gap):
+                    telemetry.GAPS.inc()
+                    yield format_error(gap_payload(item))
+                else:
+                    # One write per batch: a page of history or a live flush of the worker.
+                    after = item[-1].id
+                    chunk = [
+                        format_event(e)
+                        for e in item
+                        if e.classic and (names is None or e.name.split("|", 1)[0] in names)
+                    ]
+                    if chunk:
+                        telemetry.EVENTS_SENT.inc(len(chunk))
+                        yield b"".join(chunk)
+                    if item[-1].is_end:
+                        return
+    finally:
+        telemetry.STREAMS_OPEN.dec()
+
+
+async def stream_response(
+    svc: Services,
+    thread_id: str,
+    run_id: str,
+    after: StreamId | None,
+    *,
+    max_seconds: float | None,
+    finished: bool = False,
+    names: set[str] | None = None,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
+) -> EventStreamResponse:
+    """The SSE response for a run, cut short (aborted, for resume) by the time budget or a
+    shutdown unless the run has already finished."""
+    budget = svc.settings.stream_max_seconds if max_seconds is None else max_seconds
+    deadline = None
+    if budget and not finished:
+        deadline = asyncio.get_running_loop().time() + budget
+    return EventStreamResponse(
+        run_events(svc, run_id, after, names),
+        run_headers(thread_id, run_id),
+        deadline=deadline,
+        abort=None if finished else svc.draining,
+        on_disconnect=on_disconnect,
+    )
+
+
+async def refuse_past_end(svc: Services, run_id: str, after: StreamId | None) -> None:
+    """A cursor beyond the end of a finished run gets a 400 naming the run's last event id,
+    rather than a stream that waits for events that will never come."""
+    if after is None:
+        return
+    end = await svc.log.last_entry(run_id)
+    if end is not None and end.is_end and after > end.id:
+        last = await svc.log.last_event(run_id)
+        raise EventIdPastEnd(str(after), run_id, str(last.id) if last is not None else None)
+
+
+def parse_last_event_id(header: str | None, query: str | None) -> StreamId | None:
+    raw = header if header is not None else query
+    if raw is None:
+        return None
+    telemetry.RESUMES.inc()
+    return StreamId.parse_last_event_id(raw)
+
+
+MaxSeconds = Query(
+    default=None,
+    gt=0,
+    description="End the response after this many seconds (aborted, so clients resume with "
+    "Last-Event-ID); defaults to TOKENRELAY_STREAM_MAX_SECONDS.",
+)
+
+
+StreamModes = Query(
+    default=None,
+    alias="stream_mode",
+    description="Stream modes, as repeated parameters or a JSON array; on a create they "
+    "override the body's, on a join they select which events to send.",
+)
+
+
+def query_modes(values: list[str] | None) -> list[str] | None:
+    """`stream_mode` query values: repeated, comma-separated or a JSON array."""
+    out: list[str] = []
+    for value in values or []:
+        value = value.strip()
+        if value.startswith("["):
+            try:
+                parsed = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                raise InvalidBody(f"stream_mode {value!r} is not a JSON array") from None
+            out += [str(v) for v in parsed]
+        else:
+            out += [v for v in value.split(",") if v]
+    return out or None
+
+
+async def _stream_new_run(
+    svc: Services, who: Caller, thread_id: str | None, body: RunCreate,
+    max_seconds: float | None, modes: list[str] | None,
+) -> EventStreamResponse:  # fmt: skip
+    if modes:
+        body = body.with_stream_modes(modes)
+    run = await start_run(svc, thread_id, body, who)
+
+    async def creator_left() -> None:
+        # on_disconnect=cancel: only the connection that created the run cancels it.
+        await cancel_run(svc, await svc.runs.get(run.run_id), CancelAction.INTERRUPT)
+
+    return await stream_response(
+        svc, run.thread_id, run.run_id, ZERO_ID, max_seconds=max_seconds,
+        on_disconnect=creator_left if body.on_disconnect == "cancel" else None,
+    )  # fmt: skip
+
+
+@router.post("/threads/{thread_id}/runs/stream")
+async def stream_run(
+    thread_id: str,
+    body: RunCreate,
+    max_seconds: float | None = MaxSeconds,
+    stream_mode: list[str] | None = StreamModes,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> EventStreamResponse:
+    modes = query_modes(stream_mode)
+    return await _stream_new_run(svc, who, thread_id, body, max_seconds, modes)
+
+
+@router.post("/runs/stream")
+async def stream_stateless_run(
+    body: RunCreate,
+    max_seconds: float | None = MaxSeconds,
+    stream_mode: list[str] | None = StreamModes,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> EventStreamResponse:
+    return await _stream_new_run(svc, who, None, body, max_seconds, query_modes(stream_mode))
+
+
+@router.get("/threads/{thread_id}/stream", response_model=None)
+async def join_thread_stream(
+    thread_id: str,
+    last_event_id_header: str | None = Header(default=None, alias="Last-Event-ID"),
+    last_event_id: str | None = Query(default=None),
+    max_seconds: float | None = MaxSeconds,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> EventStreamResponse | Response:
+    """Join whatever run is active on the thread (204 when idle): enough to rejoin, and stop,
+    from a page that only knows the thread."""
+    after = parse_last_event_id(last_event_id_header, last_event_id)
+    await who.thread(thread_id)
+    run_id = await svc.runs.active_run(thread_id)
+    if run_id is None or await repair_active(svc, thread_id, run_id):
+        return Response(status_code=204)
+    await refuse_past_end(svc, run_id, after)
+    return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds)
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/stream")
+async def join_run_stream(
+    thread_id: str,
+    run_id: str,
+    last_event_id_header: str | None = Header(default=None, alias="Last-Event-ID"),
+    last_event_id: str | None = Query(default=None),
+    max_seconds: float | None = MaxSeconds,
+    stream_mode: list[str] | None = StreamModes,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> EventStreamResponse:
+    after = parse_last_event_id(last_event_id_header, last_event_id)
+    await who.thread(thread_id, run_id=run_id)
+    run = await svc.runs.find(thread_id, run_id)
+    await refuse_past_end(svc, run_id, after)
+    return await stream_response(
+        svc, thread_id, run_id, after, max_seconds=max_seconds, finished=run.status.terminal,
+        names=wanted(query_modes(stream_mode)),
+    )  # fmt: skip
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/events")
+async def poll_run_events(
+    thread_id: str,
+    run_id: str,
+    after: str = Query(default="0", description="the `next` of the previous answer; 0 = start"),
+    wait_ms: int = Query(default=0, ge=0, le=60_000),
+    limit: int = Query(default=512, ge=1, le=10_000),
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> Response:
+    """Long-poll fallback: events after `after`, waiting up to `wait_ms` for the first one."""
+    since = StreamId.parse_last_event_id(after)
+    await who.thread(thread_id, run_id=run_id)
+    run = await svc.runs.find(thread_id, run_id)
+    gap = await svc.log.gap_after(run_id, since)
+    entries = await svc.log.read(run_id, since, count=limit)
+    if not entries and wait_ms and not run.status.terminal:
+        async with svc.fanout.subscribe(run_id) as live:
+            entries = await svc.log.read(run_id, since, count=limit)
+            if not entries:
+                await live.get(wait_ms / 1000)
+                entries = await svc.log.read(run_id, since, count=limit)
+    blobs = BlobResolver(svc.log, run_id)
+    out: list[dict[str, Any]] = []
+    if gap is not None:
+        telemetry.GAPS.inc()
+        out.append({"id": None, "event": "error", "data": codec.json_fragment(gap_payload(gap))})
+    done = False
+    nxt = since
+    for entry in entries:
+        nxt = entry.id
+        if entry.is_end:
+            done = True
+            break
+        if not entry.classic:
+            continue
+        entry = await blobs.resolve(entry)
+        out.append(
+            {"id": str(entry.id), "event": entry.name, "data": codec.json_fragment(entry.data)}
+        )
+    if not done and not entries:
+        done = run.status.terminal and not await svc.log.has_after(run_id, since)
+    body = orjson.dumps({"events": out, "next": str(nxt), "done": done})
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+class StreamTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run_id: str | None = None
+    ttl_seconds: int | None = Field(default=None, ge=1)
+
+
+@router.post("/threads/{thread_id}/stream_token")
+async def issue_stream_token(
+    thread_id: str,
+    body: StreamTokenRequest | None = None,
+    svc: Services = Depends(services),
+    who: Caller = Depends(caller),
+) -> dict[str, Any]:
+    """A short-lived token that opens this thread's streams (only `run_id`'s when given) as
+    `?stream_token=`: a browser resumes with it, no long-lived secret and no proxy needed."""
+    body = body or StreamTokenRequest()
+    await who.thread(thread_id, run_id=body.run_id)
+    if body.run_id is not None:
+        await svc.runs.find(thread_id, body.run_id)
+    limit = svc.settings.stream_token_ttl_seconds
+    ttl = min(body.ttl_seconds or limit, limit)
+    user = who.identity.user
+    subject = None if user is None else str(user.identity)
+    token, expires_at = StreamTokens.from_settings(svc.settings).issue(
+        thread_id, body.run_id, ttl, subject
+    )
+    return {
+        "token": token,
+        "thread_id": thread_id,
+        "run_id": body.run_id,
+        "expires_at": iso(expires_at * 1000),
+    }

@@ -1,0 +1,160 @@
+"""Server-Sent Events: the only place that frames events and heartbeats, and the response that
+carries them (heartbeats, client disconnects, time budgets and aborts)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from tokenrelay.broker import codec
+from tokenrelay.broker.models import Entry, Gap
+
+HEARTBEAT = b": heartbeat\n\n"
+
+SSE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Accel-Buffering": "no",
+}
+
+
+def format_event(entry: Entry) -> bytes:
+    """``event: <name>\\ndata: <json>\\nid: <stream id>\\n\\n``, as the Agent Server frames it."""
+    return b"event: %s\ndata: %s\nid: %s\n\n" % (
+        entry.name.encode(),
+        entry.data,
+        str(entry.id).encode(),
+    )
+
+
+def format_protocol_event(method: str, payload: bytes, seq: int) -> bytes:
+    """An agent streaming protocol event: the method as the SSE event, the seq as its id."""
+    return b"event: %s\ndata: %s\nid: %d\n\n" % (method.encode(), payload, seq)
+
+
+def format_data(data: bytes) -> bytes:
+    """A bare ``data:`` event, as the AI SDK's UI message stream frames its parts."""
+    return b"data: %s\n\n" % data
+
+
+def format_error(data: bytes) -> bytes:
+    """An `error` event that is not stored, so it has no id."""
+    return b"event: error\ndata: %s\n\n" % data
+
+
+def gap_payload(gap: Gap) -> bytes:
+    """The `error` payload that reports trimmed history (StreamGap) on every protocol."""
+    return codec.error_payload(
+        "StreamGap",
+        f"events after {gap.after} are no longer retained; "
+        f"the stream goes on from {gap.resumes_at}",
+    )
+
+
+class StreamAborted(Exception):
+    """Raised after the headers went out to end a response without its terminating chunk.
+
+    SDK clients treat a clean close as the end of the run but reconnect (with Last-Event-ID)
+    on a network error, so a stream cut short by a time budget or a shutdown is aborted.
+    """
+
+
+class _QuietAbort(logging.Filter):
+    """Keep the server's error log free of deliberate aborts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, StreamAborted)
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
+
+
+class EventStreamResponse(Response):
+    """A ``text/event-stream`` response fed by `body`.
+
+    It stops when the body ends (clean close), when the client disconnects (`on_disconnect`
+    is awaited), or when `deadline` passes or `abort` is set (the response is aborted).
+    """
+
+    media_type = "text/event-stream; charset=utf-8"
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+        abort: asyncio.Event | None = None,
+        on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(headers={**SSE_HEADERS, **headers}, media_type=self.media_type)
+        # The body is streamed with chunked encoding: no Content-Length.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self._body = body
+        self._deadline = deadline
+        self._abort = abort
+        self._on_disconnect = on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        outcome = "done"
+
+        async def stream() -> None:
+            async for chunk in self._body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        async def cut_short() -> None:
+            loop = asyncio.get_running_loop()
+            timeout = None if self._deadline is None else max(0.0, self._deadline - loop.time())
+            event = self._abort or asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+
+        tasks = {
+            asyncio.create_task(stream()): "done",
+            asyncio.create_task(disconnected()): "disconnected",
+            asyncio.create_task(cut_short()): "aborted",
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            # A client that left makes the body's next write fail too: when both ended in
+            # one wake-up, the disconnect is what happened (and `on_disconnect` must run).
+            first = next((t for t in done if tasks[t] == "disconnected"), next(iter(done)))
+            outcome = tasks[first]
+            for task in tasks:
+                if task not in done:
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if first.exception() is not None and outcome == "done":
+                # A write to a client that is gone is its disconnect, not a failed stream.
+                outcome = "disconnected" if isinstance(first.exception(), OSError) else "error"
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await self._body.aclose()  # type: ignore[attr-defined]
+
+        if outcome == "done":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif outcome == "disconnected":
+            if self._on_disconnect is not None:
+                await self._on_disconnect()
+        elif outcome == "error":
+            exc = first.exception()
+            assert exc is not None
+            # A failure mid-stream (e.g. Redis went away) aborts, so the client resumes.
+            raise StreamAborted(f"stream failed: {exc!r}") from exc
+        else:
+            raise StreamAborted("stream time budget reached or server shutting down")

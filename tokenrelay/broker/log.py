@@ -1,0 +1,378 @@
+"""A run's event log: append a batch (one Lua call), read history, and tail it live.
+
+Tailing subscribes to the run's live channel first, then reads history with XRANGE, then goes
+live, dropping any live entry whose id is not greater than the last one delivered. Every live
+batch names the id that preceded it, so a reader that missed a batch notices and catches up
+from the stream instead of skipping events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from redis.exceptions import NoScriptError
+
+from tokenrelay.broker import codec, pubsub, scripts
+from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import (
+    MESSAGES_EVENT,
+    PROTOCOL_ONLY,
+    Entry,
+    Event,
+    Gap,
+    RunStatus,
+    StreamId,
+)
+from tokenrelay.broker.scripts import AnyPipeline
+
+PAGE_SIZE = 512
+
+Row = tuple[str, bytes, bytes]
+CONTENT_REF = b"c"
+"""Blob refs of content-only entries start with this (see `Event.content_only`)."""
+DELTA_REF = b"D"
+"""Blob refs of protocol text deltas: the blob is ``<name>\\0<node>\\0<head>``, the entry the
+text alone."""
+NODE_REF = b"N"
+"""Blob refs of other protocol `messages` entries: the blob is ``<name>\\0<node>``, the entry the
+data."""
+_BLOB_NAMED = PROTOCOL_ONLY.encode()
+"""A protocol `messages` entry is stored as ``e`` = ``~<ref>`` and ``d`` alone: its name, node
+and fixed head are in the blob, so each token costs Redis its text and a few bytes, and the
+entries keep the two fields of the stream's other entries (Redis then stores no field names)."""
+FENCED = b"!fenced"
+"""What an append returns when its attempt is no longer the run's current one."""
+StreamRow = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveBatch:
+    """One append batch as published on a run's live channel."""
+
+    prev: StreamId | None
+    entries: list[Entry]
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LiveBatch:
+        prev_raw, rows = codec.unpack_raw(payload)
+        prev = StreamId.parse(prev_raw) if prev_raw else None
+        return cls(prev, [_entry(r[0], r[1], r[2], r[3]) for r in rows])
+
+
+class LiveSubscription(Protocol):
+    """What a tail needs from a live feed of one run (see ``tokenrelay/api/fanout.py``)."""
+
+    @property
+    def overflowed(self) -> bool: ...
+
+    def reset(self) -> None:
+        """Drop queued batches and clear the overflow flag before a catch-up read."""
+
+    async def get(self, timeout: float) -> LiveBatch | None:
+        """The next batch, or None after `timeout` seconds without one."""
+
+
+def _entry(id_: bytes, name: bytes, data: bytes, blob_ref: bytes | None) -> Entry:
+    if name[:2] in (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF):
+        return Entry(StreamId.parse(id_), MESSAGES_EVENT, data, name[1:])
+    return Entry(StreamId.parse(id_), name.decode(), data, blob_ref or None)
+
+
+class EventLog:
+    """Append, read and tail the event streams of runs."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, *, maxlen: int, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._maxlen = maxlen
+        self._ttl = ttl_seconds
+        self._append = scripts.script("append")
+        self._publish = pubsub.publish_command(redis)
+
+    def append_in(
+        self,
+        pipe: AnyPipeline,
+        run_id: str,
+        rows: Sequence[Row],
+        *,
+        blobs: Sequence[tuple[bytes, bytes]] = (),
+        status: RunStatus | None = None,
+        seq: int = 0,
+        attempt: int = 0,
+    ) -> None:
+        """Queue one append of `rows` on `pipe`; its result is the run's cancel request or None.
+
+        A row is (event name, JSON data, blob ref or b""); `blobs` are the (ref, blob) pairs
+        first referenced in this batch. A positive `seq` (increasing per run) makes a retried
+        batch a no-op once it was applied; a positive `attempt` fences off a superseded worker
+        (the result is then ``FENCED``).
+        """
+        k = self._keys
+        args: list[Any] = [
+            self._maxlen,
+            self._ttl,
+            int(time.time() * 1000),
+            status.value if status else "",
+            seq,
+            attempt,
+            self._publish,
+            len(blobs),
+        ]
+        for ref, blob in blobs:
+            args += [ref, blob]
+        for row in rows:
+            args += row
+        keys = [
+            k.run_events(run_id),
+            k.run_blobs(run_id),
+            k.run_meta(run_id),
+            k.run_cancel(run_id),
+            k.live(run_id),
+        ]
+        self._append.queue(pipe, keys, args)
+
+    async def append(
+        self, run_id: str, events: Sequence[Event], *, status: RunStatus | None = None
+    ) -> bytes | None:
+        """Append `events` (blobs inlined) in one round trip; returns the run's cancel request."""
+        rows = [(e.name, _inline(e), b"") for e in events]
+        pipe = self._redis.pipeline(transaction=False)
+        self.append_in(pipe, run_id, rows, status=status)
+        (result,) = await pipe.execute(raise_on_error=False)
+        if isinstance(result, NoScriptError):
+            await self._append.load(self._redis)
+            return await self.append(run_id, events, status=status)
+        if isinstance(result, Exception):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    async def end_unclaimed(
+        self, run_id: str, events: Sequence[Event], status: RunStatus, *, attempt: int = -1
+    ) -> bool:
+        """Append `events` with the final `status` only if no worker has started the run yet
+        (a cancel of a run still waiting in the queue), or, with a positive `attempt`, only if
+        that is still the run's current attempt (a run whose worker is gone for good); returns
+        whether it did."""
+        rows = [(e.name, _inline(e), b"") for e in events]
+        pipe = self._redis.pipeline(transaction=False)
+        self.append_in(pipe, run_id, rows, status=status, attempt=attempt)
+        (result,) = await pipe.execute(raise_on_error=False)
+        if isinstance(result, NoScriptError):
+            await self._append.load(self._redis)
+            return await self.end_unclaimed(run_id, events, status, attempt=attempt)
+        if isinstance(result, Exception):
+            raise result
+        return bool(result != FENCED)
+
+    async def load_scripts(self) -> None:
+        await self._append.load(self._redis)
+
+    async def read(self, run_id: str, after: StreamId, count: int = PAGE_SIZE) -> list[Entry]:
+        """Up to `count` entries with ids greater than `after`, oldest first."""
+        rows = cast(
+            list[StreamRow],
+            await self._redis.xrange(
+                self._keys.run_events(run_id), min=f"({after}", max="+", count=count
+            ),
+        )
+        return [_entry(id_, f[b"e"], f[b"d"], f.get(b"m")) for id_, f in rows]
+
+    async def last_entry(self, run_id: str) -> Entry | None:
+        """The newest entry, or None for an empty or missing stream."""
+        rows = cast(
+            list[StreamRow], await self._redis.xrevrange(self._keys.run_events(run_id), count=1)
+        )
+        if not rows:
+            return None
+        id_, f = rows[0]
+        return _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
+
+    async def last_event(self, run_id: str) -> Entry | None:
+        """The newest entry the classic protocols send (not `end`, not protocol-only)."""
+        key = self._keys.run_events(run_id)
+        rows = cast(list[StreamRow], await self._redis.xrevrange(key, count=8))
+        for id_, f in rows:
+            entry = _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
+            if entry.classic:
+                return entry
+        return None
+
+    async def has_after(self, run_id: str, after: StreamId) -> bool:
+        """Whether any entry newer than `after` exists."""
+        return bool(await self.read(run_id, after, count=1))
+
+    async def gap_after(self, run_id: str, after: StreamId) -> Gap | None:
+        """A Gap if entries newer than `after` were trimmed away (MAXLEN) before being read."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(self._keys.run_meta(run_id), "trimmed")
+        pipe.xrange(self._keys.run_events(run_id), count=1)
+        trimmed, first = await pipe.execute()
+        if not trimmed or not first:
+            return None
+        first_id = StreamId.parse(first[0][0])
+        return Gap(after, first_id) if after < first_id else None
+
+    async def blob(self, run_id: str, ref: bytes) -> bytes | None:
+        return cast(bytes | None, await self._redis.hget(self._keys.run_blobs(run_id), ref))  # type: ignore[misc]
+
+    async def tail(
+        self,
+        run_id: str,
+        after: StreamId,
+        live: LiveSubscription,
+        *,
+        idle_seconds: float,
+    ) -> AsyncIterator[Entry | Gap | None]:
+        """Every entry after `after` in order, then live ones, up to and including `end`.
+
+        Yields None each time `idle_seconds` pass without an entry (for heartbeats), and a Gap
+        where trimmed history makes delivery skip ahead: never silently. The caller must have
+        subscribed `live` before calling, so nothing falls between history and live.
+        """
+        async for item in self.tail_batches(run_id, after, live, idle_seconds=idle_seconds):
+            if isinstance(item, list):
+                for entry in item:
+                    yield entry
+            else:
+                yield item
+
+    async def tail_batches(
+        self,
+        run_id: str,
+        after: StreamId,
+        live: LiveSubscription,
+        *,
+        idle_seconds: float,
+    ) -> AsyncIterator[list[Entry] | Gap | None]:
+        """`tail`, a history page or a live batch at a time, so a reader writes each batch
+        to its client at once. A batch is never empty; `end`, if present, is its last entry."""
+        last = after
+        blobs = BlobResolver(self, run_id)
+        check_gap = True
+        while True:
+            # Catch up from the stream.
+            live.reset()
+            while True:
+                if check_gap:
+                    gap = await self.gap_after(run_id, last)
+                    if gap is not None:
+                        yield gap
+                page = await self.read(run_id, last)
+                out = await blobs.resolve_all(_through_end(page))
+                if out:
+                    last = out[-1].id
+                    yield out
+                    if out[-1].is_end:
+                        return
+                if len(page) < PAGE_SIZE:
+                    break
+                check_gap = True  # a long catch-up can fall behind trimming while it reads
+            check_gap = False
+            # Live until the feed overflows, misses a batch or goes quiet.
+            while True:
+                if live.overflowed:
+                    check_gap = True  # a slow reader may have fallen behind the trimmed history
+                    break
+                batch = await live.get(idle_seconds)
+                if batch is None:
+                    yield None
+                    break  # re-read the stream: cheap, and covers a lost pub/sub message
+                if batch.prev is not None and batch.prev > last:
+                    break  # a batch was missed: catch up from the stream
+                fresh = [e for e in batch.entries if e.id > last]
+                out = await blobs.resolve_all(_through_end(fresh))
+                if out:
+                    last = out[-1].id
+                    yield out
+                    if out[-1].is_end:
+                        return
+
+
+def _through_end(entries: list[Entry]) -> list[Entry]:
+    """`entries` up to and including the first `end`."""
+    for i, entry in enumerate(entries):
+        if entry.is_end:
+            return entries[: i + 1]
+    return entries
+
+
+def blob_kind(event: Event) -> bytes:
+    """The prefix of the blob ref of `event` (the blob's kind decides how it is spliced)."""
+    if event.name.startswith(MESSAGES_EVENT):
+        return DELTA_REF if event.content_only else NODE_REF
+    return CONTENT_REF if event.content_only else b""
+
+
+def stored_blob(event: Event) -> bytes:
+    """The blob stored for `event` (see `_BLOB_NAMED` for protocol `messages`)."""
+    assert event.blob is not None
+    if event.name.startswith(MESSAGES_EVENT):
+        return event.name.encode() + b"\x00" + event.blob
+    return event.blob
+
+
+def entry_name(event: Event, ref: bytes) -> tuple[str, bytes]:
+    """The stored (name, blob ref field) of `event`, whose blob is `ref`."""
+    if event.name.startswith(MESSAGES_EVENT):
+        return PROTOCOL_ONLY + ref.decode(), b""
+    return event.name, ref
+
+
+def _inline(event: Event) -> bytes:
+    if event.blob is None or event.name.startswith(MESSAGES_EVENT):
+        return event.data
+    if event.content_only:
+        return codec.splice_content(event.data, event.blob)
+    return codec.splice_tuple(event.data, event.blob)
+
+
+class BlobResolver:
+    """Splices a `messages` chunk with its run-level metadata blob, fetching each blob once."""
+
+    def __init__(self, log: EventLog, run_id: str) -> None:
+        self._log = log
+        self._run_id = run_id
+        self._cache: dict[bytes, bytes] = {}
+
+    async def resolve_all(self, entries: list[Entry]) -> list[Entry]:
+        """`entries` with their blobs spliced in; blobs not yet cached are fetched first."""
+        for entry in entries:
+            ref = entry.blob_ref
+            if ref is not None and ref not in self._cache:
+                await self._fetch(ref)
+        return [self._splice(e) for e in entries]
+
+    async def resolve(self, entry: Entry) -> Entry:
+        return (await self.resolve_all([entry]))[0]
+
+    async def _fetch(self, ref: bytes) -> None:
+        blob = await self._log.blob(self._run_id, ref)
+        if blob is not None:
+            self._cache[ref] = blob
+
+    def _splice(self, entry: Entry) -> Entry:
+        ref = entry.blob_ref
+        if ref is None:
+            return entry
+        blob = self._cache.get(ref)
+        if blob is None:
+            # The blob is gone (expired or deleted apart from the stream): an error in the
+            # entry's place, never a chunk spliced with made-up metadata.
+            return Entry(entry.id, "error", codec.error_payload(
+                "MissingMetadata",
+                f"the metadata of event {entry.id} ({entry.name}) is no longer stored",
+            ))  # fmt: skip
+        if ref.startswith(DELTA_REF):
+            name, node, head = blob.split(b"\x00", 2)
+            data = head + entry.data + b"}}"
+            return Entry(entry.id, name.decode(), data, node=node or None)
+        if ref.startswith(NODE_REF):
+            name, _, node = blob.partition(b"\x00")
+            return Entry(entry.id, name.decode(), entry.data, node=node or None)
+        if ref.startswith(CONTENT_REF):
+            return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
+        return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))

@@ -1,0 +1,131 @@
+"""Plain data types shared by the API and the worker."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from tokenrelay.broker.errors import InvalidEventId
+
+END_EVENT = "end"
+"""Internal terminal marker in every finished stream; each wire protocol renders it its own way."""
+
+PROTOCOL_ONLY = "~"
+"""Names of events only the agent streaming protocol renders start with this (``~l`` lifecycle,
+``~m`` messages, ``~t`` tools, ``~i`` input requests); the classic protocols skip them."""
+LIFECYCLE_EVENT = "~l"
+MESSAGES_EVENT = "~m"
+TOOLS_EVENT = "~t"
+INPUT_EVENT = "~i"
+
+
+class RunStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (RunStatus.PENDING, RunStatus.RUNNING)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class StreamId:
+    """A Redis stream entry id, ``<a>-<b>``; ordered the way Redis orders them.
+
+    Run events get ``<thread seq>-<ms>`` (see scripts/append.lua): `ms` then holds the event's
+    seq in its thread and `seq` its time. Other streams use Redis' own ``<ms>-<n>``.
+    """
+
+    ms: int
+    seq: int
+
+    _PATTERN = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+
+    @classmethod
+    def parse(cls, value: str | bytes) -> StreamId:
+        text = value.decode() if isinstance(value, bytes) else value
+        m = cls._PATTERN.match(text)
+        if m is None:
+            raise InvalidEventId(text)
+        ms, seq = int(m.group(1)), int(m.group(2))
+        if ms >= 2**64 or seq >= 2**64:
+            raise InvalidEventId(text)
+        return cls(ms, seq)
+
+    @classmethod
+    def parse_last_event_id(cls, value: str) -> StreamId:
+        """Parse a client's Last-Event-ID: ``-1`` and ``0`` mean "from the start"."""
+        text = value.strip()
+        if text in ("-1", "0", "0-0"):
+            return ZERO_ID
+        return cls.parse(text)
+
+    @classmethod
+    def after_thread_seq(cls, seq: int) -> StreamId:
+        """The position just past every entry of thread seq `seq` (a resume cursor)."""
+        return cls(seq, 2**64 - 1)
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+
+ZERO_ID = StreamId(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An event before it is stored: wire name and JSON payload bytes.
+
+    ``blob`` holds the part of a ``messages`` tuple that repeats from token to token; it is
+    stored once per run and spliced back when the event is sent: as ``[<data>,<blob>]``, or,
+    with ``content_only``, as ``[{"content":<data>,<blob>]`` where `data` is just the chunk's
+    content and `blob` the rest of the chunk followed by its metadata.
+    """
+
+    name: str
+    data: bytes
+    blob: bytes | None = None
+    content_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An event as stored in a run's stream. ``blob_ref`` names a blob in the run's blob hash."""
+
+    id: StreamId
+    name: str
+    data: bytes
+    blob_ref: bytes | None = None
+    node: bytes | None = None
+    """The graph node of a protocol `messages` event, once its blob is resolved."""
+
+    @property
+    def is_end(self) -> bool:
+        return self.name == END_EVENT
+
+    @property
+    def classic(self) -> bool:
+        """Whether the classic protocols send this entry (not `end`, not protocol-only)."""
+        return not self.name.startswith(PROTOCOL_ONLY) and self.name != END_EVENT
+
+
+@dataclass(slots=True)
+class Job:
+    """A queued run, as the worker receives it."""
+
+    run_id: str
+    thread_id: str
+    assistant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Events after `after` were trimmed from the stream; delivery resumes at `resumes_at`."""
+
+    after: StreamId
+    resumes_at: StreamId

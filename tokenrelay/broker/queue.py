@@ -1,0 +1,106 @@
+"""The run queue: a Redis Stream with one consumer group; the API enqueues, any worker claims."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, cast
+
+from redis.exceptions import ResponseError
+
+from tokenrelay.broker import codec, scripts
+from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import Job
+
+GROUP = "workers"
+
+
+class RunQueue:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+        self._redis = redis
+        self._key = keys.queue()
+        self._renew = scripts.script("renew_jobs")
+        self._ack = scripts.script("ack_job")
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) once; later calls are no-ops."""
+        try:
+            await self._redis.xgroup_create(self._key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def enqueue(self, job: Job) -> bytes:
+        """Queue `job`; returns its entry id."""
+        return cast(bytes, await self._redis.xadd(self._key, {"j": codec.pack(asdict(job))}))
+
+    async def claim(self, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, Job]]:
+        """Up to `count` new jobs for `consumer`, waiting at most `block_ms` for the first."""
+        reply = cast(
+            list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+            await self._redis.xreadgroup(
+                GROUP, consumer, {self._key: ">"}, count=count, block=block_ms
+            ),
+        )
+        jobs: list[tuple[bytes, Job]] = []
+        for _stream, rows in reply or ():
+            for msg_id, fields in rows:
+                jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
+        return jobs
+
+    async def renew(self, consumer: str, msg_ids: list[bytes]) -> list[bytes]:
+        """Reset the idle time of `consumer`'s jobs: the lease renewal other workers watch.
+
+        Returns the jobs `consumer` no longer owns (taken over by another worker, or gone):
+        their runs were superseded, and renewing them would steal them back."""
+        if not msg_ids:
+            return []
+        lost = await self._renew(self._redis, [self._key], [GROUP, consumer, *msg_ids])
+        return [bytes(m) for m in lost]
+
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[bytes, Job]]:
+        """Take over up to `count` jobs whose owner has not renewed them for `min_idle_ms`."""
+        reply: list[Any] = await self._redis.xautoclaim(
+            self._key, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
+        )
+        jobs: list[tuple[bytes, Job]] = []
+        for msg_id, fields in reply[1]:
+            if fields and b"j" in fields:
+                jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
+            else:  # its payload is gone: nothing to run
+                await self.ack(msg_id, consumer)
+        return jobs
+
+    async def holds(self, msg_id: str) -> bool:
+        """Whether the job `msg_id` is still in the queue (it leaves when acknowledged)."""
+        return bool(await self._redis.xrange(self._key, min=msg_id, max=msg_id, count=1))
+
+    async def contains(self, run_id: str) -> bool:
+        """Whether a job of `run_id` is in the queue (waiting or being run). Reads the whole
+        queue: only for repairs, never on a hot path."""
+        last = "-"
+        while True:
+            rows = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self._redis.xrange(self._key, min=last, max="+", count=1000),
+            )
+            for _msg_id, fields in rows:
+                if b"j" in fields and codec.unpack(fields[b"j"]).get("run_id") == run_id:
+                    return True
+            if len(rows) < 1000:
+                return False
+            last = "(" + rows[-1][0].decode()
+
+    async def depth(self) -> int:
+        """Jobs waiting for a worker (not yet delivered to any)."""
+        groups: list[dict[str, Any]] = await self._redis.xinfo_groups(self._key)
+        for g in groups:
+            name = g.get("name")
+            if name in (GROUP, GROUP.encode()):
+                return int(g.get("lag") or 0)
+        return 0
+
+    async def ack(self, msg_id: bytes, consumer: str) -> bool:
+        """Acknowledge and drop a finished job if `consumer` still owns it (a superseded worker
+        must not drop the job its successor holds); returns whether it did."""
+        return bool(await self._ack(self._redis, [self._key], [GROUP, consumer, msg_id]))

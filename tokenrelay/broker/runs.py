@@ -1,0 +1,287 @@
+"""Run records (``tr:run:{R}:meta``) and a thread's runs, as both processes see them."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from tokenrelay.broker import codec, scripts
+from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.errors import RunExpired, RunLost, RunNotFound
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import Job, RunStatus
+from tokenrelay.broker.thread_index import ThreadIndex
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    """A UUID version 7: random, and ordered by its creation time, which it carries (see
+    `id_created_ms`), so a run that is not found can be told apart from one never made."""
+    ms = now_ms()
+    rand = int.from_bytes(os.urandom(10))
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & 0x3FFF_FFFF_FFFF_FFFF
+    return str(uuid.UUID(int=value))
+
+
+def id_created_ms(value: str) -> int | None:
+    """When `value` was made, if it is a version-7 UUID."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return parsed.int >> 80 if parsed.version == 7 else None
+
+
+@dataclass(slots=True)
+class RunRecord:
+    run_id: str
+    thread_id: str
+    assistant_id: str
+    status: RunStatus
+    created_at: int
+    updated_at: int
+    attempt: int = 0
+    """Attempts started so far; 0 while the run waits for its first worker."""
+    worker: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    multitask_strategy: str = "reject"
+    on_disconnect: str = "continue"
+    error: str = ""
+    checkpoint_id: str = ""
+    seq: int = 0
+    """Last event batch applied to the run's stream (see scripts/append.lua)."""
+    seq_base: int = 0
+    """The thread seq of the run's first event; 0 until a worker starts it."""
+    job: str = ""
+    """The queue entry its current attempt runs from."""
+
+    @property
+    def stream_modes(self) -> list[str]:
+        return list(self.kwargs.get("stream_mode") or ["values"])
+
+    def to_hash(self) -> dict[str, bytes | str | int]:
+        return {
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "assistant_id": self.assistant_id,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "attempt": self.attempt,
+            "worker": self.worker,
+            "metadata": codec.json_bytes(self.metadata),
+            "kwargs": codec.json_bytes(self.kwargs),
+            "multitask_strategy": self.multitask_strategy,
+            "on_disconnect": self.on_disconnect,
+            "error": self.error,
+            "checkpoint_id": self.checkpoint_id,
+        }
+
+    @classmethod
+    def from_hash(cls, h: dict[bytes, bytes]) -> RunRecord:
+        s = {k.decode(): v.decode() for k, v in h.items()}
+        return cls(
+            run_id=s["run_id"],
+            thread_id=s["thread_id"],
+            assistant_id=s["assistant_id"],
+            status=RunStatus(s["status"]),
+            created_at=int(s["created_at"]),
+            updated_at=int(s["updated_at"]),
+            attempt=int(s.get("attempt") or 0),
+            worker=s.get("worker", ""),
+            metadata=codec.json_loads(s.get("metadata") or "{}"),
+            kwargs=codec.json_loads(s.get("kwargs") or "{}"),
+            multitask_strategy=s.get("multitask_strategy", "reject"),
+            on_disconnect=s.get("on_disconnect", "continue"),
+            error=s.get("error", ""),
+            checkpoint_id=s.get("checkpoint_id", ""),
+            seq=int(s.get("seq") or 0),
+            seq_base=int(s.get("s0") or 0),
+            job=s.get("job", ""),
+        )
+
+
+class RunStore:
+    """Create, read and update run records; hand new runs to the queue."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, *, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl = ttl_seconds
+        self._release = scripts.script("release_active")
+        self._index = ThreadIndex(redis, keys)
+        self._start = scripts.script("start_attempt")
+        self._claim = scripts.script("claim_thread")
+        self._update = scripts.script("update_run")
+
+    async def create(self, run: RunRecord) -> Job:
+        """Store `run` as pending and list it on its thread; returns its queue job."""
+        k = self._keys
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(k.run_meta(run.run_id), mapping=run.to_hash())  # type: ignore[arg-type]
+        pipe.expire(k.run_meta(run.run_id), self._ttl)
+        await pipe.execute()
+        await self._redis.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
+        return Job(run.run_id, run.thread_id, run.assistant_id)
+
+    async def claim_thread(self, thread_id: str, run_id: str, *, enqueue: bool) -> tuple[str, str]:
+        """Make `run_id` the thread's active run: ('started', ''), ('queued', '') behind the
+        active run when `enqueue`, else ('busy', <active run id>)."""
+        k = self._keys
+        reply = await self._claim(
+            self._redis,
+            [k.thread_active(thread_id), k.thread_pending(thread_id)],
+            [run_id, "enqueue" if enqueue else ""],
+        )
+        verdict = reply[0].decode()
+        if verdict == "started":
+            await self._index.busy(thread_id)
+        return verdict, reply[1].decode() if len(reply) > 1 else ""
+
+    def job(self, run: RunRecord) -> Job:
+        return Job(run.run_id, run.thread_id, run.assistant_id)
+
+    async def start_attempt(
+        self, run_id: str, worker_id: str, max_attempts: int, job_id: bytes = b""
+    ) -> tuple[str, int, int]:
+        """Begin the next attempt of `run_id` for `worker_id`, run from the queue entry
+        `job_id`: (verdict, attempt, applied seq); verdict is ``run``, ``done`` (already ended)
+        or ``exhausted``."""
+        verdict, attempt, seq = await self._start(
+            self._redis,
+            [self._keys.run_meta(run_id), self._keys.run_cancel(run_id)],
+            [worker_id, now_ms(), max_attempts, job_id],
+        )
+        return verdict.decode(), int(attempt), int(seq)
+
+    async def assign_seq_base(self, run_id: str, after: int) -> int:
+        """Number the run's events from `after` + 1 on (the thread's last seq), unless an
+        earlier attempt already did; returns the run's first seq."""
+        key = self._keys.run_meta(run_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hsetnx(key, "s0", after + 1)
+        pipe.hget(key, "s0")
+        _, base = await pipe.execute()
+        return int(base)
+
+    async def last_seq(self, run_id: str) -> int:
+        """The seq of the run's newest event (its first seq - 1 while it has none)."""
+        base, n = await self._redis.hmget(self._keys.run_meta(run_id), ["s0", "n"])  # type: ignore[misc]
+        return int(base or 0) + int(n or 0) - 1
+
+    async def thread_runs(
+        self, thread_id: str, *, from_ms: int = 0, newest_first: bool = False
+    ) -> list[tuple[str, int]]:
+        """(run id, created_at) of the thread's runs created at `from_ms` or later."""
+        key = self._keys.thread_runs(thread_id)
+        if newest_first:
+            rows = await self._redis.zrevrangebyscore(key, "+inf", from_ms, withscores=True)
+        else:
+            rows = await self._redis.zrangebyscore(key, from_ms, "+inf", withscores=True)
+        return [(rid.decode(), int(score)) for rid, score in cast(list[tuple[bytes, float]], rows)]
+
+    async def get(self, run_id: str) -> RunRecord:
+        h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.run_meta(run_id)))  # type: ignore[misc]
+        if not h or b"run_id" not in h:
+            raise RunNotFound(run_id)
+        return RunRecord.from_hash(h)
+
+    async def find(self, thread_id: str, run_id: str) -> RunRecord:
+        """The run `run_id` if it belongs to `thread_id`; RunExpired if it did but is gone."""
+        try:
+            run = await self.get(run_id)
+        except RunNotFound:
+            if await self._redis.zscore(self._keys.thread_runs(thread_id), run_id) is not None:
+                raise RunExpired(run_id) from None
+            created = id_created_ms(run_id)
+            if created is not None and created < await self.data_since():
+                raise RunLost(run_id) from None
+            raise
+        if run.thread_id != thread_id:
+            raise RunNotFound(run_id)
+        return run
+
+    async def data_since(self) -> int:
+        """Since when (ms) this Redis has held tokenrelay's data: a run made before then and
+        not found was lost with an earlier Redis (or expired), not never made. Set by the
+        first process that asks after Redis starts empty; renewed by the workers."""
+        key = self._keys.epoch()
+        await self._redis.set(key, now_ms(), nx=True, ex=self._ttl)
+        raw = cast(bytes | None, await self._redis.get(key))
+        return int(raw) if raw else now_ms()
+
+    async def update(self, run_id: str, **fields: str | int) -> None:
+        fields.setdefault("updated_at", now_ms())
+        await self._redis.hset(self._keys.run_meta(run_id), mapping=fields)  # type: ignore[misc,arg-type]
+
+    async def update_fenced(self, run_id: str, attempt: int, **fields: str | int) -> bool:
+        """`update`, only while `attempt` is the run's current one; returns whether it wrote."""
+        fields.setdefault("updated_at", now_ms())
+        args: list[str | int] = [attempt]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(await self._update(self._redis, [self._keys.run_meta(run_id)], args))
+
+    async def active_run(self, thread_id: str) -> str | None:
+        """The run active on the thread, if it is still pending or running.
+
+        A pointer to a run that has ended (its worker writes the end before it releases the
+        thread) or is gone (lost with its Redis, expired) does not make the thread busy."""
+        pointer = await self.active_pointer(thread_id)
+        if pointer is None:
+            return None
+        status = cast(bytes | None, await self._redis.hget(self._keys.run_meta(pointer), "status"))  # type: ignore[misc]
+        if status is None or RunStatus(status.decode()).terminal:
+            return None
+        return pointer
+
+    async def active_pointer(self, thread_id: str) -> str | None:
+        """The thread's active pointer as stored, whatever became of its run."""
+        rid = cast(bytes | None, await self._redis.get(self._keys.thread_active(thread_id)))
+        return rid.decode() if rid else None
+
+    async def release_active(self, thread_id: str, run_id: str) -> str | None:
+        """Clear the thread's active pointer if it still names `run_id`; returns the queued run
+        that became active in its place, if any."""
+        k = self._keys
+        promoted = await self._release(
+            self._redis, [k.thread_active(thread_id), k.thread_pending(thread_id)], [run_id]
+        )
+        if not promoted:
+            # Checked after removing, so a run claimed meanwhile leaves the thread marked busy.
+            await self._index.not_busy(thread_id)
+            if await self.active_run(thread_id):
+                await self._index.busy(thread_id)
+        return promoted.decode() if promoted else None
+
+    async def list(self, thread_id: str, *, limit: int, offset: int, status: str | None = None
+    ) -> list[RunRecord]:  # fmt: skip
+        """The thread's runs, newest first (expired ones are skipped)."""
+        ids = cast(
+            list[bytes], await self._redis.zrevrange(self._keys.thread_runs(thread_id), 0, -1)
+        )
+        runs: list[RunRecord] = []
+        for rid in ids:
+            try:
+                run = await self.get(rid.decode())
+            except RunNotFound:
+                continue
+            if status is None or run.status.value == status:
+                runs.append(run)
+        return runs[offset : offset + limit]
+
+    async def delete(self, run: RunRecord) -> None:
+        k = self._keys
+        pipe = self._redis.pipeline(transaction=False)
+        # One slot: the run's hash tag. The thread's index is another slot, another command.
+        pipe.delete(k.run_meta(run.run_id), k.run_events(run.run_id), k.run_blobs(run.run_id))
+        await pipe.execute()
+        await self._redis.zrem(k.thread_runs(run.thread_id), run.run_id)

@@ -1,0 +1,156 @@
+"""Thread records (``tr:thread:{T}:meta``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from tokenrelay.broker import codec, pubsub, scripts
+from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.errors import Conflict, InvalidBody, ThreadNotFound
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.runs import new_id, now_ms
+from tokenrelay.broker.thread_index import MAX_METADATA_KEYS, ThreadIndex
+
+RUN_STARTED = codec.pack([b"", []])
+"""What `announce_run` publishes: an empty live batch, so the API's fan-out needs no new kind."""
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    # Each pair is an entry of the thread index: a bounded number per thread.
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidBody(f"A thread's metadata has at most {MAX_METADATA_KEYS} keys")
+
+
+@dataclass(slots=True)
+class ThreadRecord:
+    thread_id: str
+    created_at: int
+    updated_at: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class ThreadStore:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._advance_seq = scripts.script("advance_seq")
+        self.index = ThreadIndex(redis, keys)
+
+    async def last_seq(self, thread_id: str) -> int:
+        """The seq of the last event the thread's finished runs wrote (0: none yet)."""
+        raw = await self._redis.hget(self._keys.thread_meta(thread_id), "seq")  # type: ignore[misc]
+        return int(raw or 0)
+
+    async def advance_seq(self, thread_id: str, last: int) -> None:
+        """Record that the thread's events reach seq `last` (never lowers it)."""
+        await self._advance_seq(self._redis, [self._keys.thread_meta(thread_id)], [last])
+
+    async def announce_run(self, thread_id: str) -> None:
+        """Wake the thread's protocol subscribers: a run started and its events follow."""
+        await pubsub.publish(self._redis, self._keys.thread_live(thread_id), RUN_STARTED)
+
+    async def create(
+        self,
+        thread_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        if_exists: str = "raise",
+    ) -> ThreadRecord:
+        """Create a thread; an existing id raises Conflict, or is returned with `do_nothing`."""
+        _check_metadata(metadata or {})
+        tid = thread_id or new_id()
+        key = self._keys.thread_meta(tid)
+        ts = now_ms()
+        created = await self._redis.hsetnx(key, "thread_id", tid)  # type: ignore[misc]
+        if not created:
+            if if_exists == "do_nothing":
+                return await self.get(tid)
+            raise Conflict(f"Thread with ID {tid} already exists")
+        record = ThreadRecord(tid, ts, ts, dict(metadata or {}))
+        await self._redis.hset(  # type: ignore[misc]
+            key,
+            mapping={
+                "created_at": ts,
+                "updated_at": ts,
+                "metadata": codec.json_bytes(record.metadata),
+            },
+        )
+        await self.index.added(tid, ts, record.metadata)
+        return record
+
+    async def get(self, thread_id: str) -> ThreadRecord:
+        h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.thread_meta(thread_id)))  # type: ignore[misc]
+        if not h or b"created_at" not in h:
+            raise ThreadNotFound(thread_id)
+        return ThreadRecord(
+            thread_id=thread_id,
+            created_at=int(h[b"created_at"]),
+            updated_at=int(h[b"updated_at"]),
+            metadata=codec.json_loads(h.get(b"metadata") or b"{}"),
+        )
+
+    async def exists(self, thread_id: str) -> bool:
+        return bool(await self._redis.hexists(self._keys.thread_meta(thread_id), "created_at"))  # type: ignore[misc]
+
+    async def touch(self, thread_id: str) -> None:
+        ts = now_ms()
+        await self._redis.hset(self._keys.thread_meta(thread_id), "updated_at", ts)  # type: ignore[misc]
+        await self.index.updated(thread_id, ts)
+
+    async def set_status(self, thread_id: str, status: str) -> None:
+        """Record how the thread's last run left it: idle, error or interrupted."""
+        ts = now_ms()
+        await self._redis.hset(  # type: ignore[misc]
+            self._keys.thread_meta(thread_id), mapping={"status": status, "updated_at": ts}
+        )
+        await self.index.status_recorded(thread_id, status, ts)
+
+    async def last_status(self, thread_id: str) -> str:
+        raw = cast(
+            bytes | None, await self._redis.hget(self._keys.thread_meta(thread_id), "status")
+        )  # type: ignore[misc]
+        return raw.decode() if raw else "idle"
+
+    async def update_metadata(self, thread_id: str, metadata: dict[str, Any]) -> ThreadRecord:
+        """Merge `metadata` into the thread's."""
+        thread = await self.get(thread_id)
+        before = dict(thread.metadata)
+        thread.metadata.update(metadata)
+        _check_metadata(thread.metadata)
+        thread.updated_at = now_ms()
+        await self._redis.hset(  # type: ignore[misc]
+            self._keys.thread_meta(thread_id),
+            mapping={
+                "metadata": codec.json_bytes(thread.metadata),
+                "updated_at": thread.updated_at,
+            },
+        )
+        await self.index.metadata_changed(thread_id, before, thread.metadata, thread.updated_at)
+        return thread
+
+    async def delete(self, thread_id: str) -> None:
+        thread = await self.get(thread_id)
+        await self._redis.delete(  # one slot: the thread's hash tag
+            self._keys.thread_meta(thread_id),
+            self._keys.thread_runs(thread_id),
+            self._keys.thread_active(thread_id),
+            self._keys.thread_pending(thread_id),
+        )
+        await self.index.removed(thread_id, thread.metadata)
+
+    async def retire(self, thread_id: str, ttl_seconds: int) -> None:
+        """Take a thread out of listings and let its records expire with its runs' (a
+        stateless run's thread: nothing may be left behind)."""
+        k = self._keys
+        pipe = self._redis.pipeline(transaction=False)
+        for key in (k.thread_meta(thread_id), k.thread_runs(thread_id)):
+            pipe.expire(key, ttl_seconds)
+        pipe.delete(k.thread_pending(thread_id))
+        pipe.zrem(k.threads_index(), thread_id)
+        await pipe.execute()
+
+    async def list_ids(self) -> list[str]:
+        """Every thread id, newest first (for the searches the index cannot answer)."""
+        ids = cast(list[bytes], await self._redis.zrevrange(self._keys.threads_index(), 0, -1))
+        return [i.decode() for i in ids]

@@ -1,0 +1,3 @@
+from tokenrelay.producer.cli import main
+
+main()

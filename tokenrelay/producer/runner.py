@@ -1,0 +1,437 @@
+"""Runs one graph for one run and turns what it streams into wire events."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from langchain_core._api.beta_decorator import LangChainBetaWarning
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    BaseMessageChunk,
+    message_chunk_to_message,
+)
+from langchain_core.messages.ai import add_ai_message_chunks
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.stream import ProtocolEvent, StreamTransformer
+from langgraph.types import Command
+
+from tokenrelay.broker import codec
+from tokenrelay.broker.graphs import GraphRegistry
+from tokenrelay.broker.models import (
+    INPUT_EVENT,
+    LIFECYCLE_EVENT,
+    MESSAGES_EVENT,
+    TOOLS_EVENT,
+    Event,
+)
+from tokenrelay.broker.protocol import CHECKPOINT_EVENT, checkpoint_summary
+from tokenrelay.broker.runs import RunRecord
+
+log = logging.getLogger("tokenrelay.runner")
+
+# Wire stream mode -> LangGraph stream mode.
+_GRAPH_MODE = {
+    "values": "values",
+    "updates": "updates",
+    "messages-tuple": "messages",
+    "messages": "messages",
+    "custom": "custom",
+    "debug": "debug",
+    "tasks": "tasks",
+    "checkpoints": "checkpoints",
+}
+STREAM_MODES = frozenset(_GRAPH_MODE)
+
+AGENT_PROTOCOL = "agent"
+"""`stream_protocol` of runs started through the agent streaming protocol (``run.start``)."""
+
+_DELTA_HEAD = b'{"event":"content-block-delta","index":%d,"delta":{"type":"text-delta","text":'
+
+
+class _WireModes(StreamTransformer):
+    """Asks a v3 event stream for every mode the agent protocol has a channel for; the events
+    themselves pass through the stream unchanged."""
+
+    required_stream_modes: ClassVar[tuple[str, ...]] = (
+        "updates",
+        "custom",
+        "tasks",
+        "checkpoints",
+        "tools",
+    )
+
+    def init(self) -> dict[str, Any]:
+        return {}
+
+    def process(self, event: ProtocolEvent) -> bool:
+        return True
+
+
+def _ns_suffix(ns: tuple[str, ...] | list[str]) -> str:
+    return "|" + "|".join(ns) if ns else ""
+
+
+def protocol_message_event(suffix: str, event: dict[str, Any], node: str) -> Event:
+    """A protocol `messages` event stored lean: a text delta keeps only its text per entry; the
+    rest (and the node) is a blob stored once per run (see `tokenrelay.broker.log.BlobResolver`)."""
+    if (
+        event.get("event") == "content-block-delta"
+        and isinstance(event.get("index"), int)
+        and len(event) == 3
+    ):
+        delta = event.get("delta")
+        if isinstance(delta, dict) and delta.get("type") == "text-delta" and len(delta) == 2:
+            head = _DELTA_HEAD % event["index"]
+            return Event(
+                MESSAGES_EVENT + suffix,
+                codec.json_bytes(delta["text"]),
+                blob=node.encode() + b"\x00" + head,
+                content_only=True,
+            )
+    return Event(MESSAGES_EVENT + suffix, codec.json_bytes(event), blob=node.encode())
+
+
+def _whole_message_events(message: BaseMessage) -> list[dict[str, Any]]:
+    """A message a node returned whole (not streamed), as the protocol's message events."""
+    if not isinstance(message, AIMessage):
+        return []  # user input is in `values`; tool results are on the `tools` channel
+    out: list[dict[str, Any]] = [{"event": "message-start", "role": "ai", "id": message.id or ""}]
+    for index, block in enumerate(message.content_blocks):
+        content = {k: v for k, v in dict(block).items() if k != "index"}
+        start = {**content, "text": ""} if content.get("type") == "text" else content
+        out.append({"event": "content-block-start", "index": index, "content": start})
+        out.append({"event": "content-block-finish", "index": index, "content": content})
+    finish: dict[str, Any] = {"event": "message-finish"}
+    if message.usage_metadata:
+        finish["usage"] = dict(message.usage_metadata)
+    out.append(finish)
+    return out
+
+
+def run_config(run: RunRecord, graph_id: str) -> dict[str, Any]:
+    """The RunnableConfig of a run: the client's config plus thread and run identity."""
+    user = dict(run.kwargs.get("config") or {})
+    configurable = dict(user.get("configurable") or {})
+    configurable.update(
+        thread_id=run.thread_id, run_id=run.run_id, assistant_id=run.assistant_id, graph_id=graph_id
+    )
+    checkpoint_id = run.kwargs.get("checkpoint_id")
+    if checkpoint_id:
+        configurable["checkpoint_id"] = checkpoint_id
+    metadata = dict(user.get("metadata") or {})
+    metadata.update(run.metadata)
+    metadata.update(
+        run_id=run.run_id,
+        thread_id=run.thread_id,
+        assistant_id=run.assistant_id,
+        graph_id=graph_id,
+        run_attempt=run.attempt,
+    )
+    config: dict[str, Any] = {**user, "configurable": configurable, "metadata": metadata}
+    config.setdefault("recursion_limit", 25)
+    return config
+
+
+class _MessageAccumulator:
+    """Renders the legacy `messages` mode: metadata once, then the accumulated partial message."""
+
+    def __init__(self) -> None:
+        self._partials: dict[str, BaseMessageChunk] = {}
+
+    def events(self, suffix: str, message: BaseMessage, meta: dict[str, Any]) -> list[Event]:
+        msg_id = message.id or ""
+        out: list[Event] = []
+        if isinstance(message, BaseMessageChunk):
+            known = self._partials.get(msg_id)
+            if known is None:
+                out.append(
+                    Event(
+                        "messages/metadata" + suffix,
+                        codec.json_bytes({msg_id: {"metadata": meta}}),
+                    )
+                )
+                merged = message
+            else:
+                merged = known + message
+            self._partials[msg_id] = merged
+            out.append(Event("messages/partial" + suffix, codec.json_bytes([merged])))
+        else:
+            if msg_id not in self._partials:
+                out.append(
+                    Event(
+                        "messages/metadata" + suffix,
+                        codec.json_bytes({msg_id: {"metadata": meta}}),
+                    )
+                )
+            self._partials.pop(msg_id, None)
+            out.append(Event("messages/complete" + suffix, codec.json_bytes([message])))
+        return out
+
+
+class _MetadataJSON:
+    """Encodes a message's `messages` metadata once: LangGraph hands every chunk of one model
+    call the same metadata dict, about 1 KB of JSON that would otherwise be encoded per token."""
+
+    def __init__(self) -> None:
+        self._last: tuple[dict[str, Any], bytes] | None = None
+
+    def __call__(self, meta: dict[str, Any]) -> bytes:
+        last = self._last
+        if last is not None and last[0] is meta:
+            return last[1]
+        encoded = codec.json_bytes(meta)
+        self._last = (meta, encoded)  # holding the dict keeps its identity from being reused
+        return encoded
+
+
+def _tuple_event(name: str, message: BaseMessage, meta_json: bytes) -> Event:
+    """A `messages` event stored lean: the chunk's content per entry, the rest of the chunk
+    and its metadata (the same from token to token) once per run."""
+    chunk = codec.json_bytes(message)
+    if isinstance(message.content, str):
+        content = codec.json_bytes(message.content)
+        rest = codec.split_content(chunk, content)
+        if rest:
+            return Event(name, content, blob=rest + b"," + meta_json, content_only=True)
+    return Event(name, chunk, blob=meta_json)
+
+
+class GraphRun:
+    """Executes a run's graph with the requested stream modes and yields its events in order."""
+
+    def __init__(self, registry: GraphRegistry, run: RunRecord) -> None:
+        self.run = run
+        self.graph_id = registry.graph_id(run.assistant_id)
+        self.graph = registry.get(run.assistant_id)
+        self.modes = [m for m in run.stream_modes if m in STREAM_MODES] or ["values"]
+        self._accumulator = _MessageAccumulator()
+        self.resume = False
+        self.interrupted = False
+        """Whether the graph stopped on an interrupt (it waits for input)."""
+        self._current = ""
+        self._meta_json = _MetadataJSON()
+        # protocol runs: message id -> (its text so far, node, step)
+        self._texts: dict[str, tuple[list[str], str, int]] = {}
+        # message id -> (its chunks so far, top-level node that streamed it, step). The chunks
+        # are merged only if the run is cancelled: merging per token would cost the worker more
+        # than everything else it does for that token.
+        self._partials: dict[str, tuple[list[AIMessageChunk], str, int]] = {}
+
+    async def prepare(self) -> None:
+        """On a later attempt, continue from the run's last checkpoint if it wrote one."""
+        if self.run.attempt <= 1 or self.graph.checkpointer is None:
+            return
+        state = await self.graph.aget_state({"configurable": {"thread_id": self.run.thread_id}})
+        metadata = state.metadata or {}
+        self.resume = metadata.get("run_id") == self.run.run_id
+        if self.resume:
+            log.info(
+                "resuming run from checkpoint %s",
+                state.config["configurable"].get("checkpoint_id"),
+                extra={"run_id": self.run.run_id, "attempt": self.run.attempt},
+            )
+
+    def _track(self, message: BaseMessage, meta: dict[str, Any], ns: tuple[str, ...]) -> None:
+        if not isinstance(message, AIMessageChunk) or not message.id:
+            self._partials.pop(message.id or "", None)  # a whole message: nothing is partial
+            return
+        # Inside a subgraph the thread's node is the first namespace segment ("node:task").
+        path = ns or tuple(str(meta.get("langgraph_checkpoint_ns", "")).split("|"))[:-1]
+        node = path[0].split(":")[0] if path else meta.get("langgraph_node", "")
+        step = int(meta.get("langgraph_step") or 0)
+        known = self._partials.get(message.id)
+        if known is None:
+            self._partials[message.id] = ([message], str(node), step)
+        else:
+            known[0].append(message)
+
+    def partial_message(self) -> tuple[AIMessage, str] | None:
+        """The AI message that was streaming when the run stopped, marked as cancelled, and the
+        node that streamed it."""
+        for msg_id, (texts, node_of, step) in self._texts.items():
+            chunk = AIMessageChunk(content="".join(texts), id=msg_id)
+            self._partials.setdefault(msg_id, ([chunk], node_of, step))
+        if not self._partials:
+            return None
+        chunks, node, _ = max(self._partials.values(), key=lambda p: p[2])
+        first, *rest = chunks
+        merged = add_ai_message_chunks(first, *rest) if rest else first
+        message = message_chunk_to_message(merged)
+        if not isinstance(message, AIMessage):
+            return None
+        if message.tool_calls or message.invalid_tool_calls:
+            # A tool call cut short has no tool result and may not even parse; a model given
+            # it on the next turn would fail. Keep it for the record, outside `tool_calls`.
+            cut = [dict(c) for c in [*message.tool_calls, *message.invalid_tool_calls]]
+            message = AIMessage(
+                content=message.content,
+                id=message.id,
+                name=message.name,
+                additional_kwargs={**message.additional_kwargs, "cancelled_tool_calls": cut},
+                response_metadata=message.response_metadata,
+                usage_metadata=message.usage_metadata,
+            )
+        message.response_metadata = {
+            **message.response_metadata,
+            "finish_reason": "cancelled",
+            "cancelled": True,
+        }
+        message.additional_kwargs = {**message.additional_kwargs, "cancelled": True}
+        return message, node
+
+    async def save_partial(self) -> tuple[str | None, Any]:
+        """Write the partial message into the thread as its node's output; returns the new
+        checkpoint id and the saved state's values."""
+        config: RunnableConfig = {"configurable": {"thread_id": self.run.thread_id}}
+        found = self.partial_message()
+        if found is not None:
+            message, node = found
+            await self.graph.aupdate_state(config, {"messages": [message]}, as_node=node or None)
+        state = await self.graph.aget_state({"configurable": {"thread_id": self.run.thread_id}})
+        checkpoint_id = (state.config or {}).get("configurable", {}).get("checkpoint_id")
+        return checkpoint_id, state.values
+
+    async def rollback(self) -> None:
+        """Put the thread back where it was before this run: fork from the last checkpoint
+        another run wrote, or clear the thread if this run was its first."""
+        config: RunnableConfig = {"configurable": {"thread_id": self.run.thread_id}}
+        async for snap in self.graph.aget_state_history(config):
+            if (snap.metadata or {}).get("run_id") != self.run.run_id:
+                await self.graph.aupdate_state(snap.config, None)
+                return
+        saver = self.graph.checkpointer
+        if isinstance(saver, BaseCheckpointSaver):
+            await saver.adelete_thread(self.run.thread_id)
+
+    def _input(self) -> Any:
+        if self.resume:
+            return None
+        command = self.run.kwargs.get("command")
+        if command:
+            return Command(**command)
+        return self.run.kwargs.get("input")
+
+    @property
+    def protocol(self) -> bool:
+        return self.run.kwargs.get("stream_protocol") == AGENT_PROTOCOL
+
+    def _track_protocol(self, event: dict[str, Any], meta: dict[str, Any], ns: tuple[str, ...]
+    ) -> None:  # fmt: skip
+        """Keep what a cancel needs to save the partial message: the text streamed so far."""
+        kind = event.get("event")
+        if kind == "message-start":
+            if event.get("role", "ai") != "ai" or not event.get("id"):
+                return
+            self._current = str(event["id"])
+            node = ns[0].split(":")[0] if ns else str(meta.get("langgraph_node", ""))
+            # The text alone, per token; the message is built only if the run is cancelled.
+            self._texts[self._current] = ([], node, int(meta.get("langgraph_step") or 0))
+        elif kind == "content-block-delta" and self._current in self._texts:
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text-delta":
+                self._texts[self._current][0].append(str(delta.get("text", "")))
+        elif kind == "message-finish":
+            self._texts.pop(self._current, None)
+
+    def _graph_kwargs(self) -> dict[str, Any]:
+        """The run's context and interrupt_before/after, as the graph's stream takes them."""
+        kwargs: dict[str, Any] = {}
+        context = self.run.kwargs.get("context")
+        if context:
+            kwargs["context"] = context
+        for key in ("interrupt_before", "interrupt_after"):
+            if self.run.kwargs.get(key):
+                kwargs[key] = self.run.kwargs[key]
+        return kwargs
+
+    async def protocol_events(self) -> AsyncIterator[Event]:
+        """The run as the agent streaming protocol's events, from LangGraph's own protocol
+        event stream (``astream_events(version="v3")``)."""
+        kwargs = self._graph_kwargs()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LangChainBetaWarning)
+            stream = await self.graph.astream_events(  # type: ignore[call-overload]
+                self._input(),
+                run_config(self.run, self.graph_id),
+                version="v3",
+                transformers=[_WireModes],
+                **kwargs,
+            )
+        async for item in stream:
+            params = item["params"]
+            method, data = item["method"], params["data"]
+            ns = tuple(params["namespace"])
+            suffix = _ns_suffix(ns)
+            if method == "messages":
+                message, meta = data
+                node = str(meta.get("langgraph_node", ""))
+                if isinstance(message, BaseMessage):
+                    self._texts.pop(message.id or "", None)
+                    for event in _whole_message_events(message):
+                        yield protocol_message_event(suffix, event, node)
+                    continue
+                self._track_protocol(message, meta, ns)
+                yield protocol_message_event(suffix, message, node)
+            elif method == "values":
+                yield Event("values" + suffix, codec.json_bytes(data))
+                for interrupt in params.get("interrupts") or ():
+                    self.interrupted = True
+                    payload = {"interrupt_id": interrupt.id, "payload": interrupt.value}
+                    yield Event(INPUT_EVENT + suffix, codec.json_bytes(payload))
+            elif method == "lifecycle":
+                # A subgraph's lifecycle is announced under its own namespace.
+                own = {k: v for k, v in data.items() if k != "namespace"}
+                where = _ns_suffix(data.get("namespace") or ns)
+                yield Event(LIFECYCLE_EVENT + where, codec.json_bytes(own))
+            elif method == "tools":
+                yield Event(TOOLS_EVENT + suffix, codec.json_bytes(data))
+            elif method == "checkpoints":
+                yield Event(CHECKPOINT_EVENT + suffix, codec.json_bytes(checkpoint_summary(data)))
+            elif method == "updates" and isinstance(data, dict) and "__interrupt__" in data:
+                continue  # interrupts go out on `input`, from the `values` that carries them
+            else:
+                yield Event(method + suffix, codec.json_bytes(data))
+
+    async def events(self) -> AsyncIterator[Event]:
+        if self.protocol:
+            async for event in self.protocol_events():
+                yield event
+            return
+        # `messages` is always streamed internally: a cancel turns the chunks into the partial
+        # message it keeps, whether or not the client asked for them.
+        # `updates` too: an interrupt shows there, and the protocol's `input` channel needs it.
+        graph_modes = sorted({_GRAPH_MODE[m] for m in self.modes} | {"messages", "updates"})
+        kwargs = self._graph_kwargs()
+        subgraphs = bool(self.run.kwargs.get("subgraphs"))
+        stream = self.graph.astream(  # type: ignore[call-overload]
+            self._input(),
+            run_config(self.run, self.graph_id),  # type: ignore[arg-type]
+            stream_mode=graph_modes,  # type: ignore[arg-type]
+            subgraphs=subgraphs,
+            **kwargs,
+        )
+        async for chunk in stream:
+            ns, mode, data = chunk if subgraphs else ((), *chunk)
+            suffix = "|" + "|".join(ns) if ns else ""
+            if mode == "messages":
+                message, meta = data
+                self._track(message, meta, ns)
+                if "messages-tuple" in self.modes:
+                    yield _tuple_event("messages" + suffix, message, self._meta_json(meta))
+                if "messages" in self.modes:
+                    for event in self._accumulator.events(suffix, message, meta):
+                        yield event
+            else:
+                if mode == "updates" and isinstance(data, dict) and "__interrupt__" in data:
+                    self.interrupted = True
+                    for interrupt in data["__interrupt__"]:
+                        payload = {"interrupt_id": interrupt.id, "payload": interrupt.value}
+                        yield Event(INPUT_EVENT + suffix, codec.json_bytes(payload))
+                if mode != "updates" or "updates" in self.modes:
+                    yield Event(mode + suffix, codec.json_bytes(data))

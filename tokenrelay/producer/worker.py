@@ -1,0 +1,617 @@
+"""The worker: claims runs from the queue and executes them, up to a concurrency bound.
+
+A worker owns a run while it renews the run's queue entry (its lease) on every heartbeat. When a
+worker dies, its entries go idle; after `lease_seconds` any other worker takes them over with
+XAUTOCLAIM and starts the next attempt, which continues from the run's last checkpoint.
+
+Fencing: every write an attempt makes for its run is conditional on it still being the run's
+current attempt (appends and the final status by the append script, other fields by
+``update_run.lua``, the lease and the queue ack by the queue entry's owner). The end of a run is
+written first, in one fenced append; once it is in, no other attempt can start, so the
+thread-side effects that follow (thread status, releasing the active pointer, the ack) belong to
+the attempt that wrote it. A superseded attempt stops its graph at its next write or lease
+renewal and logs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+from redis.exceptions import ResponseError
+
+from tokenrelay.broker import codec, telemetry
+from tokenrelay.broker.cancel import CancelAction
+from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
+from tokenrelay.broker.errors import AppendFailed, AssistantNotFound, Superseded, ThreadNotFound
+from tokenrelay.broker.graphs import GraphRegistry
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.log import FENCED, EventLog
+from tokenrelay.broker.models import END_EVENT, LIFECYCLE_EVENT, Event, Job, RunStatus
+from tokenrelay.broker.pubsub import subscriber
+from tokenrelay.broker.queue import RunQueue
+from tokenrelay.broker.retry import Backoff
+from tokenrelay.broker.runs import RunStore
+from tokenrelay.broker.settings import Settings
+from tokenrelay.broker.threads import ThreadStore
+from tokenrelay.producer.publisher import Publisher
+from tokenrelay.producer.runner import GraphRun
+
+log = logging.getLogger("tokenrelay.worker")
+
+END_TRIES = 30
+"""Tries at writing a run's end while Redis refuses its appends (about a minute), each after
+the publisher's own bounded retries."""
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    msg_id: bytes
+    task: asyncio.Task[None]
+    stop_reason: str = ""
+    """Why the task is being cancelled: ``handback`` (drain), ``fenced`` (superseded),
+    ``failed`` (Redis refuses its events) or ``cancel:<action>``."""
+    attempt: int = 0
+    failure: str = ""
+    finishing: bool = False
+    """Writing the run's end: nothing may cancel the task any more (a superseded or failed
+    write raises in the task itself)."""
+    stopping: bool = False
+    """The task took its cancellation and is ending the run (saving its partial output)."""
+
+
+class Worker:
+    """Claims queued runs and executes each as an asyncio task."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        settings: Settings,
+        registry: GraphRegistry,
+        *,
+        worker_id: str | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self.id = worker_id or new_worker_id()
+        self.settings = settings
+        self.registry = registry
+        self.concurrency = concurrency or settings.worker_concurrency
+        self.keys = Keys(settings.key_prefix)
+        self._redis = redis
+        self.log = EventLog(
+            redis, self.keys, maxlen=settings.stream_maxlen, ttl_seconds=settings.retention_seconds
+        )
+        self.runs = RunStore(redis, self.keys, ttl_seconds=settings.retention_seconds)
+        self.threads = ThreadStore(redis, self.keys)
+        self.queue = RunQueue(redis, self.keys)
+        self.publisher = Publisher(
+            redis,
+            self.log,
+            flush_ms=settings.flush_ms,
+            max_events=settings.flush_max_events,
+            on_cancel=self._on_cancel_signal,
+            on_failed=self._on_append_failed,
+        )
+        self._running: dict[str, _Running] = {}
+        self._ctx = {"worker_id": self.id}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event, force: asyncio.Event | None = None) -> None:
+        """Claim and run jobs until `stop` is set; then drain: let running runs finish within
+        the grace period (or until `force` is set) and hand back the rest."""
+        force = force or asyncio.Event()
+        await self._connect_with_retry()
+        await self._warn_if_memory_shared()
+        self.publisher.start()
+        beat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
+        control = asyncio.create_task(self._control_loop(), name="worker-control")
+        log.info("worker ready (concurrency %d)", self.concurrency, extra=self._ctx)
+        try:
+            claim = asyncio.create_task(self._claim_loop(stop))
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({claim, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            claim.cancel()
+            stopped.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await claim
+            await self._drain(force)
+        finally:
+            for task in (beat, control):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for running in list(self._running.values()):
+                running.task.cancel()
+            await self.publisher.stop()
+            with contextlib.suppress(*NETWORK_ERRORS):
+                await self._redis.delete(self.keys.worker(self.id))
+            log.info("worker stopped", extra=self._ctx)
+
+    async def _connect_with_retry(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self.queue.ensure_group()
+                return
+            except NETWORK_ERRORS as exc:
+                log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _warn_if_memory_shared(self) -> None:
+        if self.settings.checkpointer != "memory":
+            return
+        others = [k async for k in self._redis.scan_iter(match=self.keys.worker("*"), count=100)]
+        if others:
+            log.warning(
+                "TOKENRELAY_CHECKPOINTER=memory with %d other live worker(s): each worker keeps "
+                "its own in-memory threads, so thread state is not shared and a run taken over "
+                "by another worker restarts from scratch. Multi-worker deployments need "
+                "TOKENRELAY_CHECKPOINTER=postgresql://...",
+                len(others),
+                extra=self._ctx,
+            )
+
+    async def _drain(self, force: asyncio.Event) -> None:
+        if not self._running:
+            return
+        grace = self.settings.shutdown_grace_seconds
+        log.info("draining %d run(s) for up to %.0fs", len(self._running), grace, extra=self._ctx)
+        runs_done = asyncio.ensure_future(asyncio.wait({r.task for r in self._running.values()}))
+        forced = asyncio.ensure_future(force.wait())
+        await asyncio.wait({runs_done, forced}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        runs_done.cancel()
+        forced.cancel()
+        left = list(self._running.values())
+        for running in left:
+            running.stop_reason = "handback"
+            running.task.cancel()
+        if left:
+            await asyncio.wait({r.task for r in left}, timeout=10)
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                await asyncio.wait(
+                    {r.task for r in self._running.values()}, return_when=asyncio.FIRST_COMPLETED
+                )
+                continue
+            try:
+                claimed = await self.queue.claim(self.id, min(free, 32), block_ms=500)
+                backoff = 0.1
+            except NETWORK_ERRORS as exc:
+                log.warning("cannot claim runs (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                    raise
+                # The queue or its group vanished (DEL, FLUSHALL, a restart without
+                # persistence): recreate them and go on.
+                log.warning("run queue or its group missing; recreating them", extra=self._ctx)
+                with contextlib.suppress(*NETWORK_ERRORS, ResponseError):
+                    await self.queue.ensure_group()
+                await asyncio.sleep(backoff)
+                continue
+            for msg_id, job in claimed:
+                self._start(msg_id, job)
+
+    def _start(self, msg_id: bytes, job: Job) -> None:
+        if job.run_id in self._running:
+            return
+        task = asyncio.create_task(self._execute(msg_id, job), name=f"run-{job.run_id}")
+        self._running[job.run_id] = _Running(job, msg_id, task)
+        telemetry.RUNS_ACTIVE.inc()
+        task.add_done_callback(functools.partial(self._done, job.run_id))
+
+    def _done(self, run_id: str, task: asyncio.Task[None]) -> None:
+        running = self._running.get(run_id)
+        if running is not None and running.task is task:
+            del self._running[run_id]
+            telemetry.RUNS_ACTIVE.dec()
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "run task failed", exc_info=task.exception(), extra={**self._ctx, "run_id": run_id}
+            )
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        lease = self.settings.lease_seconds
+        while True:
+            try:
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a heartbeat must never stop for good
+                log.warning("heartbeat failed: %s", exc, extra=self._ctx)
+            await asyncio.sleep(lease / 3)
+
+    async def _heartbeat(self) -> None:
+        lease = self.settings.lease_seconds
+        await self._redis.set(self.keys.worker(self.id), b"1", ex=max(1, math.ceil(lease)))
+        await self.runs.data_since()  # marks when an emptied Redis began to hold data again
+        owned = {r.msg_id: r for r in self._running.values() if not r.stop_reason}
+        for msg_id in await self.queue.renew(self.id, list(owned)):
+            running = owned[msg_id]
+            self._fence(running.job.run_id, "its job was taken over by another worker or deleted")
+        free = self.concurrency - len(self._running)
+        if free > 0:
+            try:
+                reclaimed = await self.queue.reclaim(self.id, int(lease * 1000), free)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.queue.ensure_group()
+                return
+            for msg_id, job in reclaimed:
+                if job.run_id in self._running:
+                    continue
+                telemetry.RUNS_RECLAIMED.inc()
+                log.info(
+                    "taking over run from a worker whose lease lapsed",
+                    extra={**self._ctx, "run_id": job.run_id, "thread_id": job.thread_id},
+                )
+                self._start(msg_id, job)
+
+    async def _control_loop(self) -> None:
+        """Cancel requests sent to this worker (``tr:ctl:<worker>``), acted on at once."""
+        while True:
+            pubsub = subscriber(self._redis, ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.ctl(self.id))
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        continue
+                    try:
+                        body = codec.unpack(msg["data"])
+                        self._cancel(str(body["run_id"]), CancelAction(body["action"]))
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("ignoring a malformed control message", extra=self._ctx)
+            except NETWORK_ERRORS as exc:
+                log.warning("control channel lost (%s); resubscribing", exc, extra=self._ctx)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(*NETWORK_ERRORS):
+                    await pubsub.aclose()
+
+    def _cancel(self, run_id: str, action: CancelAction) -> None:
+        running = self._running.get(run_id)
+        if running is None or running.finishing or running.stopping:
+            return
+        if running.stop_reason:
+            # Asked again (every flush reads the durable cancel request) while the task has
+            # not taken its cancellation: code inside the graph swallowed it; deliver it again.
+            if running.stop_reason.startswith("cancel:"):
+                running.task.cancel()
+            return
+        log.info("cancel requested: %s", action.value, extra={**self._ctx, "run_id": run_id})
+        running.stop_reason = f"cancel:{action.value}"
+        running.task.cancel()
+
+    def _on_cancel_signal(self, run_id: str, value: bytes) -> None:
+        running = self._running.get(run_id)
+        if running is None:
+            return
+        if value in (b"interrupt", b"rollback"):
+            self._cancel(run_id, CancelAction(value.decode()))
+            return
+        if value == FENCED:
+            self._fence(run_id, "another attempt owns its stream")
+
+    def _fence(self, run_id: str, why: str) -> None:
+        """This worker's attempt was superseded: stop its graph, write nothing more."""
+        running = self._running.get(run_id)
+        if running is None or running.finishing or running.stop_reason in ("fenced", "handback"):
+            return
+        log.warning(
+            "run was taken over by another worker (%s); stopping attempt %d, writing nothing more",
+            why, running.attempt, extra={**self._ctx, "run_id": run_id},
+        )  # fmt: skip
+        running.stop_reason = "fenced"
+        running.task.cancel()
+
+    def _on_append_failed(self, run_id: str, exc: BaseException) -> None:
+        running = self._running.get(run_id)
+        if running is None or running.stop_reason or running.finishing:
+            return
+        running.stop_reason = "failed"
+        running.failure = str(exc)
+        running.task.cancel()
+
+    # -- executing ---------------------------------------------------------------------------
+
+    async def _execute(self, msg_id: bytes, job: Job) -> None:
+        rid = job.run_id
+        ctx: dict[str, object] = {**self._ctx, "run_id": rid, "thread_id": job.thread_id}
+        verdict, attempt, seq = await self.runs.start_attempt(
+            rid, self.id, self.settings.max_attempts, msg_id
+        )
+        if verdict == "done":
+            await self.queue.ack(msg_id, self.id)
+            return
+        ctx["attempt"] = attempt
+        running = self._running.get(rid)
+        if running is not None:
+            running.attempt = attempt
+        self.publisher.begin_run(rid, attempt, seq)
+        # Number the run's events after the thread's last one, then tell the thread's
+        # protocol subscribers that a run started.
+        await self.runs.assign_seq_base(rid, await self.threads.last_seq(job.thread_id))
+        await self.threads.announce_run(job.thread_id)
+        try:
+            if verdict.startswith("cancel:"):
+                # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
+                action = CancelAction(verdict.split(":", 1)[1])
+                await self._cancelled(msg_id, job, attempt, action, None, ctx)
+                return
+            if verdict == "exhausted":
+                log.error("run gave up after %d attempts", attempt - 1, extra=ctx)
+                tries = attempt - 1
+                message = f"Run failed after {tries} attempt(s): its worker stopped responding"
+                await self._finish(
+                    msg_id, job, attempt, RunStatus.ERROR, [Event("error", codec.error_payload(
+                        "RunAttemptsExhausted", message))], error=message, ctx=ctx,
+                )  # fmt: skip
+                return
+            await self._run_graph(msg_id, job, attempt, ctx)
+        except Superseded:
+            self.publisher.forget(rid)
+            log.warning("attempt superseded; it wrote nothing more", extra=ctx)
+
+    async def _run_graph(
+        self, msg_id: bytes, job: Job, attempt: int, ctx: dict[str, object]
+    ) -> None:
+        rid = job.run_id
+        telemetry.RUNS_STARTED.inc()
+        log.info("run started", extra=ctx)
+        self.publisher.emit(
+            rid, Event("metadata", codec.json_bytes({"run_id": rid, "attempt": attempt}))
+        )
+        if attempt == 1:
+            try:
+                graph_name = self.registry.graph_id(job.assistant_id)
+            except AssistantNotFound:
+                graph_name = job.assistant_id  # the run fails below, with its error event
+            started = {"event": "running", "graph_name": graph_name, "run_id": rid}
+            self.publisher.emit(rid, Event(LIFECYCLE_EVENT, codec.json_bytes(started)))
+        status = RunStatus.SUCCESS
+        final: list[Event] = []
+        error = ""
+        graph_run: GraphRun | None = None
+        try:
+            run = await self.runs.get(rid)
+            graph_run = GraphRun(self.registry, run)
+            await graph_run.prepare()
+            async for event in graph_run.events():
+                self.publisher.emit(rid, event)
+        except asyncio.CancelledError:
+            running = self._running.get(rid)
+            reason = running.stop_reason if running else ""
+            if running is not None:
+                running.stopping = True
+            if reason.startswith("cancel:") or reason == "failed":
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            if reason.startswith("cancel:"):
+                action = CancelAction(reason.split(":", 1)[1])
+                await self._cancelled(msg_id, job, attempt, action, graph_run, ctx)
+                return
+            if reason == "failed":
+                assert running is not None
+                await self._failed(msg_id, job, attempt, running.failure, ctx)
+                return
+            await self._stopped(msg_id, job, attempt, ctx)
+            raise
+        except Exception as exc:  # the run failed; the worker goes on
+            log.error("run failed: %s: %s", type(exc).__name__, exc, exc_info=exc, extra=ctx)
+            status = RunStatus.ERROR
+            error = f"{type(exc).__name__}: {exc}"
+            final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
+        interrupted = graph_run is not None and graph_run.interrupted
+        if await self._finish(
+            msg_id, job, attempt, status, final, error=error, ctx=ctx, interrupted=interrupted
+        ):
+            log.info("run finished: %s", status.value, extra=ctx)
+
+    async def _cancelled(
+        self,
+        msg_id: bytes,
+        job: Job,
+        attempt: int,
+        action: CancelAction,
+        graph_run: GraphRun | None,
+        ctx: dict[str, object],
+    ) -> None:
+        """End a cancelled run: keep its partial output (interrupt) or undo it (rollback)."""
+        rid = job.run_id
+        final: list[Event] = []
+        error = ""
+        checkpoint_id: str | None = None
+        # The thread is written below: only while this attempt still owns the run.
+        if not await self.runs.update_fenced(rid, attempt):
+            raise Superseded(rid, attempt)
+        try:
+            if graph_run is not None and action is CancelAction.INTERRUPT:
+                checkpoint_id, values = await graph_run.save_partial()
+                if checkpoint_id and not await self.runs.update_fenced(
+                    rid, attempt, checkpoint_id=checkpoint_id
+                ):
+                    raise Superseded(rid, attempt)
+                final.append(Event("values", codec.json_bytes(values)))
+            elif graph_run is not None:
+                await graph_run.rollback()
+        except Superseded:
+            raise
+        except Exception as exc:  # the run still ends; the error says what was not kept
+            log.exception("could not %s the cancelled run", action.value, extra=ctx)
+            error = f"{type(exc).__name__}: {exc}"
+            final.append(Event("error", codec.error_payload(type(exc).__name__, str(exc))))
+        if not await self._finish(
+            msg_id, job, attempt, RunStatus.INTERRUPTED, final, error=error, ctx=ctx,
+            checkpoint_id=checkpoint_id,
+        ):  # fmt: skip
+            return
+        if action is CancelAction.ROLLBACK:
+            await self.runs.delete(await self.runs.get(rid))
+        log.info("run cancelled (%s)", action.value, extra=ctx)
+
+    async def _failed(
+        self, msg_id: bytes, job: Job, attempt: int, why: str, ctx: dict[str, object]
+    ) -> None:
+        """Redis refused the run's events for good: end it with an error, as far as Redis
+        lets us write one."""
+        log.error("run failed: Redis refuses its events: %s", why, extra=ctx)
+        self.publisher.revive(job.run_id)
+        message = f"Redis refused the run's events: {why}"
+        error = [Event("error", codec.error_payload("AppendFailed", message))]
+        await self._finish(msg_id, job, attempt, RunStatus.ERROR, error, error=message, ctx=ctx)
+
+    async def _finish(
+        self,
+        msg_id: bytes,
+        job: Job,
+        attempt: int,
+        status: RunStatus,
+        final: list[Event],
+        *,
+        error: str = "",
+        ctx: dict[str, object],
+        interrupted: bool = False,
+        checkpoint_id: str | None = None,
+    ) -> bool:
+        """Write the run's terminal state: the final events, `end` and the final status in one
+        fenced append, then the thread's status and active pointer, then acknowledge the job.
+        Raises `Superseded` (having written nothing) when this attempt was superseded."""
+        rid = job.run_id
+        running = self._running.get(rid)
+        if running is not None:
+            running.finishing = True
+        if error:
+            try:
+                if not await self.runs.update_fenced(rid, attempt, error=error):
+                    raise Superseded(rid, attempt)
+            except Superseded:
+                raise
+            except Exception as exc:  # Redis refuses writes: the error event still says it
+                log.warning("could not record the run's error: %s", exc, extra=ctx)
+            telemetry.RUNS_FAILED.inc()
+        backoff = Backoff()
+        end = _lifecycle_end(status, error, interrupted, checkpoint_id)
+        events = [*final, end, Event(END_EVENT, b"")]
+        while True:
+            try:
+                await self.publisher.close_run(rid, events, status)
+                break
+            except AppendFailed as exc:
+                # Events were lost: the run ends as an error that says so, whatever it was.
+                # Redis refuses writes (out of memory, say): try again, bounded, so readers
+                # get the end once it takes writes again; then give the run up.
+                if status is not RunStatus.ERROR or not error:
+                    status = RunStatus.ERROR
+                    error = f"AppendFailed: Redis refused the run's events: {exc}"
+                    events = [
+                        Event("error", codec.error_payload("AppendFailed", error)),
+                        _lifecycle_end(status, error, False, None),
+                        Event(END_EVENT, b""),
+                    ]
+                    with contextlib.suppress(Exception):
+                        await self.runs.update_fenced(rid, attempt, error=error)
+                if backoff.tries >= END_TRIES:
+                    log.error("could not write the end of the run, giving up: %s", exc, extra=ctx)
+                    break
+                delay = backoff.next_delay()
+                log.warning("could not write the end of the run, retrying in %.1fs", delay,
+                            extra=ctx)  # fmt: skip
+                await asyncio.sleep(delay)
+                self.publisher.revive(rid)
+        # The end is written by this attempt: no other attempt can start the run any more.
+        # The thread's next run numbers its events after this one's last (`end`).
+        await self.threads.advance_seq(job.thread_id, await self.runs.last_seq(rid))
+        await self.threads.set_status(
+            job.thread_id, "error" if status is RunStatus.ERROR else "idle"
+        )
+        promoted = await self.runs.release_active(job.thread_id, rid)
+        await self._retire_if_stateless(job.thread_id, ctx)
+        await self.queue.ack(msg_id, self.id)
+        telemetry.RUNS_FINISHED.labels(status.value).inc()
+        if promoted:
+            # The next run queued on this thread (multitask enqueue) may start now.
+            await self.queue.enqueue(self.runs.job(await self.runs.get(promoted)))
+        return True
+
+    async def _retire_if_stateless(self, thread_id: str, ctx: dict[str, object]) -> None:
+        """A stateless run (``POST /runs/...``) leaves no thread behind: its state is deleted
+        and its records expire with the run's."""
+        try:
+            thread = await self.threads.get(thread_id)
+        except ThreadNotFound:
+            return
+        if not thread.metadata.get("stateless"):
+            return
+        saver = self.registry.checkpointer
+        if saver is not None:
+            try:
+                await saver.adelete_thread(thread_id)
+            except Exception:  # the records still expire; the state is only kept longer
+                log.exception("could not delete a stateless run's thread state", extra=ctx)
+        await self.threads.retire(thread_id, self.settings.retention_seconds)
+
+    async def _stopped(self, msg_id: bytes, job: Job, attempt: int, ctx: dict[str, object]) -> None:
+        """The run's task was cancelled: hand it back to the queue, or let it go if fenced."""
+        running = self._running.get(job.run_id)
+        reason = running.stop_reason if running else ""
+        if reason == "fenced":
+            self.publisher.forget(job.run_id)
+            log.warning("attempt superseded; its graph stopped", extra=ctx)
+            return
+        if reason == "handback":
+            # What was published stays; the next attempt continues from the last checkpoint.
+            with contextlib.suppress(Superseded, AppendFailed):
+                await self.publisher.flush_run(job.run_id)
+            self.publisher.forget(job.run_id)
+            fields = {"status": RunStatus.PENDING.value, "worker": ""}
+            if await self.runs.update_fenced(job.run_id, attempt, **fields):
+                requeued = await self.queue.enqueue(job)
+                # The record names the job that holds the run now (see the thread repair).
+                await self.runs.update_fenced(job.run_id, attempt, job=requeued.decode())
+                await self.queue.ack(msg_id, self.id)
+                telemetry.RUNS_HANDED_BACK.inc()
+                log.info("run handed back to the queue", extra=ctx)
+
+
+def _lifecycle_end(
+    status: RunStatus, error: str, interrupted: bool, checkpoint_id: str | None
+) -> Event:
+    """The protocol's last root lifecycle event of a run; a cancel names the checkpoint that
+    kept its partial output."""
+    data: dict[str, object]
+    if status is RunStatus.ERROR or (error and status is not RunStatus.INTERRUPTED):
+        data = {"event": "failed", "error": error}
+    elif status is RunStatus.INTERRUPTED or interrupted:
+        data = {"event": "interrupted"}
+        if checkpoint_id:
+            data["checkpoint"] = {"id": checkpoint_id}
+    else:
+        data = {"event": "completed"}
+    return Event(LIFECYCLE_EVENT, codec.json_bytes(data))
