@@ -325,7 +325,8 @@ def test_duplicate_yaml_keys_are_rejected() -> None:
 
 def test_configmap_and_secret_are_tokenrelay_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     config, secret = config_data(), secret_data()
-    cli_env = set(re.findall(r'"(TOKENRELAY_\w+)"', (ROOT / "producer" / "cli.py").read_text()))
+    cli_source = (ROOT / "tokenrelay" / "producer" / "cli.py").read_text()
+    cli_env = set(re.findall(r'"(TOKENRELAY_\w+)"', cli_source))
     for key in [*config, *secret]:
         field = key.removeprefix("TOKENRELAY_").lower()
         assert key.startswith("TOKENRELAY_"), key
@@ -376,7 +377,9 @@ def test_api_deployment() -> None:
     assert selects(api.spec.selector.match_labels, pod.metadata.labels)
     container = only_container(api)
     assert container.image == "tokenrelay:latest"
-    assert container.command == ["tokenrelay", "api", "--host", "0.0.0.0", "--port", "2024"]
+    assert container.command == [
+        "tokenrelay", "api", "--host", "0.0.0.0", "--port", "2024", "--workers", "1"
+    ]  # fmt: skip
     assert container_port(container, "http") == 2024
 
     ready, live = container.readiness_probe.http_get, container.liveness_probe.http_get
@@ -401,7 +404,9 @@ def test_worker_deployment_outlives_its_drain() -> None:
     assert selects(worker.spec.selector.match_labels, pod.metadata.labels)
     container = only_container(worker)
     assert container.image == "tokenrelay:latest"
-    assert container.command == ["tokenrelay", "worker", "--metrics-port", "9100"]
+    assert container.command == [
+        "tokenrelay", "worker", "--metrics-port", "9100", "--processes", "1"
+    ]  # fmt: skip
     assert container_port(container, "metrics") == 9100
 
     live = container.liveness_probe

@@ -29,7 +29,7 @@ from tokenrelay.broker.embedded import EmbeddedRedis, die_with_parent
 from tokenrelay.broker.errors import GraphLoadError
 from tokenrelay.broker.graphs import GraphRegistry, import_object, open_checkpointer
 from tokenrelay.broker.project import find_project
-from tokenrelay.broker.runtime import settle_heap
+from tokenrelay.broker.runtime import settle_heap, usable_cores
 from tokenrelay.broker.settings import Settings, get_settings
 from tokenrelay.broker.telemetry import setup_logging
 from tokenrelay.producer.worker import Worker
@@ -173,13 +173,14 @@ def _shares_state(checkpointer: str) -> bool:
 
 def _processes(requested: int | None, settings: Settings, what: str) -> int:
     """How many processes to run: as asked, else one per core when the checkpointer is
-    shared (an in-memory one lives in a single process)."""
+    shared (an in-memory one lives in a single process); cores as a container's CPU limit
+    allows."""
     if requested is not None:
         return requested
     if not _shares_state(settings.checkpointer):
         log.info("one %s process: TOKENRELAY_CHECKPOINTER=memory is not shared", what)
         return 1
-    return os.cpu_count() or 1
+    return usable_cores()
 
 
 def _dev(settings: Settings, sock: socket.socket, log_args: list[str], extra: list[str]) -> int:
@@ -191,7 +192,7 @@ def _dev(settings: Settings, sock: socket.socket, log_args: list[str], extra: li
         # A throwaway SQLite file: the API and the workers see the same threads.
         scratch = tempfile.mkdtemp(prefix="tokenrelay-dev-")
         env["TOKENRELAY_CHECKPOINTER"] = f"sqlite:///{scratch}/checkpoints.sqlite"
-    workers = max(1, (os.cpu_count() or 1) - 1)
+    workers = max(1, usable_cores() - 1)
     url = f"http://{host}:{port}"
     print(
         f"\ntokenrelay dev: {url}  (Redis {settings.resolved_redis_url()}, graphs "
