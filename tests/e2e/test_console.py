@@ -1,6 +1,7 @@
 """The console at `/` in a real browser (headless Debian Chromium driven by Playwright) against a
 real `tokenrelay dev`: send, reload mid-run, drop and resume, stop and branch, one run per
-double click, a finished reply after a reload, a restarted server, an API key and a stream token.
+double click, two tabs on one thread, a finished reply after a reload, threads, a restarted
+server, an API key and a stream token.
 
 Each test asserts what the page shows against what the server holds (the thread's state, the
 run list). The demo is slowed down so a run is still live when a test drops, reloads or stops it.
@@ -253,6 +254,36 @@ def test_double_click_on_send_starts_one_run(page: Page, dev: str) -> None:
     assert wait_status(page, "done", "error", "interrupted") == "done"
     assert len(runs(dev, current_thread(page))) == 1
     assert_whole_reply_once(page, dev, "only once")
+
+
+def test_a_run_started_in_another_tab_is_followed_not_doubled(
+    browser: Browser, page: Page, dev: str
+) -> None:
+    page.goto(dev)
+    send(page, "two tabs")
+    assert wait_status(page, "done", "error", "interrupted") == "done"
+    thread_id = current_thread(page)
+    other = browser.new_context(viewport={"width": 1280, "height": 800})
+    tab = other.new_page()
+    tab.goto(dev)
+    tab.click(f'#thread-list li[data-thread="{thread_id}"]')
+    assert wait_status(tab, "done") == "done"
+    # The first tab starts a run; the second, still showing the thread idle, sends too: the
+    # server refuses a second run (409) and the second tab follows the first one's instead.
+    send(page, "from the first tab")
+    wait_tokens(page, 3)
+    send(tab, "from the second tab")
+    assert wait_status(tab, "done", "error", "interrupted") == "done"
+    assert wait_status(page, "done", "error", "interrupted") == "done"
+    assert len(runs(dev, thread_id)) == 2
+    held = messages(dev, thread_id)
+    assert [m["content"] for m in held if m["type"] == "human"] == [
+        "two tabs",
+        "from the first tab",
+    ]
+    assert shown_reply(tab) == shown_reply(page) == held[3]["content"]
+    assert tab.locator(".msg").count() == 4
+    other.close()
 
 
 def test_reload_after_the_end_shows_the_finished_reply(page: Page, dev: str) -> None:
