@@ -20,10 +20,12 @@ from tokenrelay.broker.embedded import free_port
 
 
 @contextlib.contextmanager
-def running_dev(log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`tokenrelay dev` on a free port with no Redis configured (and `env` added), its output
-    in `log`, until the block ends; stopped with SIGINT as a terminal would."""
-    port = free_port()
+def running_dev(
+    log: Path, port: int | None = None, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`tokenrelay dev` on `port` (default: a free one) with no Redis configured (and `env`
+    added), its output in `log`, until the block ends; stopped with SIGINT as a terminal would."""
+    port = port or free_port()
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
     child_env.update(env)
     with log.open("ab") as out:

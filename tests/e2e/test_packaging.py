@@ -24,6 +24,7 @@ def test_the_wheel_installs_only_the_tokenrelay_package(tmp_path: Path) -> None:
     for needed in (
         "tokenrelay/broker/scripts/append.lua",
         "tokenrelay/api/static/console.html",
+        "tokenrelay/api/static/icon.svg",
         "tokenrelay/producer/demo.py",
         "tokenrelay/py.typed",
     ):

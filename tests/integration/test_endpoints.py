@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 
+from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import join, new_thread, run_body, stream_run, wait_status
+from tests.server import Tokenrelay
 from tests.sse import events
 
 
@@ -284,9 +287,50 @@ async def test_counts_copy_subgraphs_and_batch(client: httpx.AsyncClient) -> Non
         await wait_status(client, run["thread_id"], run["run_id"], "success")
 
 
-async def test_console_page(client: httpx.AsyncClient) -> None:
+async def test_console_page_and_its_icon(client: httpx.AsyncClient) -> None:
     r = await client.get("/")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     assert "runs/stream" in r.text
     assert "Last-Event-ID" in r.text
+    icon = await client.get("/favicon.ico")
+    assert icon.status_code == 200
+    assert icon.headers["content-type"] == "image/svg+xml"
+    assert icon.text.startswith("<svg")
+
+
+async def test_stats_count_runs_across_workers_and_this_process_streams(
+    redis_server: RedisServer,
+) -> None:
+    # A relay of its own: a fresh key prefix, so no other test's runs are in its queue.
+    relay = Tokenrelay(make_settings(redis_server)).start()
+    try:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=30) as client:
+            idle = (await client.get("/stats")).json()
+            assert set(idle) == {
+                "runs_running", "runs_waiting", "streams_open", "events_sent", "pid"
+            }  # fmt: skip
+            assert (idle["runs_running"], idle["runs_waiting"]) == (0, 0)
+            assert idle["pid"] == os.getpid()  # this relay serves from the test's process
+
+            tid = await new_thread(client)
+            run = (await client.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+            await wait_status(client, tid, run["run_id"], "running")
+            url = f"/threads/{tid}/runs/{run['run_id']}/stream"
+            async with client.stream("GET", url) as r:
+                await events(r, limit=2)
+                busy = (await client.get("/stats")).json()
+            assert (busy["runs_running"], busy["runs_waiting"]) == (1, 0)
+            assert busy["streams_open"] >= 1
+            assert busy["events_sent"] >= idle["events_sent"] + 2
+
+            cancel = f"/threads/{tid}/runs/{run['run_id']}/cancel?wait=1"
+            assert (await client.post(cancel)).json()["status"] == "interrupted"
+            for _ in range(100):  # the job leaves the queue just after the run's end
+                done = (await client.get("/stats")).json()
+                if done["runs_running"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert (done["runs_running"], done["runs_waiting"]) == (0, 0)
+    finally:
+        relay.stop()

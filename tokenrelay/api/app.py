@@ -42,8 +42,9 @@ log = logging.getLogger("tokenrelay.api")
 
 EXPOSED_HEADERS = ["Location", "Content-Location"]
 OPEN_PATHS = frozenset(
-    {"/", "/ok", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/info"}
-)
+    {"/", "/favicon.ico", "/ok", "/healthz", "/readyz", "/metrics", "/stats", "/docs",
+     "/openapi.json", "/info"}
+)  # fmt: skip
 
 # The one place domain errors become HTTP statuses (first match wins).
 HTTP_STATUS: list[tuple[type[TokenrelayError], int]] = [

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import compile_path
 
 # -- response shapes (documentation: the routes build these dicts themselves) ------------------
@@ -96,8 +96,22 @@ class Ready(_Open):
     detail: str | None = None
 
 
+class Stats(BaseModel):
+    """Live figures: runs across the deployment, streams and events of the answering process."""
+
+    runs_running: int = Field(description="Runs a worker is executing (claimed from the queue).")
+    runs_waiting: int = Field(description="Runs queued for a worker, not yet claimed.")
+    streams_open: int = Field(description="SSE responses this API process is serving.")
+    events_sent: int = Field(
+        description="Events this API process has written to clients since it started "
+        "(a counter: the rate is its difference over time, per `pid`)."
+    )
+    pid: int = Field(description="The answering API process.")
+
+
 MODELS: list[type[BaseModel]] = [
     Error, Checkpoint, Thread, Run, ThreadState, StateUpdated, Assistant, PolledEvents, Ready,
+    Stats,
 ]  # fmt: skip
 
 # -- what each operation answers ----------------------------------------------------------------
@@ -113,6 +127,7 @@ SUCCESS: dict[tuple[str, str], dict[int, Body]] = {
     ("GET", "/healthz"): {200: ANY},
     ("GET", "/readyz"): {200: Ready, 503: Ready},
     ("GET", "/info"): {200: ANY},
+    ("GET", "/stats"): {200: Stats},
     ("POST", "/assistants/search"): {200: ("array", Assistant)},
     ("POST", "/assistants/count"): {200: ANY},
     ("GET", "/assistants/{assistant_id}"): {200: Assistant},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 from redis.exceptions import ResponseError
@@ -13,6 +13,16 @@ from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import Job
 
 GROUP = "workers"
+
+_GROUP_NAMES = (GROUP, GROUP.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLoad:
+    """Runs in the queue: `running` were claimed by a worker, `waiting` were not yet."""
+
+    running: int
+    waiting: int
 
 
 class RunQueue:
@@ -96,9 +106,21 @@ class RunQueue:
         groups: list[dict[str, Any]] = await self._redis.xinfo_groups(self._key)
         for g in groups:
             name = g.get("name")
-            if name in (GROUP, GROUP.encode()):
+            if name in _GROUP_NAMES:
                 return int(g.get("lag") or 0)
         return 0
+
+    async def load(self) -> QueueLoad:
+        """How many runs are running and waiting, across every worker. A job stays in the
+        queue until its run has ended (it is then acknowledged and deleted), so the claimed
+        ones are the group's pending entries and the rest are waiting."""
+        length = int(await self._redis.xlen(self._key))
+        try:
+            groups: list[dict[str, Any]] = await self._redis.xinfo_groups(self._key)
+        except ResponseError:  # no queue yet: no worker has started
+            return QueueLoad(running=0, waiting=length)
+        running = sum(int(g.get("pending") or 0) for g in groups if g.get("name") in _GROUP_NAMES)
+        return QueueLoad(running=running, waiting=max(0, length - running))
 
     async def ack(self, msg_id: bytes, consumer: str) -> bool:
         """Acknowledge and drop a finished job if `consumer` still owns it (a superseded worker

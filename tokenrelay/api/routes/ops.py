@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from tokenrelay.api.deps import Services, services
 from tokenrelay.broker.connection import REFUSING, ready
@@ -17,13 +18,25 @@ log = logging.getLogger("tokenrelay.api")
 
 router = APIRouter(tags=["ops"])
 
-CONSOLE = Path(__file__).resolve().parent.parent / "static" / "console.html"
+STATIC = Path(__file__).resolve().parent.parent / "static"
+CONSOLE = STATIC / "console.html"
+ICON = STATIC / "icon.svg"
 
 
 @router.get("/", include_in_schema=False)
 async def console() -> HTMLResponse:
-    """A console for the demo graph: stream, refresh to resume, stop."""
+    """The console: threads, a live stream with drop-and-resume, stop and branch, metrics."""
     return HTMLResponse(CONSOLE.read_text())
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> Response:
+    """The console's icon (an SVG: browsers take it under this name too)."""
+    return Response(
+        ICON.read_bytes(),
+        media_type="image/svg+xml",
+        headers={"Cache-Control": "public, max-age=86400"},
+    )
 
 
 @router.get("/ok")
@@ -60,6 +73,26 @@ async def readyz(svc: Services = Depends(services)) -> dict[str, str] | JSONResp
 async def metrics() -> Response:
     """Prometheus metrics of this process."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _sample(name: str) -> int:
+    return int(REGISTRY.get_sample_value(name) or 0)
+
+
+@router.get("/stats")
+async def stats(svc: Services = Depends(services)) -> dict[str, int]:
+    """A few live figures as JSON, for a dashboard (the console's chart) that would rather
+    not parse Prometheus text. Runs are counted across the deployment (from the run queue);
+    streams and events are this API process's own, named by `pid` so a poller that lands on
+    another replica can tell its counters apart."""
+    load = await svc.queue.load()
+    return {
+        "runs_running": load.running,
+        "runs_waiting": load.waiting,
+        "streams_open": _sample("tokenrelay_api_streams_open"),
+        "events_sent": _sample("tokenrelay_api_events_sent_total"),
+        "pid": os.getpid(),
+    }
 
 
 @router.get("/info")
