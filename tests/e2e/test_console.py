@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from langchain_core.messages import HumanMessage
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.e2e.test_dev_command import running_dev
 from tokenrelay.broker.embedded import free_port
@@ -173,10 +173,9 @@ def test_send_streams_the_reply_with_its_event_ids(page: Page, dev: str) -> None
     assert token_ids(page) == [e["id"] for e in polled if e["event"] == "messages"]
     assert page.is_disabled("#send")  # the prompt was cleared
     # The thread is in the sidebar, titled after its first message.
-    assert (
-        page.locator(f'#thread-list li[data-thread="{thread_id}"]')
-        .inner_text()
-        .startswith("hello console")
+    # (renamed by a PATCH the page sends beside the run, so waited for)
+    expect(page.locator(f'#thread-list li[data-thread="{thread_id}"] .title')).to_have_text(
+        "hello console", timeout=30_000
     )
 
 
