@@ -428,6 +428,121 @@ async def scenario_cancel(target: Target, spec: dict[str, Any]) -> dict[str, Any
     }
 
 
+def _quantiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    return {
+        "p50_ms": values[len(values) // 2],
+        "p99_ms": values[min(len(values) - 1, int(len(values) * 0.99))],
+        "max_ms": values[-1],
+    }
+
+
+async def scenario_under_load(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
+    """tokenrelay only: `load_runs` paced runs streaming, each to a reader of its own; while
+    they stream, `resumes` reconnects (`Last-Event-ID` of the fifth-newest token a reader had)
+    timed to their first token, then `cancels` of the load's runs (`POST .../cancel?wait=1`)
+    timed to their answer, each checked to have ended `interrupted` with its partial reply kept.
+    `concurrency` of each at a time."""
+    pace = Pace.from_json(spec["pace"])
+    n = int(spec["load_runs"])
+    rng = random.Random(11)
+    sem = asyncio.Semaphore(int(spec["concurrency"]))
+    url, http = target.url, target.http
+    runs: list[tuple[str, str]] = []
+    cursors: list[list[str]] = []
+    stop = asyncio.Event()
+
+    async def reader(i: int) -> None:
+        await asyncio.sleep(float(spec["ramp_seconds"]) * i / n)
+        async with http.post(f"{url}/threads", json={}) as r:
+            tid = (await r.json())["thread_id"]
+        resp = await http.post(f"{url}/threads/{tid}/runs/stream", json=target._run_body(pace))
+        resp.raise_for_status()
+        rid = resp.headers["Content-Location"].rsplit("/", 1)[1]
+        runs.append((tid, rid))
+        got: list[str] = []
+        cursors.append(got)
+        await read_cursors(target, resp, got, stop)
+
+    readers = [asyncio.create_task(reader(i)) for i in range(n)]
+    try:
+        # Every run streaming, each a few tokens in, before the first measurement.
+        while len(cursors) < n or min(len(c) for c in cursors) < 5:
+            if any(t.done() and t.exception() for t in readers):
+                raise RuntimeError("a load reader failed")
+            await asyncio.sleep(0.05)
+        load_start = time.perf_counter()
+
+        async def resume() -> float:
+            async with sem:
+                i = rng.randrange(n)
+                tid, rid = runs[i]
+                # A few tokens back, so the first token is a catch-up one, not the next one
+                # the producer makes.
+                cursor = cursors[i][-5]
+                t0 = time.perf_counter()
+                resp = await http.get(
+                    f"{url}/threads/{tid}/runs/{rid}/stream", headers={"Last-Event-ID": cursor}
+                )
+                try:
+                    async for chunk in resp.content.iter_any():
+                        if TS.search(chunk):
+                            return (time.perf_counter() - t0) * 1000
+                finally:
+                    resp.release()
+                raise RuntimeError("a resume ended without a token")
+
+        resumes = await asyncio.gather(*(resume() for _ in range(int(spec["resumes"]))))
+
+        async def cancel(i: int) -> float:
+            async with sem:
+                tid, rid = runs[i]
+                t0 = time.perf_counter()
+                async with http.post(
+                    f"{url}/threads/{tid}/runs/{rid}/cancel", params={"wait": "1"}
+                ) as r:
+                    run = await r.json()
+                elapsed = (time.perf_counter() - t0) * 1000
+                if run.get("status") != "interrupted":
+                    raise RuntimeError(f"cancel left the run {run.get('status')}")
+                # The partial reply kept: the run's last `values` event ends with it (its state
+                # lives in the worker's checkpointer, which the bench does not share with the API).
+                resp = await http.get(
+                    f"{url}/threads/{tid}/runs/{rid}/stream", headers={"Last-Event-ID": "0"}
+                )
+                try:
+                    body = await resp.read()
+                finally:
+                    resp.release()
+                values = [f for f in body.split(b"\n\n") if f.startswith(b"event: values")]
+                last = values[-1] if values else b""
+                if b'"finish_reason":"cancelled"' not in last or b'"content":"ts' not in last:
+                    tail = (last or body)[-300:]
+                    raise RuntimeError(f"a cancelled run's partial reply was not kept: {tail!r}")
+                return elapsed
+
+        picked = rng.sample(range(n), min(n, int(spec["cancels"])))
+        cancels = await asyncio.gather(*(cancel(i) for i in picked))
+        measured_s = time.perf_counter() - load_start
+        still = sum(1 for t in readers if not t.done())
+    finally:
+        stop.set()
+        for t in readers:
+            t.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        # The rest of the load ends here, not during the next scenario.
+        for tid, rid in runs:
+            async with http.post(f"{url}/threads/{tid}/runs/{rid}/cancel") as r:
+                r.release()
+    return {
+        "load_runs": n,
+        "readers_streaming_at_end": still,
+        "measured_seconds": measured_s,
+        "resume": {"count": len(resumes), **_quantiles(resumes)},
+        "cancel": {"count": len(cancels), **_quantiles(cancels)},
+    }
+
+
 async def read_cursors(
     target: Target, resp: aiohttp.ClientResponse, cursors: list[str], stop: asyncio.Event
 ) -> None:
@@ -654,6 +769,7 @@ SCENARIOS = {
     "resume": scenario_resume,
     "idle": scenario_idle,
     "cancel": scenario_cancel,
+    "under_load": scenario_under_load,
 }
 
 

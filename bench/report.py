@@ -94,6 +94,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
     sizes = results["sizes"]
     b, c, d, e = sizes["b"], sizes["c"], sizes["d"], sizes["e"]
     i, j = sizes.get("i"), sizes.get("j")
+    k = sizes.get("k") or {"load_runs": 300}
     interval = b["interval_ms"]
     most = str(max(c["streams"]))
     storm: list[tuple[str, Getter, bool]] = (
@@ -161,6 +162,13 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
          _get("e", "resume_first_byte_ms"), False),
         ("(f) cancel `wait=1` p50 (ms)", _get("f", "p50_ms"), False),
         ("(f) cancel `wait=1` p99 (ms)", _get("f", "p99_ms"), False),
+        (f"(k) under load ({k['load_runs']} runs streaming): resume first token p50 (ms)",
+         _get("k", "resume", "p50_ms"), False),
+        ("(k) under load: resume first token p99 (ms)", _get("k", "resume", "p99_ms"), False),
+        ("(k) under load: cancel `wait=1`, partial kept, p50 (ms)",
+         _get("k", "cancel", "p50_ms"), False),
+        ("(k) under load: cancel `wait=1`, partial kept, p99 (ms)",
+         _get("k", "cancel", "p99_ms"), False),
         ("(g) server memory per idle SSE connection (KB)", _get("g", "kb_per_connection"), False),
         ("(h) Redis commands per token, in (b)", _get("b", "redis_commands_per_token"), False),
         (f"(h) Redis commands per token, in (c) at {most}",
@@ -299,6 +307,13 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
          " ms"),
         ("≤ 40 KB per idle connection", _get("g", "kb_per_connection"), lambda v: v <= 40,
          " KB"),
+        ("under load: resume first byte p99 ≤ 5 ms", _get("k", "resume", "p99_ms"),
+         lambda v: v <= 5, " ms"),
+        ("under load: cancel `wait=1` p99 ≤ 15 ms, partial kept", _get("k", "cancel", "p99_ms"),
+         lambda v: v <= 15, " ms"),
+        (f"full replay of a {sizes['e']['history']:,}-event run ≤ 30 ms",
+         _get("e", "full_replay_ms"),
+         lambda v: v <= 30, " ms"),
         *[(f"p99 added latency ≤ 10 ms at {n} streams × {1000 / sizes['b']['interval_ms']:g} "
            "tok/s, steady state", _get("b_sweep", str(n), "steady_latency_ms", "p99"),
            lambda v: v <= 10, " ms") for n in sweep],

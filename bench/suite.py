@@ -57,6 +57,14 @@ FULL: dict[str, Any] = {
     "g": {"clients": 1000, "runs": 10},
     "i": {"runs": 100, "readers": 1000, "tokens": 400, "interval_ms": 20, "storm_after": 50},
     "j": {"runs": [100, 300]},
+    "k": {
+        "load_runs": 300,
+        "pace": {"tokens": 400, "interval_ms": 50},
+        "ramp_seconds": 2.0,
+        "resumes": 200,
+        "cancels": 100,
+        "concurrency": 10,
+    },
 }
 QUICK: dict[str, Any] = {
     "a": {"tokens": 2_000},
@@ -68,8 +76,16 @@ QUICK: dict[str, Any] = {
     "g": {"clients": 100, "runs": 5},
     "i": {"runs": 20, "readers": 200, "tokens": 100, "interval_ms": 20, "storm_after": 20},
     "j": {"runs": [20]},
+    "k": {
+        "load_runs": 20,
+        "pace": {"tokens": 200, "interval_ms": 50},
+        "ramp_seconds": 0.5,
+        "resumes": 20,
+        "cancels": 5,
+        "concurrency": 5,
+    },
 }
-SCENARIOS = "abcdefgij"
+SCENARIOS = "abcdefgijk"
 REPETITIONS = {"full": 3, "quick": 1}
 """Each measured figure is the median of this many runs of its scenario, with its spread."""
 
@@ -245,7 +261,7 @@ ONLY = {
 """Systems that differ from another only in some scenarios run just those. The join storm (i)
 resumes mid-stream, which resumable-stream does only through `resumeExistingStream` (its
 `-resumed` system); the `dev` commands serve only the demo chat graph (j)."""
-DEFAULT = "abcdefgi"
+DEFAULT = "abcdefgik"
 
 
 def scenarios_of(name: str) -> str:
@@ -353,6 +369,10 @@ def run_system(
                 "storm_after": s["storm_after"],
                 "timeout": timeout_for(s["tokens"], s["interval_ms"]),
             }, repetitions)  # fmt: skip
+        if "k" in scenarios and name == "tokenrelay":
+            out["k"] = measured(
+                system, {"scenario": "under_load", **sizes["k"], "timeout": 600}, repetitions
+            )
     return out
 
 
