@@ -299,6 +299,9 @@ async def scenario_fanout(target: Target, spec: dict[str, Any]) -> dict[str, Any
     # Delivery rate from the first token received to the last.
     span = result["receive_span_seconds"]
     result["events_per_second"] = sink.tokens / span if span else None
+    if pace.interval_ms and pace.tokens > 1:
+        # Paced: how much longer delivery took than the schedule, first token to last.
+        result["wall_stretch"] = span / ((pace.tokens - 1) * pace.interval_ms / 1000)
     return result
 
 

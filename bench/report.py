@@ -95,6 +95,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
     b, c, d, e = sizes["b"], sizes["c"], sizes["d"], sizes["e"]
     i, j = sizes.get("i"), sizes.get("j")
     k = sizes.get("k") or {"load_runs": 300}
+    l = sizes.get("l") or {"tokens": 200, "interval_ms": 20, "clients": 500}  # noqa: E741
     interval = b["interval_ms"]
     most = str(max(c["streams"]))
     storm: list[tuple[str, Getter, bool]] = (
@@ -155,6 +156,12 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
         ("(d) latency p50 (ms)", _get("d", "latency_ms", "p50"), False),
         ("(d) latency p99 (ms)", _get("d", "latency_ms", "p99"), False),
         *_cpu_rows("d")[:2],
+        (f"(l) 1 run paced ({l['tokens']} tokens, {l['interval_ms']} ms apart) × {l['clients']} "
+         "readers joined at its start: latency p99 (ms)", _get("l", "latency_ms", "p99"), False),
+        ("(l) latency p99 against the schedule (ms)", _get("l", "schedule_latency_ms", "p99"),
+         False),
+        ("(l) wall stretch: delivery span over the schedule's (×)", _get("l", "wall_stretch"),
+         False),
         (f"(e) join a {e['history']:,}-event run from the start: first token (ms)",
          _get("e", "first_byte_ms"), False),
         ("(e) full replay (ms)", _get("e", "full_replay_ms"), False),
@@ -282,6 +289,17 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
              if s["i"]["exact_readers"] == sizes["i"]["readers"] else math.inf,
              lambda v: v <= 1000, " ms"),
         ]  # fmt: skip
+    join_checks: list[tuple[str, Getter, Callable[[float], bool], str]] = []
+    if "l" in sizes:
+        l_p99 = _get("l", "latency_ms", "p99")
+        rs_skew = l_p99(rs)
+        join_checks = [
+            (f"{sizes['l']['clients']} readers joining one paced run at its start: latency p99 "
+             f"≤ ¼ of resumable-stream's ({_fmt(rs_skew)} ms); the ratio",
+             lambda s: (v / rs_skew) if (v := l_p99(s)) is not None and rs_skew else None,
+             lambda v: v <= 0.25, "×"),
+            ("the same: wall stretch ≤ 1.1", _get("l", "wall_stretch"), lambda v: v <= 1.1, "×"),
+        ]  # fmt: skip
     sweep = [n for n in sizes["b"].get("sweep", []) if n == 250]
     alone = _get("cpu_us_per_token", "total")(results.get("astream", {}))
     cpu_checks: list[tuple[str, Getter, Callable[[float], bool], str]] = []
@@ -319,6 +337,7 @@ def goals(results: dict[str, Any]) -> list[tuple[str, list[str], list[bool | Non
            lambda v: v <= 10, " ms") for n in sweep],
         *cpu_checks,
         *storm_checks,
+        *join_checks,
         *dev_checks,
     ]  # fmt: skip
     out = []

@@ -65,6 +65,7 @@ FULL: dict[str, Any] = {
         "cancels": 100,
         "concurrency": 10,
     },
+    "l": {"clients": 500, "tokens": 200, "interval_ms": 20, "start_in_ms": 3000},
 }
 QUICK: dict[str, Any] = {
     "a": {"tokens": 2_000},
@@ -84,8 +85,9 @@ QUICK: dict[str, Any] = {
         "cancels": 5,
         "concurrency": 5,
     },
+    "l": {"clients": 50, "tokens": 50, "interval_ms": 20, "start_in_ms": 1500},
 }
-SCENARIOS = "abcdefgijk"
+SCENARIOS = "abcdefgijkl"
 REPETITIONS = {"full": 3, "quick": 1}
 """Each measured figure is the median of this many runs of its scenario, with its spread."""
 
@@ -252,7 +254,7 @@ def timeout_for(tokens: int, interval_ms: float, slack: float = 120) -> float:
 
 
 ONLY = {
-    "resumable-stream": "abcdefg",
+    "resumable-stream": "abcdefgl",
     "resumable-stream-resumed": "bci",
     "tokenrelay-protocol": "abcd",
     "tokenrelay-dev": "j",
@@ -261,7 +263,7 @@ ONLY = {
 """Systems that differ from another only in some scenarios run just those. The join storm (i)
 resumes mid-stream, which resumable-stream does only through `resumeExistingStream` (its
 `-resumed` system); the `dev` commands serve only the demo chat graph (j)."""
-DEFAULT = "abcdefgik"
+DEFAULT = "abcdefgikl"
 
 
 def scenarios_of(name: str) -> str:
@@ -352,6 +354,12 @@ def run_system(
             s = sizes["d"]
             pace = {"tokens": s["tokens"], "interval_ms": 0, "start_in_ms": s["start_in_ms"]}
             out["d"] = measured(system, {"scenario": "fanout", "clients": s["clients"],
+                                         "pace": pace, "timeout": 600}, repetitions)  # fmt: skip
+        if "l" in scenarios:
+            s = sizes["l"]
+            pace = {"tokens": s["tokens"], "interval_ms": s["interval_ms"],
+                    "start_in_ms": s["start_in_ms"]}  # fmt: skip
+            out["l"] = measured(system, {"scenario": "fanout", "clients": s["clients"],
                                          "pace": pace, "timeout": 600}, repetitions)  # fmt: skip
         if "e" in scenarios:
             out["e"] = measured(
