@@ -183,3 +183,27 @@ async def test_a_burst_of_live_messages_arrives_whole_and_in_order(
     finally:
         await sub.aclose()
         await redis.aclose()
+
+
+async def test_readers_of_a_run_in_one_process_share_each_live_batch(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    """A live batch that follows on is resolved once per process: every reader of the run gets
+    the same entries (and so the same memo for the frames its protocol derives)."""
+    from tokenrelay.broker.log import Batch
+
+    elog, fanout = log
+    rid = new_id()
+    await elog.append(rid, [ev(0)])
+    async with fanout.subscribe(rid) as a, fanout.subscribe(rid) as b:
+        tails = [elog.tail_batches(rid, ZERO_ID, s, idle_seconds=5) for s in (a, b)]
+        for tail in tails:
+            page = await anext(tail)
+            assert isinstance(page, list)
+            assert [codec.json_loads(e.data)["i"] for e in page] == [0]
+        await elog.append(rid, [ev(1), ev(2)])
+        first, second = [await anext(tail) for tail in tails]
+        assert isinstance(first, Batch) and first is second and first.memo is not None
+        assert [codec.json_loads(e.data)["i"] for e in first] == [1, 2]
+        for tail in tails:
+            await tail.aclose()  # type: ignore[attr-defined]

@@ -30,10 +30,12 @@ SSE_HEADERS = {
 
 def format_event(entry: Entry) -> bytes:
     """``event: <name>\\ndata: <json>\\nid: <stream id>\\n\\n``, as the Agent Server frames it."""
-    return b"event: %s\ndata: %s\nid: %s\n\n" % (
+    id_ = entry.id
+    return b"event: %s\ndata: %s\nid: %d-%d\n\n" % (
         entry.name.encode(),
         entry.data,
-        str(entry.id).encode(),
+        id_.ms,
+        id_.seq,
     )
 
 

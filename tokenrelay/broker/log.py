@@ -9,8 +9,8 @@ from the stream instead of skipping events.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from redis.exceptions import NoScriptError
@@ -51,16 +51,31 @@ StreamRow = tuple[bytes, dict[bytes, bytes]]
 
 @dataclass(frozen=True, slots=True)
 class LiveBatch:
-    """One append batch as published on a run's live channel."""
+    """One append batch as published on a run's live channel. Every reader of the run in an
+    API process gets the same object; `memo` keeps what they derive from it alike."""
 
     prev: StreamId | None
     entries: list[Entry]
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def decode(cls, payload: bytes) -> LiveBatch:
         prev_raw, rows = codec.unpack_raw(payload)
-        prev = StreamId.parse(prev_raw) if prev_raw else None
+        prev = StreamId.of_redis(prev_raw) if prev_raw else None
         return cls(prev, [_entry(r[0], r[1], r[2], r[3]) for r in rows])
+
+
+class Batch(list[Entry]):
+    """Entries a reader gets at once. Those of a live batch that follows on what the reader
+    had are the same objects for every reader of the run in this process; then `memo` is the
+    batch's, so what a protocol derives from them (its frames) is done once per process, not
+    once per reader."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self, entries: Iterable[Entry], memo: dict[str, Any] | None = None) -> None:
+        super().__init__(entries)
+        self.memo = memo
 
 
 class LiveSubscription(Protocol):
@@ -78,8 +93,8 @@ class LiveSubscription(Protocol):
 
 def _entry(id_: bytes, name: bytes, data: bytes, blob_ref: bytes | None) -> Entry:
     if name[:2] in (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF):
-        return Entry(StreamId.parse(id_), MESSAGES_EVENT, data, name[1:])
-    return Entry(StreamId.parse(id_), name.decode(), data, blob_ref or None)
+        return Entry(StreamId.of_redis(id_), MESSAGES_EVENT, data, name[1:])
+    return Entry(StreamId.of_redis(id_), name.decode(), data, blob_ref or None)
 
 
 class EventLog:
@@ -283,13 +298,26 @@ class EventLog:
                     break  # re-read the stream: cheap, and covers a lost pub/sub message
                 if batch.prev is not None and batch.prev > last:
                     break  # a batch was missed: catch up from the stream
-                fresh = [e for e in batch.entries if e.id > last]
-                out = await blobs.resolve_all(_through_end(fresh))
+                if batch.prev is not None and batch.prev == last:
+                    # It follows on (the usual case): all of it is new, resolved once for
+                    # every reader of the run in this process.
+                    shared: Batch | None = batch.memo.get(_RESOLVED)
+                    if shared is None:
+                        resolved = await blobs.resolve_all(_through_end(batch.entries))
+                        shared = batch.memo[_RESOLVED] = Batch(resolved, batch.memo)
+                    out = shared
+                else:
+                    fresh = [e for e in batch.entries if e.id > last]
+                    out = await blobs.resolve_all(_through_end(fresh))
                 if out:
                     last = out[-1].id
                     yield out
                     if out[-1].is_end:
                         return
+
+
+_RESOLVED = "entries"
+"""`LiveBatch.memo` key of the batch's entries with their blobs spliced in."""
 
 
 def _through_end(entries: list[Entry]) -> list[Entry]:
