@@ -47,6 +47,21 @@ entries keep the two fields of the stream's other entries (Redis then stores no 
 FENCED = b"!fenced"
 """What an append returns when its attempt is no longer the run's current one."""
 StreamRow = tuple[bytes, dict[bytes, bytes]]
+RUNS_PER_CALL = 128
+"""At most this many runs' appends in one script call (Redis runs a call to its end before
+anything else: this bounds how long one call can hold it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunAppend:
+    """One run's part of an append call (see `EventLog.append_runs_in`)."""
+
+    run_id: str
+    rows: Sequence[Row]
+    blobs: Sequence[tuple[bytes, bytes]] = ()
+    status: RunStatus | None = None
+    seq: int = 0
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +123,12 @@ class EventLog:
         self._append = scripts.script("append")
         self._publish = pubsub.publish_command(redis)
 
+    @property
+    def runs_per_call(self) -> int:
+        """How many runs' appends one script call may carry: one on a cluster, where a call's
+        keys must share a hash slot."""
+        return 1 if self._publish == "SPUBLISH" else RUNS_PER_CALL
+
     def append_in(
         self,
         pipe: AnyPipeline,
@@ -119,35 +140,41 @@ class EventLog:
         seq: int = 0,
         attempt: int = 0,
     ) -> None:
-        """Queue one append of `rows` on `pipe`; its result is the run's cancel request or None.
+        """Queue one append of `rows` on `pipe`; its result is a list of one item: the run's
+        cancel request or None (see `append_runs_in`)."""
+        self.append_runs_in(pipe, [RunAppend(run_id, rows, blobs, status, seq, attempt)])
+
+    def append_runs_in(self, pipe: AnyPipeline, appends: Sequence[RunAppend]) -> None:
+        """Queue one script call appending each of `appends` (at most `runs_per_call`); its
+        result lists, for each, the run's cancel request or None, or ``FENCED``.
 
         A row is (event name, JSON data, blob ref or b""); `blobs` are the (ref, blob) pairs
         first referenced in this batch. A positive `seq` (increasing per run) makes a retried
-        batch a no-op once it was applied; a positive `attempt` fences off a superseded worker
-        (the result is then ``FENCED``).
+        batch a no-op once it was applied; a positive `attempt` fences off a superseded worker.
         """
         k = self._keys
-        args: list[Any] = [
-            self._maxlen,
-            self._ttl,
-            int(time.time() * 1000),
-            status.value if status else "",
-            seq,
-            attempt,
-            self._publish,
-            len(blobs),
-        ]
-        for ref, blob in blobs:
-            args += [ref, blob]
-        for row in rows:
-            args += row
-        keys = [
-            k.run_events(run_id),
-            k.run_blobs(run_id),
-            k.run_meta(run_id),
-            k.run_cancel(run_id),
-            k.live(run_id),
-        ]
+        keys: list[str] = []
+        args: list[Any] = [self._maxlen, self._ttl, int(time.time() * 1000), self._publish]
+        for a in appends:
+            run_id = a.run_id
+            keys += [
+                k.run_events(run_id),
+                k.run_blobs(run_id),
+                k.run_meta(run_id),
+                k.run_cancel(run_id),
+                k.live(run_id),
+            ]
+            args += [
+                a.status.value if a.status else "",
+                a.seq,
+                a.attempt,
+                len(a.blobs),
+                len(a.rows),
+            ]
+            for ref, blob in a.blobs:
+                args += [ref, blob]
+            for row in a.rows:
+                args += row
         self._append.queue(pipe, keys, args)
 
     async def append(
@@ -163,7 +190,7 @@ class EventLog:
             return await self.append(run_id, events, status=status)
         if isinstance(result, Exception):
             raise result
-        return result  # type: ignore[no-any-return]
+        return result[0]  # type: ignore[no-any-return]
 
     async def end_unclaimed(
         self, run_id: str, events: Sequence[Event], status: RunStatus, *, attempt: int = -1
@@ -181,7 +208,7 @@ class EventLog:
             return await self.end_unclaimed(run_id, events, status, attempt=attempt)
         if isinstance(result, Exception):
             raise result
-        return bool(result != FENCED)
+        return bool(result[0] != FENCED)
 
     async def load_scripts(self) -> None:
         await self._append.load(self._redis)
