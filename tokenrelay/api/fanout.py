@@ -25,6 +25,12 @@ from tokenrelay.broker.retry import Backoff
 log = logging.getLogger("tokenrelay.fanout")
 
 
+_queued_entries = [0]
+"""Live entries queued in this process's subscriptions, counted as plain ints (a batch is
+queued and taken once per token per reader) and read by the gauge when it is scraped."""
+telemetry.LIVE_QUEUED_ENTRIES.set_function(lambda: _queued_entries[0])
+
+
 class Subscription:
     """One client's view of a run's live feed: a queue bounded by its number of entries.
 
@@ -57,7 +63,7 @@ class Subscription:
         else:
             self._queue.append(batch)
             self._queued += len(batch.entries)
-            telemetry.LIVE_QUEUED_ENTRIES.inc(len(batch.entries))
+            _queued_entries[0] += len(batch.entries)
         self._wake()
 
     def _wake(self) -> None:
@@ -66,7 +72,7 @@ class Subscription:
             waiter.set_result(None)
 
     def _drop(self) -> None:
-        telemetry.LIVE_QUEUED_ENTRIES.dec(self._queued)
+        _queued_entries[0] -= self._queued
         self._queue.clear()
         self._queued = 0
 
@@ -101,7 +107,7 @@ class Subscription:
                 return None
         batch = self._queue.popleft()
         self._queued -= len(batch.entries)
-        telemetry.LIVE_QUEUED_ENTRIES.dec(len(batch.entries))
+        _queued_entries[0] -= len(batch.entries)
         return batch
 
     def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
