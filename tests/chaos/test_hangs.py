@@ -160,11 +160,11 @@ async def test_an_exception_in_the_publisher_fails_its_runs_and_it_goes_on(
 
         armed = True
 
-        def append_in(self, pipe: Any, run_id: str, *args: Any, **kwargs: Any) -> None:
-            if run_id == "doomed" and self.armed:
+        def append_runs_in(self, pipe: Any, appends: Any) -> None:
+            if any(a.run_id == "doomed" for a in appends) and self.armed:
                 self.armed = False
                 raise RuntimeError("a bug")
-            super().append_in(pipe, run_id, *args, **kwargs)
+            super().append_runs_in(pipe, appends)
 
     s = make_settings(redis_server)
     redis = connect(s.resolved_redis_url())
@@ -185,6 +185,45 @@ async def test_an_exception_in_the_publisher_fails_its_runs_and_it_goes_on(
         publisher.emit("fine", Event("custom", codec.json_bytes({"i": 1})))
         await publisher.flush_run("fine")
         assert [e.name for e in await log.read("fine", ZERO_ID)] == ["custom"]
+    finally:
+        await publisher.stop()
+        await redis.aclose()
+
+
+async def test_a_run_redis_refuses_fails_alone_when_it_shares_an_append_call(
+    redis_server: RedisServer,
+) -> None:
+    """One flush appends all its runs in one script call; when Redis refuses one run's part,
+    that run fails and the others of the call are written, each exactly once."""
+    from tokenrelay.broker import codec
+    from tokenrelay.broker.errors import AppendFailed
+    from tokenrelay.broker.log import EventLog
+    from tokenrelay.broker.models import Event
+    from tokenrelay.producer.publisher import Publisher
+
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    keys = Keys(s.key_prefix)
+    log = EventLog(redis, keys, maxlen=100, ttl_seconds=60)
+    failed: list[str] = []
+    publisher = Publisher(
+        redis, log, flush_ms=50, max_events=100, on_failed=lambda rid, _exc: failed.append(rid)
+    )
+    publisher.start()
+    runs = ["before", "refused", "after"]
+    try:
+        await redis.set(keys.run_events("refused"), b"not a stream")
+        for i, run_id in enumerate(runs):
+            publisher.begin_run(run_id, attempt=0)
+            publisher.emit(run_id, Event("custom", codec.json_bytes({"i": i})))
+        await publisher.flush_run("before")  # the one flush of all three has ended
+        with pytest.raises(AppendFailed):
+            await publisher.flush_run("refused")
+        await publisher.flush_run("after")
+        assert failed == ["refused"]
+        for i, run_id in ((0, "before"), (2, "after")):
+            entries = await log.read(run_id, ZERO_ID)
+            assert [codec.json_loads(e.data) for e in entries] == [{"i": i}]
     finally:
         await publisher.stop()
         await redis.aclose()

@@ -120,12 +120,12 @@ async def test_scripts_touch_one_slot_and_a_cross_slot_call_is_refused(
     append = scripts.script("append")
     rid = new_id()
     owner = redis_cluster.owner(slot_of(keys.run_events(rid)))
-    args = [100, 60, now_ms(), "", 0, 0, "SPUBLISH", 0, "custom", b"{}", ""]
+    args = [100, 60, now_ms(), "SPUBLISH", "", 0, 0, 0, 1, "custom", b"{}", ""]
     async with Redis(port=redis_cluster.nodes[owner].port) as node:
         await append.load(node)
         async with node.pubsub() as sub:
             await sub.ssubscribe(keys.live(rid))
-            assert await append(node, run_keys(keys, rid), args) is None
+            assert await append(node, run_keys(keys, rid), args) == [None]
             messages = [await sub.get_message(timeout=5.0) for _ in range(2)]
         assert [m["type"] for m in messages if m] == ["ssubscribe", "smessage"]
         # ...and refuses one whose live channel is another run's, as a cross-slot bug would.

@@ -145,3 +145,65 @@ async def test_metadata_blob_is_stored_once_and_spliced(log: tuple[EventLog, Fan
     assert codec.json_loads(got[3].data) == [{"content": "w3"}, codec.json_loads(meta)]
     stream_bytes = await elog._redis.memory_usage(elog._keys.run_events(rid))
     assert stream_bytes is not None and stream_bytes < 50 * len(meta)
+
+
+async def test_a_burst_of_live_messages_arrives_whole_and_in_order(
+    redis_server: RedisServer,
+) -> None:
+    """Messages Redis sends together are read from the buffer (BufferedPubSub), each exactly
+    once, in order, with the subscribe confirmation before them."""
+    from tokenrelay.broker import pubsub
+
+    redis = connect(make_settings(redis_server).resolved_redis_url())
+    sub = pubsub.subscriber(redis)
+    channel = b"tr:test:{burst}"
+    try:
+        await sub.subscribe(channel)
+        first = await sub.get_message(timeout=2.0)
+        assert first is not None and first["type"] == "subscribe"
+        payloads = [codec.pack([i, b"x" * i]) for i in range(60)]
+        if isinstance(sub, pubsub.BufferedPubSub):  # one write, so Redis sends them together
+            pipe = redis.pipeline(transaction=False)
+            for payload in payloads:
+                pipe.publish(channel, payload)
+            await pipe.execute()
+        else:
+            for payload in payloads:
+                await pubsub.publish(redis, channel, payload)
+        got: list[bytes] = []
+        while len(got) < len(payloads):
+            msg = await sub.get_message(timeout=2.0)
+            assert msg is not None
+            assert (msg["type"], msg["channel"]) in (("message", channel), ("smessage", channel))
+            got.append(msg["data"])
+        assert got == payloads
+        if isinstance(sub, pubsub.BufferedPubSub):
+            assert sub.buffered_reads > 0
+        await sub.unsubscribe(channel)
+    finally:
+        await sub.aclose()
+        await redis.aclose()
+
+
+async def test_readers_of_a_run_in_one_process_share_each_live_batch(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    """A live batch that follows on is resolved once per process: every reader of the run gets
+    the same entries (and so the same memo for the frames its protocol derives)."""
+    from tokenrelay.broker.log import Batch
+
+    elog, fanout = log
+    rid = new_id()
+    await elog.append(rid, [ev(0)])
+    async with fanout.subscribe(rid) as a, fanout.subscribe(rid) as b:
+        tails = [elog.tail_batches(rid, ZERO_ID, s, idle_seconds=5) for s in (a, b)]
+        for tail in tails:
+            page = await anext(tail)
+            assert isinstance(page, list)
+            assert [codec.json_loads(e.data)["i"] for e in page] == [0]
+        await elog.append(rid, [ev(1), ev(2)])
+        first, second = [await anext(tail) for tail in tails]
+        assert isinstance(first, Batch) and first is second and first.memo is not None
+        assert [codec.json_loads(e.data)["i"] for e in first] == [1, 2]
+        for tail in tails:
+            await tail.aclose()  # type: ignore[attr-defined]

@@ -84,3 +84,39 @@ def test_content_split_splices_back_to_the_same_bytes(
     assert event.blob is not None
     wire = codec.splice_content(event.data, event.blob)
     assert wire == codec.splice_tuple(codec.json_bytes(chunk), codec.json_bytes(meta))
+
+
+def test_tuple_events_reuse_the_invariant_part_only_while_it_is_the_same() -> None:
+    from langchain_core.messages import AIMessageChunk
+
+    from tokenrelay.producer.runner import _TupleEvents
+
+    meta = {"langgraph_node": "llm", "langgraph_step": 1}
+    usage = {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}
+    chunks = [
+        AIMessageChunk(content="Hel", id="m1"),
+        AIMessageChunk(content="lo", id="m1"),
+        AIMessageChunk(content="", id="m1", response_metadata={"finish_reason": "stop"}),
+        AIMessageChunk(content="", id="m1", usage_metadata=usage, chunk_position="last"),
+        AIMessageChunk(content="Next", id="m2"),
+        AIMessageChunk(content=[{"type": "text", "text": "x"}], id="m2"),
+        AIMessageChunk(content="!", id="m2", extra_field=1),
+    ]
+    encode = _TupleEvents()
+    for chunk in chunks:
+        event = encode("messages", chunk, meta)
+        wire = (
+            codec.splice_content(event.data, event.blob)
+            if event.content_only
+            else codec.splice_tuple(event.data, event.blob or b"")
+        )
+        assert wire == codec.splice_tuple(codec.json_bytes(chunk), codec.json_bytes(meta))
+    # A model that changes a chunk it already handed over does not change what was cached.
+    first = AIMessageChunk(content="a", id="m3", response_metadata={"k": 1})
+    encode("messages", first, meta)
+    first.response_metadata["k"] = 2
+    second = AIMessageChunk(content="b", id="m3", response_metadata={"k": 2})
+    event = encode("messages", second, meta)
+    assert codec.splice_content(event.data, event.blob or b"") == codec.splice_tuple(
+        codec.json_bytes(second), codec.json_bytes(meta)
+    )

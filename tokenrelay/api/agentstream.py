@@ -10,6 +10,7 @@ from there: the cost follows what was missed, not the thread's history.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from tokenrelay.api.deps import Services
 from tokenrelay.api.fanout import Subscription
 from tokenrelay.broker import codec
 from tokenrelay.broker.errors import RunNotFound
+from tokenrelay.broker.log import Batch
 from tokenrelay.broker.models import ZERO_ID, Entry, Gap, StreamId
 from tokenrelay.broker.protocol import CHANNELS, to_protocol, valid_channel
 
@@ -28,6 +30,9 @@ _ENVELOPE = (
 
 # Entry ids below this first part are thread seqs; above it, Redis' own millisecond ids.
 _SEQ_IDS_BELOW = 10**12
+
+_RENDERED = "protocol"
+"""`Batch.memo` key of a live batch's protocol events."""
 
 
 class ProtocolError(Exception):
@@ -113,9 +118,15 @@ class EventFilter:
         )
 
     def select(self, entries: list[Entry]) -> list[ProtocolEvent]:
-        """The protocol events of `entries` this filter carries."""
-        events = (render(entry) for entry in entries)
-        return [e for e in events if e is not None and self.wants(e.channel, e.namespace)]
+        """The protocol events of `entries` this filter carries. A live batch shared by the
+        run's readers in this process (a `Batch` with a memo) is rendered once for all."""
+        memo = entries.memo if isinstance(entries, Batch) else None
+        rendered: list[ProtocolEvent] | None = memo.get(_RENDERED) if memo is not None else None
+        if rendered is None:
+            rendered = [e for e in map(render, entries) if e is not None]
+            if memo is not None:
+                memo[_RENDERED] = rendered
+        return [e for e in rendered if self.wants(e.channel, e.namespace)]
 
 
 def _is_prefix(namespace: Sequence[str], prefix: Sequence[str]) -> bool:
@@ -151,17 +162,22 @@ def render(entry: Entry) -> ProtocolEvent | None:
     seq, ts = entry.id.ms, entry.id.seq
     if seq >= _SEQ_IDS_BELOW:  # a run started before events were numbered in their thread
         ts = seq
-    node = b',"node":' + codec.json_bytes(entry.node.decode()) if entry.node else b""
     payload = _ENVELOPE % (
-        str(entry.id).encode(),
+        b"%d-%d" % (entry.id.ms, entry.id.seq),
         seq,
         method.encode(),
-        codec.json_bytes(namespace),
+        codec.json_bytes(namespace) if namespace else b"[]",
         ts,
-        node,
+        _node_member(entry.node) if entry.node else b"",
         data,
     )
     return ProtocolEvent(seq, method, channel, namespace, payload)
+
+
+@functools.lru_cache(maxsize=1024)
+def _node_member(node: bytes) -> bytes:
+    """The envelope's ``,"node":<name>`` member: a graph has few nodes, a run many tokens."""
+    return b',"node":' + codec.json_bytes(node.decode())
 
 
 def gap_error(gap: Gap) -> bytes:

@@ -25,6 +25,12 @@ from tokenrelay.broker.retry import Backoff
 log = logging.getLogger("tokenrelay.fanout")
 
 
+_queued_entries = [0]
+"""Live entries queued in this process's subscriptions, counted as plain ints (a batch is
+queued and taken once per token per reader) and read by the gauge when it is scraped."""
+telemetry.LIVE_QUEUED_ENTRIES.set_function(lambda: _queued_entries[0])
+
+
 class Subscription:
     """One client's view of a run's live feed: a queue bounded by its number of entries.
 
@@ -36,8 +42,12 @@ class Subscription:
         self._limit = limit
         self._queued = 0
         self._queue: deque[LiveBatch] = deque()
-        self._ready = asyncio.Event()
         self._overflowed = False
+        self._waiter: asyncio.Future[None] | None = None
+        # The idle timeout of `get`: one timer per idle period, not one per batch. A wait only
+        # moves the deadline; the timer, when it fires early, is set again for the deadline.
+        self._idle_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def overflowed(self) -> bool:
@@ -53,40 +63,61 @@ class Subscription:
         else:
             self._queue.append(batch)
             self._queued += len(batch.entries)
-            telemetry.LIVE_QUEUED_ENTRIES.inc(len(batch.entries))
-        self._ready.set()
+            _queued_entries[0] += len(batch.entries)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _drop(self) -> None:
-        telemetry.LIVE_QUEUED_ENTRIES.dec(self._queued)
+        _queued_entries[0] -= self._queued
         self._queue.clear()
         self._queued = 0
 
     def mark_overflowed(self) -> None:
         self._drop()
         self._overflowed = True
-        self._ready.set()
+        self._wake()
 
     def reset(self) -> None:
         self._drop()
         self._overflowed = False
-        self._ready.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def get(self, timeout: float) -> LiveBatch | None:
         if not self._queue:
-            self._ready.clear()
+            loop = asyncio.get_running_loop()
+            self._idle_at = loop.time() + timeout
+            if self._timer is not None and self._timer.when() > self._idle_at:
+                self._timer.cancel()
+                self._timer = None
+            if self._timer is None:
+                self._timer = loop.call_at(self._idle_at, self._idle, loop)
+            # A bare future, not an Event and a timeout: this wait happens once per batch.
+            self._waiter = loop.create_future()
             try:
-                # asyncio.timeout, not wait_for: no task per wait on this hot path, and on
-                # Python 3.11 wait_for can swallow a cancellation that meets a wake-up.
-                async with asyncio.timeout(timeout):
-                    await self._ready.wait()
-            except TimeoutError:
-                return None
+                await self._waiter
+            finally:
+                self._waiter = None
             if not self._queue:
                 return None
         batch = self._queue.popleft()
         self._queued -= len(batch.entries)
-        telemetry.LIVE_QUEUED_ENTRIES.dec(len(batch.entries))
+        _queued_entries[0] -= len(batch.entries)
         return batch
+
+    def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return  # nobody waits: the next wait sets the timer again
+        if loop.time() >= self._idle_at - 0.001:  # the loop's clock may count whole ms
+            self._wake()
+        else:
+            self._timer = loop.call_at(self._idle_at, self._idle, loop)
 
 
 class _Channel:

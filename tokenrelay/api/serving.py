@@ -3,7 +3,7 @@
 uvicorn closes idle keep-alive connections but gives a client forever to send a request's
 headers; `GuardedHttpTools` closes a connection whose headers do not arrive in time, and tells
 the application how many connections the process holds (``RequestLimits`` answers 503 past the
-cap, probes excepted).
+cap, probes excepted) and its own `send` (event streams write their body chunks with it).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokenrelay.api.limits import OPEN_CONNECTIONS
+from tokenrelay.api.sse import SERVER_SEND
 from tokenrelay.broker.settings import Settings, get_settings
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -73,6 +74,9 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._in_headers = False
         self._disarm_header_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            self.scope[SERVER_SEND] = cycle.send  # type: ignore[literal-required]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()

@@ -16,6 +16,12 @@ from tokenrelay.broker.models import Entry, Gap
 
 HEARTBEAT = b": heartbeat\n\n"
 
+SERVER_SEND = "tokenrelay.server_send"
+"""Scope key the server protocol (api/serving.py) sets: the server's own `send`. An event
+stream's body chunks go out with it, past the middleware: each would otherwise wrap every chunk
+of a long stream, and none of them looks past a response's start (none may: a transformed body
+is no event stream)."""
+
 SSE_HEADERS = {
     "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",
@@ -24,10 +30,12 @@ SSE_HEADERS = {
 
 def format_event(entry: Entry) -> bytes:
     """``event: <name>\\ndata: <json>\\nid: <stream id>\\n\\n``, as the Agent Server frames it."""
-    return b"event: %s\ndata: %s\nid: %s\n\n" % (
+    id_ = entry.id
+    return b"event: %s\ndata: %s\nid: %d-%d\n\n" % (
         entry.name.encode(),
         entry.data,
-        str(entry.id).encode(),
+        id_.ms,
+        id_.seq,
     )
 
 
@@ -105,10 +113,11 @@ class EventStreamResponse(Response):
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         outcome = "done"
+        write: Send = scope.get(SERVER_SEND, send)
 
         async def stream() -> None:
             async for chunk in self._body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await write({"type": "http.response.body", "body": chunk, "more_body": True})
 
         async def disconnected() -> None:
             while (await receive())["type"] != "http.disconnect":

@@ -9,8 +9,8 @@ from the stream instead of skipping events.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from redis.exceptions import NoScriptError
@@ -47,20 +47,50 @@ entries keep the two fields of the stream's other entries (Redis then stores no 
 FENCED = b"!fenced"
 """What an append returns when its attempt is no longer the run's current one."""
 StreamRow = tuple[bytes, dict[bytes, bytes]]
+RUNS_PER_CALL = 128
+"""At most this many runs' appends in one script call (Redis runs a call to its end before
+anything else: this bounds how long one call can hold it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunAppend:
+    """One run's part of an append call (see `EventLog.append_runs_in`)."""
+
+    run_id: str
+    rows: Sequence[Row]
+    blobs: Sequence[tuple[bytes, bytes]] = ()
+    status: RunStatus | None = None
+    seq: int = 0
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class LiveBatch:
-    """One append batch as published on a run's live channel."""
+    """One append batch as published on a run's live channel. Every reader of the run in an
+    API process gets the same object; `memo` keeps what they derive from it alike."""
 
     prev: StreamId | None
     entries: list[Entry]
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def decode(cls, payload: bytes) -> LiveBatch:
         prev_raw, rows = codec.unpack_raw(payload)
-        prev = StreamId.parse(prev_raw) if prev_raw else None
+        prev = StreamId.of_redis(prev_raw) if prev_raw else None
         return cls(prev, [_entry(r[0], r[1], r[2], r[3]) for r in rows])
+
+
+class Batch(list[Entry]):
+    """Entries a reader gets at once. Those of a live batch that follows on what the reader
+    had are the same objects for every reader of the run in this process; then `memo` is the
+    batch's, so what a protocol derives from them (its frames) is done once per process, not
+    once per reader."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self, entries: Iterable[Entry], memo: dict[str, Any] | None = None) -> None:
+        super().__init__(entries)
+        self.memo = memo
 
 
 class LiveSubscription(Protocol):
@@ -78,8 +108,8 @@ class LiveSubscription(Protocol):
 
 def _entry(id_: bytes, name: bytes, data: bytes, blob_ref: bytes | None) -> Entry:
     if name[:2] in (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF):
-        return Entry(StreamId.parse(id_), MESSAGES_EVENT, data, name[1:])
-    return Entry(StreamId.parse(id_), name.decode(), data, blob_ref or None)
+        return Entry(StreamId.of_redis(id_), MESSAGES_EVENT, data, name[1:])
+    return Entry(StreamId.of_redis(id_), name.decode(), data, blob_ref or None)
 
 
 class EventLog:
@@ -93,6 +123,12 @@ class EventLog:
         self._append = scripts.script("append")
         self._publish = pubsub.publish_command(redis)
 
+    @property
+    def runs_per_call(self) -> int:
+        """How many runs' appends one script call may carry: one on a cluster, where a call's
+        keys must share a hash slot."""
+        return 1 if self._publish == "SPUBLISH" else RUNS_PER_CALL
+
     def append_in(
         self,
         pipe: AnyPipeline,
@@ -104,35 +140,41 @@ class EventLog:
         seq: int = 0,
         attempt: int = 0,
     ) -> None:
-        """Queue one append of `rows` on `pipe`; its result is the run's cancel request or None.
+        """Queue one append of `rows` on `pipe`; its result is a list of one item: the run's
+        cancel request or None (see `append_runs_in`)."""
+        self.append_runs_in(pipe, [RunAppend(run_id, rows, blobs, status, seq, attempt)])
+
+    def append_runs_in(self, pipe: AnyPipeline, appends: Sequence[RunAppend]) -> None:
+        """Queue one script call appending each of `appends` (at most `runs_per_call`); its
+        result lists, for each, the run's cancel request or None, or ``FENCED``.
 
         A row is (event name, JSON data, blob ref or b""); `blobs` are the (ref, blob) pairs
         first referenced in this batch. A positive `seq` (increasing per run) makes a retried
-        batch a no-op once it was applied; a positive `attempt` fences off a superseded worker
-        (the result is then ``FENCED``).
+        batch a no-op once it was applied; a positive `attempt` fences off a superseded worker.
         """
         k = self._keys
-        args: list[Any] = [
-            self._maxlen,
-            self._ttl,
-            int(time.time() * 1000),
-            status.value if status else "",
-            seq,
-            attempt,
-            self._publish,
-            len(blobs),
-        ]
-        for ref, blob in blobs:
-            args += [ref, blob]
-        for row in rows:
-            args += row
-        keys = [
-            k.run_events(run_id),
-            k.run_blobs(run_id),
-            k.run_meta(run_id),
-            k.run_cancel(run_id),
-            k.live(run_id),
-        ]
+        keys: list[str] = []
+        args: list[Any] = [self._maxlen, self._ttl, int(time.time() * 1000), self._publish]
+        for a in appends:
+            run_id = a.run_id
+            keys += [
+                k.run_events(run_id),
+                k.run_blobs(run_id),
+                k.run_meta(run_id),
+                k.run_cancel(run_id),
+                k.live(run_id),
+            ]
+            args += [
+                a.status.value if a.status else "",
+                a.seq,
+                a.attempt,
+                len(a.blobs),
+                len(a.rows),
+            ]
+            for ref, blob in a.blobs:
+                args += [ref, blob]
+            for row in a.rows:
+                args += row
         self._append.queue(pipe, keys, args)
 
     async def append(
@@ -148,7 +190,7 @@ class EventLog:
             return await self.append(run_id, events, status=status)
         if isinstance(result, Exception):
             raise result
-        return result  # type: ignore[no-any-return]
+        return result[0]  # type: ignore[no-any-return]
 
     async def end_unclaimed(
         self, run_id: str, events: Sequence[Event], status: RunStatus, *, attempt: int = -1
@@ -166,7 +208,7 @@ class EventLog:
             return await self.end_unclaimed(run_id, events, status, attempt=attempt)
         if isinstance(result, Exception):
             raise result
-        return bool(result != FENCED)
+        return bool(result[0] != FENCED)
 
     async def load_scripts(self) -> None:
         await self._append.load(self._redis)
@@ -283,13 +325,26 @@ class EventLog:
                     break  # re-read the stream: cheap, and covers a lost pub/sub message
                 if batch.prev is not None and batch.prev > last:
                     break  # a batch was missed: catch up from the stream
-                fresh = [e for e in batch.entries if e.id > last]
-                out = await blobs.resolve_all(_through_end(fresh))
+                if batch.prev is not None and batch.prev == last:
+                    # It follows on (the usual case): all of it is new, resolved once for
+                    # every reader of the run in this process.
+                    shared: Batch | None = batch.memo.get(_RESOLVED)
+                    if shared is None:
+                        resolved = await blobs.resolve_all(_through_end(batch.entries))
+                        shared = batch.memo[_RESOLVED] = Batch(resolved, batch.memo)
+                    out = shared
+                else:
+                    fresh = [e for e in batch.entries if e.id > last]
+                    out = await blobs.resolve_all(_through_end(fresh))
                 if out:
                     last = out[-1].id
                     yield out
                     if out[-1].is_end:
                         return
+
+
+_RESOLVED = "entries"
+"""`LiveBatch.memo` key of the batch's entries with their blobs spliced in."""
 
 
 def _through_end(entries: list[Entry]) -> list[Entry]:

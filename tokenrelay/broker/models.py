@@ -58,6 +58,12 @@ class StreamId:
         return cls(ms, seq)
 
     @classmethod
+    def of_redis(cls, raw: bytes) -> StreamId:
+        """An id Redis returned: well formed, so not checked as `parse` checks a client's."""
+        ms, _, seq = raw.partition(b"-")
+        return cls(int(ms), int(seq))
+
+    @classmethod
     def parse_last_event_id(cls, value: str) -> StreamId:
         """Parse a client's Last-Event-ID: ``-1`` and ``0`` mean "from the start"."""
         text = value.strip()

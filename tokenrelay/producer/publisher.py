@@ -1,7 +1,8 @@
 """Publishes run events to Redis, coalesced.
 
 Events of all runs of a worker are written at most once per short flush window (sooner when a
-count bound is reached), in one pipelined round trip with one append script per run; the first
+count bound is reached), in one round trip and one append script call for all its runs (one
+per run on a cluster); the first
 event after a quiet window is written at once. Each append also returns the
 run's durable cancel request, so checking for a cancel costs nothing extra.
 
@@ -25,7 +26,15 @@ from redis.exceptions import NoScriptError
 from tokenrelay.broker import telemetry
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.errors import AppendFailed, Superseded
-from tokenrelay.broker.log import FENCED, EventLog, Row, blob_kind, entry_name, stored_blob
+from tokenrelay.broker.log import (
+    FENCED,
+    EventLog,
+    Row,
+    RunAppend,
+    blob_kind,
+    entry_name,
+    stored_blob,
+)
 from tokenrelay.broker.models import Event, RunStatus
 from tokenrelay.broker.retry import PERMANENT_TRIES, Backoff, is_transient
 
@@ -244,34 +253,52 @@ class Publisher:
             self._on_cancel(run_id, reply)
 
     async def _write(self, batch: dict[str, _Pending]) -> dict[str, Reply]:
-        """Append every run's batch in one pipeline; retry only appends that did not run.
+        """Append every run's batch in one pipeline, as few script calls as the Redis allows;
+        retry only appends that did not run.
 
         Transient errors are retried with backoff until Redis takes the batch; a run whose
         append Redis refuses `PERMANENT_TRIES` times gets the error as its result."""
         results: dict[str, Reply] = {}
         todo = list(batch)
         backoff = Backoff()
+        per_call = self._log.runs_per_call
         while todo:
             pipe = self._redis.pipeline(transaction=False)
-            for run_id in todo:
-                p = batch[run_id]
-                if not p.seq:
-                    p.seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
-                self._log.append_in(
-                    pipe, run_id, p.rows, blobs=p.blobs, status=p.status, seq=p.seq,
-                    attempt=self._attempt.get(run_id, 0),
-                )  # fmt: skip
+            calls = [todo[i : i + per_call] for i in range(0, len(todo), per_call)]
+            for call in calls:
+                appends = []
+                for run_id in call:
+                    p = batch[run_id]
+                    if not p.seq:
+                        p.seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
+                    appends.append(RunAppend(
+                        run_id, p.rows, p.blobs, p.status, p.seq, self._attempt.get(run_id, 0)
+                    ))  # fmt: skip
+                self._log.append_runs_in(pipe, appends)
             try:
-                replies = await pipe.execute(raise_on_error=False)
+                answers = await pipe.execute(raise_on_error=False)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                replies = [exc] * len(todo)
+                answers = [exc] * len(calls)
+            replies: list[Reply] = []
+            shared_refusal = False
+            for call, answer in zip(calls, answers, strict=True):
+                # A failed call failed each of its runs' appends (a retry skips what it applied).
+                if isinstance(answer, Exception):
+                    replies += [answer] * len(call)
+                    shared_refusal |= len(call) > 1 and not is_transient(answer)
+                else:
+                    replies += answer
+            if shared_refusal:
+                # Redis refused a call of several runs: find out which run it refuses, one
+                # call each from now on, before any run counts the refusal as its own.
+                per_call = 1
             retry: list[str] = []
             for run_id, reply in zip(todo, replies, strict=True):
                 if not isinstance(reply, Exception):
                     results[run_id] = reply
-                elif is_transient(reply):
+                elif is_transient(reply) or shared_refusal:
                     # Retried with the same sequence number, so it is applied at most once.
                     retry.append(run_id)
                 else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import AsyncIterator
@@ -202,6 +203,39 @@ def _tuple_event(name: str, message: BaseMessage, meta_json: bytes) -> Event:
     return Event(name, chunk, blob=meta_json)
 
 
+class _TupleEvents:
+    """Encodes `messages-tuple` events, each message's invariant part once: the chunks of one
+    message differ in their content alone, so the rest of the chunk and its metadata are
+    encoded for its first chunk and reused while every other field stays equal."""
+
+    def __init__(self) -> None:
+        self._meta_json = _MetadataJSON()
+        # (chunk class, its fields but content, its extra fields, metadata JSON, blob)
+        self._last: tuple[type, dict[str, Any], Any, bytes, bytes] | None = None
+
+    def __call__(self, name: str, message: BaseMessage, meta: dict[str, Any]) -> Event:
+        meta_json = self._meta_json(meta)
+        if not isinstance(message.content, str):
+            return _tuple_event(name, message, meta_json)
+        fields = {k: v for k, v in message.__dict__.items() if k != "content"}
+        extra = message.__pydantic_extra__
+        last = self._last
+        if (
+            last is not None
+            and last[0] is type(message)
+            and last[3] is meta_json
+            and last[1] == fields
+            and last[2] == extra
+        ):
+            return Event(name, codec.json_bytes(message.content), blob=last[4], content_only=True)
+        event = _tuple_event(name, message, meta_json)
+        if event.content_only and event.blob is not None:
+            # Copies: a model could change a dict of a chunk it already handed over.
+            self._last = (type(message), copy.deepcopy(fields), copy.deepcopy(extra), meta_json,
+                          event.blob)  # fmt: skip
+        return event
+
+
 class GraphRun:
     """Executes a run's graph with the requested stream modes and yields its events in order."""
 
@@ -215,7 +249,7 @@ class GraphRun:
         self.interrupted = False
         """Whether the graph stopped on an interrupt (it waits for input)."""
         self._current = ""
-        self._meta_json = _MetadataJSON()
+        self._tuple_events = _TupleEvents()
         # protocol runs: message id -> (its text so far, node, step)
         self._texts: dict[str, tuple[list[str], str, int]] = {}
         # message id -> (its chunks so far, top-level node that streamed it, step). The chunks
@@ -241,15 +275,15 @@ class GraphRun:
         if not isinstance(message, AIMessageChunk) or not message.id:
             self._partials.pop(message.id or "", None)  # a whole message: nothing is partial
             return
+        known = self._partials.get(message.id)
+        if known is not None:
+            known[0].append(message)
+            return
         # Inside a subgraph the thread's node is the first namespace segment ("node:task").
         path = ns or tuple(str(meta.get("langgraph_checkpoint_ns", "")).split("|"))[:-1]
         node = path[0].split(":")[0] if path else meta.get("langgraph_node", "")
         step = int(meta.get("langgraph_step") or 0)
-        known = self._partials.get(message.id)
-        if known is None:
-            self._partials[message.id] = ([message], str(node), step)
-        else:
-            known[0].append(message)
+        self._partials[message.id] = ([message], str(node), step)
 
     def partial_message(self) -> tuple[AIMessage, str] | None:
         """The AI message that was streaming when the run stopped, marked as cancelled, and the
@@ -423,7 +457,7 @@ class GraphRun:
                 message, meta = data
                 self._track(message, meta, ns)
                 if "messages-tuple" in self.modes:
-                    yield _tuple_event("messages" + suffix, message, self._meta_json(meta))
+                    yield self._tuple_events("messages" + suffix, message, meta)
                 if "messages" in self.modes:
                     for event in self._accumulator.events(suffix, message, meta):
                         yield event

@@ -27,10 +27,13 @@ from tokenrelay.api.tokens import StreamTokens
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
 from tokenrelay.broker.errors import EventIdPastEnd, InvalidBody
-from tokenrelay.broker.log import BlobResolver
+from tokenrelay.broker.log import Batch, BlobResolver
 from tokenrelay.broker.models import ZERO_ID, Gap, StreamId
 
 router = APIRouter(tags=["stream"])
+
+_FRAMED = "sse"
+"""`Batch.memo` key of a live batch's SSE bytes (all its classic events) and their count."""
 
 
 def run_headers(thread_id: str, run_id: str) -> dict[str, str]:
@@ -86,14 +89,20 @@ async def run_events(
                 else:
                     # One write per batch: a page of history or a live flush of the worker.
                     after = item[-1].id
-                    chunk = [
-                        format_event(e)
-                        for e in item
-                        if e.classic and (names is None or e.name.split("|", 1)[0] in names)
-                    ]
-                    if chunk:
-                        telemetry.EVENTS_SENT.inc(len(chunk))
-                        yield b"".join(chunk)
+                    memo = item.memo if isinstance(item, Batch) and names is None else None
+                    framed = memo.get(_FRAMED) if memo is not None else None
+                    if framed is None:
+                        chunk = [
+                            format_event(e)
+                            for e in item
+                            if e.classic and (names is None or e.name.split("|", 1)[0] in names)
+                        ]
+                        framed = (b"".join(chunk), len(chunk))
+                        if memo is not None:
+                            memo[_FRAMED] = framed  # the run's other readers here send it as is
+                    if framed[1]:
+                        telemetry.EVENTS_SENT.inc(framed[1])
+                        yield framed[0]
                     if item[-1].is_end:
                         return
     finally:
