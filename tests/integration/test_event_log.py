@@ -13,7 +13,7 @@ from tokenrelay.broker import codec
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.log import EventLog, LiveBatch
-from tokenrelay.broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus
+from tokenrelay.broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus, StreamId
 from tokenrelay.broker.runs import new_id
 
 pytestmark = pytest.mark.redis("standalone", "cluster")
@@ -127,6 +127,22 @@ async def test_slow_reader_overflows_to_catch_up_reads(log: tuple[EventLog, Fano
         assert live.overflowed
         rest = await collect(tail)
     assert [codec.json_loads(e.data)["i"] for e in [first, *rest[:-1]]] == list(range(200))
+
+
+async def test_a_reader_behind_takes_its_backlog_at_once_up_to_a_gap() -> None:
+    def batch(prev: int, *ids: int) -> LiveBatch:
+        return LiveBatch(StreamId(prev, 0), [Entry(StreamId(i, 0), "custom", b"{}") for i in ids])
+
+    sub = Subscription(100)
+    for queued in (batch(0, 1, 2), batch(2, 3), batch(3, 4, 5), batch(7, 8), batch(8, 9)):
+        sub.push(queued)
+    first, second = await sub.get(1.0), await sub.get(1.0)
+    assert first is not None and second is not None
+    # One batch for everything that follows on; the batch after the gap (6 and 7 missing)
+    # keeps its own prev id, so the reader sees the gap and catches up from the stream.
+    assert (first.prev, [e.id.ms for e in first.entries]) == (StreamId(0, 0), [1, 2, 3, 4, 5])
+    assert (second.prev, [e.id.ms for e in second.entries]) == (StreamId(7, 0), [8, 9])
+    assert await sub.get(0.01) is None
 
 
 async def test_metadata_blob_is_stored_once_and_spliced(log: tuple[EventLog, Fanout]) -> None:
