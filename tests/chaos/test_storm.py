@@ -120,6 +120,7 @@ STORM_RUNS = 8
 STORM_READERS = 240
 
 
+@pytest.mark.redis("standalone", "cluster")
 async def test_join_storm_every_resume_is_exact(redis_server: RedisServer) -> None:
     """Hundreds of readers reconnect at the same moment to live runs, each with the
     Last-Event-ID of an event it had read (some from the start, some hanging up again midway):
