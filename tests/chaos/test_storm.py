@@ -1,6 +1,6 @@
-"""Bounded reconnect storm and process kills: readers that drop and resume, a worker killed
--9, the API killed -9 and Redis restarted with AOF all end in a stream byte-equal to a full
-replay of the run."""
+"""Bounded reconnect storm and process kills: readers that drop and resume, a join storm of
+hundreds of readers resuming at once, a worker killed -9, the API killed -9 and Redis
+restarted with AOF all end in a stream byte-equal to a full replay of the run."""
 
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.chaos.test_fanout_leaks import settle
 from tests.conftest import RedisServer, make_settings
+from tests.integration.test_api_stream import metric
 from tests.integration.test_stream import join, new_thread, run_body, wait_status
 from tests.integration.test_worker import body as worker_body
 from tests.integration.test_worker import words
 from tests.server import Tokenrelay, WorkerProcess
-from tests.sse import SSE, iter_sse
+from tests.sse import SSE, events, iter_sse
+from tokenrelay.broker.connection import connect
 from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -110,6 +114,78 @@ async def test_reconnect_storm_is_byte_equal_to_a_full_replay(relay: Tokenrelay)
             assert reference[-1].event == "values"
     assert total >= RUNS * 10  # a storm: every run was resumed many times
     print(f"\n{RUNS} runs, {total} reconnects, every stream byte-equal to its replay")
+
+
+STORM_RUNS = 8
+STORM_READERS = 240
+
+
+@pytest.mark.redis("standalone", "cluster")
+async def test_join_storm_every_resume_is_exact(redis_server: RedisServer) -> None:
+    """Hundreds of readers reconnect at the same moment to live runs, each with the
+    Last-Event-ID of an event it had read (some from the start, some hanging up again midway):
+    each gets exactly the events after its id, byte for byte, and nothing stays subscribed."""
+    s = make_settings(redis_server)
+    relay = Tokenrelay(s).start()
+    redis = connect(s.resolved_redis_url())
+    rng = random.Random(1604)
+    limits = httpx.Limits(max_connections=STORM_READERS + 20)
+    try:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=120, limits=limits) as c:
+            baseline = metric((await c.get("/metrics")).text, "tokenrelay_api_live_channels")
+            runs: list[tuple[str, str]] = []
+            for _ in range(STORM_RUNS):
+                tid = await new_thread(c)
+                r = await c.post(f"/threads/{tid}/runs", json=run_body("twostep"))
+                assert r.status_code == 200, r.text
+                runs.append((tid, r.json()["run_id"]))
+            # What each run's first readers had before they lost their connections.
+            had: list[list[str]] = []
+            for tid, rid in runs:
+                url = f"/threads/{tid}/runs/{rid}/stream"
+                async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
+                    had.append([str(e.id) for e in await events(r, limit=12)])
+            live = [(await c.get(f"/threads/{t}/runs/{r}")).json()["status"] for t, r in runs]
+
+            # Reader i resumes run i % STORM_RUNS after `cursor` ("-1": from the start); with a
+            # `limit` it hangs up again after that many events and resumes from the last one.
+            plan = [
+                (i % STORM_RUNS, "-1" if i % 10 == 0 else rng.choice(had[i % STORM_RUNS]),
+                 rng.randint(1, 30) if i % 7 == 0 else None)
+                for i in range(STORM_READERS)
+            ]  # fmt: skip
+
+            async def resume(run: int, cursor: str, limit: int | None) -> list[SSE]:
+                tid, rid = runs[run]
+                url = f"/threads/{tid}/runs/{rid}/stream"
+                async with c.stream("GET", url, headers={"Last-Event-ID": cursor}) as r:
+                    assert r.status_code == 200, await r.aread()
+                    got = await events(r, limit=limit)
+                if limit is not None:
+                    after = got[-1].id if got else cursor
+                    async with c.stream("GET", url, headers={"Last-Event-ID": after}) as r:
+                        assert r.status_code == 200, await r.aread()
+                        got += await events(r)
+                return got
+
+            results = await asyncio.gather(*(resume(*p) for p in plan))
+            replays = [await join(c, tid, rid, "-1") for tid, rid in runs]
+            for (run, cursor, _), got in zip(plan, results, strict=True):
+                reference = frames(replays[run])
+                start = 0 if cursor == "-1" else [f[0] for f in reference].index(cursor) + 1
+                assert frames(got) == reference[start:], f"reader of run {run} after {cursor}"
+            assert all(replay[-1].event == "values" for replay in replays)
+            assert "running" in live  # the storm met live runs, not only finished ones
+            await settle(redis, Keys(s.key_prefix))
+            for _ in range(100):
+                gauge = metric((await c.get("/metrics")).text, "tokenrelay_api_live_channels")
+                if gauge == baseline:
+                    break
+                await asyncio.sleep(0.05)
+            assert gauge == baseline
+    finally:
+        await redis.aclose()
+        relay.stop()
 
 
 @pytest.fixture

@@ -57,6 +57,8 @@ class Services:
         )
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    """The dependency: async, so FastAPI calls it in the event loop rather than sending it to
+    its thread pool (a thread hop per request costs more than everything it does)."""
     svc: Services = request.app.state.services
     return svc

@@ -8,6 +8,7 @@ from the stream instead of skipping events.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ from tokenrelay.broker.models import (
 from tokenrelay.broker.scripts import AnyPipeline
 
 PAGE_SIZE = 512
+BLOB_CACHE_SIZE = 4096
+"""Metadata blobs each process keeps (a few per run, about 1 KB each): a blob never changes once
+written (HSETNX; an attempt names its blobs apart), so readers of a run fetch it once per
+process, not once per connection."""
 
 Row = tuple[str, bytes, bytes]
 CONTENT_REF = b"c"
@@ -62,6 +67,10 @@ class RunAppend:
     status: RunStatus | None = None
     seq: int = 0
     attempt: int = 0
+
+
+BlobFetch = asyncio.Future[dict[bytes, bytes] | None]
+"""A blob fetch in flight: the blobs it found, or None if it did not finish."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +130,10 @@ class EventLog:
         self._maxlen = maxlen
         self._ttl = ttl_seconds
         self._append = scripts.script("append")
+        self._catch_up = scripts.script("catch_up")
         self._publish = pubsub.publish_command(redis)
+        self._blobs: dict[tuple[str, bytes], bytes] = {}
+        self._fetching: dict[tuple[str, bytes], BlobFetch] = {}
 
     @property
     def runs_per_call(self) -> int:
@@ -221,17 +233,33 @@ class EventLog:
                 self._keys.run_events(run_id), min=f"({after}", max="+", count=count
             ),
         )
-        return [_entry(id_, f[b"e"], f[b"d"], f.get(b"m")) for id_, f in rows]
+        return _entries(rows)
+
+    async def page(
+        self, run_id: str, after: StreamId, *, check_gap: bool, count: int = PAGE_SIZE
+    ) -> tuple[Gap | None, list[Entry]]:
+        """`read`, and with `check_gap` `gap_after` first, in one round trip (one script: its
+        flat reply costs the client far less to parse than XRANGE's)."""
+        k = self._keys
+        first, rows = await self._catch_up(
+            self._redis,
+            [k.run_events(run_id), k.run_meta(run_id)],
+            [f"({after}", count, "1" if check_gap else ""],
+        )
+        gap = None
+        if first:
+            first_id = StreamId.parse(first)
+            gap = Gap(after, first_id) if after < first_id else None
+        return gap, [_entry_of(row) for row in rows]
 
     async def last_entry(self, run_id: str) -> Entry | None:
         """The newest entry, or None for an empty or missing stream."""
-        rows = cast(
-            list[StreamRow], await self._redis.xrevrange(self._keys.run_events(run_id), count=1)
-        )
-        if not rows:
-            return None
-        id_, f = rows[0]
-        return _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
+        rows = await self._redis.xrevrange(self._keys.run_events(run_id), count=1)
+        return last_of(cast(list[StreamRow], rows))
+
+    def last_entry_in(self, pipe: AnyPipeline, run_id: str) -> None:
+        """Queue `last_entry` on `pipe`; `last_of` reads its reply."""
+        pipe.xrevrange(self._keys.run_events(run_id), count=1)
 
     async def last_event(self, run_id: str) -> Entry | None:
         """The newest entry the classic protocols send (not `end`, not protocol-only)."""
@@ -253,13 +281,58 @@ class EventLog:
         pipe.hget(self._keys.run_meta(run_id), "trimmed")
         pipe.xrange(self._keys.run_events(run_id), count=1)
         trimmed, first = await pipe.execute()
-        if not trimmed or not first:
-            return None
-        first_id = StreamId.parse(first[0][0])
-        return Gap(after, first_id) if after < first_id else None
+        return _gap(after, trimmed, first)
 
-    async def blob(self, run_id: str, ref: bytes) -> bytes | None:
-        return cast(bytes | None, await self._redis.hget(self._keys.run_blobs(run_id), ref))  # type: ignore[misc]
+    async def blobs(self, run_id: str, refs: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The stored blobs among `refs`, from this process's cache, else in one HMGET. Readers
+        that ask for a blob already being fetched (a storm of joins to one run) wait for that
+        fetch instead of sending their own."""
+        found: dict[bytes, bytes] = {}
+        missing: list[bytes] = []
+        waits: list[BlobFetch] = []
+        for ref in refs:
+            key = (run_id, ref)
+            blob = self._blobs.get(key)
+            if blob is not None:
+                found[ref] = blob
+            elif key in self._fetching:
+                waits.append(self._fetching[key])
+            else:
+                missing.append(ref)
+        if missing:
+            found.update(await self._fetch_blobs(run_id, missing))
+        for fetch in waits:
+            got = await asyncio.shield(fetch)
+            if got is None:  # that fetch failed or its reader left: fetch it here
+                return {**found, **await self._fetch_blobs(run_id, refs)}
+            found.update((ref, blob) for ref, blob in got.items() if ref in refs)
+        return found
+
+    async def _fetch_blobs(self, run_id: str, refs: Sequence[bytes]) -> dict[bytes, bytes]:
+        fetch: BlobFetch = asyncio.get_running_loop().create_future()
+        keys = [(run_id, ref) for ref in refs]
+        for key in keys:
+            self._fetching.setdefault(key, fetch)
+        got: dict[bytes, bytes] | None = None
+        try:
+            values = await self._redis.hmget(self._keys.run_blobs(run_id), list(refs))  # type: ignore[misc]
+            got = {}
+            for ref, blob in zip(refs, cast(list[bytes | None], values), strict=True):
+                if blob is not None:
+                    got[ref] = blob
+                    self._remember(run_id, ref, blob)
+            return got
+        finally:
+            # However this ends (cancelled with its reader, Redis away), the waiters wake.
+            for key in keys:
+                if self._fetching.get(key) is fetch:
+                    del self._fetching[key]
+            fetch.set_result(got)
+
+    def _remember(self, run_id: str, ref: bytes, blob: bytes) -> None:
+        if len(self._blobs) >= BLOB_CACHE_SIZE:
+            del self._blobs[next(iter(self._blobs))]  # the oldest
+        self._blobs[(run_id, ref)] = blob
 
     async def tail(
         self,
@@ -299,11 +372,9 @@ class EventLog:
             # Catch up from the stream.
             live.reset()
             while True:
-                if check_gap:
-                    gap = await self.gap_after(run_id, last)
-                    if gap is not None:
-                        yield gap
-                page = await self.read(run_id, last)
+                gap, page = await self.page(run_id, last, check_gap=check_gap)
+                if gap is not None:
+                    yield gap
                 out = await blobs.resolve_all(_through_end(page))
                 if out:
                     last = out[-1].id
@@ -345,6 +416,38 @@ class EventLog:
 
 _RESOLVED = "entries"
 """`LiveBatch.memo` key of the batch's entries with their blobs spliced in."""
+
+
+def _entry_of(row: list[Any]) -> Entry:
+    """An entry as a script returns an XRANGE row: ``[id, [field, value, ...]]``."""
+    id_, f = row
+    if f[0] == b"e" and f[2] == b"d":  # in the order the append script writes them
+        if len(f) == 4:
+            return _entry(id_, f[1], f[3], None)
+        if len(f) == 6 and f[4] == b"m":
+            return _entry(id_, f[1], f[3], f[5])
+    fields = dict(zip(f[::2], f[1::2], strict=True))
+    return _entry(id_, fields[b"e"], fields[b"d"], fields.get(b"m"))
+
+
+def _entries(rows: list[StreamRow]) -> list[Entry]:
+    return [_entry(id_, f[b"e"], f[b"d"], f.get(b"m")) for id_, f in rows]
+
+
+def last_of(rows: list[StreamRow]) -> Entry | None:
+    """The entry of an XREVRANGE ... COUNT 1 reply (see `EventLog.last_entry_in`)."""
+    if not rows:
+        return None
+    id_, f = rows[0]
+    return _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
+
+
+def _gap(after: StreamId, trimmed: bytes | None, first: list[StreamRow]) -> Gap | None:
+    """The Gap before `after`, given the meta's `trimmed` flag and the stream's first entry."""
+    if not trimmed or not first:
+        return None
+    first_id = StreamId.parse(first[0][0])
+    return Gap(after, first_id) if after < first_id else None
 
 
 def _through_end(entries: list[Entry]) -> list[Entry]:
@@ -395,19 +498,14 @@ class BlobResolver:
 
     async def resolve_all(self, entries: list[Entry]) -> list[Entry]:
         """`entries` with their blobs spliced in; blobs not yet cached are fetched first."""
-        for entry in entries:
-            ref = entry.blob_ref
-            if ref is not None and ref not in self._cache:
-                await self._fetch(ref)
-        return [self._splice(e) for e in entries]
+        cache = self._cache
+        missing = {e.blob_ref for e in entries if e.blob_ref is not None} - cache.keys()
+        if missing:
+            cache.update(await self._log.blobs(self._run_id, sorted(missing)))
+        return [self._splice(e) if e.blob_ref is not None else e for e in entries]
 
     async def resolve(self, entry: Entry) -> Entry:
         return (await self.resolve_all([entry]))[0]
-
-    async def _fetch(self, ref: bytes) -> None:
-        blob = await self._log.blob(self._run_id, ref)
-        if blob is not None:
-            self._cache[ref] = blob
 
     def _splice(self, entry: Entry) -> Entry:
         ref = entry.blob_ref

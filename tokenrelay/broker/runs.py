@@ -13,6 +13,7 @@ from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.errors import RunExpired, RunLost, RunNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import Job, RunStatus
+from tokenrelay.broker.scripts import AnyPipeline
 from tokenrelay.broker.thread_index import ThreadIndex
 
 
@@ -194,17 +195,25 @@ class RunStore:
             raise RunNotFound(run_id)
         return RunRecord.from_hash(h)
 
+    def get_in(self, pipe: AnyPipeline, run_id: str) -> None:
+        """Queue `get` on `pipe`; `found` reads its reply."""
+        pipe.hgetall(self._keys.run_meta(run_id))
+
     async def find(self, thread_id: str, run_id: str) -> RunRecord:
         """The run `run_id` if it belongs to `thread_id`; RunExpired if it did but is gone."""
-        try:
-            run = await self.get(run_id)
-        except RunNotFound:
+        h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.run_meta(run_id)))  # type: ignore[misc]
+        return await self.found(thread_id, run_id, h)
+
+    async def found(self, thread_id: str, run_id: str, h: dict[bytes, bytes]) -> RunRecord:
+        """`find`, given the run's meta hash `h` as read (see `get_in`)."""
+        if not h or b"run_id" not in h:
             if await self._redis.zscore(self._keys.thread_runs(thread_id), run_id) is not None:
-                raise RunExpired(run_id) from None
+                raise RunExpired(run_id)
             created = id_created_ms(run_id)
             if created is not None and created < await self.data_since():
-                raise RunLost(run_id) from None
-            raise
+                raise RunLost(run_id)
+            raise RunNotFound(run_id)
+        run = RunRecord.from_hash(h)
         if run.thread_id != thread_id:
             raise RunNotFound(run_id)
         return run

@@ -10,6 +10,7 @@ from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.errors import Conflict, InvalidBody, ThreadNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.runs import new_id, now_ms
+from tokenrelay.broker.scripts import AnyPipeline
 from tokenrelay.broker.thread_index import MAX_METADATA_KEYS, ThreadIndex
 
 RUN_STARTED = codec.pack([b"", []])
@@ -80,7 +81,16 @@ class ThreadStore:
         return record
 
     async def get(self, thread_id: str) -> ThreadRecord:
-        h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.thread_meta(thread_id)))  # type: ignore[misc]
+        h = await self._redis.hgetall(self._keys.thread_meta(thread_id))  # type: ignore[misc]
+        return self.record(thread_id, cast(dict[bytes, bytes], h))
+
+    def get_in(self, pipe: AnyPipeline, thread_id: str) -> None:
+        """Queue `get` on `pipe`; `record` reads its reply."""
+        pipe.hgetall(self._keys.thread_meta(thread_id))
+
+    @staticmethod
+    def record(thread_id: str, h: dict[bytes, bytes]) -> ThreadRecord:
+        """The thread stored as the hash `h`; ThreadNotFound when there is none."""
         if not h or b"created_at" not in h:
             raise ThreadNotFound(thread_id)
         return ThreadRecord(

@@ -28,7 +28,7 @@ from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
 from tokenrelay.broker.errors import EventIdPastEnd, InvalidBody
 from tokenrelay.broker.log import Batch, BlobResolver
-from tokenrelay.broker.models import ZERO_ID, Gap, StreamId
+from tokenrelay.broker.models import ZERO_ID, Entry, Gap, StreamId
 
 router = APIRouter(tags=["stream"])
 
@@ -60,14 +60,21 @@ def wanted(modes: list[str] | None) -> set[str] | None:
 
 
 async def run_events(
-    svc: Services, run_id: str, after: StreamId | None, names: set[str] | None = None
+    svc: Services,
+    run_id: str,
+    after: StreamId | None,
+    names: set[str] | None = None,
+    last: Entry | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE bytes of `run_id` after `after` (None: from now on) until the run ends, keeping
-    only events named in `names` (by their mode, before any `|namespace`) when given."""
+    only events named in `names` (by their mode, before any `|namespace`) when given.
+    `last`, the run's newest entry as the caller read it, spares a read when `after` is
+    given (a join from now must read it once subscribed)."""
     telemetry.STREAMS_OPEN.inc()
     try:
         async with svc.fanout.subscribe(run_id) as live:
-            last = await svc.log.last_entry(run_id)
+            if after is None or last is None:
+                last = await svc.log.last_entry(run_id)
             if last is not None and last.is_end and (after is None or after >= last.id):
                 return  # the run has ended and nothing lies after the cursor
             if after is None:
@@ -119,6 +126,7 @@ async def stream_response(
     finished: bool = False,
     names: set[str] | None = None,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    last: Entry | None = None,
 ) -> EventStreamResponse:
     """The SSE response for a run, cut short (aborted, for resume) by the time budget or a
     shutdown unless the run has already finished."""
@@ -127,7 +135,7 @@ async def stream_response(
     if budget and not finished:
         deadline = asyncio.get_running_loop().time() + budget
     return EventStreamResponse(
-        run_events(svc, run_id, after, names),
+        run_events(svc, run_id, after, names, last),
         run_headers(thread_id, run_id),
         deadline=deadline,
         abort=None if finished else svc.draining,
@@ -135,12 +143,13 @@ async def stream_response(
     )
 
 
-async def refuse_past_end(svc: Services, run_id: str, after: StreamId | None) -> None:
-    """A cursor beyond the end of a finished run gets a 400 naming the run's last event id,
-    rather than a stream that waits for events that will never come."""
+async def refuse_past_end(
+    svc: Services, run_id: str, after: StreamId | None, end: Entry | None
+) -> None:
+    """A cursor beyond the end of a finished run (`end`: its newest entry) gets a 400 naming
+    the run's last event id, rather than a stream that waits for events that will never come."""
     if after is None:
         return
-    end = await svc.log.last_entry(run_id)
     if end is not None and end.is_end and after > end.id:
         last = await svc.log.last_event(run_id)
         raise EventIdPastEnd(str(after), run_id, str(last.id) if last is not None else None)
@@ -244,8 +253,9 @@ async def join_thread_stream(
     run_id = await svc.runs.active_run(thread_id)
     if run_id is None or await repair_active(svc, thread_id, run_id):
         return Response(status_code=204)
-    await refuse_past_end(svc, run_id, after)
-    return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds)
+    last = None if after is None else await svc.log.last_entry(run_id)
+    await refuse_past_end(svc, run_id, after, last)
+    return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds, last=last)
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/stream")
@@ -260,12 +270,11 @@ async def join_run_stream(
     who: Caller = Depends(caller),
 ) -> EventStreamResponse:
     after = parse_last_event_id(last_event_id_header, last_event_id)
-    await who.thread(thread_id, run_id=run_id)
-    run = await svc.runs.find(thread_id, run_id)
-    await refuse_past_end(svc, run_id, after)
+    run, last = await who.run(thread_id, run_id)
+    await refuse_past_end(svc, run_id, after, last)
     return await stream_response(
         svc, thread_id, run_id, after, max_seconds=max_seconds, finished=run.status.terminal,
-        names=wanted(query_modes(stream_mode)),
+        names=wanted(query_modes(stream_mode)), last=last,
     )  # fmt: skip
 
 
