@@ -20,6 +20,7 @@ from tokenrelay.broker import codec, pubsub, scripts
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import (
+    END_EVENT,
     MESSAGES_EVENT,
     PROTOCOL_ONLY,
     Entry,
@@ -68,6 +69,40 @@ class LiveBatch:
         prev_raw, rows = codec.unpack_raw(payload)
         prev = StreamId.parse(prev_raw) if prev_raw else None
         return cls(prev, [_entry(r[0], r[1], r[2], r[3]) for r in rows])
+
+
+RawRow = list[Any]
+"""A stream entry as a script returns it: ``[id, [b"e", name, b"d", data]]``, plus
+``b"m", ref`` when it has a blob (the order the append script writes them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A page of catch-up history as Redis returned it, its blobs fetched: a reader renders it
+    in one pass (see ``tokenrelay/api/sse.py``), with no object per entry, or asks for its
+    entries. `last` is its newest id; `ends` whether it closes with the run's `end`."""
+
+    rows: list[RawRow]
+    blobs: dict[bytes, bytes]
+    last: StreamId
+    ends: bool
+
+    def entries(self) -> list[Entry]:
+        return [spliced(_entry_of(row), self.blobs) for row in self.rows]
+
+    def entry(self, row: RawRow) -> Entry:
+        """The entry of one of `rows`, its blob spliced in."""
+        return spliced(_entry_of(row), self.blobs)
+
+    def splice_parts(self, ref: bytes) -> tuple[bytes, bytes] | None:
+        """What goes before and after the data of a classic entry whose blob is `ref`, or None
+        when that blob is no longer stored (`entry` then gives the error in its place)."""
+        blob = self.blobs.get(ref)
+        if blob is None or ref.startswith((DELTA_REF, NODE_REF)):
+            return None
+        if ref.startswith(CONTENT_REF):
+            return b"[" + codec.CONTENT_HEAD, b"," + blob + b"]"
+        return b"[", b"," + blob + b"]"
 
 
 class LiveSubscription(Protocol):
@@ -196,6 +231,13 @@ class EventLog:
     ) -> tuple[Gap | None, list[Entry]]:
         """`read`, and with `check_gap` `gap_after` first, in one round trip (one script: its
         flat reply costs the client far less to parse than XRANGE's)."""
+        gap, rows = await self.page_rows(run_id, after, check_gap=check_gap, count=count)
+        return gap, [_entry_of(row) for row in rows]
+
+    async def page_rows(
+        self, run_id: str, after: StreamId, *, check_gap: bool, count: int = PAGE_SIZE
+    ) -> tuple[Gap | None, list[RawRow]]:
+        """`page`, its entries as Redis returned them."""
         k = self._keys
         first, rows = await self._catch_up(
             self._redis,
@@ -206,7 +248,7 @@ class EventLog:
         if first:
             first_id = StreamId.parse(first)
             gap = Gap(after, first_id) if after < first_id else None
-        return gap, [_entry_of(row) for row in rows]
+        return gap, rows
 
     async def last_entry(self, run_id: str) -> Entry | None:
         """The newest entry, or None for an empty or missing stream."""
@@ -321,6 +363,20 @@ class EventLog:
     ) -> AsyncIterator[list[Entry] | Gap | None]:
         """`tail`, a history page or a live batch at a time, so a reader writes each batch
         to its client at once. A batch is never empty; `end`, if present, is its last entry."""
+        tail = self.tail_pages(run_id, after, live, idle_seconds=idle_seconds)
+        async for item in tail:
+            yield item.entries() if isinstance(item, History) else item
+
+    async def tail_pages(
+        self,
+        run_id: str,
+        after: StreamId,
+        live: LiveSubscription,
+        *,
+        idle_seconds: float,
+    ) -> AsyncIterator[History | list[Entry] | Gap | None]:
+        """`tail_batches`, each page of history as a `History`, which a reader can render
+        without building its entries (a full replay is thousands of them)."""
         last = after
         blobs = BlobResolver(self, run_id)
         check_gap = True
@@ -328,16 +384,16 @@ class EventLog:
             # Catch up from the stream.
             live.reset()
             while True:
-                gap, page = await self.page(run_id, last, check_gap=check_gap)
+                gap, rows = await self.page_rows(run_id, last, check_gap=check_gap)
                 if gap is not None:
                     yield gap
-                out = await blobs.resolve_all(_through_end(page))
-                if out:
-                    last = out[-1].id
-                    yield out
-                    if out[-1].is_end:
+                page = await blobs.history(rows)
+                if page is not None:
+                    last = page.last
+                    yield page
+                    if page.ends:
                         return
-                if len(page) < PAGE_SIZE:
+                if len(rows) < PAGE_SIZE:
                     break
                 check_gap = True  # a long catch-up can fall behind trimming while it reads
             check_gap = False
@@ -361,7 +417,7 @@ class EventLog:
                         return
 
 
-def _entry_of(row: list[Any]) -> Entry:
+def _entry_of(row: RawRow) -> Entry:
     """An entry as a script returns an XRANGE row: ``[id, [field, value, ...]]``."""
     id_, f = row
     if f[0] == b"e" and f[2] == b"d":  # in the order the append script writes them
@@ -371,6 +427,20 @@ def _entry_of(row: list[Any]) -> Entry:
             return _entry(id_, f[1], f[3], f[5])
     fields = dict(zip(f[::2], f[1::2], strict=True))
     return _entry(id_, fields[b"e"], fields[b"d"], fields.get(b"m"))
+
+
+def _in_order(f: list[bytes]) -> bool:
+    return f[0] == b"e" and f[2] == b"d" and (len(f) == 4 or (len(f) == 6 and f[4] == b"m"))
+
+
+def _canonical(row: RawRow) -> RawRow:
+    """`row` with its fields in the order the append script writes them (see `RawRow`)."""
+    id_, f = row
+    if _in_order(f):
+        return row
+    fields = dict(zip(f[::2], f[1::2], strict=True))
+    ref = fields.get(b"m")
+    return [id_, [b"e", fields[b"e"], b"d", fields[b"d"], *((b"m", ref) if ref else ())]]
 
 
 def _entries(rows: list[StreamRow]) -> list[Entry]:
@@ -447,28 +517,64 @@ class BlobResolver:
             cache.update(await self._log.blobs(self._run_id, sorted(missing)))
         return [self._splice(e) if e.blob_ref is not None else e for e in entries]
 
+    async def history(self, rows: list[RawRow]) -> History | None:
+        """A catch-up page (cut after `end`) with every blob it names fetched, or None when
+        it is empty. One pass over the rows, and no object per entry."""
+        cache = self._cache
+        missing: set[bytes] = set()
+        ends = False
+        for i, row in enumerate(rows):
+            f = row[1]
+            if not _in_order(f):
+                rows[i] = _canonical(row)
+                f = rows[i][1]
+            if len(f) == 6:
+                if f[5] not in cache:
+                    missing.add(f[5])
+            elif f[1][:2] in _NAMED_REFS and f[1][1:] not in cache:
+                missing.add(f[1][1:])  # a protocol `messages` entry names its blob
+            if f[1] == _END:
+                rows = rows[: i + 1]
+                ends = True
+                break
+        if not rows:
+            return None
+        if missing:
+            cache.update(await self._log.blobs(self._run_id, sorted(missing)))
+        return History(rows, cache, StreamId.parse(rows[-1][0]), ends)
+
     async def resolve(self, entry: Entry) -> Entry:
         return (await self.resolve_all([entry]))[0]
 
     def _splice(self, entry: Entry) -> Entry:
-        ref = entry.blob_ref
-        if ref is None:
-            return entry
-        blob = self._cache.get(ref)
-        if blob is None:
-            # The blob is gone (expired or deleted apart from the stream): an error in the
-            # entry's place, never a chunk spliced with made-up metadata.
-            return Entry(entry.id, "error", codec.error_payload(
-                "MissingMetadata",
-                f"the metadata of event {entry.id} ({entry.name}) is no longer stored",
-            ))  # fmt: skip
-        if ref.startswith(DELTA_REF):
-            name, node, head = blob.split(b"\x00", 2)
-            data = head + entry.data + b"}}"
-            return Entry(entry.id, name.decode(), data, node=node or None)
-        if ref.startswith(NODE_REF):
-            name, _, node = blob.partition(b"\x00")
-            return Entry(entry.id, name.decode(), entry.data, node=node or None)
-        if ref.startswith(CONTENT_REF):
-            return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
-        return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))
+        return spliced(entry, self._cache)
+
+
+_END = END_EVENT.encode()
+_NAMED_REFS = (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF)
+
+
+def spliced(entry: Entry, blobs: dict[bytes, bytes]) -> Entry:
+    """`entry` with its blob (from `blobs`) spliced in; an error in its place when the blob is
+    no longer stored."""
+    ref = entry.blob_ref
+    if ref is None:
+        return entry
+    blob = blobs.get(ref)
+    if blob is None:
+        # The blob is gone (expired or deleted apart from the stream): an error in the
+        # entry's place, never a chunk spliced with made-up metadata.
+        return Entry(entry.id, "error", codec.error_payload(
+            "MissingMetadata",
+            f"the metadata of event {entry.id} ({entry.name}) is no longer stored",
+        ))  # fmt: skip
+    if ref.startswith(DELTA_REF):
+        name, node, head = blob.split(b"\x00", 2)
+        data = head + entry.data + b"}}"
+        return Entry(entry.id, name.decode(), data, node=node or None)
+    if ref.startswith(NODE_REF):
+        name, _, node = blob.partition(b"\x00")
+        return Entry(entry.id, name.decode(), entry.data, node=node or None)
+    if ref.startswith(CONTENT_REF):
+        return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
+    return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))
