@@ -42,40 +42,38 @@ def format_history(page: History, names: set[str] | None = None) -> tuple[bytes,
     no entry, so a full replay costs a few list appends per event."""
     wanted = None if names is None else {n.encode() for n in names}
     out: list[bytes] = []
-    heads: dict[tuple[bytes, bytes], tuple[bytes, bytes] | None] = {}
+    # By blob ref: the name of the entries sent with it, and their frame before and after the
+    # data (up to the id). Most of a replay takes only this path.
+    frames: dict[bytes, tuple[bytes, bytes, bytes]] = {}
     sent = 0
     for row in page.rows:
         id_, f = row
+        if len(f) == 6:
+            frame = frames.get(f[5])
+            if frame is not None and frame[0] == f[1]:
+                out += (frame[1], f[3], frame[2], id_, b"\n\n")
+                sent += 1
+                continue
         name = f[1]
         if name[:1] == _PROTOCOL_ONLY or name == _END:
             continue
         if len(f) == 6:
-            key = (name, f[5])
-            if key in heads:
-                parts = heads[key]
-            else:
-                parts = heads[key] = _spliced_frame(name, page.splice_parts(f[5]))
+            parts = page.splice_parts(f[5])
             if parts is None:  # no such blob: the entry as the log gives it (an error)
                 out.append(format_event(page.entry(row)))
                 sent += 1
                 continue
             if wanted is not None and name.split(b"|", 1)[0] not in wanted:
                 continue
-            out += (parts[0], f[3], parts[1], id_, b"\n\n")
+            before, after = b"event: " + name + b"\ndata: " + parts[0], parts[1] + b"\nid: "
+            frames[f[5]] = (name, before, after)
+            out += (before, f[3], after, id_, b"\n\n")
         else:
             if wanted is not None and name.split(b"|", 1)[0] not in wanted:
                 continue
             out += (b"event: ", name, b"\ndata: ", f[3], b"\nid: ", id_, b"\n\n")
         sent += 1
     return b"".join(out), sent
-
-
-def _spliced_frame(name: bytes, parts: tuple[bytes, bytes] | None) -> tuple[bytes, bytes] | None:
-    """The frame around a spliced entry's data, up to its id (see `format_event`)."""
-    if parts is None:
-        return None
-    head, tail = parts
-    return b"event: " + name + b"\ndata: " + head, tail + b"\nid: "
 
 
 def format_protocol_event(method: str, payload: bytes, seq: int) -> bytes:
