@@ -46,32 +46,31 @@ def format_history(page: History, names: set[str] | None = None) -> tuple[bytes,
     # data (up to the id). Most of a replay takes only this path.
     frames: dict[bytes, tuple[bytes, bytes, bytes]] = {}
     sent = 0
-    for row in page.rows:
-        id_, f = row
-        if len(f) == 6:
-            frame = frames.get(f[5])
-            if frame is not None and frame[0] == f[1]:
-                out += (frame[1], f[3], frame[2], id_, b"\n\n")
+    it = iter(page.rows)
+    for id_, name, data, ref in zip(it, it, it, it, strict=True):
+        if ref:
+            frame = frames.get(ref)
+            if frame is not None and frame[0] == name:
+                out += (frame[1], data, frame[2], id_, b"\n\n")
                 sent += 1
                 continue
-        name = f[1]
         if name[:1] == _PROTOCOL_ONLY or name == _END:
             continue
-        if len(f) == 6:
-            parts = page.splice_parts(f[5])
+        if ref:
+            parts = page.splice_parts(ref)
             if parts is None:  # no such blob: the entry as the log gives it (an error)
-                out.append(format_event(page.entry(row)))
+                out.append(format_event(page.entry(id_, name, data, ref)))
                 sent += 1
                 continue
             if wanted is not None and name.split(b"|", 1)[0] not in wanted:
                 continue
             before, after = b"event: " + name + b"\ndata: " + parts[0], parts[1] + b"\nid: "
-            frames[f[5]] = (name, before, after)
-            out += (before, f[3], after, id_, b"\n\n")
+            frames[ref] = (name, before, after)
+            out += (before, data, after, id_, b"\n\n")
         else:
             if wanted is not None and name.split(b"|", 1)[0] not in wanted:
                 continue
-            out += (b"event: ", name, b"\ndata: ", f[3], b"\nid: ", id_, b"\n\n")
+            out += (b"event: ", name, b"\ndata: ", data, b"\nid: ", id_, b"\n\n")
         sent += 1
     return b"".join(out), sent
 

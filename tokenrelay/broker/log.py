@@ -71,9 +71,9 @@ class LiveBatch:
         return cls(prev, [_entry(r[0], r[1], r[2], r[3]) for r in rows])
 
 
-RawRow = list[Any]
-"""A stream entry as a script returns it: ``[id, [b"e", name, b"d", data]]``, plus
-``b"m", ref`` when it has a blob (the order the append script writes them)."""
+ROW_WIDTH = 4
+"""A page of history comes as one flat list, four values per entry: id, event name, data and
+blob ref (b"" for none), as the catch-up script returns it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +82,19 @@ class History:
     in one pass (see ``tokenrelay/api/sse.py``), with no object per entry, or asks for its
     entries. `last` is its newest id; `ends` whether it closes with the run's `end`."""
 
-    rows: list[RawRow]
+    rows: list[bytes]
+    """`ROW_WIDTH` values per entry."""
     blobs: dict[bytes, bytes]
     last: StreamId
     ends: bool
 
     def entries(self) -> list[Entry]:
-        return [spliced(_entry_of(row), self.blobs) for row in self.rows]
+        it = iter(self.rows)
+        return [self.entry(*row) for row in zip(it, it, it, it, strict=True)]
 
-    def entry(self, row: RawRow) -> Entry:
-        """The entry of one of `rows`, its blob spliced in."""
-        return spliced(_entry_of(row), self.blobs)
+    def entry(self, id_: bytes, name: bytes, data: bytes, ref: bytes) -> Entry:
+        """The entry of one row, its blob spliced in."""
+        return spliced(_entry(id_, name, data, ref), self.blobs)
 
     def splice_parts(self, ref: bytes) -> tuple[bytes, bytes] | None:
         """What goes before and after the data of a classic entry whose blob is `ref`, or None
@@ -232,14 +234,15 @@ class EventLog:
         """`read`, and with `check_gap` `gap_after` first, in one round trip (one script: its
         flat reply costs the client far less to parse than XRANGE's)."""
         gap, rows = await self.page_rows(run_id, after, check_gap=check_gap, count=count)
-        return gap, [_entry_of(row) for row in rows]
+        it = iter(rows)
+        return gap, [_entry(*row) for row in zip(it, it, it, it, strict=True)]
 
     async def page_rows(
         self, run_id: str, after: StreamId, *, check_gap: bool, count: int = PAGE_SIZE
-    ) -> tuple[Gap | None, list[RawRow]]:
-        """`page`, its entries as Redis returned them."""
+    ) -> tuple[Gap | None, list[bytes]]:
+        """`page`, its entries as Redis returned them (`ROW_WIDTH` values each)."""
         k = self._keys
-        first, rows = await self._catch_up(
+        first, *rows = await self._catch_up(
             self._redis,
             [k.run_events(run_id), k.run_meta(run_id)],
             [f"({after}", count, "1" if check_gap else ""],
@@ -393,7 +396,7 @@ class EventLog:
                     yield page
                     if page.ends:
                         return
-                if len(rows) < PAGE_SIZE:
+                if len(rows) < PAGE_SIZE * ROW_WIDTH:
                     break
                 check_gap = True  # a long catch-up can fall behind trimming while it reads
             check_gap = False
@@ -415,32 +418,6 @@ class EventLog:
                     yield out
                     if out[-1].is_end:
                         return
-
-
-def _entry_of(row: RawRow) -> Entry:
-    """An entry as a script returns an XRANGE row: ``[id, [field, value, ...]]``."""
-    id_, f = row
-    if f[0] == b"e" and f[2] == b"d":  # in the order the append script writes them
-        if len(f) == 4:
-            return _entry(id_, f[1], f[3], None)
-        if len(f) == 6 and f[4] == b"m":
-            return _entry(id_, f[1], f[3], f[5])
-    fields = dict(zip(f[::2], f[1::2], strict=True))
-    return _entry(id_, fields[b"e"], fields[b"d"], fields.get(b"m"))
-
-
-def _in_order(f: list[bytes]) -> bool:
-    return f[0] == b"e" and f[2] == b"d" and (len(f) == 4 or (len(f) == 6 and f[4] == b"m"))
-
-
-def _canonical(row: RawRow) -> RawRow:
-    """`row` with its fields in the order the append script writes them (see `RawRow`)."""
-    id_, f = row
-    if _in_order(f):
-        return row
-    fields = dict(zip(f[::2], f[1::2], strict=True))
-    ref = fields.get(b"m")
-    return [id_, [b"e", fields[b"e"], b"d", fields[b"d"], *((b"m", ref) if ref else ())]]
 
 
 def _entries(rows: list[StreamRow]) -> list[Entry]:
@@ -517,31 +494,28 @@ class BlobResolver:
             cache.update(await self._log.blobs(self._run_id, sorted(missing)))
         return [self._splice(e) if e.blob_ref is not None else e for e in entries]
 
-    async def history(self, rows: list[RawRow]) -> History | None:
-        """A catch-up page (cut after `end`) with every blob it names fetched, or None when
-        it is empty. One pass over the rows, and no object per entry."""
+    async def history(self, rows: list[bytes]) -> History | None:
+        """A catch-up page (`ROW_WIDTH` values per entry, cut after `end`) with every blob it
+        names fetched, or None when it is empty. One pass over the rows, no object per entry."""
         cache = self._cache
         missing: set[bytes] = set()
         ends = False
-        for i, row in enumerate(rows):
-            f = row[1]
-            if not _in_order(f):
-                rows[i] = _canonical(row)
-                f = rows[i][1]
-            if len(f) == 6:
-                if f[5] not in cache:
-                    missing.add(f[5])
-            elif f[1][:2] in _NAMED_REFS and f[1][1:] not in cache:
-                missing.add(f[1][1:])  # a protocol `messages` entry names its blob
-            if f[1] == _END:
-                rows = rows[: i + 1]
+        for i in range(0, len(rows), ROW_WIDTH):
+            name, ref = rows[i + 1], rows[i + 3]
+            if ref:
+                if ref not in cache:
+                    missing.add(ref)
+            elif name[:2] in _NAMED_REFS and name[1:] not in cache:
+                missing.add(name[1:])  # a protocol `messages` entry names its blob
+            if name == _END:
+                rows = rows[: i + ROW_WIDTH]
                 ends = True
                 break
         if not rows:
             return None
         if missing:
             cache.update(await self._log.blobs(self._run_id, sorted(missing)))
-        return History(rows, cache, StreamId.parse(rows[-1][0]), ends)
+        return History(rows, cache, StreamId.parse(rows[-ROW_WIDTH]), ends)
 
     async def resolve(self, entry: Entry) -> Entry:
         return (await self.resolve_all([entry]))[0]
