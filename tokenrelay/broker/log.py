@@ -386,19 +386,34 @@ class EventLog:
         while True:
             # Catch up from the stream.
             live.reset()
-            while True:
-                gap, rows = await self.page_rows(run_id, last, check_gap=check_gap)
-                if gap is not None:
-                    yield gap
-                page = await blobs.history(rows)
-                if page is not None:
+            ahead: asyncio.Future[tuple[Gap | None, list[bytes]]] | None = None
+            try:
+                while True:
+                    if ahead is None:
+                        gap, rows = await self.page_rows(run_id, last, check_gap=check_gap)
+                    else:
+                        gap, rows = await ahead
+                        ahead = None
+                    if gap is not None:
+                        yield gap
+                    full = len(rows) == PAGE_SIZE * ROW_WIDTH
+                    page = await blobs.history(rows)
+                    if page is None:
+                        break
+                    if full and not page.ends:
+                        # A long catch-up: the next page is read while this one goes out (and
+                        # checks for trimming, which a long read can fall behind).
+                        after_page = self.page_rows(run_id, page.last, check_gap=True)
+                        ahead = asyncio.ensure_future(after_page)
                     last = page.last
                     yield page
                     if page.ends:
                         return
-                if len(rows) < PAGE_SIZE * ROW_WIDTH:
-                    break
-                check_gap = True  # a long catch-up can fall behind trimming while it reads
+                    if not full:
+                        break
+            finally:
+                if ahead is not None:
+                    ahead.cancel()
             check_gap = False
             # Live until the feed overflows, misses a batch or goes quiet.
             while True:
