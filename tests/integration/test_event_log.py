@@ -9,10 +9,11 @@ import pytest
 
 from tests.conftest import RedisServer, make_settings
 from tokenrelay.api.fanout import Fanout, Subscription
+from tokenrelay.api.sse import format_event, format_history
 from tokenrelay.broker import codec
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.keys import Keys
-from tokenrelay.broker.log import EventLog, LiveBatch
+from tokenrelay.broker.log import BlobResolver, EventLog, LiveBatch
 from tokenrelay.broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus
 from tokenrelay.broker.runs import new_id
 
@@ -207,3 +208,47 @@ async def test_readers_of_a_run_in_one_process_share_each_live_batch(
         assert [codec.json_loads(e.data)["i"] for e in first] == [1, 2]
         for tail in tails:
             await tail.aclose()  # type: ignore[attr-defined]
+
+
+async def test_history_rendered_in_one_pass_frames_each_event_as_one_by_one(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    elog, _ = log
+    rid = new_id()
+    meta = codec.json_bytes({"langgraph_node": "llm"})
+    rest = b'"type":"AIMessageChunk"},' + meta
+    rows = [
+        ("metadata", codec.json_bytes({"run_id": rid}), b""),
+        ("messages", b'"He"', b"c1"),  # content only: [{"content":<data>,<blob>]
+        ("messages|sub:1", codec.json_bytes({"content": "y"}), b"t1"),  # [<data>,<blob>]
+        ("~x", b'"He"', b""),  # protocol only: never on the classic wire
+        ("~Dd1", b'"He"', b""),  # a protocol text delta: its name names its blob
+        ("messages", b'"llo"', b"c1"),
+        ("messages", b'"!"', b"gone"),  # a blob no longer stored: an error in its place
+        ("values", codec.json_bytes({"n": 1}), b""),
+        (END_EVENT, b"", b""),
+    ]
+    await elog.load_scripts()
+    pipe = elog._redis.pipeline(transaction=False)
+    elog.append_in(
+        pipe, rid, rows, blobs=[(b"c1", rest), (b"t1", meta), (b"Dd1", b"~m\x00llm\x00{")], seq=1
+    )
+    await pipe.execute()
+    _, raw = await elog.page_rows(rid, ZERO_ID, check_gap=False)
+    page = await BlobResolver(elog, rid).history(raw)
+    assert page is not None and page.ends and page.last == (await elog.read(rid, ZERO_ID))[-1].id
+    entries = page.entries()
+    assert codec.json_loads(entries[1].data) == [
+        {"content": "He", "type": "AIMessageChunk"},
+        {"langgraph_node": "llm"},
+    ]
+    assert (entries[4].name, entries[4].node, entries[4].data) == ("~m", b"llm", b'{"He"}}')
+    assert entries[6].name == "error" and b"MissingMetadata" in entries[6].data
+    for names in (None, {"messages", "error", "metadata"}, {"values"}):
+        one_by_one = [
+            format_event(e)
+            for e in entries
+            if e.classic
+            and (names is None or e.name.split("|", 1)[0] in names or e.name == "error")
+        ]
+        assert format_history(page, names) == (b"".join(one_by_one), len(one_by_one))

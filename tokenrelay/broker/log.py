@@ -20,6 +20,7 @@ from tokenrelay.broker import codec, pubsub, scripts
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import (
+    END_EVENT,
     MESSAGES_EVENT,
     PROTOCOL_ONLY,
     Entry,
@@ -100,6 +101,42 @@ class Batch(list[Entry]):
     def __init__(self, entries: Iterable[Entry], memo: dict[str, Any] | None = None) -> None:
         super().__init__(entries)
         self.memo = memo
+
+
+ROW_WIDTH = 4
+"""A page of history comes as one flat list, four values per entry: id, event name, data and
+blob ref (b"" for none), as the catch-up script returns it."""
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A page of catch-up history as Redis returned it, its blobs fetched: a reader renders it
+    in one pass (see ``tokenrelay/api/sse.py``), with no object per entry, or asks for its
+    entries. `last` is its newest id; `ends` whether it closes with the run's `end`."""
+
+    rows: list[bytes]
+    """`ROW_WIDTH` values per entry."""
+    blobs: dict[bytes, bytes]
+    last: StreamId
+    ends: bool
+
+    def entries(self) -> list[Entry]:
+        it = iter(self.rows)
+        return [self.entry(*row) for row in zip(it, it, it, it, strict=True)]
+
+    def entry(self, id_: bytes, name: bytes, data: bytes, ref: bytes) -> Entry:
+        """The entry of one row, its blob spliced in."""
+        return spliced(_entry(id_, name, data, ref), self.blobs)
+
+    def splice_parts(self, ref: bytes) -> tuple[bytes, bytes] | None:
+        """What goes before and after the data of a classic entry whose blob is `ref`, or None
+        when that blob is no longer stored (`entry` then gives the error in its place)."""
+        blob = self.blobs.get(ref)
+        if blob is None or ref.startswith((DELTA_REF, NODE_REF)):
+            return None
+        if ref.startswith(CONTENT_REF):
+            return b"[" + codec.CONTENT_HEAD, b"," + blob + b"]"
+        return b"[", b"," + blob + b"]"
 
 
 class LiveSubscription(Protocol):
@@ -240,8 +277,16 @@ class EventLog:
     ) -> tuple[Gap | None, list[Entry]]:
         """`read`, and with `check_gap` `gap_after` first, in one round trip (one script: its
         flat reply costs the client far less to parse than XRANGE's)."""
+        gap, rows = await self.page_rows(run_id, after, check_gap=check_gap, count=count)
+        it = iter(rows)
+        return gap, [_entry(*row) for row in zip(it, it, it, it, strict=True)]
+
+    async def page_rows(
+        self, run_id: str, after: StreamId, *, check_gap: bool, count: int = PAGE_SIZE
+    ) -> tuple[Gap | None, list[bytes]]:
+        """`page`, its entries as Redis returned them (`ROW_WIDTH` values each)."""
         k = self._keys
-        first, rows = await self._catch_up(
+        first, *rows = await self._catch_up(
             self._redis,
             [k.run_events(run_id), k.run_meta(run_id)],
             [f"({after}", count, "1" if check_gap else ""],
@@ -250,7 +295,7 @@ class EventLog:
         if first:
             first_id = StreamId.parse(first)
             gap = Gap(after, first_id) if after < first_id else None
-        return gap, [_entry_of(row) for row in rows]
+        return gap, rows
 
     async def last_entry(self, run_id: str) -> Entry | None:
         """The newest entry, or None for an empty or missing stream."""
@@ -365,25 +410,54 @@ class EventLog:
     ) -> AsyncIterator[list[Entry] | Gap | None]:
         """`tail`, a history page or a live batch at a time, so a reader writes each batch
         to its client at once. A batch is never empty; `end`, if present, is its last entry."""
+        tail = self.tail_pages(run_id, after, live, idle_seconds=idle_seconds)
+        async for item in tail:
+            yield item.entries() if isinstance(item, History) else item
+
+    async def tail_pages(
+        self,
+        run_id: str,
+        after: StreamId,
+        live: LiveSubscription,
+        *,
+        idle_seconds: float,
+    ) -> AsyncIterator[History | list[Entry] | Gap | None]:
+        """`tail_batches`, each page of history as a `History`, which a reader can render
+        without building its entries (a full replay is thousands of them)."""
         last = after
         blobs = BlobResolver(self, run_id)
         check_gap = True
         while True:
             # Catch up from the stream.
             live.reset()
-            while True:
-                gap, page = await self.page(run_id, last, check_gap=check_gap)
-                if gap is not None:
-                    yield gap
-                out = await blobs.resolve_all(_through_end(page))
-                if out:
-                    last = out[-1].id
-                    yield out
-                    if out[-1].is_end:
+            ahead: asyncio.Future[tuple[Gap | None, list[bytes]]] | None = None
+            try:
+                while True:
+                    if ahead is None:
+                        gap, rows = await self.page_rows(run_id, last, check_gap=check_gap)
+                    else:
+                        gap, rows = await ahead
+                        ahead = None
+                    if gap is not None:
+                        yield gap
+                    full = len(rows) == PAGE_SIZE * ROW_WIDTH
+                    page = await blobs.history(rows)
+                    if page is None:
+                        break
+                    if full and not page.ends:
+                        # A long catch-up: the next page is read while this one goes out (and
+                        # checks for trimming, which a long read can fall behind).
+                        after_page = self.page_rows(run_id, page.last, check_gap=True)
+                        ahead = asyncio.ensure_future(after_page)
+                    last = page.last
+                    yield page
+                    if page.ends:
                         return
-                if len(page) < PAGE_SIZE:
-                    break
-                check_gap = True  # a long catch-up can fall behind trimming while it reads
+                    if not full:
+                        break
+            finally:
+                if ahead is not None:
+                    ahead.cancel()
             check_gap = False
             # Live until the feed overflows, misses a batch or goes quiet.
             while True:
@@ -396,6 +470,7 @@ class EventLog:
                     break  # re-read the stream: cheap, and covers a lost pub/sub message
                 if batch.prev is not None and batch.prev > last:
                     break  # a batch was missed: catch up from the stream
+                out: list[Entry]
                 if batch.prev is not None and batch.prev == last:
                     # It follows on (the usual case): all of it is new, resolved once for
                     # every reader of the run in this process.
@@ -416,18 +491,6 @@ class EventLog:
 
 _RESOLVED = "entries"
 """`LiveBatch.memo` key of the batch's entries with their blobs spliced in."""
-
-
-def _entry_of(row: list[Any]) -> Entry:
-    """An entry as a script returns an XRANGE row: ``[id, [field, value, ...]]``."""
-    id_, f = row
-    if f[0] == b"e" and f[2] == b"d":  # in the order the append script writes them
-        if len(f) == 4:
-            return _entry(id_, f[1], f[3], None)
-        if len(f) == 6 and f[4] == b"m":
-            return _entry(id_, f[1], f[3], f[5])
-    fields = dict(zip(f[::2], f[1::2], strict=True))
-    return _entry(id_, fields[b"e"], fields[b"d"], fields.get(b"m"))
 
 
 def _entries(rows: list[StreamRow]) -> list[Entry]:
@@ -504,28 +567,61 @@ class BlobResolver:
             cache.update(await self._log.blobs(self._run_id, sorted(missing)))
         return [self._splice(e) if e.blob_ref is not None else e for e in entries]
 
+    async def history(self, rows: list[bytes]) -> History | None:
+        """A catch-up page (`ROW_WIDTH` values per entry, cut after `end`) with every blob it
+        names fetched, or None when it is empty. One pass over the rows, no object per entry."""
+        cache = self._cache
+        missing: set[bytes] = set()
+        ends = False
+        for i in range(0, len(rows), ROW_WIDTH):
+            name, ref = rows[i + 1], rows[i + 3]
+            if ref:
+                if ref not in cache:
+                    missing.add(ref)
+            elif name[:2] in _NAMED_REFS and name[1:] not in cache:
+                missing.add(name[1:])  # a protocol `messages` entry names its blob
+            if name == _END:
+                rows = rows[: i + ROW_WIDTH]
+                ends = True
+                break
+        if not rows:
+            return None
+        if missing:
+            cache.update(await self._log.blobs(self._run_id, sorted(missing)))
+        return History(rows, cache, StreamId.parse(rows[-ROW_WIDTH]), ends)
+
     async def resolve(self, entry: Entry) -> Entry:
         return (await self.resolve_all([entry]))[0]
 
     def _splice(self, entry: Entry) -> Entry:
-        ref = entry.blob_ref
-        if ref is None:
-            return entry
-        blob = self._cache.get(ref)
-        if blob is None:
-            # The blob is gone (expired or deleted apart from the stream): an error in the
-            # entry's place, never a chunk spliced with made-up metadata.
-            return Entry(entry.id, "error", codec.error_payload(
-                "MissingMetadata",
-                f"the metadata of event {entry.id} ({entry.name}) is no longer stored",
-            ))  # fmt: skip
-        if ref.startswith(DELTA_REF):
-            name, node, head = blob.split(b"\x00", 2)
-            data = head + entry.data + b"}}"
-            return Entry(entry.id, name.decode(), data, node=node or None)
-        if ref.startswith(NODE_REF):
-            name, _, node = blob.partition(b"\x00")
-            return Entry(entry.id, name.decode(), entry.data, node=node or None)
-        if ref.startswith(CONTENT_REF):
-            return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
-        return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))
+        return spliced(entry, self._cache)
+
+
+_END = END_EVENT.encode()
+_NAMED_REFS = (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF)
+
+
+def spliced(entry: Entry, blobs: dict[bytes, bytes]) -> Entry:
+    """`entry` with its blob (from `blobs`) spliced in; an error in its place when the blob is
+    no longer stored."""
+    ref = entry.blob_ref
+    if ref is None:
+        return entry
+    blob = blobs.get(ref)
+    if blob is None:
+        # The blob is gone (expired or deleted apart from the stream): an error in the
+        # entry's place, never a chunk spliced with made-up metadata.
+        return Entry(entry.id, "error", codec.error_payload(
+            "MissingMetadata",
+            f"the metadata of event {entry.id} ({entry.name}) is no longer stored",
+        ))  # fmt: skip
+    if ref.startswith(DELTA_REF):
+        name, node, head = blob.split(b"\x00", 2)
+        data = head + entry.data + b"}}"
+        return Entry(entry.id, name.decode(), data, node=node or None)
+    if ref.startswith(NODE_REF):
+        name, _, node = blob.partition(b"\x00")
+        return Entry(entry.id, name.decode(), entry.data, node=node or None)
+    if ref.startswith(CONTENT_REF):
+        return Entry(entry.id, entry.name, codec.splice_content(entry.data, blob))
+    return Entry(entry.id, entry.name, codec.splice_tuple(entry.data, blob))

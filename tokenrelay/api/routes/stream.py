@@ -21,13 +21,14 @@ from tokenrelay.api.sse import (
     EventStreamResponse,
     format_error,
     format_event,
+    format_history,
     gap_payload,
 )
 from tokenrelay.api.tokens import StreamTokens
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
 from tokenrelay.broker.errors import EventIdPastEnd, InvalidBody
-from tokenrelay.broker.log import Batch, BlobResolver
+from tokenrelay.broker.log import Batch, BlobResolver, History
 from tokenrelay.broker.models import ZERO_ID, Entry, Gap, StreamId
 
 router = APIRouter(tags=["stream"])
@@ -79,7 +80,7 @@ async def run_events(
                 return  # the run has ended and nothing lies after the cursor
             if after is None:
                 after = last.id if last is not None else ZERO_ID
-            tail = svc.log.tail_batches(
+            tail = svc.log.tail_pages(
                 run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds
             )
             async for item in tail:
@@ -93,6 +94,15 @@ async def run_events(
                 elif isinstance(item, Gap):
                     telemetry.GAPS.inc()
                     yield format_error(gap_payload(item))
+                elif isinstance(item, History):
+                    # A page of history, rendered in one pass over what Redis returned.
+                    after = item.last
+                    frames, sent = format_history(item, names)
+                    if sent:
+                        telemetry.EVENTS_SENT.inc(sent)
+                        yield frames
+                    if item.ends:
+                        return
                 else:
                     # One write per batch: a page of history or a live flush of the worker.
                     after = item[-1].id
