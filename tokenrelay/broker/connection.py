@@ -102,9 +102,15 @@ class BoundedPool(ConnectionPool):
     returned connection to the next waiter in one step, and costs nothing while one is free.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_connections: int = MAX_CONNECTIONS, **kwargs: Any) -> None:
+        # The semaphore is the bound. redis-py's own count is not: its `get_connection`, cut
+        # short between taking a connection and its `try`, leaves that connection counted in
+        # use forever, and enough of those would refuse every command ("Too many connections").
+        kwargs["max_connections"] = 2**31 - 1
         super().__init__(*args, **kwargs)
-        self._permits = asyncio.Semaphore(self.max_connections)
+        self._permits = asyncio.Semaphore(max_connections)
+        self._holding: set[AbstractConnection] = set()
+        """Connections handed out, each holding one permit (given back once, on release)."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         if self._permits.locked():
@@ -116,16 +122,22 @@ class BoundedPool(ConnectionPool):
         else:
             await self._permits.acquire()  # free: returns at once
         try:
-            return await super().get_connection()  # type: ignore[no-untyped-call,no-any-return]
+            connection: AbstractConnection = await super().get_connection()  # type: ignore[no-untyped-call]
         except BaseException:
+            # (redis-py has released the connection itself, through `release` below, which
+            # gives back no permit for a connection it never handed out.)
             self._permits.release()
             raise
+        self._holding.add(connection)
+        return connection
 
     async def release(self, connection: AbstractConnection) -> None:
         try:
             await super().release(connection)
         finally:
-            self._permits.release()
+            if connection in self._holding:
+                self._holding.discard(connection)
+                self._permits.release()
 
 
 def _connect_cluster(url: str, max_connections: int) -> RedisCluster:
