@@ -396,39 +396,46 @@ async def scenario_idle(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
     return {"clients": n, "runs": runs, "open_at_measure": open_count}
 
 
+async def start_on_thread(target: Target, pace: Pace) -> tuple[str, str, aiohttp.ClientResponse]:
+    """A new thread and a run streamed on it (`POST /threads/{tid}/runs/stream`): thread id,
+    run id and the open stream."""
+    async with target.http.post(f"{target.url}/threads", json={}) as r:
+        tid = (await r.json())["thread_id"]
+    resp = await target.http.post(
+        f"{target.url}/threads/{tid}/runs/stream", json=target._run_body(pace)
+    )
+    resp.raise_for_status()
+    return tid, resp.headers["Content-Location"].rsplit("/", 1)[1], resp
+
+
+async def timed_cancel(target: Target, thread_id: str, run_id: str) -> float:
+    """`POST .../cancel?wait=1`, in ms to its answer; the run must have ended `interrupted`."""
+    t0 = time.perf_counter()
+    async with target.http.post(
+        f"{target.url}/threads/{thread_id}/runs/{run_id}/cancel", params={"wait": "1"}
+    ) as r:
+        run = await r.json()
+    elapsed = (time.perf_counter() - t0) * 1000
+    if run.get("status") != "interrupted":
+        raise RuntimeError(f"cancel left the run {run.get('status')}")
+    return elapsed
+
+
 async def scenario_cancel(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
     """tokenrelay only: `POST .../cancel?wait=1` after a random 3-40 tokens, timed to its
     answer (the run ended with its partial message saved)."""
     rng = random.Random(7)
     sem = asyncio.Semaphore(int(spec["concurrency"]))
     pace = Pace(tokens=400, interval_ms=20)
-    url = target.url
-    http = target.http
 
     async def one() -> float:
         async with sem:
-            async with http.post(f"{url}/threads", json={}) as r:
-                tid = (await r.json())["thread_id"]
-            resp = await http.post(f"{url}/threads/{tid}/runs/stream", json=target._run_body(pace))
-            run_id = resp.headers["Content-Location"].rsplit("/", 1)[1]
+            tid, run_id, resp = await start_on_thread(target, pace)
             await consume(resp, Sink(), stop_after=rng.randint(3, 40))
-            t0 = time.perf_counter()
-            async with http.post(
-                f"{url}/threads/{tid}/runs/{run_id}/cancel", params={"wait": "1"}
-            ) as r:
-                run = await r.json()
-            elapsed = (time.perf_counter() - t0) * 1000
-            if run.get("status") != "interrupted":
-                raise RuntimeError(f"cancel left the run {run.get('status')}")
-            return elapsed
+            return await timed_cancel(target, tid, run_id)
 
-    times = sorted(await asyncio.gather(*(one() for _ in range(int(spec["cancels"])))))
-    return {
-        "cancels": len(times),
-        "p50_ms": times[len(times) // 2],
-        "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))],
-        "max_ms": times[-1],
-    }
+    times = await asyncio.gather(*(one() for _ in range(int(spec["cancels"]))))
+    return {"cancels": len(times), **_quantiles(times)}
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -457,11 +464,7 @@ async def scenario_under_load(target: Target, spec: dict[str, Any]) -> dict[str,
 
     async def reader(i: int) -> None:
         await asyncio.sleep(float(spec["ramp_seconds"]) * i / n)
-        async with http.post(f"{url}/threads", json={}) as r:
-            tid = (await r.json())["thread_id"]
-        resp = await http.post(f"{url}/threads/{tid}/runs/stream", json=target._run_body(pace))
-        resp.raise_for_status()
-        rid = resp.headers["Content-Location"].rsplit("/", 1)[1]
+        tid, rid, resp = await start_on_thread(target, pace)
         runs.append((tid, rid))
         got: list[str] = []
         cursors.append(got)
@@ -500,14 +503,7 @@ async def scenario_under_load(target: Target, spec: dict[str, Any]) -> dict[str,
         async def cancel(i: int) -> float:
             async with sem:
                 tid, rid = runs[i]
-                t0 = time.perf_counter()
-                async with http.post(
-                    f"{url}/threads/{tid}/runs/{rid}/cancel", params={"wait": "1"}
-                ) as r:
-                    run = await r.json()
-                elapsed = (time.perf_counter() - t0) * 1000
-                if run.get("status") != "interrupted":
-                    raise RuntimeError(f"cancel left the run {run.get('status')}")
+                elapsed = await timed_cancel(target, tid, rid)
                 # The partial reply kept: the run's last `values` event ends with it (its state
                 # lives in the worker's checkpointer, which the bench does not share with the API).
                 resp = await http.get(
