@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -100,17 +103,48 @@ async def open_checkpointer(spec: str) -> AsyncIterator[BaseCheckpointSaver[Any]
             await pool.close()
         return
     if spec.startswith("sqlite:"):
+        import aiosqlite
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
         path = spec.removeprefix("sqlite:").removeprefix("//")
-        async with AsyncSqliteSaver.from_conn_string(path) as sqlite_saver:
-            await sqlite_saver.setup()  # WAL: the processes of one machine share the file
+        # The processes of one machine share the file (WAL). A writer waits up to 30 s for
+        # another's lock rather than failing, and the processes starting together create the
+        # tables one at a time: switching to WAL needs the file to itself.
+        async with aiosqlite.connect(path, timeout=30) as conn:
+            sqlite_saver = AsyncSqliteSaver(conn)
+            async with _file_lock(f"{path}.setup-lock", timeout=60):
+                await sqlite_saver.setup()
             yield sqlite_saver
         return
     raise GraphLoadError(
         f"TOKENRELAY_CHECKPOINTER={spec!r} is not supported: use 'memory', a postgresql:// URL "
         "or sqlite:///<path>"
     )
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(path: str, timeout: float) -> AsyncIterator[None]:
+    """An exclusive lock on `path` between the processes of one machine, polled up to
+    `timeout` seconds; the kernel drops it if the holder dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise GraphLoadError(
+                        f"TOKENRELAY_CHECKPOINTER: {path} stayed locked for {timeout:.0f} s"
+                    ) from None
+                await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _import_attr(spec: str, what: str = "graph spec") -> Any:
