@@ -9,12 +9,16 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
 from tests.server import Tokenrelay
 from tests.sse import SSE, events, until_messages
 from tokenrelay.broker import codec, pubsub
 from tokenrelay.broker.connection import RedisClient, connect
 from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.log import EventLog
+from tokenrelay.broker.models import END_EVENT, Event, RunStatus
+from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 
@@ -239,3 +243,46 @@ async def test_interrupt_mid_tool_call_keeps_text_and_sets_the_call_aside(
     # the thread stays usable: the next turn runs
     follow, _ = await stream_run(client, tid, run_body("fast"))
     assert follow[-1].json()["messages"][-1]["type"] == "ai"
+
+
+@pytest.mark.redis("standalone")  # commands counted on the one Redis
+async def test_a_stop_waits_for_the_end_without_reading_the_run_per_batch(
+    redis_server: RedisServer,
+) -> None:
+    # No worker here: the run's worker is elsewhere, and this test writes what it would.
+    settings = make_settings(redis_server, heartbeat_seconds=30.0)
+    server = Tokenrelay(settings, with_worker=False).start()
+    redis = connect(redis_server.url)
+    keys = Keys(settings.key_prefix)
+    log = EventLog(redis, keys, maxlen=100, ttl_seconds=60)
+
+    async def run_reads() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            tid = await new_thread(c)
+            rid, ts = new_id(), now_ms()
+            running = RunRecord(rid, tid, "agent", RunStatus.RUNNING, ts, ts, 1, "w-elsewhere")
+            await RunStore(redis, keys, ttl_seconds=60).create(running)
+            ctl = redis.pubsub(ignore_subscribe_messages=True)
+            await ctl.subscribe(keys.ctl("w-elsewhere"))
+            before = await run_reads()
+            stop = asyncio.create_task(c.post(f"/threads/{tid}/runs/{rid}/cancel?wait=1"))
+            async for _ in ctl.listen():  # the worker was asked: the API waits for the end
+                break
+            await ctl.aclose()
+            for i in range(20):  # the run goes on a little before its worker stops it
+                await log.append(rid, [Event("custom", b"%d" % i)])
+            await log.append(rid, [Event(END_EVENT, b"")], status=RunStatus.INTERRUPTED)
+            r = await stop
+            reads = await run_reads() - before
+    finally:
+        await redis.aclose()
+        server.stop()
+    assert r.status_code == 200
+    assert r.json()["status"] == "interrupted"
+    # The thread and the run to authorize it, the run with the request, the run at its end:
+    # not once per batch.
+    assert reads == 4

@@ -386,12 +386,15 @@ class Caller:
             raise ThreadNotFound(thread_id)
         return thread
 
-    async def run(self, thread_id: str, run_id: str) -> tuple[RunRecord, Entry | None]:
-        """The run `run_id` of a thread the caller may read, and the newest entry of its
-        stream: what a join needs, read in one round trip (it is the hot path of a storm of
-        reconnecting clients)."""
+    async def run(
+        self, thread_id: str, run_id: str, op: str = "read", **value: Any
+    ) -> tuple[RunRecord, Entry | None]:
+        """The run `run_id` of a thread the caller may do `op` on (with `value` for the
+        handler, as `thread`), and the newest entry of its stream: what a join or a cancel
+        needs, read in one round trip (the hot path of a storm of reconnecting clients, and
+        of a stop on a busy API)."""
         svc = self.svc
-        flt = await self.allow("threads", "read", {"thread_id": thread_id, "run_id": run_id})
+        flt = await self.allow("threads", op, {"thread_id": thread_id, "run_id": run_id, **value})
         pipe = svc.redis.pipeline(transaction=False)
         svc.threads.get_in(pipe, thread_id)
         svc.runs.get_in(pipe, run_id)

@@ -2,7 +2,9 @@
 (sharded on a cluster, see ``tokenrelay/broker/pubsub.py``).
 
 The worker acts on the pub/sub message at once, and also sees the key on its next flush (the
-append script returns it), so a lost message delays a cancel but never loses it.
+append script returns it), so a lost message delays a cancel but never loses it. Both go in one
+round trip (one pipeline, in order on one Redis): on a busy API every round trip is a wait for
+the event loop's next turn.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import cast
 from tokenrelay.broker import codec, pubsub
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.scripts import AnyPipeline
 
 
 class CancelAction(StrEnum):
@@ -30,13 +33,18 @@ class CancelSignal:
 
     async def request(self, run_id: str, action: CancelAction, worker_id: str) -> None:
         """Record the cancel durably, then tell the owner (if the run has one yet)."""
-        await self._redis.set(self._keys.run_cancel(run_id), action.value, ex=self._ttl)
+        pipe = self._redis.pipeline(transaction=False)
+        self.request_in(pipe, run_id, action, worker_id)
+        await pipe.execute()
+
+    def request_in(
+        self, pipe: AnyPipeline, run_id: str, action: CancelAction, worker_id: str
+    ) -> None:
+        """Queue `request` on `pipe`: its replies are the SET's, then the PUBLISH's if any."""
+        pipe.set(self._keys.run_cancel(run_id), action.value, ex=self._ttl)
         if worker_id:
-            await pubsub.publish(
-                self._redis,
-                self._keys.ctl(worker_id),
-                codec.pack({"run_id": run_id, "action": action.value}),
-            )
+            message = codec.pack({"run_id": run_id, "action": action.value})
+            pubsub.publish_in(pipe, self._redis, self._keys.ctl(worker_id), message)
 
     async def pending(self, run_id: str) -> CancelAction | None:
         raw = cast(bytes | None, await self._redis.get(self._keys.run_cancel(run_id)))

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, SlotNotCoveredError
 
 from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
+from tokenrelay.broker.scripts import AnyPipeline
 
 try:
     from redis._parsers.hiredis import NOT_ENOUGH_DATA
@@ -132,6 +133,14 @@ async def publish(redis: RedisClient, channel: Channel, message: bytes) -> None:
         await redis.spublish(channel, message)
     else:
         await redis.publish(channel, message)
+
+
+def publish_in(pipe: AnyPipeline, redis: RedisClient, channel: Channel, message: bytes) -> None:
+    """Queue `publish` on `pipe`, a pipeline of `redis`."""
+    if isinstance(redis, RedisCluster):
+        pipe.spublish(channel, message)
+    else:
+        pipe.publish(channel, message)
 
 
 def publish_command(redis: RedisClient) -> str:

@@ -191,13 +191,18 @@ class RunStore:
 
     async def get(self, run_id: str) -> RunRecord:
         h = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.run_meta(run_id)))  # type: ignore[misc]
+        return self.record(run_id, h)
+
+    def get_in(self, pipe: AnyPipeline, run_id: str) -> None:
+        """Queue `get` on `pipe`; `record` (or `found`) reads its reply."""
+        pipe.hgetall(self._keys.run_meta(run_id))
+
+    @staticmethod
+    def record(run_id: str, h: dict[bytes, bytes]) -> RunRecord:
+        """The run from its meta hash `h` as read; RunNotFound when there is none."""
         if not h or b"run_id" not in h:
             raise RunNotFound(run_id)
         return RunRecord.from_hash(h)
-
-    def get_in(self, pipe: AnyPipeline, run_id: str) -> None:
-        """Queue `get` on `pipe`; `found` reads its reply."""
-        pipe.hgetall(self._keys.run_meta(run_id))
 
     async def find(self, thread_id: str, run_id: str) -> RunRecord:
         """The run `run_id` if it belongs to `thread_id`; RunExpired if it did but is gone."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tokenrelay.api.auth import Caller, caller, matches
 from tokenrelay.api.deps import Services, services
+from tokenrelay.api.fanout import Subscription
 from tokenrelay.api.schemas import RunCreate, WireJSON, check_id, id_in_path, run_json
 from tokenrelay.api.sse import gap_payload
 from tokenrelay.broker import codec, telemetry
@@ -201,19 +202,45 @@ async def cancel_and_wait(
     deadline = loop.time() + 2 * svc.settings.lease_seconds + svc.settings.heartbeat_seconds
     # Subscribed before asking, so the run's last batch cannot slip by unseen.
     async with svc.fanout.subscribe(run_id) as live:
-        await cancel_run(svc, run, action)
-        while True:
-            try:
-                run = await svc.runs.get(run_id)
-            except RunNotFound:
-                return None
-            if run.status.terminal:
-                if not deleted or grace == 0:
+        try:
+            run = await _request_cancel(svc, run, action)
+            while True:
+                if run.status.terminal:
+                    if not deleted or grace == 0:
+                        return run
+                    grace -= 1
+                    await live.get(0.05)
+                elif loop.time() > deadline or (request and await request.is_disconnected()):
                     return run
-                grace -= 1
-            elif loop.time() > deadline or (request and await request.is_disconnected()):
-                return run
-            await live.get(0.05 if run.status.terminal else svc.settings.heartbeat_seconds)
+                elif not await _ended(live, svc.settings.heartbeat_seconds):
+                    continue  # a batch of the run going on: nothing to read
+                run = await svc.runs.get(run_id)
+        except RunNotFound:
+            return None
+
+
+async def _request_cancel(svc: Services, run: RunRecord, action: CancelAction) -> RunRecord:
+    """`cancel_run`, then the run as it is now (it may have ended before the caller
+    subscribed): one round trip for a run a worker holds, the common case."""
+    if run.status.terminal or not run.worker:
+        await cancel_run(svc, run, action)
+        return await svc.runs.get(run.run_id)
+    pipe = svc.redis.pipeline(transaction=False)
+    svc.cancel.request_in(pipe, run.run_id, action, run.worker)
+    svc.runs.get_in(pipe, run.run_id)
+    *_, h = await pipe.execute()
+    return svc.runs.record(run.run_id, h)
+
+
+async def _ended(live: Subscription, timeout: float) -> bool:
+    """Wait for the run's next live batch: whether the run may have ended, i.e. the batch
+    holds its `end`, or none came within `timeout`, or some were missed. A batch of a run
+    that goes on costs no read of the run (a busy run sends dozens before its end)."""
+    batch = await live.get(timeout)
+    if live.overflowed:
+        live.reset()
+        return True
+    return batch is None or any(e.is_end for e in batch.entries)
 
 
 def run_location(run: RunRecord) -> dict[str, str]:
@@ -359,8 +386,7 @@ async def cancel_one(
 ) -> Response | dict[str, Any]:
     """Stop a run. `interrupt` keeps its partial output in the thread (the new checkpoint id
     is the run's `checkpoint_id`); `rollback` undoes it and deletes the run."""
-    await who.thread(thread_id, "update", run_id=run_id, action=action.value)
-    run = await svc.runs.find(thread_id, run_id)
+    run, _ = await who.run(thread_id, run_id, "update", action=action.value)
     if not wait:
         await cancel_run(svc, run, action)
         return WireJSON(run_json(run), status_code=202)
