@@ -12,10 +12,12 @@ from tokenrelay.api.fanout import Fanout, Subscription
 from tokenrelay.api.sse import format_event, format_history
 from tokenrelay.broker import codec
 from tokenrelay.broker.connection import connect
+from tokenrelay.broker.errors import Superseded
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.log import BlobResolver, EventLog, LiveBatch
 from tokenrelay.broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus
-from tokenrelay.broker.runs import new_id
+from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
+from tokenrelay.producer.publisher import Publisher
 
 pytestmark = pytest.mark.redis("standalone", "cluster")
 
@@ -252,3 +254,40 @@ async def test_history_rendered_in_one_pass_frames_each_event_as_one_by_one(
             and (names is None or e.name.split("|", 1)[0] in names or e.name == "error")
         ]
         assert format_history(page, names) == (b"".join(one_by_one), len(one_by_one))
+
+
+async def test_a_runs_end_sets_its_meta_fields_fenced_like_its_events(
+    redis_server: RedisServer,
+) -> None:
+    """The end of a cancelled run records its fork checkpoint id in the same append; an attempt
+    that was superseded writes neither."""
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    keys = Keys(s.key_prefix)
+    runs = RunStore(redis, keys, ttl_seconds=60)
+    publisher = Publisher(
+        redis, EventLog(redis, keys, maxlen=100, ttl_seconds=60), flush_ms=5, max_events=100
+    )
+    publisher.start()
+    try:
+        kept, stale = new_id(), new_id()
+        for run_id in (kept, stale):
+            ts = now_ms()
+            await runs.create(RunRecord(run_id, new_id(), "agent", RunStatus.PENDING, ts, ts))
+            assert await runs.start_attempt(run_id, "w1", 3) == ("run", 1, 0)
+            publisher.begin_run(run_id, attempt=1)
+        assert await runs.start_attempt(stale, "w2", 3) == ("run", 2, 0)  # taken over
+        end = [Event(END_EVENT, b"")]
+        await publisher.close_run(kept, end, RunStatus.INTERRUPTED, {"checkpoint_id": "cp-1"})
+        with pytest.raises(Superseded):
+            await publisher.close_run(stale, end, RunStatus.INTERRUPTED, {"checkpoint_id": "cp-2"})
+        ended = await runs.get(kept)
+        assert (ended.status, ended.checkpoint_id) == (RunStatus.INTERRUPTED, "cp-1")
+        running = await runs.get(stale)
+        assert (running.status, running.checkpoint_id, running.attempt) == (
+            RunStatus.RUNNING, "", 2,
+        )  # fmt: skip
+        assert await EventLog(redis, keys, maxlen=100, ttl_seconds=60).read(stale, ZERO_ID) == []
+    finally:
+        await publisher.stop()
+        await redis.aclose()

@@ -68,6 +68,8 @@ class RunAppend:
     status: RunStatus | None = None
     seq: int = 0
     attempt: int = 0
+    fields: Sequence[tuple[str, str]] = ()
+    """Other meta fields set with the batch (the end's fork checkpoint id)."""
 
 
 BlobFetch = asyncio.Future[dict[bytes, bytes] | None]
@@ -219,11 +221,14 @@ class EventLog:
                 a.attempt,
                 len(a.blobs),
                 len(a.rows),
+                len(a.fields),
             ]
             for ref, blob in a.blobs:
                 args += [ref, blob]
             for row in a.rows:
                 args += row
+            for name, value in a.fields:
+                args += [name, value]
         self._append.queue(pipe, keys, args)
 
     async def append(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from redis.exceptions import NoScriptError
@@ -53,6 +53,7 @@ class _Pending:
     rows: list[Row] = field(default_factory=list)
     blobs: list[tuple[bytes, bytes]] = field(default_factory=list)
     status: RunStatus | None = None
+    fields: dict[str, str] = field(default_factory=dict)
     seq: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     failures: int = 0
@@ -131,14 +132,21 @@ class Publisher:
         if self._count >= self._max_events:
             self._urgent.set()
 
-    async def close_run(self, run_id: str, events: list[Event], status: RunStatus) -> None:
-        """Append the last `events` with the final `status` and wait until they are written;
-        raises `Superseded` or `AppendFailed` when they were not."""
+    async def close_run(
+        self,
+        run_id: str,
+        events: list[Event],
+        status: RunStatus,
+        fields: Mapping[str, str] | None = None,
+    ) -> None:
+        """Append the last `events` with the final `status` (and other meta `fields`) and wait
+        until they are written; raises `Superseded` or `AppendFailed` when they were not."""
         self._raise_if_dead(run_id)
         for event in events:
             self.emit(run_id, event)
         pending = self._pending.setdefault(run_id, _Pending())
         pending.status = status
+        pending.fields.update(fields or {})
         try:
             await self._wait(run_id, pending)
         except AppendFailed:
@@ -272,7 +280,8 @@ class Publisher:
                     if not p.seq:
                         p.seq = self._seq[run_id] = self._seq.get(run_id, 0) + 1
                     appends.append(RunAppend(
-                        run_id, p.rows, p.blobs, p.status, p.seq, self._attempt.get(run_id, 0)
+                        run_id, p.rows, p.blobs, p.status, p.seq, self._attempt.get(run_id, 0),
+                        list(p.fields.items()),
                     ))  # fmt: skip
                 self._log.append_runs_in(pipe, appends)
             try:

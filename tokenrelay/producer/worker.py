@@ -453,11 +453,9 @@ class Worker:
             raise Superseded(rid, attempt)
         try:
             if graph_run is not None and action is CancelAction.INTERRUPT:
+                # The fork checkpoint id is recorded with the run's end, in its one fenced
+                # append: a client that sees the end reads the run with it.
                 checkpoint_id, values = await graph_run.save_partial()
-                if checkpoint_id and not await self.runs.update_fenced(
-                    rid, attempt, checkpoint_id=checkpoint_id
-                ):
-                    raise Superseded(rid, attempt)
                 final.append(Event("values", codec.json_bytes(values)))
             elif graph_run is not None:
                 await graph_run.rollback()
@@ -519,9 +517,10 @@ class Worker:
         backoff = Backoff()
         end = _lifecycle_end(status, error, interrupted, checkpoint_id)
         events = [*final, end, Event(END_EVENT, b"")]
+        fields = {"checkpoint_id": checkpoint_id} if checkpoint_id else {}
         while True:
             try:
-                await self.publisher.close_run(rid, events, status)
+                await self.publisher.close_run(rid, events, status, fields)
                 break
             except AppendFailed as exc:
                 # Events were lost: the run ends as an error that says so, whatever it was.

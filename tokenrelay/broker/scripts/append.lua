@@ -8,7 +8,10 @@
 --       cluster), then for each run, in the order of KEYS: status ('' keeps it), batch sequence
 --       number (0: none), attempt (0: any; -1: only while no worker has started the run, which
 --       the API uses to end a run still waiting in the queue), number of new blobs, number of
---       events, then [blob_ref, blob] pairs, then [event, data, blob_ref ('' for none)] triples.
+--       events, number of other meta fields, then [blob_ref, blob] pairs, then [event, data,
+--       blob_ref ('' for none)] triples, then [field, value] pairs set in the meta hash with
+--       the batch (a cancelled run's fork checkpoint id goes with its end: no round trip of its
+--       own, and fenced like the end).
 -- Returns, for each run, its cancel request (nil: none), or '!fenced' for an append from an
 -- attempt that is no longer the run's current one (its worker lost the lease and another took
 -- over): that append writes nothing.
@@ -34,7 +37,8 @@ local function append(k, a)
   local events, blobs, meta, cancel_key, live = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
     KEYS[k + 4]
   local status, seq, attempt = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local nblobs, nrows = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local nblobs, nrows, nfields = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+    tonumber(ARGV[a + 5])
   local m = redis.call('HMGET', meta, 'attempt', 'seq', 'last', 'n', 'touched', 'status', 's0')
   if attempt > 0 and tonumber(m[1] or '0') ~= attempt then
     return '!fenced'
@@ -44,7 +48,7 @@ local function append(k, a)
   end
   local cancel = redis.call('GET', cancel_key)
   if seq > 0 and seq <= tonumber(m[2] or '0') then return cancel end
-  local i = a + 5
+  local i = a + 6
   for _ = 1, nblobs do
     redis.call('HSETNX', blobs, ARGV[i], ARGV[i + 1])
     i = i + 2
@@ -69,6 +73,11 @@ local function append(k, a)
     i = i + 3
   end
   local fields = {}
+  for _ = 1, nfields do
+    fields[#fields + 1] = ARGV[i]
+    fields[#fields + 1] = ARGV[i + 1]
+    i = i + 2
+  end
   if seq > 0 then
     fields[#fields + 1] = 'seq'
     fields[#fields + 1] = seq
@@ -114,6 +123,6 @@ local results = {}
 local a = 5
 for k = 1, #KEYS, 5 do
   results[#results + 1] = append(k, a)
-  a = a + 5 + 2 * tonumber(ARGV[a + 3]) + 3 * tonumber(ARGV[a + 4])
+  a = a + 6 + 2 * tonumber(ARGV[a + 3]) + 3 * tonumber(ARGV[a + 4]) + 2 * tonumber(ARGV[a + 5])
 end
 return results
