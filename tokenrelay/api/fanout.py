@@ -19,6 +19,7 @@ from tokenrelay.broker import telemetry
 from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.log import LiveBatch
+from tokenrelay.broker.models import StreamId
 from tokenrelay.broker.pubsub import Subscriber, subscriber
 from tokenrelay.broker.retry import Backoff
 
@@ -52,6 +53,12 @@ class Subscription:
     @property
     def overflowed(self) -> bool:
         return self._overflowed
+
+    def queued_after(self, position: StreamId) -> bool:
+        """Whether a queued batch holds an entry after `position`: a tail at `position` gets
+        something new without waiting (batches it already has are skipped)."""
+        queue = self._queue
+        return bool(queue) and bool(queue[-1].entries) and queue[-1].entries[-1].id > position
 
     def push(self, batch: LiveBatch) -> None:
         if self._overflowed:
