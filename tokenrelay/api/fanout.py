@@ -192,10 +192,11 @@ class Fanout:
         try:
             # Readers go on to read history, so the subscription must be live first; a missed
             # confirmation (Redis down, a slow subscribe) only costs a catch-up read, never an
-            # event.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await channel.confirmed.wait()
+            # event. Most joins find the channel live already: no timer for them.
+            if not channel.confirmed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await channel.confirmed.wait()
             # The confirmation marks subscribers for catch-up (it also follows reconnects);
             # a new one reads history next anyway, so it starts clean.
             sub.reset()
