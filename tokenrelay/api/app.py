@@ -179,11 +179,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Logged with its traceback by the server; the client learns nothing internal.
         return JSONResponse({"detail": "Internal server error"}, status_code=500)
 
+    # Routes are matched in order, one by one: the streams (joins, resumes) first, as what a
+    # reconnect storm asks for. No path of another router is shadowed (their paths differ in
+    # a literal segment), only which route's 405 comes first, and that lists every method.
+    app.include_router(stream.router)
     app.include_router(ops.router)
     app.include_router(assistants.router)
     app.include_router(threads.router)
     app.include_router(runs.router)
-    app.include_router(stream.router)
     app.include_router(aisdk.router)
     app.include_router(protocol.router)
     openapi.install(app)

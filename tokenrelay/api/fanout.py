@@ -19,6 +19,7 @@ from tokenrelay.broker import telemetry
 from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.log import LiveBatch
+from tokenrelay.broker.models import StreamId
 from tokenrelay.broker.pubsub import Subscriber, subscriber
 from tokenrelay.broker.retry import Backoff
 
@@ -52,6 +53,12 @@ class Subscription:
     @property
     def overflowed(self) -> bool:
         return self._overflowed
+
+    def queued_after(self, position: StreamId) -> bool:
+        """Whether a queued batch holds an entry after `position`: a tail at `position` gets
+        something new without waiting (batches it already has are skipped)."""
+        queue = self._queue
+        return bool(queue) and bool(queue[-1].entries) and queue[-1].entries[-1].id > position
 
     def push(self, batch: LiveBatch) -> None:
         if self._overflowed:
@@ -185,10 +192,11 @@ class Fanout:
         try:
             # Readers go on to read history, so the subscription must be live first; a missed
             # confirmation (Redis down, a slow subscribe) only costs a catch-up read, never an
-            # event.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await channel.confirmed.wait()
+            # event. Most joins find the channel live already: no timer for them.
+            if not channel.confirmed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await channel.confirmed.wait()
             # The confirmation marks subscribers for catch-up (it also follows reconnects);
             # a new one reads history next anyway, so it starts clean.
             sub.reset()

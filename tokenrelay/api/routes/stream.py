@@ -28,7 +28,7 @@ from tokenrelay.api.tokens import StreamTokens
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
 from tokenrelay.broker.errors import EventIdPastEnd, InvalidBody
-from tokenrelay.broker.log import Batch, BlobResolver, History
+from tokenrelay.broker.log import PAGE_SIZE, ROW_WIDTH, Batch, BlobResolver, History
 from tokenrelay.broker.models import ZERO_ID, Entry, Gap, StreamId
 
 router = APIRouter(tags=["stream"])
@@ -83,47 +83,75 @@ async def run_events(
             tail = svc.log.tail_pages(
                 run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds
             )
+            # What is ready goes out in one write: while more live batches are queued (a
+            # reader behind, as after a catch-up or on a busy process) their frames are held
+            # and sent together, one write and one wake-up instead of one per batch.
+            held: list[bytes] = []
+            size = 0
             async for item in tail:
                 if item is None:
                     # Idle. A run that ended behind our position (a client id past its end)
                     # must not hold the response open.
                     run = await svc.runs.get(run_id)
                     if run.status.terminal and not await svc.log.has_after(run_id, after):
-                        return
-                    yield HEARTBEAT
-                elif isinstance(item, Gap):
-                    telemetry.GAPS.inc()
-                    yield format_error(gap_payload(item))
-                elif isinstance(item, History):
-                    # A page of history, rendered in one pass over what Redis returned.
+                        break
+                frames, ends = _frames(item, names)
+                # A full page of history is followed by another page, read meanwhile: it
+                # goes out at once. Anything else is followed by the live feed.
+                follows_live = True
+                if isinstance(item, History):
                     after = item.last
-                    frames, sent = format_history(item, names)
-                    if sent:
-                        telemetry.EVENTS_SENT.inc(sent)
-                        yield frames
-                    if item.ends:
-                        return
-                else:
-                    # One write per batch: a page of history or a live flush of the worker.
+                    follows_live = len(item.rows) < PAGE_SIZE * ROW_WIDTH
+                elif isinstance(item, list):
                     after = item[-1].id
-                    memo = item.memo if isinstance(item, Batch) and names is None else None
-                    framed = memo.get(_FRAMED) if memo is not None else None
-                    if framed is None:
-                        chunk = [
-                            format_event(e)
-                            for e in item
-                            if e.classic and (names is None or e.name.split("|", 1)[0] in names)
-                        ]
-                        framed = (b"".join(chunk), len(chunk))
-                        if memo is not None:
-                            memo[_FRAMED] = framed  # the run's other readers here send it as is
-                    if framed[1]:
-                        telemetry.EVENTS_SENT.inc(framed[1])
-                        yield framed[0]
-                    if item[-1].is_end:
-                        return
+                if frames:
+                    held.append(frames)
+                    size += len(frames)
+                if ends:
+                    break
+                if held and (
+                    not follows_live or size >= _HOLD_BYTES or not live.queued_after(after)
+                ):
+                    yield b"".join(held) if len(held) > 1 else held[0]
+                    held, size = [], 0
+            if held:
+                yield b"".join(held)
     finally:
         telemetry.STREAMS_OPEN.dec()
+
+
+_HOLD_BYTES = 64 * 1024
+"""Frames of queued live batches are held for one write up to this size."""
+
+
+def _frames(item: History | list[Entry] | Gap | None, names: set[str] | None) -> tuple[bytes, bool]:
+    """What `run_events` sends for one item of the tail, and whether the stream ends with it."""
+    if item is None:
+        return HEARTBEAT, False
+    if isinstance(item, Gap):
+        telemetry.GAPS.inc()
+        return format_error(gap_payload(item)), False
+    if isinstance(item, History):
+        # A page of history, rendered in one pass over what Redis returned.
+        frames, sent = format_history(item, names)
+        if sent:
+            telemetry.EVENTS_SENT.inc(sent)
+        return (frames if sent else b""), item.ends
+    # A live flush of the worker (or entries read back), framed once per process.
+    memo = item.memo if isinstance(item, Batch) and names is None else None
+    framed = memo.get(_FRAMED) if memo is not None else None
+    if framed is None:
+        chunk = [
+            format_event(e)
+            for e in item
+            if e.classic and (names is None or e.name.split("|", 1)[0] in names)
+        ]
+        framed = (b"".join(chunk), len(chunk))
+        if memo is not None:
+            memo[_FRAMED] = framed  # the run's other readers here send it as is
+    if framed[1]:
+        telemetry.EVENTS_SENT.inc(framed[1])
+    return framed[0], item[-1].is_end
 
 
 async def stream_response(
