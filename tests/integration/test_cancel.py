@@ -245,6 +245,9 @@ async def test_interrupt_mid_tool_call_keeps_text_and_sets_the_call_aside(
     assert follow[-1].json()["messages"][-1]["type"] == "ai"
 
 
+BATCHES = 40
+
+
 @pytest.mark.redis("standalone")  # commands counted on the one Redis
 async def test_a_stop_waits_for_the_end_without_reading_the_run_per_batch(
     redis_server: RedisServer,
@@ -273,7 +276,7 @@ async def test_a_stop_waits_for_the_end_without_reading_the_run_per_batch(
             async for _ in ctl.listen():  # the worker was asked: the API waits for the end
                 break
             await ctl.aclose()
-            for i in range(20):  # the run goes on a little before its worker stops it
+            for i in range(BATCHES):  # the run goes on a little before its worker stops it
                 await log.append(rid, [Event("custom", b"%d" % i)])
             await log.append(rid, [Event(END_EVENT, b"")], status=RunStatus.INTERRUPTED)
             r = await stop
@@ -284,5 +287,6 @@ async def test_a_stop_waits_for_the_end_without_reading_the_run_per_batch(
     assert r.status_code == 200
     assert r.json()["status"] == "interrupted"
     # The thread and the run to authorize it, the run with the request, the run at its end:
-    # not once per batch.
-    assert reads == 4
+    # 4, not one per batch. A subscribe confirmed late or a pub/sub reconnect on a loaded
+    # machine sends the waiter back to the run once more each, so allow a few of those.
+    assert 4 <= reads <= 8, f"{reads} reads of the thread and run for {BATCHES} batches"
