@@ -11,13 +11,15 @@ import httpx
 import pytest
 
 from tests.conftest import RedisServer, make_settings
+from tests.integration.test_protocol import start, subscription, until_terminal, user
 from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
 from tests.integration.test_worker import body as worker_body
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import events
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.keys import Keys
-from tokenrelay.broker.runs import now_ms
+from tokenrelay.broker.models import RunStatus
+from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 from tokenrelay.broker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -52,6 +54,46 @@ async def test_a_run_that_never_reached_the_queue_is_repaired(redis_server: Redi
     finally:
         await redis.aclose()
         api.stop()
+
+
+async def test_runs_queued_behind_a_start_cut_short_go_on(redis_server: RedisServer) -> None:
+    """The next run is queued behind a run whose start was cut short a moment ago (its API
+    process died between claiming the thread and queueing it): too fresh to be taken for lost
+    then, so the readers waiting on the queued run free the thread once it is stale."""
+    s = make_settings(redis_server)
+    relay = Tokenrelay(s).start()
+    redis = connect(s.resolved_redis_url())
+    runs = RunStore(redis, Keys(s.key_prefix), ttl_seconds=600)
+
+    async def cut_short(tid: str) -> str:
+        rid, ts = new_id(), now_ms()
+        await runs.create(RunRecord(rid, tid, "fast", RunStatus.PENDING, ts, ts))
+        assert await runs.claim_thread(tid, rid, enqueue=False) == ("started", "")
+        return rid  # and never queued
+
+    try:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=60) as c:
+            tids = [await new_thread(c) for _ in range(3)]
+            # The next run on each thread: its stream, /wait, and the streaming protocol.
+            lost = [await cut_short(tids[0])]
+            url = f"/threads/{tids[0]}/runs/stream"
+            async with c.stream("POST", url, json=run_body("fast")) as r:
+                assert r.status_code == 200
+                evts = await events(r)
+            assert evts[-1].event == "values"
+            lost.append(await cut_short(tids[1]))
+            nxt = (await c.post(f"/threads/{tids[1]}/runs/wait", json=run_body("fast"))).json()
+            assert nxt["messages"][-1]["type"] == "ai"
+            lost.append(await cut_short(tids[2]))
+            async with subscription(c, tids[2]) as envelopes:
+                await start(c, tids[2], "fast", user("hi"))
+                got = await until_terminal(envelopes)
+            assert got[-1]["params"]["data"]["event"] == "completed"
+            for tid, rid in zip(tids, lost, strict=True):
+                assert (await c.get(f"/threads/{tid}/runs/{rid}")).json()["status"] == "error"
+    finally:
+        await redis.aclose()
+        relay.stop()
 
 
 async def test_worker_recreates_its_queue_when_it_vanishes(

@@ -153,6 +153,18 @@ async def repair_active(svc: Services, thread_id: str, active: str) -> bool:
     return True
 
 
+async def unblock(svc: Services, run: RunRecord) -> None:
+    """For a reader idle on `run` while it waits to start: if it is queued behind the thread's
+    active run and that run can never end (its start was cut short when its API process died,
+    or its job was lost), free the thread so the queue moves on. Two reads when all is well;
+    only a reader's heartbeat calls it."""
+    if run.status is not RunStatus.PENDING:
+        return
+    active = await svc.runs.active_pointer(run.thread_id)
+    if active and active != run.run_id:
+        await repair_active(svc, run.thread_id, active)
+
+
 async def _abandon(svc: Services, run: RunRecord, why: str) -> bool:
     """End a run that nothing will end with an error, and free its thread; False when a
     worker started it (or a later attempt of it) meanwhile."""
@@ -258,10 +270,10 @@ async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
         tail = svc.log.tail(run.run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds)
         async for item in tail:
             if item is None:
-                if (await svc.runs.get(run.run_id)).status.terminal and not await svc.log.has_after(
-                    run.run_id, ZERO_ID
-                ):
+                now = await svc.runs.get(run.run_id)
+                if now.status.terminal and not await svc.log.has_after(run.run_id, ZERO_ID):
                     break
+                await unblock(svc, now)
                 yield b"\n"
             elif isinstance(item, Gap):
                 telemetry.GAPS.inc()

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from tokenrelay.api.auth import Caller, caller
 from tokenrelay.api.deps import Services, services
-from tokenrelay.api.routes.runs import cancel_run, repair_active, start_run
+from tokenrelay.api.routes.runs import cancel_run, repair_active, start_run, unblock
 from tokenrelay.api.schemas import RunCreate, id_in_path, iso
 from tokenrelay.api.sse import (
     HEARTBEAT,
@@ -95,6 +95,7 @@ async def run_events(
                     run = await svc.runs.get(run_id)
                     if run.status.terminal and not await svc.log.has_after(run_id, after):
                         break
+                    await unblock(svc, run)
                 frames, ends = _frames(item, names)
                 # A full page of history is followed by another page, read meanwhile: it
                 # goes out at once. Anything else is followed by the live feed.
