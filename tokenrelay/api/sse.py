@@ -189,6 +189,11 @@ class EventStreamResponse(Response):
             for task in tasks:
                 if task not in done:
                     task.cancel()
+            if outcome == "disconnected" and self._on_disconnect is not None:
+                # At once, not after the body has stopped: a cancellation swallowed inside
+                # the body (a Redis call can) would hold it to the run's end.
+                on_disconnect, self._on_disconnect = self._on_disconnect, None
+                await on_disconnect()
             await asyncio.gather(*tasks, return_exceptions=True)
             if first.exception() is not None and outcome == "done":
                 # A write to a client that is gone is its disconnect, not a failed stream.
