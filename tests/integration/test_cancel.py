@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -290,3 +291,42 @@ async def test_a_stop_waits_for_the_end_without_reading_the_run_per_batch(
     # 4, not one per batch. A subscribe confirmed late or a pub/sub reconnect on a loaded
     # machine sends the waiter back to the run once more each, so allow a few of those.
     assert 4 <= reads <= 8, f"{reads} reads of the thread and run for {BATCHES} batches"
+
+
+@pytest.mark.redis("standalone")
+async def test_a_cancel_while_the_attempt_is_set_up_ends_the_run(
+    redis_server: RedisServer,
+) -> None:
+    """A cancel that reaches the worker after it took the run but before the graph started
+    (a creator hanging up at once does this) ends the run as interrupted, not leaves it running
+    until its lease lapses."""
+    relay = Tokenrelay(make_settings(redis_server, lease_seconds=60.0)).start()
+    assert relay.worker is not None
+    worker = relay.worker
+    entered, release = threading.Event(), threading.Event()
+    announce = worker.threads.announce_run
+
+    async def slow_announce(thread_id: str) -> None:
+        entered.set()
+        while not release.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await announce(thread_id)
+
+    worker.threads.announce_run = slow_announce  # type: ignore[method-assign]
+    try:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=30) as c:
+            tid = await new_thread(c)
+            rid = (await c.post(f"/threads/{tid}/runs", json=run_body("twostep"))).json()["run_id"]
+            while not entered.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            r = await c.post(f"/threads/{tid}/runs/{rid}/cancel")
+            assert r.status_code in (200, 202, 204), r.text
+            running = worker._running.get(rid)
+            while running is not None and not running.stop_reason:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            release.set()
+            await wait_status(c, tid, rid, "interrupted")
+            assert (await c.get(f"/threads/{tid}")).json()["status"] == "idle"
+    finally:
+        release.set()
+        relay.stop()

@@ -70,6 +70,10 @@ class _Running:
     write raises in the task itself)."""
     stopping: bool = False
     """The task took its cancellation and is ending the run (saving its partial output)."""
+    in_graph: bool = False
+    """The graph has started: a cancel is delivered to the task. Before, it is only recorded
+    (`stop_reason`) and acted on when the graph would start, so a cancel that lands while the
+    attempt is being set up cannot cut that short and leave the run running."""
 
 
 class Worker:
@@ -301,12 +305,13 @@ class Worker:
         if running.stop_reason:
             # Asked again (every flush reads the durable cancel request) while the task has
             # not taken its cancellation: code inside the graph swallowed it; deliver it again.
-            if running.stop_reason.startswith("cancel:"):
+            if running.stop_reason.startswith("cancel:") and running.in_graph:
                 running.task.cancel()
             return
         log.info("cancel requested: %s", action.value, extra={**self._ctx, "run_id": run_id})
         running.stop_reason = f"cancel:{action.value}"
-        running.task.cancel()
+        if running.in_graph:
+            running.task.cancel()
 
     def _on_cancel_signal(self, run_id: str, value: bytes) -> None:
         running = self._running.get(run_id)
@@ -398,6 +403,16 @@ class Worker:
         final: list[Event] = []
         error = ""
         graph_run: GraphRun | None = None
+        running = self._running.get(rid)
+        if running is not None:
+            # From here a cancel is delivered to the task; one asked for meanwhile is acted on
+            # now (no await since the check, so none can slip between).
+            running.in_graph = True
+            if running.stop_reason.startswith("cancel:"):
+                running.stopping = True
+                action = CancelAction(running.stop_reason.split(":", 1)[1])
+                await self._cancelled(msg_id, job, attempt, action, None, ctx)
+                return
         try:
             run = await self.runs.get(rid)
             graph_run = GraphRun(self.registry, run)
