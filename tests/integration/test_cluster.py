@@ -120,7 +120,8 @@ async def test_scripts_touch_one_slot_and_a_cross_slot_call_is_refused(
     append = scripts.script("append")
     rid = new_id()
     owner = redis_cluster.owner(slot_of(keys.run_events(rid)))
-    args = [100, 60, now_ms(), "SPUBLISH", "", 0, 0, 0, 1, 0, "custom", b"{}", ""]
+    run = ("", 0, 0, [], [("custom", b"{}", b"")], [])
+    args = [100, 60, now_ms(), "SPUBLISH", codec.pack_script_args([run])]
     async with Redis(port=redis_cluster.nodes[owner].port) as node:
         await append.load(node)
         async with node.pubsub() as sub:

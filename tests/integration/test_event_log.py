@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -291,3 +292,48 @@ async def test_a_runs_end_sets_its_meta_fields_fenced_like_its_events(
     finally:
         await publisher.stop()
         await redis.aclose()
+
+
+async def test_one_append_call_keeps_each_payload_byte_for_byte_and_fences_each_run_apart(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    """A flush packs every run's part of its append call (msgpack): payloads and blobs come
+    back byte for byte, whatever bytes they hold and however large, live and from history; a
+    superseded attempt in the same flush writes nothing while the others write."""
+    elog, fanout = log
+    runs = RunStore(elog._redis, elog._keys, ttl_seconds=60)
+    publisher = Publisher(elog._redis, elog, flush_ms=60_000, max_events=10_000)
+    odd = bytes(range(256)) * 3  # every byte value: NULs, invalid UTF-8, msgpack type bytes
+    large = os.urandom(6 << 20)
+    kept, big, stale = new_id(), new_id(), new_id()
+    for run_id in (kept, big, stale):
+        ts = now_ms()
+        await runs.create(RunRecord(run_id, new_id(), "agent", RunStatus.PENDING, ts, ts))
+        assert await runs.start_attempt(run_id, "w1", 3) == ("run", 1, 0)
+        publisher.begin_run(run_id, attempt=1)
+    assert await runs.start_attempt(stale, "w2", 3) == ("run", 2, 0)  # taken over
+    publisher.emit(kept, Event("custom", odd))
+    publisher.emit(kept, Event("messages", b'"\\u0000"', blob=odd, content_only=True))
+    publisher.emit(big, Event("values", large))
+    publisher.emit(stale, Event("custom", odd))
+    try:
+        async with fanout.subscribe(kept) as live:
+            waits = [asyncio.ensure_future(publisher.flush_run(r)) for r in (kept, big, stale)]
+            await asyncio.sleep(0)  # every waiter is in before the one flush starts
+            publisher.start()
+            outcomes = await asyncio.gather(*waits, return_exceptions=True)
+            batch = await live.get(5.0)
+        assert outcomes[:2] == [None, None] and isinstance(outcomes[2], Superseded)
+        assert publisher.flushes == 1
+        assert batch is not None
+        live_entries = await BlobResolver(elog, kept).resolve_all(batch.entries)
+        stored = await BlobResolver(elog, kept).resolve_all(await elog.read(kept, ZERO_ID))
+        spliced = codec.splice_content(b'"\\u0000"', odd)
+        for entries in (live_entries, stored):
+            assert [(e.name, e.data) for e in entries] == [("custom", odd), ("messages", spliced)]
+        assert [e.data for e in await elog.read(big, ZERO_ID)] == [large]
+        assert await elog.read(stale, ZERO_ID) == []
+        record = await runs.get(stale)
+        assert (record.seq, record.attempt, record.status) == (0, 2, RunStatus.RUNNING)
+    finally:
+        await publisher.stop()

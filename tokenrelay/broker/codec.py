@@ -74,6 +74,12 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+def pack_script_args(obj: Any) -> bytes:
+    """msgpack for a Lua script to read with ``cmsgpack.unpack``: bytes and str both as raw
+    strings, since Redis 7's cmsgpack reads no bin type (raw strings are binary-safe)."""
+    return msgpack.packb(obj, use_bin_type=False)
+
+
 def splice_tuple(first: bytes, second: bytes) -> bytes:
     """``[<first>,<second>]`` from two encoded JSON values, without decoding either."""
     return b"[" + first + b"," + second + b"]"

@@ -205,7 +205,7 @@ class EventLog:
         """
         k = self._keys
         keys: list[str] = []
-        args: list[Any] = [self._maxlen, self._ttl, int(time.time() * 1000), self._publish]
+        runs: list[tuple[Any, ...]] = []
         for a in appends:
             run_id = a.run_id
             keys += [
@@ -215,20 +215,16 @@ class EventLog:
                 k.run_cancel(run_id),
                 k.live(run_id),
             ]
-            args += [
-                a.status.value if a.status else "",
-                a.seq,
-                a.attempt,
-                len(a.blobs),
-                len(a.rows),
-                len(a.fields),
-            ]
-            for ref, blob in a.blobs:
-                args += [ref, blob]
-            for row in a.rows:
-                args += row
-            for name, value in a.fields:
-                args += [name, value]
+            # The rows go as they are: msgpack packs them in C, not an argument at a time.
+            status = a.status.value if a.status else ""
+            runs.append((status, a.seq, a.attempt, a.blobs, a.rows, a.fields))
+        args = [
+            self._maxlen,
+            self._ttl,
+            int(time.time() * 1000),
+            self._publish,
+            codec.pack_script_args(runs),
+        ]
         self._append.queue(pipe, keys, args)
 
     async def append(

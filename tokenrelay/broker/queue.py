@@ -11,6 +11,7 @@ from tokenrelay.broker import codec, scripts
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import Job
+from tokenrelay.broker.scripts import RoundTrip
 
 GROUP = "workers"
 
@@ -126,3 +127,7 @@ class RunQueue:
         """Acknowledge and drop a finished job if `consumer` still owns it (a superseded worker
         must not drop the job its successor holds); returns whether it did."""
         return bool(await self._ack(self._redis, [self._key], [GROUP, consumer, msg_id]))
+
+    def ack_in(self, trip: RoundTrip, msg_id: bytes, consumer: str) -> int:
+        """Queue `ack` on `trip`; returns where its reply will be."""
+        return trip.script(self._ack, [self._key], [GROUP, consumer, msg_id])

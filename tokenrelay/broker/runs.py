@@ -13,7 +13,7 @@ from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.errors import RunExpired, RunLost, RunNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import Job, RunStatus
-from tokenrelay.broker.scripts import AnyPipeline
+from tokenrelay.broker.scripts import AnyPipeline, RoundTrip
 from tokenrelay.broker.thread_index import ThreadIndex
 
 
@@ -175,7 +175,18 @@ class RunStore:
 
     async def last_seq(self, run_id: str) -> int:
         """The seq of the run's newest event (its first seq - 1 while it has none)."""
-        base, n = await self._redis.hmget(self._keys.run_meta(run_id), ["s0", "n"])  # type: ignore[misc]
+        pipe = self._redis.pipeline(transaction=False)
+        self.last_seq_in(pipe, run_id)
+        (reply,) = await pipe.execute()
+        return self.last_seq_of(reply)
+
+    def last_seq_in(self, pipe: AnyPipeline, run_id: str) -> None:
+        """Queue `last_seq` on `pipe`; `last_seq_of` reads its reply."""
+        pipe.hmget(self._keys.run_meta(run_id), ["s0", "n"])
+
+    @staticmethod
+    def last_seq_of(reply: list[bytes | None]) -> int:
+        base, n = reply
         return int(base or 0) + int(n or 0) - 1
 
     async def thread_runs(
@@ -266,15 +277,37 @@ class RunStore:
         """Clear the thread's active pointer if it still names `run_id`; returns the queued run
         that became active in its place, if any."""
         k = self._keys
-        promoted = await self._release(
+        reply = await self._release(
             self._redis, [k.thread_active(thread_id), k.thread_pending(thread_id)], [run_id]
         )
-        if not promoted:
-            # Checked after removing, so a run claimed meanwhile leaves the thread marked busy.
+        promoted = self.promoted_of(reply)
+        if promoted is None:
             await self._index.not_busy(thread_id)
-            if await self.active_run(thread_id):
-                await self._index.busy(thread_id)
-        return promoted.decode() if promoted else None
+            await self.keep_busy_if_claimed(thread_id)
+        return promoted
+
+    def release_active_in(self, trip: RoundTrip, thread_id: str, run_id: str) -> int:
+        """Queue `release_active`'s compare-and-delete on `trip`; returns where its reply will
+        be, which `promoted_of` reads. The caller then takes the thread out of the busy index
+        (`not_busy_in`) if none was promoted, and after that calls `keep_busy_if_claimed`."""
+        k = self._keys
+        keys = [k.thread_active(thread_id), k.thread_pending(thread_id)]
+        return trip.script(self._release, keys, [run_id])
+
+    @staticmethod
+    def promoted_of(reply: bytes | None) -> str | None:
+        """The run a release promoted, from its script's reply."""
+        return reply.decode() if reply else None
+
+    def not_busy_in(self, pipe: AnyPipeline, thread_id: str) -> None:
+        """Queue taking the thread out of the busy index on `pipe`."""
+        self._index.not_busy_in(pipe, thread_id)
+
+    async def keep_busy_if_claimed(self, thread_id: str) -> None:
+        """Mark the thread busy again if a run claimed it: called once it was taken out of the
+        busy index, so a run claimed meanwhile leaves it marked busy."""
+        if await self.active_run(thread_id):
+            await self._index.busy(thread_id)
 
     async def list(self, thread_id: str, *, limit: int, offset: int, status: str | None = None
     ) -> list[RunRecord]:  # fmt: skip

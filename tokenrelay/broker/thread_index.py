@@ -21,6 +21,7 @@ from typing import Any, cast
 from tokenrelay.broker import codec
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.scripts import AnyPipeline
 
 RECORDED = ("idle", "error")
 """Statuses a thread's last run records; ``interrupted`` is an idle thread with pending tasks."""
@@ -112,18 +113,25 @@ class ThreadIndex:
 
     async def status_recorded(self, thread_id: str, status: str, ts: int) -> None:
         pipe = self._redis.pipeline(transaction=False)
+        self.status_recorded_in(pipe, thread_id, status, ts)
+        await pipe.execute()
+
+    def status_recorded_in(self, pipe: AnyPipeline, thread_id: str, status: str, ts: int) -> None:
+        """Queue `status_recorded` on `pipe`."""
         for other in RECORDED:
             if other != status:
                 pipe.zrem(self._keys.threads_with_status(other), thread_id)
         pipe.zadd(self._keys.threads_with_status(status), {thread_id: 0})
         pipe.zadd(self._keys.threads_by_update(), {thread_id: ts}, xx=True)
-        await pipe.execute()
 
     async def busy(self, thread_id: str) -> None:
         await self._redis.zadd(self._keys.threads_with_status("busy"), {thread_id: 0})
 
     async def not_busy(self, thread_id: str) -> None:
         await self._redis.zrem(self._keys.threads_with_status("busy"), thread_id)
+
+    def not_busy_in(self, pipe: AnyPipeline, thread_id: str) -> None:
+        pipe.zrem(self._keys.threads_with_status("busy"), thread_id)
 
     async def removed(self, thread_id: str, metadata: Mapping[str, Any]) -> None:
         k = self._keys

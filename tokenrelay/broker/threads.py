@@ -10,7 +10,7 @@ from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.errors import Conflict, InvalidBody, ThreadNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.runs import new_id, now_ms
-from tokenrelay.broker.scripts import AnyPipeline
+from tokenrelay.broker.scripts import AnyPipeline, RoundTrip
 from tokenrelay.broker.thread_index import MAX_METADATA_KEYS, ThreadIndex
 
 RUN_STARTED = codec.pack([b"", []])
@@ -46,6 +46,10 @@ class ThreadStore:
     async def advance_seq(self, thread_id: str, last: int) -> None:
         """Record that the thread's events reach seq `last` (never lowers it)."""
         await self._advance_seq(self._redis, [self._keys.thread_meta(thread_id)], [last])
+
+    def advance_seq_in(self, trip: RoundTrip, thread_id: str, last: int) -> None:
+        """Queue `advance_seq` on `trip`."""
+        trip.script(self._advance_seq, [self._keys.thread_meta(thread_id)], [last])
 
     async def announce_run(self, thread_id: str) -> None:
         """Wake the thread's protocol subscribers: a run started and its events follow."""
@@ -116,6 +120,11 @@ class ThreadStore:
         )
         await self.index.status_recorded(thread_id, status, ts)
 
+    def set_status_in(self, pipe: AnyPipeline, thread_id: str, status: str, ts: int) -> None:
+        """Queue `set_status`'s write of the thread on `pipe` (the index has its own,
+        `ThreadIndex.status_recorded_in`)."""
+        pipe.hset(self._keys.thread_meta(thread_id), mapping={"status": status, "updated_at": ts})
+
     async def last_status(self, thread_id: str) -> str:
         raw = cast(
             bytes | None, await self._redis.hget(self._keys.thread_meta(thread_id), "status")
@@ -152,13 +161,17 @@ class ThreadStore:
     async def retire(self, thread_id: str, ttl_seconds: int) -> None:
         """Take a thread out of listings and let its records expire with its runs' (a
         stateless run's thread: nothing may be left behind)."""
-        k = self._keys
         pipe = self._redis.pipeline(transaction=False)
+        self.retire_in(pipe, thread_id, ttl_seconds)
+        await pipe.execute()
+
+    def retire_in(self, pipe: AnyPipeline, thread_id: str, ttl_seconds: int) -> None:
+        """Queue `retire` on `pipe`."""
+        k = self._keys
         for key in (k.thread_meta(thread_id), k.thread_runs(thread_id)):
             pipe.expire(key, ttl_seconds)
         pipe.delete(k.thread_pending(thread_id))
         pipe.zrem(k.threads_index(), thread_id)
-        await pipe.execute()
 
     async def list_ids(self) -> list[str]:
         """Every thread id, newest first (for the searches the index cannot answer)."""

@@ -38,7 +38,8 @@ from tokenrelay.broker.models import END_EVENT, LIFECYCLE_EVENT, Event, Job, Run
 from tokenrelay.broker.pubsub import subscriber
 from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.retry import Backoff
-from tokenrelay.broker.runs import RunStore
+from tokenrelay.broker.runs import RunStore, now_ms
+from tokenrelay.broker.scripts import RoundTrip
 from tokenrelay.broker.settings import Settings
 from tokenrelay.broker.threads import ThreadStore
 from tokenrelay.producer.publisher import Publisher
@@ -560,36 +561,77 @@ class Worker:
                 await asyncio.sleep(delay)
                 self.publisher.revive(rid)
         # The end is written by this attempt: no other attempt can start the run any more.
-        # The thread's next run numbers its events after this one's last (`end`).
-        await self.threads.advance_seq(job.thread_id, await self.runs.last_seq(rid))
-        await self.threads.set_status(
-            job.thread_id, "error" if status is RunStatus.ERROR else "idle"
-        )
-        promoted = await self.runs.release_active(job.thread_id, rid)
-        await self._retire_if_stateless(job.thread_id, ctx)
-        await self.queue.ack(msg_id, self.id)
+        await self._after_end(msg_id, job, status, ctx)
         telemetry.RUNS_FINISHED.labels(status.value).inc()
-        if promoted:
-            # The next run queued on this thread (multitask enqueue) may start now.
-            await self.queue.enqueue(self.runs.job(await self.runs.get(promoted)))
         return True
 
-    async def _retire_if_stateless(self, thread_id: str, ctx: dict[str, object]) -> None:
-        """A stateless run (``POST /runs/...``) leaves no thread behind: its state is deleted
-        and its records expire with the run's."""
+    async def _after_end(
+        self, msg_id: bytes, job: Job, status: RunStatus, ctx: dict[str, object]
+    ) -> None:
+        """What follows a run's written end, in three pipelined round trips (and a fourth
+        check), each after the one before has landed:
+
+        1. read the run's last seq and the thread; record the thread's status in the index
+           (before the thread can turn idle: the index holds a superset, never a subset);
+        2. the thread's seq, then its status, then the release of its active pointer: one
+           slot, so Redis applies them in that order, and the thread's next run numbers its
+           events after this one's;
+        3. once released: the owner-checked queue ack, the thread out of the busy index (none
+           promoted), a stateless run's thread retired (its state deleted first);
+        4. after that: the thread marked busy again if a run claimed it meanwhile; a run
+           promoted in the release is enqueued (even if a write of 2 failed).
+        """
+        tid, rid = job.thread_id, job.run_id
+        thread_status = "error" if status is RunStatus.ERROR else "idle"
+        ts = now_ms()
+        reads = self._redis.pipeline(transaction=False)
+        self.runs.last_seq_in(reads, rid)
+        self.threads.get_in(reads, tid)
+        self.threads.index.status_recorded_in(reads, tid, thread_status, ts)
+        last_seq, thread, *_ = await reads.execute()
+        release = RoundTrip(self._redis)
+        self.threads.advance_seq_in(release, tid, RunStore.last_seq_of(last_seq))
+        self.threads.set_status_in(release.pipe, tid, thread_status, ts)
+        released = self.runs.release_active_in(release, tid, rid)
+        replies = await release.execute(raise_on_error=False)
+        promoted: str | None = None
         try:
-            thread = await self.threads.get(thread_id)
-        except ThreadNotFound:
-            return
-        if not thread.metadata.get("stateless"):
-            return
+            if isinstance(replies[released], Exception):
+                raise replies[released]
+            promoted = RunStore.promoted_of(replies[released])
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            try:
+                stateless = bool(ThreadStore.record(tid, thread).metadata.get("stateless"))
+            except ThreadNotFound:
+                stateless = False
+            if stateless:
+                await self._delete_thread_state(tid, ctx)
+            done = RoundTrip(self._redis)
+            self.queue.ack_in(done, msg_id, self.id)
+            if promoted is None:
+                self.runs.not_busy_in(done.pipe, tid)
+            if stateless:
+                # A stateless run (``POST /runs/...``) leaves no thread behind: its records
+                # expire with the run's.
+                self.threads.retire_in(done.pipe, tid, self.settings.retention_seconds)
+            await done.execute()
+            if promoted is None:
+                await self.runs.keep_busy_if_claimed(tid)
+        finally:
+            if promoted:
+                # The next run queued on this thread (multitask enqueue) may start now.
+                await self.queue.enqueue(self.runs.job(await self.runs.get(promoted)))
+
+    async def _delete_thread_state(self, thread_id: str, ctx: dict[str, object]) -> None:
+        """Delete a stateless run's thread state from the checkpointer."""
         saver = self.registry.checkpointer
         if saver is not None:
             try:
                 await saver.adelete_thread(thread_id)
             except Exception:  # the records still expire; the state is only kept longer
                 log.exception("could not delete a stateless run's thread state", extra=ctx)
-        await self.threads.retire(thread_id, self.settings.retention_seconds)
 
     async def _stopped(self, msg_id: bytes, job: Job, attempt: int, ctx: dict[str, object]) -> None:
         """The run's task was cancelled: hand it back to the queue, or let it go if fenced."""

@@ -42,6 +42,44 @@ class LuaScript:
         await redis.script_load(self.source)
 
 
+class RoundTrip:
+    """Commands sent in one round trip (a pipeline, no transaction), script calls among them.
+    Redis applies one connection's commands in order, and a cluster one node's: commands on
+    one hash slot land in the order they were queued. A script Redis no longer knows
+    (restarted, failed over) is loaded and its calls are sent again, in their order."""
+
+    def __init__(self, redis: RedisClient) -> None:
+        self._redis = redis
+        self.pipe: AnyPipeline = redis.pipeline(transaction=False)
+        self._calls: dict[int, tuple[LuaScript, list[str], list[Any]]] = {}
+
+    def script(self, script: LuaScript, keys: list[str], args: list[Any]) -> int:
+        """Queue a call of `script`; returns where its reply will be."""
+        index = len(self.pipe)
+        self._calls[index] = (script, keys, args)
+        script.queue(self.pipe, keys, args)
+        return index
+
+    async def execute(self, *, raise_on_error: bool = True) -> list[Any]:
+        """Every reply, in order; with `raise_on_error` off, an error in its command's place."""
+        replies: list[Any] = await self.pipe.execute(raise_on_error=False)
+        lost = [i for i in self._calls if isinstance(replies[i], NoScriptError)]
+        if lost:
+            for name in dict.fromkeys(self._calls[i][0].name for i in lost):
+                await script(name).load(self._redis)
+            again = self._redis.pipeline(transaction=False)
+            for i in lost:
+                lua, keys, args = self._calls[i]
+                lua.queue(again, keys, args)
+            for i, reply in zip(lost, await again.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+
+
 @cache
 def script(name: str) -> LuaScript:
     """The script in ``scripts/<name>.lua``."""

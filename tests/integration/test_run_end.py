@@ -1,0 +1,60 @@
+"""What follows a run's written end on its thread: the thread's seq and status, the release of
+its active pointer (promoting a queued run) and the job's ack, even after Redis lost its
+scripts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import RedisServer, make_settings
+from tokenrelay.broker.connection import connect
+from tokenrelay.broker.graphs import GraphRegistry
+from tokenrelay.broker.models import END_EVENT, Event, RunStatus
+from tokenrelay.broker.runs import RunRecord, new_id, now_ms
+from tokenrelay.producer.worker import Worker
+
+pytestmark = pytest.mark.redis("standalone", "cluster")
+
+
+@pytest.mark.parametrize("queued_behind", [False, True], ids=["alone", "queued-behind"])
+async def test_after_a_runs_end_its_thread_is_released_and_its_job_acknowledged(
+    redis_server: RedisServer, queued_behind: bool
+) -> None:
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    worker = Worker(redis, s, GraphRegistry({}, None), worker_id="w1")
+    try:
+        await worker.queue.ensure_group()
+        tid = (await worker.threads.create()).thread_id
+        ts = now_ms()
+        ended, queued = (RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts) for _ in "ab")
+        await worker.queue.enqueue(await worker.runs.create(ended))
+        assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False) == ("started", "")
+        if queued_behind:
+            await worker.runs.create(queued)
+            assert await worker.runs.claim_thread(tid, queued.run_id, enqueue=True) == (
+                "queued", "",
+            )  # fmt: skip
+        [(msg_id, job)] = await worker.queue.claim("w1", 1, block_ms=100)
+        assert await worker.runs.start_attempt(ended.run_id, "w1", 3, msg_id) == ("run", 1, 0)
+        await worker.runs.assign_seq_base(ended.run_id, 0)
+        end = [Event("custom", b"{}"), Event(END_EVENT, b"")]
+        assert await worker.log.append(ended.run_id, end, status=RunStatus.SUCCESS) is None
+        await redis.script_flush()  # Redis lost its scripts (a restart, a failover)
+
+        await worker._after_end(msg_id, job, RunStatus.SUCCESS, {})
+
+        assert await worker.threads.last_seq(tid) == 2  # the next run numbers after `end`
+        assert await worker.threads.last_status(tid) == "idle"
+        assert not await worker.queue.holds(msg_id.decode())
+        busy = await redis.zscore(worker.keys.threads_with_status("busy"), tid)
+        if queued_behind:
+            assert await worker.runs.active_pointer(tid) == queued.run_id
+            assert busy is not None
+            [(_, promoted)] = await worker.queue.claim("w2", 1, block_ms=100)
+            assert promoted.run_id == queued.run_id
+        else:
+            assert await worker.runs.active_pointer(tid) is None
+            assert busy is None
+    finally:
+        await redis.aclose()
