@@ -41,10 +41,8 @@ _FRAMED = "sse"
 
 
 def run_headers(thread_id: str, run_id: str) -> dict[str, str]:
-    return {
-        "Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}/stream",
-        "Content-Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}",
-    }
+    run = f"/threads/{id_in_path(thread_id)}/runs/{run_id}"
+    return {"Location": f"{run}/stream", "Content-Location": run}
 
 
 def wanted(modes: list[str] | None) -> set[str] | None:
