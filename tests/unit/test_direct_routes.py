@@ -10,7 +10,8 @@ import pytest
 from fastapi.dependencies.utils import solve_dependencies
 from starlette.requests import Request
 
-from tokenrelay.api.auth import SCOPE_KEY, Caller, Identity
+from tokenrelay.api.auth import SCOPE_KEY, Caller, Identity, caller
+from tokenrelay.api.deps import services
 from tokenrelay.api.direct import DirectRoute
 from tokenrelay.api.routes import stream
 
@@ -101,3 +102,6 @@ def test_both_joins_bind_their_own_arguments() -> None:
         "/threads/{thread_id}/runs/{run_id}/stream",
         "/threads/{thread_id}/stream",
     ]
+    for route in ROUTES:  # what the binders supply, and nothing they would skip
+        assert [d.call for d in route.dependant.dependencies] == [services, caller]
+        assert not route.dependencies and not stream.router.dependencies

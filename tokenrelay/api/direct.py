@@ -6,6 +6,8 @@ on a join, the hot path of a reconnect storm, that is about a sixth of the API's
 each parameter means) and calls it with arguments its binder reads from the request. A binder
 declines (None) any request it would not bind exactly as FastAPI does, such as a value that
 needs validating, and that request takes FastAPI's path: bad input gets the same 422.
+A router holding such routes is included without dependencies of its own (they would be
+skipped).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class DirectRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         solved = super().get_route_handler()
+        if self.dependencies:
+            return solved  # dependencies of the route itself, not its endpoint: FastAPI's
         endpoint: Callable[..., Awaitable[Response]] = self.endpoint
         bind = type(self).bind
 
