@@ -82,6 +82,34 @@ async def test_handlers_see_the_request_and_scope_threads(custom: Tokenrelay) ->
         assert (r.status_code, r.json()["metadata"]["topic"]) == (200, "x")
 
 
+async def test_joins_answer_as_the_other_routes(custom: Tokenrelay) -> None:
+    """The joins bind their own arguments (api/direct.py): who may join, and what a refused
+    or malformed join is told, are those of the routes FastAPI binds."""
+    async with httpx.AsyncClient(base_url=custom.url, timeout=30) as c:
+        invite = {"metadata": {"invite": ["bob"]}}
+        tid = (await c.post("/threads", json=invite, headers=as_("alice"))).json()["thread_id"]
+        body = {"assistant_id": "ask", "input": {"messages": []}}
+        r = await c.post(f"/threads/{tid}/runs", json=body, headers=as_("alice"))
+        rid = r.json()["run_id"]
+        run = f"/threads/{tid}/runs/{rid}"
+        for headers in ({}, as_("suspended"), as_("dave")):  # 401, 403, someone else's: 404
+            want = await c.get(run, headers=headers)
+            assert want.status_code in (401, 403, 404)
+            for path in (f"{run}/stream", f"/threads/{tid}/stream"):
+                r = await c.get(path, headers=headers)
+                assert (r.status_code, r.json()) == (want.status_code, want.json()), path
+        async with c.stream("GET", f"{run}/stream", headers=as_("bob")) as r:
+            assert r.status_code == 200  # a member: the threads.read handler lets him join
+        for bad in ("0", "-1", "abc", "nan"):
+            params = {"max_seconds": bad}
+            want = await c.post(f"/threads/{tid}/runs/stream", params=params, json=body,
+                                headers=as_("alice"))  # fmt: skip
+            assert want.status_code == 422
+            for path in (f"{run}/stream", f"/threads/{tid}/stream"):
+                r = await c.get(path, params=params, headers=as_("alice"))
+                assert (r.status_code, r.json()) == (422, want.json()), path
+
+
 async def test_the_graph_is_told_who_started_the_run(custom: Tokenrelay) -> None:
     async with httpx.AsyncClient(base_url=custom.url, timeout=30) as c:
         tid = (await c.post("/threads", json={}, headers=as_("carol"))).json()["thread_id"]

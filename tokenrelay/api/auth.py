@@ -428,8 +428,13 @@ class Caller:
         return dict(value.get("metadata") or {})
 
 
-async def caller(conn: HTTPConnection) -> Caller:
-    """The dependency: the `Caller` of this request or WebSocket (async: no thread hop)."""
+def caller_of(conn: HTTPConnection) -> Caller:
+    """The `Caller` of this request or WebSocket, as `AuthLayer` settled its identity."""
     svc: Services = conn.app.state.services
     identity = conn.scope.get(SCOPE_KEY, ANONYMOUS)
     return Caller(svc, identity, getattr(conn.app.state, "auth", None))
+
+
+async def caller(conn: HTTPConnection) -> Caller:
+    """The dependency: the `Caller` of this request or WebSocket (async: no thread hop)."""
+    return caller_of(conn)

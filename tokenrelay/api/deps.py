@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from tokenrelay.api.fanout import Fanout
 from tokenrelay.broker.cancel import CancelSignal
@@ -57,8 +58,13 @@ class Services:
         )
 
 
+def services_of(conn: HTTPConnection) -> Services:
+    """The process's `Services`, for a request or WebSocket."""
+    svc: Services = conn.app.state.services
+    return svc
+
+
 async def services(request: Request) -> Services:
     """The dependency: async, so FastAPI calls it in the event loop rather than sending it to
     its thread pool (a thread hop per request costs more than everything it does)."""
-    svc: Services = request.app.state.services
-    return svc
+    return services_of(request)

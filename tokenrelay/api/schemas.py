@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -97,7 +98,12 @@ ClientId = Annotated[
 
 def id_in_path(value: str) -> str:
     """`value` percent-encoded for a `Location` header (ids may hold spaces or non-ASCII)."""
-    return quote(value, safe="")
+    # Most ids (UUIDs) are what `quote` leaves as is: checked first, a tenth of its cost.
+    return value if _UNRESERVED.fullmatch(value) else quote(value, safe="")
+
+
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+"""What `quote(value, safe="")` never encodes."""
 
 
 class ThreadCreate(BaseModel):

@@ -144,9 +144,16 @@ class EventStreamResponse(Response):
         abort: asyncio.Event | None = None,
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(headers={**SSE_HEADERS, **headers}, media_type=self.media_type)
-        # The body is streamed with chunked encoding: no Content-Length.
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        # Set here rather than by `Response.__init__` (one per join, the hot path of a
+        # reconnect storm). The body is streamed with chunked encoding: no Content-Length.
+        self.status_code = 200
+        self.background = None
+        self.body = b""
+        self.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in {**SSE_HEADERS, **headers}.items()
+        ]
+        self.raw_headers.append((b"content-type", self.media_type.encode("latin-1")))
         self._body = body
         self._deadline = deadline
         self._abort = abort
@@ -168,18 +175,20 @@ class EventStreamResponse(Response):
                 pass
 
         async def cut_short() -> None:
-            loop = asyncio.get_running_loop()
-            timeout = None if self._deadline is None else max(0.0, self._deadline - loop.time())
             event = self._abort or asyncio.Event()
+            if self._deadline is None:
+                await event.wait()
+                return
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(self._deadline):
                     await event.wait()
 
         tasks = {
             asyncio.create_task(stream()): "done",
             asyncio.create_task(disconnected()): "disconnected",
-            asyncio.create_task(cut_short()): "aborted",
         }
+        if self._deadline is not None or self._abort is not None:
+            tasks[asyncio.create_task(cut_short())] = "aborted"
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             # A client that left makes the body's next write fail too: when both ended in

@@ -4,16 +4,19 @@ long-poll JSON fallback."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenrelay.api.auth import Caller, caller
-from tokenrelay.api.deps import Services, services
+from tokenrelay.api.auth import Caller, caller, caller_of
+from tokenrelay.api.deps import Services, services, services_of
+from tokenrelay.api.direct import direct_route
 from tokenrelay.api.routes.runs import cancel_run, repair_active, start_run, unblock
 from tokenrelay.api.schemas import RunCreate, id_in_path, iso
 from tokenrelay.api.sse import (
@@ -38,10 +41,8 @@ _FRAMED = "sse"
 
 
 def run_headers(thread_id: str, run_id: str) -> dict[str, str]:
-    return {
-        "Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}/stream",
-        "Content-Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}",
-    }
+    run = f"/threads/{id_in_path(thread_id)}/runs/{run_id}"
+    return {"Location": f"{run}/stream", "Content-Location": run}
 
 
 def wanted(modes: list[str] | None) -> set[str] | None:
@@ -276,7 +277,6 @@ async def stream_stateless_run(
     return await _stream_new_run(svc, who, None, body, max_seconds, query_modes(stream_mode))
 
 
-@router.get("/threads/{thread_id}/stream", response_model=None)
 async def join_thread_stream(
     thread_id: str,
     last_event_id_header: str | None = Header(default=None, alias="Last-Event-ID"),
@@ -297,7 +297,6 @@ async def join_thread_stream(
     return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds, last=last)
 
 
-@router.get("/threads/{thread_id}/runs/{run_id}/stream")
 async def join_run_stream(
     thread_id: str,
     run_id: str,
@@ -315,6 +314,50 @@ async def join_run_stream(
         svc, thread_id, run_id, after, max_seconds=max_seconds, finished=run.status.terminal,
         names=wanted(query_modes(stream_mode)), last=last,
     )  # fmt: skip
+
+
+# A reconnect storm is joins: their routes bind their own arguments (api/direct.py).
+_PLAIN_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+"""A `max_seconds` that `float` reads as FastAPI's validation does (others are FastAPI's)."""
+
+
+def _bind_join(request: Request) -> dict[str, Any] | None:
+    """The arguments of `join_thread_stream` as FastAPI binds them, or None when `max_seconds`
+    needs validating."""
+    query = request.query_params
+    raw = query.get("max_seconds")
+    max_seconds = None
+    if raw is not None:
+        if not _PLAIN_SECONDS.fullmatch(raw) or float(raw) <= 0:
+            return None  # FastAPI's to parse or refuse (422)
+        max_seconds = float(raw)
+    return {
+        "thread_id": request.path_params["thread_id"],
+        "last_event_id_header": request.headers.get("last-event-id"),
+        "last_event_id": query.get("last_event_id"),
+        "max_seconds": max_seconds,
+        "svc": services_of(request),
+        "who": caller_of(request),
+    }
+
+
+def _bind_run_join(request: Request) -> dict[str, Any] | None:
+    """The arguments of `join_run_stream`, as `_bind_join`."""
+    args = _bind_join(request)
+    if args is not None:
+        args["run_id"] = request.path_params["run_id"]
+        args["stream_mode"] = request.query_params.getlist("stream_mode") or None
+    return args
+
+
+router.add_api_route(
+    "/threads/{thread_id}/stream", join_thread_stream, methods=["GET"], response_model=None,
+    route_class_override=direct_route(_bind_join),
+)  # fmt: skip
+router.add_api_route(
+    "/threads/{thread_id}/runs/{run_id}/stream", join_run_stream, methods=["GET"],
+    route_class_override=direct_route(_bind_run_join),
+)  # fmt: skip
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/events")
