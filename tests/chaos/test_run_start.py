@@ -19,6 +19,7 @@ from tests.sse import events
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import RunStatus
+from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 from tokenrelay.broker.settings import Settings
 
@@ -94,6 +95,36 @@ async def test_runs_queued_behind_a_start_cut_short_go_on(redis_server: RedisSer
     finally:
         await redis.aclose()
         relay.stop()
+
+
+async def test_a_run_just_promoted_is_not_taken_for_lost(redis_server: RedisServer) -> None:
+    """A run promoted from the thread's queue is active a moment before its worker queues it,
+    however old it is. A reader waiting behind it, idle at that moment, must not end it."""
+    s = make_settings(redis_server)
+    api = Tokenrelay(s, with_worker=False).start()
+    keys = Keys(s.key_prefix)
+    redis = connect(s.resolved_redis_url())
+    runs = RunStore(redis, keys, ttl_seconds=600)
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
+            tid = await new_thread(c)
+            rid, ts = new_id(), now_ms()
+            promoted = RunRecord(rid, tid, "fast", RunStatus.PENDING, ts, ts)
+            await runs.create(promoted)
+            assert await runs.claim_thread(tid, rid, enqueue=False) == ("started", "")
+            behind = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+            # It waited behind another run for a minute before it was promoted.
+            await redis.hset(keys.run_meta(rid), "created_at", now_ms() - 60_000)
+            url = f"/threads/{tid}/runs/{behind['run_id']}/stream"
+            async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
+                assert r.status_code == 200
+                await asyncio.sleep(1.5 * s.heartbeat_seconds)  # an idle heartbeat sees it
+                await RunQueue(redis, keys).enqueue(runs.job(promoted))  # its worker queues it
+                await asyncio.sleep(2.5 * s.heartbeat_seconds)  # more heartbeats
+            assert (await c.get(f"/threads/{tid}/runs/{rid}")).json()["status"] == "pending"
+    finally:
+        await redis.aclose()
+        api.stop()
 
 
 async def test_worker_recreates_its_queue_when_it_vanishes(

@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenrelay.api.deps import Services
 from tokenrelay.api.fanout import Subscription
-from tokenrelay.api.routes.runs import repair_active
+from tokenrelay.api.routes.runs import Unblocker
 from tokenrelay.broker import codec
 from tokenrelay.broker.errors import RunNotFound
 from tokenrelay.broker.log import Batch
@@ -292,6 +292,7 @@ async def thread_events(
     caller's subscription to the thread (`Fanout.subscribe_thread`), made before it answers,
     so no run's start falls between the answer and the subscription."""
     heartbeat = svc.settings.heartbeat_seconds
+    unblock = Unblocker()
     run_id, created, after, past = await _start(svc, thread_id, since)
     while True:
         if run_id is not None:
@@ -308,18 +309,10 @@ async def thread_events(
                 if idle >= heartbeat:
                     idle = 0.0
                     if found:  # a run waits to start: free the thread if it never can
-                        await _unblock_thread(svc, thread_id)
+                        await unblock(svc, thread_id)
                     yield None
             found = await _next_run(svc, thread_id, created, past)
         run_id, created = found
-
-
-async def _unblock_thread(svc: Services, thread_id: str) -> None:
-    """Free the thread if its active run can never end (its start was cut short, its job was
-    lost), so the runs queued behind it start."""
-    active = await svc.runs.active_pointer(thread_id)
-    if active:
-        await repair_active(svc, thread_id, active)
 
 
 class SubscribedStream:
