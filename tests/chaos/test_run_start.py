@@ -40,6 +40,7 @@ async def test_a_run_that_never_reached_the_queue_is_repaired(redis_server: Redi
             # run that no worker will ever see.
             await redis.delete(keys.queue())
             await redis.hset(keys.run_meta(lost["run_id"]), "created_at", now_ms() - 60_000)
+            await redis.set(keys.thread_since(tid), now_ms() - 60_000)
             assert (await c.get(f"/threads/{tid}")).json()["status"] == "busy"
             # A client joining the thread, or starting the next run, frees it.
             assert (await c.get(f"/threads/{tid}/stream")).status_code == 204
@@ -99,7 +100,8 @@ async def test_runs_queued_behind_a_start_cut_short_go_on(redis_server: RedisSer
 
 async def test_a_run_just_promoted_is_not_taken_for_lost(redis_server: RedisServer) -> None:
     """A run promoted from the thread's queue is active a moment before its worker queues it,
-    however old it is. A reader waiting behind it, idle at that moment, must not end it."""
+    however long it waited. Neither the next run's start nor a reader waiting behind it, idle
+    at that moment, may end it."""
     s = make_settings(redis_server)
     api = Tokenrelay(s, with_worker=False).start()
     keys = Keys(s.key_prefix)
@@ -108,20 +110,24 @@ async def test_a_run_just_promoted_is_not_taken_for_lost(redis_server: RedisServ
     try:
         async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
             tid = await new_thread(c)
-            rid, ts = new_id(), now_ms()
-            promoted = RunRecord(rid, tid, "fast", RunStatus.PENDING, ts, ts)
-            await runs.create(promoted)
-            assert await runs.claim_thread(tid, rid, enqueue=False) == ("started", "")
-            behind = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
-            # It waited behind another run for a minute before it was promoted.
-            await redis.hset(keys.run_meta(rid), "created_at", now_ms() - 60_000)
-            url = f"/threads/{tid}/runs/{behind['run_id']}/stream"
+            ts = now_ms() - 60_000  # both were created a minute ago
+            first, waited = new_id(), new_id()
+            for rid in (first, waited):
+                await runs.create(RunRecord(rid, tid, "fast", RunStatus.PENDING, ts, ts))
+            assert await runs.claim_thread(tid, first, enqueue=False) == ("started", "")
+            assert await runs.claim_thread(tid, waited, enqueue=True) == ("queued", "")
+            # The first run ends: its worker releases the thread, which promotes the waiting
+            # run, and queues that run a round trip later.
+            assert await runs.release_active(tid, first) == waited
+            nxt = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+            url = f"/threads/{tid}/runs/{nxt['run_id']}/stream"
             async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
                 assert r.status_code == 200
                 await asyncio.sleep(1.5 * s.heartbeat_seconds)  # an idle heartbeat sees it
-                await RunQueue(redis, keys).enqueue(runs.job(promoted))  # its worker queues it
+                promoted = await runs.get(waited)
+                await RunQueue(redis, keys).enqueue(runs.job(promoted))
                 await asyncio.sleep(2.5 * s.heartbeat_seconds)  # more heartbeats
-            assert (await c.get(f"/threads/{tid}/runs/{rid}")).json()["status"] == "pending"
+            assert (await c.get(f"/threads/{tid}/runs/{waited}")).json()["status"] == "pending"
     finally:
         await redis.aclose()
         api.stop()

@@ -43,6 +43,11 @@ class Keys:
         """Sorted set of a thread's run ids by creation time."""
         return f"{self.prefix}:thread:{{{thread_id}}}:runs"
 
+    def thread_since(self, thread_id: str) -> str:
+        """When (ms) the thread's active pointer last named a new run: a run promoted from the
+        thread's queue is young as an active run, however long it waited."""
+        return f"{self.prefix}:thread:{{{thread_id}}}:since"
+
     def thread_pending(self, thread_id: str) -> str:
         """List of run ids waiting for the thread's active run to end (multitask enqueue)."""
         return f"{self.prefix}:thread:{{{thread_id}}}:pending"

@@ -139,8 +139,8 @@ class RunStore:
         k = self._keys
         reply = await self._claim(
             self._redis,
-            [k.thread_active(thread_id), k.thread_pending(thread_id)],
-            [run_id, "enqueue" if enqueue else ""],
+            [k.thread_active(thread_id), k.thread_pending(thread_id), k.thread_since(thread_id)],
+            [run_id, "enqueue" if enqueue else "", now_ms()],
         )
         verdict = reply[0].decode()
         if verdict == "started":
@@ -273,13 +273,17 @@ class RunStore:
         rid = cast(bytes | None, await self._redis.get(self._keys.thread_active(thread_id)))
         return rid.decode() if rid else None
 
+    async def active_since(self, thread_id: str) -> int:
+        """When (ms) the thread's active pointer last named a new run; 0 if not recorded."""
+        raw = cast(bytes | None, await self._redis.get(self._keys.thread_since(thread_id)))
+        return int(raw) if raw and raw.isdigit() else 0
+
     async def release_active(self, thread_id: str, run_id: str) -> str | None:
         """Clear the thread's active pointer if it still names `run_id`; returns the queued run
         that became active in its place, if any."""
         k = self._keys
-        reply = await self._release(
-            self._redis, [k.thread_active(thread_id), k.thread_pending(thread_id)], [run_id]
-        )
+        keys = [k.thread_active(thread_id), k.thread_pending(thread_id), k.thread_since(thread_id)]
+        reply = await self._release(self._redis, keys, [run_id, now_ms()])
         promoted = self.promoted_of(reply)
         if promoted is None:
             await self._index.not_busy(thread_id)
@@ -291,8 +295,8 @@ class RunStore:
         be, which `promoted_of` reads. The caller then takes the thread out of the busy index
         (`not_busy_in`) if none was promoted, and after that calls `keep_busy_if_claimed`."""
         k = self._keys
-        keys = [k.thread_active(thread_id), k.thread_pending(thread_id)]
-        return trip.script(self._release, keys, [run_id])
+        keys = [k.thread_active(thread_id), k.thread_pending(thread_id), k.thread_since(thread_id)]
+        return trip.script(self._release, keys, [run_id, now_ms()])
 
     @staticmethod
     def promoted_of(reply: bytes | None) -> str | None:

@@ -155,6 +155,7 @@ class ThreadStore:
             self._keys.thread_runs(thread_id),
             self._keys.thread_active(thread_id),
             self._keys.thread_pending(thread_id),
+            self._keys.thread_since(thread_id),
         )
         await self.index.removed(thread_id, thread.metadata)
 
@@ -170,7 +171,7 @@ class ThreadStore:
         k = self._keys
         for key in (k.thread_meta(thread_id), k.thread_runs(thread_id)):
             pipe.expire(key, ttl_seconds)
-        pipe.delete(k.thread_pending(thread_id))
+        pipe.delete(k.thread_pending(thread_id), k.thread_since(thread_id))
         pipe.zrem(k.threads_index(), thread_id)
 
     async def list_ids(self) -> list[str]:

@@ -1,9 +1,11 @@
 -- Make a new run the thread's active run, or queue it behind the active one.
--- KEYS: 1 thread active key, 2 thread pending list; ARGV: 1 run id, 2 'enqueue' to queue when busy
+-- KEYS: 1 thread active key, 2 thread pending list, 3 thread since key;
+-- ARGV: 1 run id, 2 'enqueue' to queue when busy, 3 now (ms).
 -- Returns {'started'}, {'queued'} or {'busy', <active run id>}.
 local active = redis.call('GET', KEYS[1])
 if not active then
   redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[3], ARGV[3])
   return {'started'}
 end
 if ARGV[2] == 'enqueue' then
