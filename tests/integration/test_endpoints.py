@@ -334,3 +334,25 @@ async def test_stats_count_runs_across_workers_and_this_process_streams(
             assert (done["runs_running"], done["runs_waiting"]) == (0, 0)
     finally:
         relay.stop()
+
+
+async def test_metadata_merges_made_at_once_all_land(client: httpx.AsyncClient) -> None:
+    """A rename sent beside a run's start (as the console does), and merges racing each other:
+    none drops another's keys."""
+    tid = (await client.post("/threads", json={"metadata": {"title": "New thread"}})).json()
+    tid = tid["thread_id"]
+
+    async def merge(i: int) -> int:
+        r = await client.patch(f"/threads/{tid}", json={"metadata": {f"k{i}": i}})
+        return r.status_code
+
+    statuses = await asyncio.gather(
+        *(merge(i) for i in range(20)),
+        client.patch(f"/threads/{tid}", json={"metadata": {"title": "renamed"}}),
+        client.post(f"/threads/{tid}/runs", json=run_body("fast")),
+    )
+    assert all(s == 200 for s in statuses[:20])
+    metadata = (await client.get(f"/threads/{tid}")).json()["metadata"]
+    assert {f"k{i}": i for i in range(20)}.items() <= metadata.items()
+    assert metadata["title"] == "renamed"
+    assert metadata["graph_id"] == "fast"

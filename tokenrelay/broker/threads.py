@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -31,11 +33,17 @@ class ThreadRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+METADATA_TRIES = 50
+"""How many times a metadata merge is made again on metadata another writer changed (each
+loser waits a little longer, at random, so a crowd of writers spreads out)."""
+
+
 class ThreadStore:
     def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
         self._advance_seq = scripts.script("advance_seq")
+        self._set_metadata = scripts.script("set_metadata")
         self.index = ThreadIndex(redis, keys)
 
     async def last_seq(self, thread_id: str) -> int:
@@ -132,21 +140,34 @@ class ThreadStore:
         return raw.decode() if raw else "idle"
 
     async def update_metadata(self, thread_id: str, metadata: dict[str, Any]) -> ThreadRecord:
-        """Merge `metadata` into the thread's."""
-        thread = await self.get(thread_id)
-        before = dict(thread.metadata)
-        thread.metadata.update(metadata)
-        _check_metadata(thread.metadata)
-        thread.updated_at = now_ms()
-        await self._redis.hset(  # type: ignore[misc]
-            self._keys.thread_meta(thread_id),
-            mapping={
-                "metadata": codec.json_bytes(thread.metadata),
-                "updated_at": thread.updated_at,
-            },
+        """Merge `metadata` into the thread's. Two merges at once both land: each is written
+        only over the metadata it read, and is made again on what the other wrote (bounded:
+        past `METADATA_TRIES` it is a Conflict to retry)."""
+        key = self._keys.thread_meta(thread_id)
+        for attempt in range(METADATA_TRIES):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+            h = cast(dict[bytes, bytes], await self._redis.hgetall(key))  # type: ignore[misc]
+            thread = self.record(thread_id, h)
+            before = dict(thread.metadata)
+            thread.metadata.update(metadata)
+            _check_metadata(thread.metadata)
+            thread.updated_at = now_ms()
+            written = await self._set_metadata(
+                self._redis,
+                [key],
+                [h.get(b"metadata", b""), codec.json_bytes(thread.metadata), thread.updated_at],
+            )
+            if written == -1:
+                raise ThreadNotFound(thread_id)
+            if written == 1:
+                await self.index.metadata_changed(
+                    thread_id, before, thread.metadata, thread.updated_at
+                )
+                return thread
+        raise Conflict(
+            f"Thread {thread_id}'s metadata kept changing while this update was made; retry it"
         )
-        await self.index.metadata_changed(thread_id, before, thread.metadata, thread.updated_at)
-        return thread
 
     async def delete(self, thread_id: str) -> None:
         thread = await self.get(thread_id)
