@@ -115,11 +115,17 @@ class RunQueue:
         """How many runs are running and waiting, across every worker. A job stays in the
         queue until its run has ended (it is then acknowledged and deleted), so the claimed
         ones are the group's pending entries and the rest are waiting."""
-        length = int(await self._redis.xlen(self._key))
-        try:
-            groups: list[dict[str, Any]] = await self._redis.xinfo_groups(self._key)
-        except ResponseError:  # no queue yet: no worker has started
+        # Read together (MULTI): an ack landing between the two reads would show its job as
+        # waiting.
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xlen(self._key)
+        pipe.xinfo_groups(self._key)
+        length, groups = await pipe.execute(raise_on_error=False)
+        length = int(length)
+        if isinstance(groups, ResponseError):  # no queue yet: no worker has started
             return QueueLoad(running=0, waiting=length)
+        if isinstance(groups, Exception):
+            raise groups
         running = sum(int(g.get("pending") or 0) for g in groups if g.get("name") in _GROUP_NAMES)
         return QueueLoad(running=running, waiting=max(0, length - running))
 
