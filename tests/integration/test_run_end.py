@@ -4,9 +4,12 @@ scripts."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.conftest import RedisServer, make_settings
+from tests.integration.test_stream import new_thread, run_body, stream_run
+from tests.server import Tokenrelay
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.models import END_EVENT, Event, RunStatus
@@ -58,3 +61,24 @@ async def test_after_a_runs_end_its_thread_is_released_and_its_job_acknowledged(
             assert busy is None
     finally:
         await redis.aclose()
+
+
+async def test_appends_after_redis_lost_its_scripts_go_through_at_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis that does not know the append script (first use, a restart, SCRIPT FLUSH) is
+    given it and the append sent again at once: no failure is logged and no retry waited."""
+    s = make_settings(redis_server)
+    relay = Tokenrelay(s).start()
+    redis = connect(s.resolved_redis_url())
+    try:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=30) as c:
+            for _ in range(2):
+                await redis.script_flush()
+                tid = await new_thread(c)
+                evts, _ = await stream_run(c, tid, run_body("fast"))
+                assert evts[-1].event == "values"
+        assert "append for" not in caplog.text
+    finally:
+        await redis.aclose()
+        relay.stop()

@@ -270,6 +270,7 @@ class Publisher:
         todo = list(batch)
         backoff = Backoff()
         per_call = self._log.runs_per_call
+        reloaded = False
         while todo:
             pipe = self._redis.pipeline(transaction=False)
             calls = [todo[i : i + per_call] for i in range(0, len(todo), per_call)]
@@ -317,14 +318,21 @@ class Publisher:
                         results[run_id] = reply
                     else:
                         retry.append(run_id)
-            if retry:
+            errors = [r for r in replies if isinstance(r, Exception)]
+            if retry and all(isinstance(r, NoScriptError) for r in errors) and not reloaded:
+                # The server does not know the script yet (first use, or it restarted): load
+                # it and send again at once; nothing failed.
+                reloaded = True
+                with contextlib.suppress(Exception):
+                    await self._log.load_scripts()
+            elif retry:
                 delay = backoff.next_delay()
                 log.warning(
                     "append for %d run(s) failed, retrying in %.2fs: %s",
-                    len(retry), delay, next(r for r in replies if isinstance(r, Exception)),
+                    len(retry), delay, errors[0],
                 )  # fmt: skip
                 await asyncio.sleep(delay)
-                if any(isinstance(r, NoScriptError) for r in replies):
+                if any(isinstance(r, NoScriptError) for r in errors):
                     with contextlib.suppress(Exception):
                         await self._log.load_scripts()
             todo = retry
