@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenrelay.api.deps import Services
 from tokenrelay.api.fanout import Subscription
-from tokenrelay.api.routes.runs import Unblocker
+from tokenrelay.api.routes.runs import unblock
 from tokenrelay.broker import codec
 from tokenrelay.broker.errors import RunNotFound
 from tokenrelay.broker.log import Batch
@@ -292,7 +292,6 @@ async def thread_events(
     caller's subscription to the thread (`Fanout.subscribe_thread`), made before it answers,
     so no run's start falls between the answer and the subscription."""
     heartbeat = svc.settings.heartbeat_seconds
-    unblock = Unblocker()
     run_id, created, after, past = await _start(svc, thread_id, since)
     while True:
         if run_id is not None:

@@ -155,27 +155,15 @@ async def repair_active(svc: Services, thread_id: str, active: str) -> bool:
     return True
 
 
-class Unblocker:
-    """For a reader idle while the run it waits for has not started: frees the thread if the
-    run is queued behind an active run that can never end (its start was cut short when its
-    API process died, or its job was lost), so the queue moves on.
-
-    An active run is looked at only once it has been the thread's active run at two heartbeats
-    in a row: a run just promoted from the thread's queue is active a moment before its worker
-    queues it, and must not be taken for lost in that moment. One read per heartbeat until
-    then; only a waiting reader's heartbeat calls it."""
-
-    def __init__(self) -> None:
-        self._seen: str | None = None
-
-    async def __call__(self, svc: Services, thread_id: str, waiting: str | None = None) -> None:
-        active = await svc.runs.active_pointer(thread_id)
-        if not active or active == waiting:
-            self._seen = None
-            return
-        if active != self._seen:
-            self._seen = active  # first seen: look again at the next heartbeat
-            return
+async def unblock(svc: Services, thread_id: str, waiting: RunRecord | None = None) -> None:
+    """For a reader idle while the run it waits for (`waiting`, or any run of the thread) has
+    not started: free the thread if its active run can never end (its start was cut short when
+    its API process died, or its job was lost), so the queue moves on. Only a waiting reader's
+    heartbeat calls it."""
+    if waiting is not None and waiting.status is not RunStatus.PENDING:
+        return
+    active = await svc.runs.active_pointer(thread_id)
+    if active and (waiting is None or active != waiting.run_id):
         await repair_active(svc, thread_id, active)
 
 
@@ -280,7 +268,6 @@ async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
     last_values: bytes | None = None
     error: bytes | None = None
     gap: Gap | None = None
-    unblock = Unblocker()
     async with svc.fanout.subscribe(run.run_id) as live:
         tail = svc.log.tail(run.run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds)
         async for item in tail:
@@ -288,8 +275,7 @@ async def final_output(svc: Services, run: RunRecord) -> AsyncIterator[bytes]:
                 now = await svc.runs.get(run.run_id)
                 if now.status.terminal and not await svc.log.has_after(run.run_id, ZERO_ID):
                     break
-                if now.status is RunStatus.PENDING:
-                    await unblock(svc, now.thread_id, now.run_id)
+                await unblock(svc, now.thread_id, now)
                 yield b"\n"
             elif isinstance(item, Gap):
                 telemetry.GAPS.inc()

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from tokenrelay.api.auth import Caller, caller, caller_of
 from tokenrelay.api.deps import Services, services, services_of
 from tokenrelay.api.direct import direct_route
-from tokenrelay.api.routes.runs import Unblocker, cancel_run, repair_active, start_run
+from tokenrelay.api.routes.runs import cancel_run, repair_active, start_run, unblock
 from tokenrelay.api.schemas import RunCreate, id_in_path, iso
 from tokenrelay.api.sse import (
     HEARTBEAT,
@@ -32,7 +32,7 @@ from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
 from tokenrelay.broker.errors import EventIdPastEnd, InvalidBody
 from tokenrelay.broker.log import PAGE_SIZE, ROW_WIDTH, Batch, BlobResolver, History
-from tokenrelay.broker.models import ZERO_ID, Entry, Gap, RunStatus, StreamId
+from tokenrelay.broker.models import ZERO_ID, Entry, Gap, StreamId
 
 router = APIRouter(tags=["stream"])
 
@@ -89,7 +89,6 @@ async def run_events(
             # and sent together, one write and one wake-up instead of one per batch.
             held: list[bytes] = []
             size = 0
-            unblock = Unblocker()
             async for item in tail:
                 if item is None:
                     # Idle. A run that ended behind our position (a client id past its end)
@@ -97,8 +96,7 @@ async def run_events(
                     run = await svc.runs.get(run_id)
                     if run.status.terminal and not await svc.log.has_after(run_id, after):
                         break
-                    if run.status is RunStatus.PENDING:
-                        await unblock(svc, run.thread_id, run_id)
+                    await unblock(svc, run.thread_id, run)
                 frames, ends = _frames(item, names)
                 # A full page of history is followed by another page, read meanwhile: it
                 # goes out at once. Anything else is followed by the live feed.
