@@ -12,16 +12,26 @@ import pytest
 
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_protocol import start, subscription, until_terminal, user
-from tests.integration.test_stream import new_thread, run_body, stream_run, wait_status
+from tests.integration.test_stream import (
+    expected_text,
+    message_text,
+    new_thread,
+    run_body,
+    stream_run,
+    wait_status,
+)
 from tests.integration.test_worker import body as worker_body
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import events
 from tokenrelay.broker.connection import connect
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.graphs import GraphRegistry, open_checkpointer
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import RunStatus
 from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 from tokenrelay.broker.settings import Settings
+from tokenrelay.producer.worker import Worker
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -218,3 +228,45 @@ async def test_a_handed_back_run_is_not_taken_for_lost(
     workers()
     await wait_status(client, tid, run["run_id"], "success")
     await wait_status(client, tid, nxt["run_id"], "success")
+
+
+async def test_a_run_whose_start_meets_redis_down_starts_once_it_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = EmbeddedRedis(
+        port=free_port(), extra_args=["--appendonly", "yes", "--appendfsync", "always"]
+    ).start()
+    s = make_settings(server)  # type: ignore[arg-type]
+    api = Tokenrelay(s, with_worker=False).start()
+    redis = connect(s.resolved_redis_url())
+    try:
+        async with (
+            httpx.AsyncClient(base_url=api.url, timeout=30) as c,
+            open_checkpointer("memory") as saver,
+        ):
+            tid = await new_thread(c)
+            run = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+            worker = Worker(redis, s, GraphRegistry(s.graphs, saver))
+            await worker.queue.ensure_group()
+            [(msg_id, job)] = await worker.queue.claim(worker.id, 1, block_ms=1000)
+            worker.publisher.start()
+            try:
+                # The worker took the job; Redis goes away before the attempt is set up (kill
+                # -9: the run and its queue entry were fsynced to the AOF) and comes back.
+                server.kill()
+                worker._start(msg_id, job)
+                while "while starting the run" not in caplog.text:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                server.start()
+                await wait_status(c, tid, run["run_id"], "success")
+                url = f"/threads/{tid}/runs/{run['run_id']}/stream"
+                async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
+                    evts = await events(r)
+                assert evts[0].event == "metadata" and evts[0].json()["attempt"] == 1
+                assert message_text(evts) == expected_text()
+            finally:
+                await worker.publisher.stop()
+    finally:
+        await redis.aclose()
+        api.stop()
+        server.close()

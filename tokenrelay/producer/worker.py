@@ -23,7 +23,9 @@ import math
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -37,7 +39,7 @@ from tokenrelay.broker.log import FENCED, EventLog
 from tokenrelay.broker.models import END_EVENT, LIFECYCLE_EVENT, Event, Job, RunStatus
 from tokenrelay.broker.pubsub import subscriber
 from tokenrelay.broker.queue import RunQueue
-from tokenrelay.broker.retry import Backoff
+from tokenrelay.broker.retry import Backoff, is_transient
 from tokenrelay.broker.runs import RunStore, now_ms
 from tokenrelay.broker.scripts import RoundTrip
 from tokenrelay.broker.settings import Settings
@@ -50,6 +52,13 @@ log = logging.getLogger("tokenrelay.worker")
 END_TRIES = 30
 """Tries at writing a run's end while Redis refuses its appends (about a minute), each after
 the publisher's own bounded retries."""
+
+SETUP_TRIES = 30
+"""Tries at each step of an attempt's setup while Redis is down or restarting (about a minute
+with the backoff's 2 s cap); past them the task gives up and the lease lapses, so another
+worker (or this one) takes the run over."""
+
+T = TypeVar("T")
 
 
 def new_worker_id() -> str:
@@ -349,8 +358,8 @@ class Worker:
     async def _execute(self, msg_id: bytes, job: Job) -> None:
         rid = job.run_id
         ctx: dict[str, object] = {**self._ctx, "run_id": rid, "thread_id": job.thread_id}
-        verdict, attempt, seq = await self.runs.start_attempt(
-            rid, self.id, self.settings.max_attempts, msg_id
+        verdict, attempt, seq = await self._setup_step(
+            lambda: self.runs.start_attempt(rid, self.id, self.settings.max_attempts, msg_id), ctx
         )
         if verdict == "done":
             await self.queue.ack(msg_id, self.id)
@@ -362,8 +371,9 @@ class Worker:
         self.publisher.begin_run(rid, attempt, seq)
         # Number the run's events after the thread's last one, then tell the thread's
         # protocol subscribers that a run started.
-        await self.runs.assign_seq_base(rid, await self.threads.last_seq(job.thread_id))
-        await self.threads.announce_run(job.thread_id)
+        after = await self._setup_step(lambda: self.threads.last_seq(job.thread_id), ctx)
+        await self._setup_step(lambda: self.runs.assign_seq_base(rid, after), ctx)
+        await self._setup_step(lambda: self.threads.announce_run(job.thread_id), ctx)
         try:
             if verdict.startswith("cancel:"):
                 # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
@@ -383,6 +393,23 @@ class Worker:
         except Superseded:
             self.publisher.forget(rid)
             log.warning("attempt superseded; it wrote nothing more", extra=ctx)
+
+    async def _setup_step(self, step: Callable[[], Awaitable[T]], ctx: dict[str, object]) -> T:
+        """One step of an attempt's setup, retried (bounded) while Redis is down or restarting:
+        a Redis that comes back within a minute costs the run that time, not the run. Every
+        step may run twice (its reply lost): starting an attempt again only supersedes the
+        one that did not learn it started; the others read, or write what they wrote."""
+        backoff = Backoff()
+        while True:
+            try:
+                return await step()
+            except Exception as exc:
+                if not is_transient(exc) or backoff.tries >= SETUP_TRIES:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("redis unavailable while starting the run (%s); retrying in %.2fs",
+                            exc, delay, extra=ctx)  # fmt: skip
+                await asyncio.sleep(delay)
 
     async def _run_graph(
         self, msg_id: bytes, job: Job, attempt: int, ctx: dict[str, object]
@@ -415,7 +442,7 @@ class Worker:
                 await self._cancelled(msg_id, job, attempt, action, None, ctx)
                 return
         try:
-            run = await self.runs.get(rid)
+            run = await self._setup_step(lambda: self.runs.get(rid), ctx)
             graph_run = GraphRun(self.registry, run)
             await graph_run.prepare()
             async for event in graph_run.events():
