@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -230,13 +233,17 @@ async def test_a_handed_back_run_is_not_taken_for_lost(
     await wait_status(client, tid, nxt["run_id"], "success")
 
 
-async def test_a_run_whose_start_meets_redis_down_starts_once_it_returns(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+@contextlib.asynccontextmanager
+async def _claimed_in_setup(
+    caplog: pytest.LogCaptureFixture, **settings: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Settings, Worker, str, str]]:
+    """A worker in this process that took a run's job, then lost Redis (kill -9; an AOF kept
+    the run and its queue entry) while it set up the run's attempt: the caller brings Redis
+    back (`server.start()` through the yielded worker's `aof_server` attribute)."""
     server = EmbeddedRedis(
         port=free_port(), extra_args=["--appendonly", "yes", "--appendfsync", "always"]
     ).start()
-    s = make_settings(server)  # type: ignore[arg-type]
+    s = make_settings(server, **settings)  # type: ignore[arg-type]
     api = Tokenrelay(s, with_worker=False).start()
     redis = connect(s.resolved_redis_url())
     try:
@@ -251,22 +258,58 @@ async def test_a_run_whose_start_meets_redis_down_starts_once_it_returns(
             [(msg_id, job)] = await worker.queue.claim(worker.id, 1, block_ms=1000)
             worker.publisher.start()
             try:
-                # The worker took the job; Redis goes away before the attempt is set up (kill
-                # -9: the run and its queue entry were fsynced to the AOF) and comes back.
                 server.kill()
                 worker._start(msg_id, job)
                 while "while starting the run" not in caplog.text:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
-                server.start()
-                await wait_status(c, tid, run["run_id"], "success")
-                url = f"/threads/{tid}/runs/{run['run_id']}/stream"
-                async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
-                    evts = await events(r)
-                assert evts[0].event == "metadata" and evts[0].json()["attempt"] == 1
-                assert message_text(evts) == expected_text()
+                worker.aof_server = server  # type: ignore[attr-defined]
+                yield c, s, worker, tid, run["run_id"]
             finally:
                 await worker.publisher.stop()
     finally:
         await redis.aclose()
         api.stop()
         server.close()
+
+
+async def _replayed(c: httpx.AsyncClient, tid: str, run_id: str) -> list[Any]:
+    url = f"/threads/{tid}/runs/{run_id}/stream"
+    async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
+        return await events(r)
+
+
+async def test_a_run_whose_start_meets_redis_down_starts_once_it_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with _claimed_in_setup(caplog) as (c, _, worker, tid, rid):
+        worker.aof_server.start()  # type: ignore[attr-defined]
+        await wait_status(c, tid, rid, "success")
+        evts = await _replayed(c, tid, rid)
+        assert evts[0].event == "metadata" and evts[0].json()["attempt"] == 1
+        assert message_text(evts) == expected_text()
+
+
+async def test_a_worker_drained_while_a_run_is_set_up_hands_the_run_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "tokenrelay.worker")
+    async with _claimed_in_setup(caplog, shutdown_grace_seconds=0.1) as (c, s, worker, tid, rid):
+        drain = asyncio.create_task(worker._drain(asyncio.Event()))
+        while worker._running[rid].stop_reason != "handback":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        worker.aof_server.start()  # type: ignore[attr-defined]
+        await drain
+        assert "run handed back to the queue" in caplog.text
+        assert (await c.get(f"/threads/{tid}/runs/{rid}")).json()["status"] == "pending"
+        # The job is back in the queue at once (no lease to wait out): the next worker runs it.
+        nxt = Worker(worker._redis, s, worker.registry)
+        [(msg_id, job)] = await nxt.queue.claim(nxt.id, 1, block_ms=1000)
+        nxt.publisher.start()
+        try:
+            nxt._start(msg_id, job)
+            await wait_status(c, tid, rid, "success")
+        finally:
+            await nxt.publisher.stop()
+        evts = await _replayed(c, tid, rid)
+        assert [e.json()["attempt"] for e in evts if e.event == "metadata"] == [1, 2]
+        assert message_text(evts) == expected_text()

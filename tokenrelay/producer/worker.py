@@ -192,7 +192,10 @@ class Worker:
         left = list(self._running.values())
         for running in left:
             running.stop_reason = "handback"
-            running.task.cancel()
+            if running.in_graph:
+                running.task.cancel()
+            # Otherwise the attempt is being set up: cut short there it would leave its job
+            # to the lease; it hands the run back itself when the graph would start.
         if left:
             await asyncio.wait({r.task for r in left}, timeout=10)
 
@@ -440,6 +443,9 @@ class Worker:
                 running.stopping = True
                 action = CancelAction(running.stop_reason.split(":", 1)[1])
                 await self._cancelled(msg_id, job, attempt, action, None, ctx)
+                return
+            if running.stop_reason == "handback":  # the worker drained while it was set up
+                await self._stopped(msg_id, job, attempt, ctx)
                 return
         try:
             run = await self._setup_step(lambda: self.runs.get(rid), ctx)
