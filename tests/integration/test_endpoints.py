@@ -23,6 +23,9 @@ async def test_thread_lifecycle(client: httpx.AsyncClient) -> None:
     assert thread["values"] is None
     assert thread["status"] == "idle"
     tid = thread["thread_id"]
+    # The answer to the create (which reads neither runs nor state for a new id) is the thread
+    # as a read of it shows it.
+    assert (await client.get(f"/threads/{tid}")).json() == thread
     r = await client.patch(f"/threads/{tid}", json={"metadata": {"b": 2}})
     assert r.json()["metadata"] == {"a": 1, "b": 2}
     r = await client.patch(

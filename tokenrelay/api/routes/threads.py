@@ -91,6 +91,10 @@ async def create_thread(
     ):
         return WireJSON(await thread_view(svc, await who.thread(body.thread_id)))
     thread = await svc.threads.create(body.thread_id, metadata, if_exists=body.if_exists)
+    if body.thread_id is None:
+        # An id made just now: no run or checkpoint can name it yet, so there is nothing to
+        # read (a client's own id may name a checkpointer thread whose record expired).
+        return WireJSON(thread_json(thread, "idle"))
     return WireJSON(await thread_view(svc, thread))
 
 
