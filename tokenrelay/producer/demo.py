@@ -54,7 +54,7 @@ def reply_text(messages: Sequence[BaseMessage], n_words: int) -> str:
 
 
 class FakeStreamingChatModel(BaseChatModel):
-    """Streams a deterministic reply word by word, `token_delay_ms` apart.
+    """Streams a deterministic reply word by word, `token_delay_ms` apart on its own clock.
 
     A non-streaming call takes the same total time, so background runs behave like streamed ones.
     """
@@ -107,8 +107,9 @@ class FakeStreamingChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         delay = self._settings()[1]
-        for piece in self._pieces(messages):
-            time.sleep(delay)
+        start = time.monotonic()
+        for i, piece in enumerate(self._pieces(messages), 1):
+            time.sleep(max(0.0, start + i * delay - time.monotonic()))
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
@@ -122,8 +123,11 @@ class FakeStreamingChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         delay = self._settings()[1]
-        for piece in self._pieces(messages):
-            await asyncio.sleep(delay)
+        start = time.monotonic()
+        for i, piece in enumerate(self._pieces(messages), 1):
+            # Word i is ready at start + i x delay, however long the words before it took to
+            # be taken: a provider streams at its own pace, which a busy reader does not slow.
+            await asyncio.sleep(max(0.0, start + i * delay - time.monotonic()))
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
                 await run_manager.on_llm_new_token(piece, chunk=chunk)
