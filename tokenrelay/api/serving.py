@@ -9,6 +9,8 @@ cap, probes excepted) and its own `send` (event streams write their body chunks 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -47,6 +49,15 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            # A listening socket handed over by descriptor (`--fd`, as `tokenrelay dev` does)
+            # is taken by uvicorn as a Unix socket, so the loop leaves Nagle's algorithm on for
+            # its TCP connections: a response's second write, or an event after the one before,
+            # then waits for the client's delayed ACK (40 ms on Linux). A true Unix socket
+            # refuses the option.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
