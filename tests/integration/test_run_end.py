@@ -82,3 +82,35 @@ async def test_appends_after_redis_lost_its_scripts_go_through_at_once(
     finally:
         await redis.aclose()
         relay.stop()
+
+
+async def test_a_thread_freed_from_a_run_whose_worker_stopped_after_its_end_numbers_on(
+    redis_server: RedisServer,
+) -> None:
+    """The run's end is written, then its worker stops (paused, or Redis went away) before
+    the thread's side of it: the next run frees the thread and numbers its events after the
+    ended run's, not over them."""
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    worker = Worker(redis, s, GraphRegistry({}, None), worker_id="w1")
+    server = Tokenrelay(s).start()
+    try:
+        await worker.queue.ensure_group()
+        tid = (await worker.threads.create()).thread_id
+        ts = now_ms()
+        ended = RunRecord(new_id(), tid, "fast", RunStatus.PENDING, ts, ts)
+        await worker.runs.create(ended)
+        assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False) == ("started", "")
+        assert await worker.runs.start_attempt(ended.run_id, "w1", 3) == ("run", 1, 0)
+        await worker.runs.assign_seq_base(ended.run_id, 0)
+        end = [Event("custom", b"{}"), Event("custom", b"{}"), Event(END_EVENT, b"")]
+        assert await worker.log.append(ended.run_id, end, status=RunStatus.SUCCESS) is None
+        assert await worker.threads.last_seq(tid) == 0  # the worker stopped here
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            evts, _ = await stream_run(c, tid, run_body())
+        assert int((evts[0].id or "").split("-")[0]) == 4  # after the ended run's 1..3
+        assert await worker.threads.last_seq(tid) >= 4
+    finally:
+        server.stop()
+        await redis.aclose()

@@ -149,6 +149,11 @@ async def repair_active(svc: Services, thread_id: str, active: str) -> bool:
             else "its job left the queue before it ended (the queue was deleted or lost)"
         )
         return await _abandon(svc, run, why)
+    if run is not None:
+        # Ended, but its worker stopped before the thread's side of the end (paused, or Redis
+        # went away): the thread's next run numbers its events after this one's (a raise
+        # only, so a worker that gets there too writes the same).
+        await svc.threads.advance_seq(thread_id, await svc.runs.last_seq(active))
     promoted = await svc.runs.release_active(thread_id, active)
     if promoted:
         await svc.queue.enqueue(svc.runs.job(await svc.runs.get(promoted)))
