@@ -4,6 +4,8 @@ scripts."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -11,6 +13,7 @@ from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, stream_run
 from tests.server import Tokenrelay
 from tokenrelay.broker.connection import connect
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.models import END_EVENT, Event, RunStatus
 from tokenrelay.broker.runs import RunRecord, new_id, now_ms
@@ -114,3 +117,47 @@ async def test_a_thread_freed_from_a_run_whose_worker_stopped_after_its_end_numb
     finally:
         server.stop()
         await redis.aclose()
+
+
+async def test_what_follows_a_runs_end_waits_out_a_redis_restart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis goes away between a run's written end and the thread's side of it, and comes back
+    (kill -9, an AOF kept everything): the worker's release goes through once it is back."""
+    server = EmbeddedRedis(
+        port=free_port(), extra_args=["--appendonly", "yes", "--appendfsync", "always"]
+    ).start()
+    s = make_settings(server)  # type: ignore[arg-type]
+    redis = connect(s.resolved_redis_url())
+    worker = Worker(redis, s, GraphRegistry({}, None), worker_id="w1")
+    try:
+        await worker.queue.ensure_group()
+        tid = (await worker.threads.create()).thread_id
+        ts = now_ms()
+        ended, queued = (RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts) for _ in "ab")
+        await worker.queue.enqueue(await worker.runs.create(ended))
+        assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False) == ("started", "")
+        await worker.runs.create(queued)
+        assert await worker.runs.claim_thread(tid, queued.run_id, enqueue=True) == ("queued", "")
+        [(msg_id, job)] = await worker.queue.claim("w1", 1, block_ms=100)
+        assert await worker.runs.start_attempt(ended.run_id, "w1", 3, msg_id) == ("run", 1, 0)
+        await worker.runs.assign_seq_base(ended.run_id, 0)
+        end = [Event("custom", b"{}"), Event(END_EVENT, b"")]
+        assert await worker.log.append(ended.run_id, end, status=RunStatus.SUCCESS) is None
+
+        server.kill()
+        after_end = asyncio.create_task(worker._after_end(msg_id, job, RunStatus.SUCCESS, {}))
+        while "while ending the run" not in caplog.text and not after_end.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        server.start()
+        await after_end  # (it would have raised the ConnectionError)
+
+        assert await worker.threads.last_seq(tid) == 2
+        assert await worker.threads.last_status(tid) == "idle"
+        assert not await worker.queue.holds(msg_id.decode())
+        assert await worker.runs.active_pointer(tid) == queued.run_id
+        [(_, promoted)] = await worker.queue.claim("w2", 1, block_ms=100)
+        assert promoted.run_id == queued.run_id
+    finally:
+        await redis.aclose()
+        server.close()

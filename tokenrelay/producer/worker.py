@@ -25,7 +25,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -53,10 +53,10 @@ END_TRIES = 30
 """Tries at writing a run's end while Redis refuses its appends (about a minute), each after
 the publisher's own bounded retries."""
 
-SETUP_TRIES = 30
-"""Tries at each step of an attempt's setup while Redis is down or restarting (about a minute
-with the backoff's 2 s cap); past them the task gives up and the lease lapses, so another
-worker (or this one) takes the run over."""
+REDIS_STEP_TRIES = 30
+"""Tries at each step of an attempt's setup, or of what follows a run's end, while Redis is
+down or restarting (about a minute with the backoff's 2 s cap). Past them the task gives up:
+a setup leaves the run to its lease, an end's aftermath to the thread's repair."""
 
 T = TypeVar("T")
 
@@ -361,7 +361,7 @@ class Worker:
     async def _execute(self, msg_id: bytes, job: Job) -> None:
         rid = job.run_id
         ctx: dict[str, object] = {**self._ctx, "run_id": rid, "thread_id": job.thread_id}
-        verdict, attempt, seq = await self._setup_step(
+        verdict, attempt, seq = await self._redis_step(
             lambda: self.runs.start_attempt(rid, self.id, self.settings.max_attempts, msg_id), ctx
         )
         if verdict == "done":
@@ -374,9 +374,9 @@ class Worker:
         self.publisher.begin_run(rid, attempt, seq)
         # Number the run's events after the thread's last one, then tell the thread's
         # protocol subscribers that a run started.
-        after = await self._setup_step(lambda: self.threads.last_seq(job.thread_id), ctx)
-        await self._setup_step(lambda: self.runs.assign_seq_base(rid, after), ctx)
-        await self._setup_step(lambda: self.threads.announce_run(job.thread_id), ctx)
+        after = await self._redis_step(lambda: self.threads.last_seq(job.thread_id), ctx)
+        await self._redis_step(lambda: self.runs.assign_seq_base(rid, after), ctx)
+        await self._redis_step(lambda: self.threads.announce_run(job.thread_id), ctx)
         try:
             if verdict.startswith("cancel:"):
                 # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
@@ -397,21 +397,25 @@ class Worker:
             self.publisher.forget(rid)
             log.warning("attempt superseded; it wrote nothing more", extra=ctx)
 
-    async def _setup_step(self, step: Callable[[], Awaitable[T]], ctx: dict[str, object]) -> T:
-        """One step of an attempt's setup, retried (bounded) while Redis is down or restarting:
-        a Redis that comes back within a minute costs the run that time, not the run. Every
-        step may run twice (its reply lost): starting an attempt again only supersedes the
-        one that did not learn it started; the others read, or write what they wrote."""
+    async def _redis_step(
+        self, step: Callable[[], Awaitable[T]], ctx: dict[str, object], doing: str = "starting"
+    ) -> T:
+        """One step of a run's start or of what follows its end, retried (bounded) while Redis
+        is down or restarting: a Redis that comes back within a minute costs the run that time,
+        not the run. A step may run twice (its reply lost): starting an attempt again only
+        supersedes the one that did not learn it started; the other steps read, or write what
+        they wrote (a release whose reply was lost finds the pointer gone and promotes nothing
+        a second time: the thread's repair starts what it would have promoted)."""
         backoff = Backoff()
         while True:
             try:
                 return await step()
             except Exception as exc:
-                if not is_transient(exc) or backoff.tries >= SETUP_TRIES:
+                if not is_transient(exc) or backoff.tries >= REDIS_STEP_TRIES:
                     raise
                 delay = backoff.next_delay()
-                log.warning("redis unavailable while starting the run (%s); retrying in %.2fs",
-                            exc, delay, extra=ctx)  # fmt: skip
+                log.warning("redis unavailable while %s the run (%s); retrying in %.2fs",
+                            doing, exc, delay, extra=ctx)  # fmt: skip
                 await asyncio.sleep(delay)
 
     async def _run_graph(
@@ -448,7 +452,7 @@ class Worker:
                 await self._stopped(msg_id, job, attempt, ctx)
                 return
         try:
-            run = await self._setup_step(lambda: self.runs.get(rid), ctx)
+            run = await self._redis_step(lambda: self.runs.get(rid), ctx)
             graph_run = GraphRun(self.registry, run)
             await graph_run.prepare()
             async for event in graph_run.events():
@@ -617,16 +621,24 @@ class Worker:
         tid, rid = job.thread_id, job.run_id
         thread_status = "error" if status is RunStatus.ERROR else "idle"
         ts = now_ms()
-        reads = self._redis.pipeline(transaction=False)
-        self.runs.last_seq_in(reads, rid)
-        self.threads.get_in(reads, tid)
-        self.threads.index.status_recorded_in(reads, tid, thread_status, ts)
-        last_seq, thread, *_ = await reads.execute()
-        release = RoundTrip(self._redis)
-        self.threads.advance_seq_in(release, tid, RunStore.last_seq_of(last_seq))
-        self.threads.set_status_in(release.pipe, tid, thread_status, ts)
-        released = self.runs.release_active_in(release, tid, rid)
-        replies = await release.execute(raise_on_error=False)
+
+        async def read() -> list[Any]:
+            reads = self._redis.pipeline(transaction=False)
+            self.runs.last_seq_in(reads, rid)
+            self.threads.get_in(reads, tid)
+            self.threads.index.status_recorded_in(reads, tid, thread_status, ts)
+            return await reads.execute()
+
+        last_seq, thread, *_ = await self._redis_step(read, ctx, "ending")
+
+        async def release() -> tuple[list[Any], int]:
+            trip = RoundTrip(self._redis)
+            self.threads.advance_seq_in(trip, tid, RunStore.last_seq_of(last_seq))
+            self.threads.set_status_in(trip.pipe, tid, thread_status, ts)
+            released = self.runs.release_active_in(trip, tid, rid)
+            return await trip.execute(raise_on_error=False), released
+
+        replies, released = await self._redis_step(release, ctx, "ending")
         promoted: str | None = None
         try:
             if isinstance(replies[released], Exception):
@@ -641,21 +653,30 @@ class Worker:
                 stateless = False
             if stateless:
                 await self._delete_thread_state(tid, ctx)
-            done = RoundTrip(self._redis)
-            self.queue.ack_in(done, msg_id, self.id)
+
+            async def done() -> None:
+                trip = RoundTrip(self._redis)
+                self.queue.ack_in(trip, msg_id, self.id)
+                if promoted is None:
+                    self.runs.not_busy_in(trip.pipe, tid)
+                if stateless:
+                    # A stateless run (``POST /runs/...``) leaves no thread behind: its records
+                    # expire with the run's.
+                    self.threads.retire_in(trip.pipe, tid, self.settings.retention_seconds)
+                await trip.execute()
+
+            await self._redis_step(done, ctx, "ending")
             if promoted is None:
-                self.runs.not_busy_in(done.pipe, tid)
-            if stateless:
-                # A stateless run (``POST /runs/...``) leaves no thread behind: its records
-                # expire with the run's.
-                self.threads.retire_in(done.pipe, tid, self.settings.retention_seconds)
-            await done.execute()
-            if promoted is None:
-                await self.runs.keep_busy_if_claimed(tid)
+                await self._redis_step(lambda: self.runs.keep_busy_if_claimed(tid), ctx, "ending")
         finally:
             if promoted:
-                # The next run queued on this thread (multitask enqueue) may start now.
-                await self.queue.enqueue(self.runs.job(await self.runs.get(promoted)))
+                next_run = promoted
+
+                async def enqueue() -> None:
+                    # The next run queued on this thread (multitask enqueue) may start now.
+                    await self.queue.enqueue(self.runs.job(await self.runs.get(next_run)))
+
+                await self._redis_step(enqueue, ctx, "ending")
 
     async def _delete_thread_state(self, thread_id: str, ctx: dict[str, object]) -> None:
         """Delete a stateless run's thread state from the checkpointer."""
