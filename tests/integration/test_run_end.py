@@ -113,7 +113,6 @@ async def test_a_thread_freed_from_a_run_whose_worker_stopped_after_its_end_numb
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
             evts, _ = await stream_run(c, tid, run_body())
         assert int((evts[0].id or "").split("-")[0]) == 4  # after the ended run's 1..3
-        assert await worker.threads.last_seq(tid) >= 4
     finally:
         server.stop()
         await redis.aclose()
