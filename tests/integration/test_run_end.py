@@ -15,11 +15,32 @@ from tests.server import Tokenrelay
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 from tokenrelay.broker.graphs import GraphRegistry
-from tokenrelay.broker.models import END_EVENT, Event, RunStatus
+from tokenrelay.broker.models import END_EVENT, Event, Job, RunStatus
 from tokenrelay.broker.runs import RunRecord, new_id, now_ms
 from tokenrelay.producer.worker import Worker
 
 pytestmark = pytest.mark.redis("standalone", "cluster")
+
+
+async def _ended(worker: Worker, queued_behind: bool) -> tuple[str, RunRecord, bytes, Job]:
+    """A run whose end is written and whose thread's side of it is not (and, with
+    `queued_behind`, a run queued on its thread behind it): the thread, the queued run, the ended
+    run's job id and job."""
+    await worker.queue.ensure_group()
+    tid = (await worker.threads.create()).thread_id
+    ts = now_ms()
+    ended, queued = (RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts) for _ in "ab")
+    await worker.queue.enqueue(await worker.runs.create(ended))
+    assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False) == ("started", "")
+    if queued_behind:
+        await worker.runs.create(queued)
+        assert await worker.runs.claim_thread(tid, queued.run_id, enqueue=True) == ("queued", "")
+    [(msg_id, job)] = await worker.queue.claim(worker.id, 1, block_ms=100)
+    assert await worker.runs.start_attempt(ended.run_id, worker.id, 3, msg_id) == ("run", 1, 0)
+    await worker.runs.assign_seq_base(ended.run_id, 0)
+    end = [Event("custom", b"{}"), Event(END_EVENT, b"")]
+    assert await worker.log.append(ended.run_id, end, status=RunStatus.SUCCESS) is None
+    return tid, queued, msg_id, job
 
 
 @pytest.mark.parametrize("queued_behind", [False, True], ids=["alone", "queued-behind"])
@@ -30,22 +51,7 @@ async def test_after_a_runs_end_its_thread_is_released_and_its_job_acknowledged(
     redis = connect(s.resolved_redis_url())
     worker = Worker(redis, s, GraphRegistry({}, None), worker_id="w1")
     try:
-        await worker.queue.ensure_group()
-        tid = (await worker.threads.create()).thread_id
-        ts = now_ms()
-        ended, queued = (RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts) for _ in "ab")
-        await worker.queue.enqueue(await worker.runs.create(ended))
-        assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False) == ("started", "")
-        if queued_behind:
-            await worker.runs.create(queued)
-            assert await worker.runs.claim_thread(tid, queued.run_id, enqueue=True) == (
-                "queued", "",
-            )  # fmt: skip
-        [(msg_id, job)] = await worker.queue.claim("w1", 1, block_ms=100)
-        assert await worker.runs.start_attempt(ended.run_id, "w1", 3, msg_id) == ("run", 1, 0)
-        await worker.runs.assign_seq_base(ended.run_id, 0)
-        end = [Event("custom", b"{}"), Event(END_EVENT, b"")]
-        assert await worker.log.append(ended.run_id, end, status=RunStatus.SUCCESS) is None
+        tid, queued, msg_id, job = await _ended(worker, queued_behind)
         await redis.script_flush()  # Redis lost its scripts (a restart, a failover)
 
         await worker._after_end(msg_id, job, RunStatus.SUCCESS, {})
@@ -130,19 +136,7 @@ async def test_what_follows_a_runs_end_waits_out_a_redis_restart(
     redis = connect(s.resolved_redis_url())
     worker = Worker(redis, s, GraphRegistry({}, None), worker_id="w1")
     try:
-        await worker.queue.ensure_group()
-        tid = (await worker.threads.create()).thread_id
-        ts = now_ms()
-        ended, queued = (RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts) for _ in "ab")
-        await worker.queue.enqueue(await worker.runs.create(ended))
-        assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False) == ("started", "")
-        await worker.runs.create(queued)
-        assert await worker.runs.claim_thread(tid, queued.run_id, enqueue=True) == ("queued", "")
-        [(msg_id, job)] = await worker.queue.claim("w1", 1, block_ms=100)
-        assert await worker.runs.start_attempt(ended.run_id, "w1", 3, msg_id) == ("run", 1, 0)
-        await worker.runs.assign_seq_base(ended.run_id, 0)
-        end = [Event("custom", b"{}"), Event(END_EVENT, b"")]
-        assert await worker.log.append(ended.run_id, end, status=RunStatus.SUCCESS) is None
+        tid, queued, msg_id, job = await _ended(worker, queued_behind=True)
 
         server.kill()
         after_end = asyncio.create_task(worker._after_end(msg_id, job, RunStatus.SUCCESS, {}))
