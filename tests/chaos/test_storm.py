@@ -193,6 +193,22 @@ def settings(redis_server: RedisServer, postgres_url: str) -> Settings:
     return make_settings(redis_server, checkpointer=postgres_url, lease_seconds=1.5)
 
 
+async def streaming(settings: Settings, tids: list[str], events_in: int = 5) -> None:
+    """Wait until each thread's active run has `events_in` events written to its stream (a
+    worker logs that a run started before its first events are flushed)."""
+    redis = connect(settings.resolved_redis_url())
+    keys = Keys(settings.key_prefix)
+    try:
+        for tid in tids:
+            while True:
+                rid = await redis.get(keys.thread_active(tid))
+                if rid and await redis.xlen(keys.run_events(rid.decode())) >= events_in:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await redis.aclose()
+
+
 async def test_worker_killed_9_mid_runs_readers_get_every_run_whole(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -203,9 +219,8 @@ async def test_worker_killed_9_mid_runs_readers_get_every_run_whole(
         async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
             tids = [await new_thread(c) for _ in range(4)]
             tasks = readers([api.url], tids, worker_body("twostep"), drop_after=15)
-            # every run is streaming on the first worker: kill it
-            while first.log_path.read_text().count("run started") < len(tids):  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            # every run is streaming on the first worker, its first events in Redis: kill it
+            await streaming(settings, tids)
             first.signal(signal.SIGKILL)
             first.wait()
             second = WorkerProcess(settings, tmp_path / "w1.log").start()
