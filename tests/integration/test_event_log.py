@@ -257,6 +257,30 @@ async def test_history_rendered_in_one_pass_frames_each_event_as_one_by_one(
         assert format_history(page, names) == (b"".join(one_by_one), len(one_by_one))
 
 
+async def test_a_history_page_reads_each_entry_as_read_does_whatever_its_field_order(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    elog, _ = log
+    rid = new_id()
+    await elog.append(rid, [ev(0), ev(1)])
+    key = Keys(elog._keys.prefix).run_events(rid)
+    await elog._redis.xadd(key, {"m": b"c1", "d": b'"x"', "e": b"messages"})
+    await elog._redis.xadd(key, {"d": b"{}", "e": b"values", "x": b"more"})
+    await elog.append(rid, [ev(2)])
+    expected = [
+        (str(e.id).encode(), e.name.encode(), e.data, e.blob_ref or b"")
+        for e in await elog.read(rid, ZERO_ID)
+    ]
+    assert len(expected) == 5
+    for check_gap in (False, True):
+        gap, rows = await elog.page_rows(rid, ZERO_ID, check_gap=check_gap)
+        it = iter(rows)
+        assert gap is None
+        assert list(zip(it, it, it, it, strict=True)) == expected
+    _, rows = await elog.page_rows(rid, (await elog.read(rid, ZERO_ID))[2].id, check_gap=True)
+    assert rows[::4] == [row[0] for row in expected[3:]]
+
+
 async def test_a_runs_end_sets_its_meta_fields_fenced_like_its_events(
     redis_server: RedisServer,
 ) -> None:
