@@ -291,25 +291,14 @@ class EventLog:
         page = ("XRANGE", events, f"({after}", "+", "COUNT", count)
         if not check_gap:
             return None, _flat(await self._redis.execute_command(*page, **{RAW_REPLY: True}))
-        # The page, then the trimming check, in one round trip but no transaction: the first
-        # entry still retained, read after the page, is never older than it was when the page
-        # was read, so a gap is never missed. It may be one trimmed meanwhile (a reader at the
-        # very edge of what is kept): a gap is only reported once page and check, read again
-        # in one transaction, still show it.
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.execute_command(*page, **{RAW_REPLY: True})
+        # The trimming check and the page in one transaction: the first entry still retained
+        # is the one the page would start after, were any trimmed away before it was read.
+        pipe = self._redis.pipeline(transaction=True)
         pipe.hget(self._keys.run_meta(run_id), "trimmed")
         pipe.xrange(events, count=1)
-        rows, trimmed, first = await pipe.execute()
-        gap = _gap(after, trimmed, first)
-        if gap is not None:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.execute_command(*page, **{RAW_REPLY: True})
-            pipe.hget(self._keys.run_meta(run_id), "trimmed")
-            pipe.xrange(events, count=1)
-            rows, trimmed, first = await pipe.execute()
-            gap = _gap(after, trimmed, first)
-        return gap, _flat(rows)
+        pipe.execute_command(*page, **{RAW_REPLY: True})
+        trimmed, first, rows = await pipe.execute()
+        return _gap(after, trimmed, first), _flat(rows)
 
     async def last_entry(self, run_id: str) -> Entry | None:
         """The newest entry, or None for an empty or missing stream."""
