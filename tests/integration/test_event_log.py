@@ -116,6 +116,22 @@ async def test_a_lost_live_batch_is_recovered_from_the_stream(
     assert [codec.json_loads(e.data)["i"] for e in got[:-1]] == list(range(60))
 
 
+async def test_history_through_an_entry_reads_every_page_up_to_it_and_no_further(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    """What a joining WebSocket subscription is replayed: the run from its start through what
+    the socket already sent, across pages."""
+    elog, _ = log
+    rid = new_id()
+    await elog.append(rid, [ev(i) for i in range(1300)])
+    entries = await elog.read(rid, ZERO_ID, count=2000)
+    assert len(entries) == 1300
+    for through in (entries[0], entries[511], entries[512], entries[1100], entries[-1]):
+        got = [e async for page in elog.history(rid, through.id) for e in page]  # type: ignore[union-attr]
+        assert got == entries[: entries.index(through) + 1]
+    assert [page async for page in elog.history(rid, ZERO_ID)] == []
+
+
 async def test_slow_reader_overflows_to_catch_up_reads(log: tuple[EventLog, Fanout]) -> None:
     elog, fanout = log  # queue_limit=4 entries
     rid = new_id()

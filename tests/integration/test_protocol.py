@@ -338,6 +338,91 @@ async def test_websocket_commands_and_subscriptions(relay: Tokenrelay, client: h
         assert json.loads(await ws.recv())["error"] == "unknown_command"
 
 
+async def _socket_events(ws: Any, until: Any) -> list[Any]:
+    """The events a socket gets (answers skipped) up to and including the first `until`."""
+    got: list[Any] = []
+    async with asyncio.timeout(60):
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] != "event":
+                assert frame["type"] == "success", frame
+                continue
+            got.append(frame)
+            if until(frame):
+                return got
+
+
+def _root_end(frame: Any) -> bool:
+    return bool(
+        frame["method"] == "lifecycle"
+        and frame["params"]["namespace"] == []
+        and frame["params"]["data"]["event"] in ("completed", "failed", "interrupted")
+    )
+
+
+async def _thread_events(client: httpx.AsyncClient, tid: str, channels: list[str]) -> list[Any]:
+    async with subscription(client, tid, channels, since=0) as events:
+        return await until_terminal(events)
+
+
+async def test_a_sockets_subscriptions_get_its_events_in_seq_order_each_once(
+    relay: Tokenrelay, client: httpx.AsyncClient
+) -> None:
+    """A client pauses its streams at a run's terminal lifecycle event: whatever a socket
+    sends after it, though older, is never read. So the socket's subscriptions (the client
+    keeps one for lifecycle and input beside its content one) come as one stream in seq
+    order, an event two of them want sent once (the client hands it to both)."""
+    tid = str(uuid.uuid4())
+    url = relay.url.replace("http://", "ws://") + f"/threads/{tid}/stream/events"
+    wanted = ["lifecycle", "input", "messages", "values"]
+    async with websockets.connect(url) as ws:
+        for cid, channels in enumerate(
+            (["lifecycle", "input"], ["messages", "values", "lifecycle"])
+        ):
+            body = {"id": cid + 1, "method": "subscription.subscribe",
+                    "params": {"channels": channels}}  # fmt: skip
+            await ws.send(json.dumps(body))
+        params = {"assistant_id": "fast", "input": user("in order")}
+        await ws.send(json.dumps({"id": 3, "method": "run.start", "params": params}))
+        got = await _socket_events(ws, _root_end)
+    seqs = [e["seq"] for e in got]
+    assert seqs == sorted(set(seqs)), "in seq order, each once"
+    expected = await _thread_events(client, tid, wanted)
+    assert seqs == [e["seq"] for e in expected]
+    assert got[-2]["method"] == "values", "the final values before the run's end"
+    assert text_of(got) == ai_text((await state_messages(client, tid))[-1])
+
+
+async def test_a_subscription_made_mid_run_gets_the_run_from_its_start(
+    relay: Tokenrelay, client: httpx.AsyncClient
+) -> None:
+    """A second subscription on a socket whose first is already inside a run gets that run's
+    events from its start (what the socket had sent, read back), then the rest live: no gap,
+    no duplicate, in order."""
+    tid = str(uuid.uuid4())
+    url = relay.url.replace("http://", "ws://") + f"/threads/{tid}/stream/events"
+    async with websockets.connect(url) as ws:
+        body = {"id": 1, "method": "subscription.subscribe",
+                "params": {"channels": ["lifecycle", "messages"]}}  # fmt: skip
+        await ws.send(json.dumps(body))
+        params = {"assistant_id": "slow", "input": user("join me")}
+        await ws.send(json.dumps({"id": 2, "method": "run.start", "params": params}))
+        first = await _socket_events(ws, lambda f: len(text_of([f])) > 0)
+        first += await _socket_events(ws, lambda f: text_of([f]).strip() != "")
+        body = {"id": 3, "method": "subscription.subscribe", "params": {"channels": ["values"]}}
+        await ws.send(json.dumps(body))
+        rest = await _socket_events(ws, _root_end)
+    values = [e for e in rest if e["method"] == "values"]
+    expected = await _thread_events(client, tid, ["values", "lifecycle"])
+    assert [e["seq"] for e in values] == [e["seq"] for e in expected if e["method"] == "values"]
+    assert len(values) >= 2, "the input's values (replayed) and the final values (live)"
+    assert values[0]["seq"] < first[-1]["seq"] < values[-1]["seq"]
+    streamed = [e["seq"] for e in first + rest if e["method"] != "values"]
+    assert streamed == sorted(set(streamed))
+    full = await _thread_events(client, tid, ["lifecycle", "messages"])
+    assert streamed == [e["seq"] for e in full]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

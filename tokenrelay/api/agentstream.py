@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,15 +119,26 @@ class EventFilter:
         )
 
     def select(self, entries: list[Entry]) -> list[ProtocolEvent]:
-        """The protocol events of `entries` this filter carries. A live batch shared by the
-        run's readers in this process (a `Batch` with a memo) is rendered once for all."""
-        memo = entries.memo if isinstance(entries, Batch) else None
-        rendered: list[ProtocolEvent] | None = memo.get(_RENDERED) if memo is not None else None
-        if rendered is None:
-            rendered = [e for e in map(render, entries) if e is not None]
-            if memo is not None:
-                memo[_RENDERED] = rendered
-        return [e for e in rendered if self.wants(e.channel, e.namespace)]
+        """The protocol events of `entries` this filter carries."""
+        return [e for e in rendered(entries) if self.wants(e.channel, e.namespace)]
+
+
+def select_any(filters: Iterable[EventFilter], entries: list[Entry]) -> list[ProtocolEvent]:
+    """The protocol events of `entries` any of `filters` carries, each once, in order."""
+    filters = tuple(filters)
+    return [e for e in rendered(entries) if any(f.wants(e.channel, e.namespace) for f in filters)]
+
+
+def rendered(entries: list[Entry]) -> list[ProtocolEvent]:
+    """The protocol events of `entries`. A live batch shared by the run's readers in this
+    process (a `Batch` with a memo) is rendered once for all."""
+    memo = entries.memo if isinstance(entries, Batch) else None
+    events: list[ProtocolEvent] | None = memo.get(_RENDERED) if memo is not None else None
+    if events is None:
+        events = [e for e in map(render, entries) if e is not None]
+        if memo is not None:
+            memo[_RENDERED] = events
+    return events
 
 
 def _is_prefix(namespace: Sequence[str], prefix: Sequence[str]) -> bool:
@@ -199,6 +210,12 @@ async def thread_last_seq(svc: Services, thread_id: str) -> int:
     if active:
         last = max(last, await svc.runs.last_seq(active))
     return last
+
+
+async def fresh_start(svc: Services, thread_id: str) -> str | None:
+    """The run a subscription made now without a cursor starts with (from its start), or
+    None when the thread's newest run waits for a worker or it has none."""
+    return (await _start(svc, thread_id, None))[0]
 
 
 async def _start(
@@ -285,16 +302,23 @@ async def _run_events(
 
 
 async def thread_events(
-    svc: Services, thread_id: str, since: int | None, wake: Subscription
+    svc: Services,
+    thread_id: str,
+    since: int | None,
+    wake: Subscription,
+    on_run: Callable[[str], None] | None = None,
 ) -> AsyncIterator[list[Entry] | Gap | None]:
     """The thread's events, run after run, for as long as the caller reads: batches of
     entries, a Gap where history was trimmed, None when idle (for heartbeats). `wake` is the
     caller's subscription to the thread (`Fanout.subscribe_thread`), made before it answers,
-    so no run's start falls between the answer and the subscription."""
+    so no run's start falls between the answer and the subscription. `on_run` is told each
+    run's id before its first batch."""
     heartbeat = svc.settings.heartbeat_seconds
     run_id, created, after, past = await _start(svc, thread_id, since)
     while True:
         if run_id is not None:
+            if on_run is not None:
+                on_run(run_id)
             async for item in _run_events(svc, run_id, after):
                 yield item
             past.add(run_id)

@@ -23,6 +23,7 @@ from tokenrelay.broker.models import (
     END_EVENT,
     MESSAGES_EVENT,
     PROTOCOL_ONLY,
+    ZERO_ID,
     Entry,
     Event,
     Gap,
@@ -379,6 +380,28 @@ class EventLog:
         if len(self._blobs) >= BLOB_CACHE_SIZE:
             del self._blobs[next(iter(self._blobs))]  # the oldest
         self._blobs[(run_id, ref)] = blob
+
+    async def history(self, run_id: str, through: StreamId) -> AsyncIterator[list[Entry] | Gap]:
+        """The entries from the run's start through `through`, a page at a time, with a Gap
+        first if MAXLEN trimmed its start away: what a reader already past `through` in a tail
+        replays for one that joins it."""
+        blobs = BlobResolver(self, run_id)
+        after = ZERO_ID
+        check_gap = True
+        while after < through:
+            gap, rows = await self.page_rows(run_id, after, check_gap=check_gap)
+            check_gap = False
+            if gap is not None:
+                yield gap
+            page = await blobs.history(rows)
+            if page is None:
+                return
+            entries = [e for e in page.entries() if e.id <= through]
+            if entries:
+                yield entries
+            if page.ends or len(rows) < PAGE_SIZE * ROW_WIDTH:
+                return
+            after = page.last
 
     async def tail(
         self,

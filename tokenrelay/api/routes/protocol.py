@@ -17,7 +17,9 @@ from tokenrelay.api.agentstream import (
     EventFilter,
     ProtocolError,
     SubscribedStream,
+    fresh_start,
     gap_error,
+    select_any,
     thread_events,
     thread_last_seq,
 )
@@ -30,7 +32,7 @@ from tokenrelay.api.schemas import RunCreate, WireJSON, id_problem
 from tokenrelay.api.sse import HEARTBEAT, EventStreamResponse, format_error, format_protocol_event
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.errors import Conflict, InvalidBody, NotFound
-from tokenrelay.broker.models import Gap
+from tokenrelay.broker.models import ZERO_ID, Gap, StreamId
 from tokenrelay.broker.protocol import checkpoint_summary
 from tokenrelay.broker.runs import new_id
 from tokenrelay.broker.threads import ThreadRecord
@@ -385,14 +387,28 @@ async def event_stream(
 
 
 class _Socket:
-    """One WebSocket: commands in, answers and the events of its subscriptions out."""
+    """One WebSocket: commands in, answers and the events of its subscriptions out.
+
+    The socket's subscriptions share one walk over the thread's events (a pump), so the
+    socket carries them in seq order: a client pauses its streams on a run's terminal
+    lifecycle event, and what a separate walk per subscription sent after that event, though
+    older, would never be read. An event any subscription wants is sent once; the client
+    hands it to each subscription whose filter matches. A subscription made while the pump
+    is inside a run is first given that run's events the pump already sent, as a fresh walk
+    would give them, in the pump's order."""
 
     def __init__(self, svc: Services, who: Caller, ws: WebSocket, thread_id: str) -> None:
         self.svc = svc
         self.who = who
         self.ws = ws
         self.thread_id = thread_id
-        self.subscriptions: dict[str, tuple[asyncio.Task[None], contextlib.AsyncExitStack]] = {}
+        self.filters: dict[str, EventFilter] = {}
+        self._pump: tuple[asyncio.Task[None], contextlib.AsyncExitStack] | None = None
+        self._run: str | None = None
+        """The run the pump walks, and the last of its entries the pump has sent."""
+        self._sent = ZERO_ID
+        self._order = asyncio.Lock()
+        """Held while the pump sends a batch and while a new subscription is replayed."""
         self._closing: list[asyncio.Task[None]] = []
         self._send = asyncio.Lock()
 
@@ -400,18 +416,26 @@ class _Socket:
         async with self._send:
             await self.ws.send_text(data.decode())
 
-    async def pump(self, flt: EventFilter, wake: Subscription) -> None:
-        async for item in thread_events(self.svc, self.thread_id, None, wake):
-            if isinstance(item, Gap):
-                await self.send(gap_error(item))
-            elif item is not None:
-                for event in flt.select(item):
+    def _entered(self, run_id: str) -> None:
+        self._run, self._sent = run_id, ZERO_ID
+
+    async def pump(self, wake: Subscription) -> None:
+        events = thread_events(self.svc, self.thread_id, None, wake, on_run=self._entered)
+        async for item in events:
+            if item is None:
+                continue
+            async with self._order:
+                if isinstance(item, Gap):
+                    await self.send(gap_error(item))
+                    continue
+                for event in select_any(self.filters.values(), item):
                     await self.send(event.payload)
+                self._sent = item[-1].id
 
     async def handle(self, body: Any) -> None:
         method = body.get("method") if isinstance(body, dict) else None
         if method == "subscription.subscribe":
-            await self.send(codec.json_bytes(await self._subscribe(body)))
+            await self._subscribe(body)
         elif method == "subscription.unsubscribe":
             await self.send(codec.json_bytes(self._unsubscribe(body)))
         elif method == "subscription.reconnect":
@@ -422,42 +446,69 @@ class _Socket:
             _, answer = await execute(self.svc, self.who, self.thread_id, body)
             await self.send(codec.json_bytes(answer))
 
-    async def _subscribe(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _subscribe(self, body: dict[str, Any]) -> None:
         try:
             cid, _, params = _command(body)
             flt = EventFilter.parse(params)
         except ProtocolError as exc:
-            return exc.answer(body.get("id") if isinstance(body.get("id"), int) else None)
-        # Subscribed to the thread before the answer, so a run started next is not missed.
-        subscribed = contextlib.AsyncExitStack()
-        wake = await subscribed.enter_async_context(
-            self.svc.fanout.subscribe_thread(self.thread_id)
-        )
+            given = body.get("id")
+            await self.send(codec.json_bytes(exc.answer(given if isinstance(given, int) else None)))
+            return
         sub_id = new_id()
-        task = asyncio.create_task(self.pump(flt, wake), name=f"ws-sub-{sub_id}")
-        self.subscriptions[sub_id] = (task, subscribed)
-        return {"type": "success", "id": cid, "result": {"subscription_id": sub_id}}
+        answer = {"type": "success", "id": cid, "result": {"subscription_id": sub_id}}
+        if self._pump is not None and self._pump[0].done():  # it failed: start afresh
+            await _end(*self._pump)
+            self._pump = None
+        if self._pump is None:
+            # Subscribed to the thread before the answer, so a run started next is not missed.
+            subscribed = contextlib.AsyncExitStack()
+            wake = await subscribed.enter_async_context(
+                self.svc.fanout.subscribe_thread(self.thread_id)
+            )
+            self.filters[sub_id] = flt
+            self._run, self._sent = None, ZERO_ID
+            task = asyncio.create_task(self.pump(wake), name=f"ws-pump-{sub_id}")
+            self._pump = (task, subscribed)
+            await self.send(codec.json_bytes(answer))
+            return
+        async with self._order:
+            await self.send(codec.json_bytes(answer))
+            run_id, sent = self._run, self._sent
+            # A fresh walk would start with the pump's run (not a newer or a queued one).
+            if sent > ZERO_ID and run_id == await fresh_start(self.svc, self.thread_id):
+                assert run_id is not None
+                await self._replay(flt, run_id, sent)
+            self.filters[sub_id] = flt
+
+    async def _replay(self, flt: EventFilter, run_id: str, through: StreamId) -> None:
+        async for item in self.svc.log.history(run_id, through):
+            if isinstance(item, Gap):
+                await self.send(gap_error(item))
+            else:
+                for event in flt.select(item):
+                    await self.send(event.payload)
 
     def _unsubscribe(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             cid, _, params = _command(body)
         except ProtocolError as exc:
             return exc.answer(None)
-        found = self.subscriptions.pop(str(params.get("subscription_id")), None)
-        if found is None:
+        if self.filters.pop(str(params.get("subscription_id")), None) is None:
             return ProtocolError("no_such_subscription", "no such subscription").answer(cid)
-        self._closing.append(asyncio.create_task(_end(*found)))
+        if not self.filters and self._pump is not None:
+            self._closing.append(asyncio.create_task(_end(*self._pump)))
+            self._pump = None
         return {"type": "success", "id": cid, "result": {}}
 
     async def close(self) -> None:
-        ends = [_end(task, stack) for task, stack in self.subscriptions.values()]
-        self.subscriptions.clear()
+        ends = [_end(*self._pump)] if self._pump is not None else []
+        self._pump = None
+        self.filters.clear()
         await asyncio.gather(*ends, *self._closing, return_exceptions=True)
 
 
 async def _end(task: asyncio.Task[None], subscribed: contextlib.AsyncExitStack) -> None:
-    """Stop a subscription's pump, then release its thread subscription (even if the pump
-    never ran)."""
+    """Stop a pump, then release its thread subscription (even if the pump never ran)."""
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
