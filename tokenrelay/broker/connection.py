@@ -71,6 +71,12 @@ def is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
+RAW_REPLY = "raw_reply"
+"""An option of `execute_command` (and of a pipeline's): with ``raw_reply=True`` an XRANGE
+returns the reply as hiredis parsed it, ``[[id, [field, value, ...]], ...]``, not redis-py's
+tuples of dicts, which cost a long history read more than the read itself."""
+
+
 def connect(url: str, *, cluster: bool = False, max_connections: int = MAX_CONNECTIONS
 ) -> RedisClient:  # fmt: skip
     """A pooled client for `url`; replies stay bytes so wire payloads are never re-decoded.
@@ -79,16 +85,31 @@ def connect(url: str, *, cluster: bool = False, max_connections: int = MAX_CONNE
     with `cluster`, gives the cluster client, which finds the other nodes by itself.
     """
     if cluster or is_cluster_url(url):
-        return _connect_cluster(url, max_connections)
-    pool = BoundedPool.from_url(
-        url,
-        max_connections=max_connections,
-        health_check_interval=15,
-        socket_keepalive=True,
-        retry_on_timeout=True,
-        socket_connect_timeout=5,
-    )
-    return Redis.from_pool(pool)
+        client: RedisClient = _connect_cluster(url, max_connections)
+    else:
+        pool = BoundedPool.from_url(
+            url,
+            max_connections=max_connections,
+            health_check_interval=15,
+            socket_keepalive=True,
+            retry_on_timeout=True,
+            socket_connect_timeout=5,
+        )
+        client = Redis.from_pool(pool)
+    _allow_raw(client, "XRANGE")
+    return client
+
+
+def _allow_raw(client: RedisClient, command: str) -> None:
+    """Let `command` be asked for with `RAW_REPLY` (redis-py's own parsing otherwise)."""
+    parse = client.response_callbacks.get(command)
+
+    def callback(response: Any, raw_reply: bool = False, **options: Any) -> Any:
+        if raw_reply or parse is None:
+            return response
+        return parse(response, **options)
+
+    client.set_response_callback(command, callback)
 
 
 class BoundedPool(ConnectionPool):

@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 from redis.exceptions import NoScriptError
 
 from tokenrelay.broker import codec, pubsub, scripts
-from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.connection import RAW_REPLY, RedisClient
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import (
     END_EVENT,
@@ -108,7 +108,7 @@ class Batch(list[Entry]):
 
 ROW_WIDTH = 4
 """A page of history comes as one flat list, four values per entry: id, event name, data and
-blob ref (b"" for none), as the catch-up script returns it."""
+blob ref (b"" for none), as `EventLog.page_rows` reads them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +170,6 @@ class EventLog:
         self._maxlen = maxlen
         self._ttl = ttl_seconds
         self._append = scripts.script("append")
-        self._catch_up = scripts.script("catch_up")
         self._publish = pubsub.publish_command(redis)
         self._blobs: dict[tuple[str, bytes], bytes] = {}
         self._fetching: dict[tuple[str, bytes], BlobFetch] = {}
@@ -286,18 +285,21 @@ class EventLog:
     async def page_rows(
         self, run_id: str, after: StreamId, *, check_gap: bool, count: int = PAGE_SIZE
     ) -> tuple[Gap | None, list[bytes]]:
-        """`page`, its entries as Redis returned them (`ROW_WIDTH` values each)."""
-        k = self._keys
-        first, *rows = await self._catch_up(
-            self._redis,
-            [k.run_events(run_id), k.run_meta(run_id)],
-            [f"({after}", count, "1" if check_gap else ""],
-        )
-        gap = None
-        if first:
-            first_id = StreamId.parse(first)
-            gap = Gap(after, first_id) if after < first_id else None
-        return gap, rows
+        """`page`, its entries flat (`ROW_WIDTH` values each), as few objects as it takes: the
+        XRANGE reply is read raw (redis-py's tuples of dicts, or a script re-building the
+        reply, each cost a full replay more than Redis's read)."""
+        events = self._keys.run_events(run_id)
+        page = ("XRANGE", events, f"({after}", "+", "COUNT", count)
+        if not check_gap:
+            return None, _flat(await self._redis.execute_command(*page, **{RAW_REPLY: True}))
+        # The trimming check and the page in one transaction: the first entry still retained
+        # is the one the page would start after, were any trimmed away before it was read.
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hget(self._keys.run_meta(run_id), "trimmed")
+        pipe.xrange(events, count=1)
+        pipe.execute_command(*page, **{RAW_REPLY: True})
+        trimmed, first, rows = await pipe.execute()
+        return _gap(after, trimmed, first), _flat(rows)
 
     async def last_entry(self, run_id: str) -> Entry | None:
         """The newest entry, or None for an empty or missing stream."""
@@ -527,6 +529,22 @@ def last_of(rows: list[StreamRow]) -> Entry | None:
         return None
     id_, f = rows[0]
     return _entry(id_, f[b"e"], f[b"d"], f.get(b"m"))
+
+
+def _flat(rows: list[list[Any]]) -> list[bytes]:
+    """A raw XRANGE reply as `ROW_WIDTH` values per entry. The append script writes each
+    entry's fields in one order (`e`, `d`, then `m` when it names a blob)."""
+    out: list[bytes] = []
+    for id_, f in rows:
+        n = len(f)
+        if n == 4 and f[0] == b"e" and f[2] == b"d":
+            out += (id_, f[1], f[3], b"")
+        elif n == 6 and f[0] == b"e" and f[2] == b"d" and f[4] == b"m":
+            out += (id_, f[1], f[3], f[5])
+        else:
+            fields = dict(zip(f[::2], f[1::2], strict=True))
+            out += (id_, fields.get(b"e", b""), fields.get(b"d", b""), fields.get(b"m", b""))
+    return out
 
 
 def _gap(after: StreamId, trimmed: bytes | None, first: list[StreamRow]) -> Gap | None:
