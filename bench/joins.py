@@ -33,7 +33,16 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-async def measure(url: str, api: psutil.Process, runs: int, joins: int, rounds: int) -> None:
+async def watch(http: aiohttp.ClientSession, url: str) -> None:
+    """One reader of a run from now on, left open: the run is live in the API process."""
+    async with http.get(url) as r:
+        async for _ in r.content.iter_any():
+            pass
+
+
+async def measure(
+    url: str, api: psutil.Process, runs: int, joins: int, rounds: int, watched: bool
+) -> None:
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
@@ -59,6 +68,11 @@ async def measure(url: str, api: psutil.Process, runs: int, joins: int, rounds: 
                 found = (await r.json())["events"]
             cursors.append([e["id"] for e in found if e["event"] == "messages"][:50])
         rng = random.Random(16)
+        watchers = [
+            asyncio.create_task(watch(http, f"{url}/threads/{tid}/runs/{rid}/stream"))
+            for tid, rid in handles
+            if watched
+        ]
 
         async def resume(i: int, firsts: list[float], t0: float) -> None:
             tid, rid = handles[i % runs]
@@ -90,6 +104,9 @@ async def measure(url: str, api: psutil.Process, runs: int, joins: int, rounds: 
                 "catch_up_max_ms": round(1000 * firsts[-1]),
             }
             print(json.dumps(result), flush=True)
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
 
 
 def main() -> None:
@@ -97,10 +114,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--joins", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--watched", action="store_true",
+        help="keep one reader of each run open: resumes join runs live in the API process",
+    )  # fmt: skip
     args = parser.parse_args()
     with start("tokenrelay") as system:
         warm_up(system)
-        uvloop.run(measure(system.url, system.server, args.runs, args.joins, args.rounds))
+        uvloop.run(
+            measure(system.url, system.server, args.runs, args.joins, args.rounds, args.watched)
+        )
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ import pytest
 
 from tests.conftest import RedisServer, make_settings
 from tokenrelay.api.fanout import Fanout, Subscription
+from tokenrelay.api.routes.stream import Prefetched
 from tokenrelay.api.sse import format_event, format_history
 from tokenrelay.broker import codec
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.errors import Superseded
 from tokenrelay.broker.keys import Keys
-from tokenrelay.broker.log import BlobResolver, EventLog, LiveBatch
-from tokenrelay.broker.models import END_EVENT, ZERO_ID, Entry, Event, RunStatus
+from tokenrelay.broker.log import BlobResolver, EventLog, History, LiveBatch
+from tokenrelay.broker.models import END_EVENT, ZERO_ID, Entry, Event, Gap, RunStatus
 from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 from tokenrelay.producer.publisher import Publisher
 
@@ -130,6 +131,72 @@ async def test_history_through_an_entry_reads_every_page_up_to_it_and_no_further
         got = [e async for page in elog.history(rid, through.id) for e in page]  # type: ignore[union-attr]
         assert got == entries[: entries.index(through) + 1]
     assert [page async for page in elog.history(rid, ZERO_ID)] == []
+
+
+async def pages(it: AsyncIterator[History | list[Entry] | Gap | None]) -> list[Entry]:
+    out: list[Entry] = []
+    async for item in it:
+        if isinstance(item, History):
+            out += item.entries()
+        elif isinstance(item, list):
+            out += item
+    return out
+
+
+async def _prefetched(elog: EventLog, fanout: Fanout, rid: str, after: Entry) -> Prefetched:
+    """A join's first page as the lookup reads it: the channel's epoch, then the page."""
+    epoch = fanout.live_epoch(rid)
+    assert epoch is not None, "the run is live in this process"
+    pipe = elog._redis.pipeline(transaction=False)
+    elog.page_in(pipe, rid, after.id)
+    rows = elog.page_of(*await pipe.execute())
+    assert rows is not None
+    return Prefetched(rows, epoch)
+
+
+async def test_a_page_read_before_joining_the_live_feed_is_trusted_only_if_nothing_was_missed(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    """A resume into a run live in the process reads its first page with its lookup, before
+    it subscribes. A batch the process delivered in between is past that page: the reader
+    then reads on from the stream, so it still gets every entry once."""
+    elog, fanout = log
+    rid = new_id()
+    await elog.append(rid, [ev(i) for i in range(4)])
+    entries = await elog.read(rid, ZERO_ID)
+    async with fanout.subscribe(rid) as watcher:
+        # Nothing between the page and the join: the page is complete, the rest comes live.
+        first = await _prefetched(elog, fanout, rid, entries[1])
+        async with fanout.subscribe(rid) as live:
+            assert first.complete(entries[1].id, live.joined)
+            tail = elog.tail_pages(rid, entries[1].id, live, idle_seconds=5, first=first.rows,
+                                   first_complete=True)  # fmt: skip
+            await elog.append(rid, [ev(4)])
+            await elog.append(rid, [Event(END_EVENT, b"")])
+            got = await pages(tail)
+        assert [codec.json_loads(e.data)["i"] for e in got[:-1]] == [2, 3, 4]
+
+        # A batch delivered between the page and the join: the page is not complete.
+        rid = new_id()
+        await elog.append(rid, [ev(i) for i in range(4)])
+        entries = await elog.read(rid, ZERO_ID)
+        async with fanout.subscribe(rid) as watcher:
+            first = await _prefetched(elog, fanout, rid, entries[1])
+            await elog.append(rid, [ev(4)])
+            await elog.append(rid, [Event(END_EVENT, b"")])  # the run's last batch
+            async with asyncio.timeout(5):  # the end batch was delivered to this process
+                while not any(
+                    e.is_end for e in (await watcher.get(5) or LiveBatch(None, [])).entries
+                ):
+                    pass
+            async with fanout.subscribe(rid) as live:
+                assert not first.complete(entries[1].id, live.joined)
+                tail = elog.tail_pages(rid, entries[1].id, live, idle_seconds=30,
+                                       first=first.rows)  # fmt: skip
+                async with asyncio.timeout(5):  # not after an idle wait: no batch is coming
+                    got = await pages(tail)
+        assert [codec.json_loads(e.data)["i"] for e in got[:-1]] == [2, 3, 4]
+        assert got[-1].is_end
 
 
 async def test_slow_reader_overflows_to_catch_up_reads(log: tuple[EventLog, Fanout]) -> None:

@@ -36,7 +36,7 @@ from tokenrelay.api.tokens import StreamGrant, StreamTokenError, StreamTokens
 from tokenrelay.broker.errors import GraphLoadError, ThreadNotFound
 from tokenrelay.broker.graphs import import_object
 from tokenrelay.broker.log import last_of
-from tokenrelay.broker.models import Entry
+from tokenrelay.broker.models import Entry, StreamId
 from tokenrelay.broker.runs import RunRecord
 from tokenrelay.broker.settings import Settings
 from tokenrelay.broker.threads import ThreadRecord, ThreadStore
@@ -390,16 +390,26 @@ class Caller:
         self, thread_id: str, run_id: str, op: str = "read", **value: Any
     ) -> tuple[RunRecord, Entry | None]:
         """The run `run_id` of a thread the caller may do `op` on (with `value` for the
-        handler, as `thread`), and the newest entry of its stream: what a join or a cancel
-        needs, read in one round trip (the hot path of a storm of reconnecting clients, and
-        of a stop on a busy API)."""
+        handler, as `thread`), and the newest entry of its stream: what a cancel needs, read
+        in one round trip (the hot path of a stop on a busy API)."""
+        run, last, _ = await self.join(thread_id, run_id, None, op, **value)
+        return run, last
+
+    async def join(
+        self, thread_id: str, run_id: str, after: StreamId | None, op: str = "read", **value: Any
+    ) -> tuple[RunRecord, Entry | None, list[bytes] | None]:
+        """`run`, and with `after` the page of its stream after `after` (`EventLog.page_of`:
+        None if it must be read again): a join's lookup and first read in one round trip (the
+        hot path of a storm of reconnecting clients)."""
         svc = self.svc
         flt = await self.allow("threads", op, {"thread_id": thread_id, "run_id": run_id, **value})
         pipe = svc.redis.pipeline(transaction=False)
         svc.threads.get_in(pipe, thread_id)
         svc.runs.get_in(pipe, run_id)
         svc.log.last_entry_in(pipe, run_id)
-        thread_h, run_h, last = await pipe.execute()
+        if after is not None:
+            svc.log.page_in(pipe, run_id, after)
+        thread_h, run_h, last, *page = await pipe.execute()
         try:
             thread = ThreadStore.record(thread_id, thread_h)
         except ThreadNotFound:
@@ -408,7 +418,8 @@ class Caller:
             raise
         if flt and not matches(thread.metadata, flt):
             raise ThreadNotFound(thread_id)
-        return await svc.runs.found(thread_id, run_id, run_h), last_of(last)
+        first = svc.log.page_of(*page) if page else None
+        return await svc.runs.found(thread_id, run_id, run_h), last_of(last), first
 
     async def visible(self, thread_id: str, op: str = "read", **value: Any) -> bool:
         """False when the thread does not exist; ThreadNotFound when it is someone else's."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -49,6 +50,9 @@ class Subscription:
         # moves the deadline; the timer, when it fires early, is set again for the deadline.
         self._idle_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self.joined: tuple[int, StreamId | None] = (0, None)
+        """The channel's epoch and the last entry it had delivered when this client joined
+        (see `Fanout.live_epoch`)."""
 
     @property
     def overflowed(self) -> bool:
@@ -128,9 +132,14 @@ class Subscription:
 
 
 class _Channel:
-    def __init__(self) -> None:
+    def __init__(self, epoch: int) -> None:
         self.subscribers: set[Subscription] = set()
         self.confirmed = asyncio.Event()
+        self.epoch = epoch
+        """Changes whenever the channel may have missed a batch (a new subscribe, a lost
+        connection): between two equal readings it delivered every batch published."""
+        self.last: StreamId | None = None
+        """The newest entry of the batches it delivered."""
 
 
 class Fanout:
@@ -149,6 +158,7 @@ class Fanout:
         self._changed = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._closing = False
+        self._epochs = itertools.count(1)
 
     @property
     def channel_count(self) -> int:
@@ -184,11 +194,23 @@ class Fanout:
         """A subscription woken (with an empty batch) each time a run of the thread starts."""
         return self._subscribe(self._keys.thread_live(thread_id).encode())
 
+    def live_epoch(self, run_id: str) -> int | None:
+        """The epoch of `run_id`'s channel when it is live in this process, else None. A
+        reader may read history first and subscribe after: if its subscription's `joined`
+        has this epoch, the channel delivered every batch published since, and a batch it
+        holds past what was read was delivered before the reader joined (so it must read
+        again from the stream); any later one is queued for the reader."""
+        channel = self._channels.get(self._keys.live(run_id).encode())
+        if channel is None or not channel.confirmed.is_set():
+            return None
+        return channel.epoch
+
     @contextlib.asynccontextmanager
     async def _subscribe(self, name: bytes) -> AsyncIterator[Subscription]:
         assert self._pubsub is not None, "Fanout.start() was not called"
         sub = Subscription(self._limit)
         channel = self._join(name, sub)
+        sub.joined = (channel.epoch, channel.last)
         try:
             # Readers go on to read history, so the subscription must be live first; a missed
             # confirmation (Redis down, a slow subscribe) only costs a catch-up read, never an
@@ -207,7 +229,7 @@ class Fanout:
     def _join(self, name: bytes, sub: Subscription) -> _Channel:
         channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[name] = _Channel()
+            channel = self._channels[name] = _Channel(next(self._epochs))
             telemetry.LIVE_CHANNELS.inc()
             if name in self._active:
                 # Still subscribed from an earlier client (its unsubscribe not yet sent): live.
@@ -284,6 +306,7 @@ class Fanout:
             if channel is None:
                 continue
             if kind == "subscribe":
+                channel.epoch = next(self._epochs)
                 channel.confirmed.set()
                 # After a reconnect redis-py re-subscribes; readers may have missed batches.
                 for sub in channel.subscribers:
@@ -293,11 +316,15 @@ class Fanout:
                     batch = LiveBatch.decode(msg["data"])
                 except Exception:  # a malformed publish must not stop fan-out
                     log.exception("undecodable live batch on %r", msg["channel"])
+                    channel.epoch = next(self._epochs)  # its readers missed a batch
                     continue
+                if batch.entries:
+                    channel.last = batch.entries[-1].id
                 for sub in channel.subscribers:
                     sub.push(batch)
 
     def _all_catch_up(self) -> None:
         for channel in self._channels.values():
+            channel.epoch = next(self._epochs)
             for sub in channel.subscribers:
                 sub.mark_overflowed()

@@ -301,6 +301,23 @@ class EventLog:
         trimmed, first, rows = await pipe.execute()
         return _gap(after, trimmed, first), _flat(rows)
 
+    def page_in(self, pipe: AnyPipeline, run_id: str, after: StreamId) -> None:
+        """Queue a page after `after` on `pipe` (no transaction needed), then the meta's
+        trimming flag; `page_of` reads the two replies."""
+        events = self._keys.run_events(run_id)
+        pipe.execute_command(
+            "XRANGE", events, f"({after}", "+", "COUNT", PAGE_SIZE, **{RAW_REPLY: True}
+        )
+        pipe.hget(self._keys.run_meta(run_id), "trimmed")
+
+    @staticmethod
+    def page_of(rows: list[list[Any]], trimmed: bytes | None) -> list[bytes] | None:
+        """The rows of a page queued by `page_in`, or None when the stream was ever trimmed.
+        The flag is read after the page: unset then, nothing was trimmed before the page was
+        read, so no entry after the cursor is missing from it. Set, the page must be read
+        again with its trimming check (`page_rows`)."""
+        return None if trimmed else _flat(rows)
+
     async def last_entry(self, run_id: str) -> Entry | None:
         """The newest entry, or None for an empty or missing stream."""
         rows = await self._redis.xrevrange(self._keys.run_events(run_id), count=1)
@@ -447,28 +464,41 @@ class EventLog:
         live: LiveSubscription,
         *,
         idle_seconds: float,
+        first: list[bytes] | None = None,
+        first_complete: bool = False,
     ) -> AsyncIterator[History | list[Entry] | Gap | None]:
         """`tail_batches`, each page of history as a `History`, which a reader can render
-        without building its entries (a full replay is thousands of them)."""
+        without building its entries (a full replay is thousands of them).
+
+        `first` is the page after `after` (`page_of`), read before `live` was subscribed; with
+        `first_complete` nothing made after it was missed by `live` (it goes live next, as
+        after a page read here), else reading goes on after it."""
         last = after
         blobs = BlobResolver(self, run_id)
         check_gap = True
         while True:
-            # Catch up from the stream.
-            live.reset()
+            # Catch up from the stream. What `live` queued since `first` was read is kept.
+            if first is None:
+                live.reset()
             ahead: asyncio.Future[tuple[Gap | None, list[bytes]]] | None = None
             try:
                 while True:
-                    if ahead is None:
+                    more = False
+                    if first is not None:
+                        gap, rows, first = None, first, None
+                        more = not first_complete
+                    elif ahead is None:
                         gap, rows = await self.page_rows(run_id, last, check_gap=check_gap)
                     else:
                         gap, rows = await ahead
                         ahead = None
                     if gap is not None:
                         yield gap
-                    full = len(rows) == PAGE_SIZE * ROW_WIDTH
+                    full = more or len(rows) == PAGE_SIZE * ROW_WIDTH
                     page = await blobs.history(rows)
                     if page is None:
+                        if more:
+                            continue
                         break
                     if full and not page.ends:
                         # A long catch-up: the next page is read while this one goes out (and

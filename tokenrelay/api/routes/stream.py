@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -67,11 +68,13 @@ async def run_events(
     after: StreamId | None,
     names: set[str] | None = None,
     last: Entry | None = None,
+    first: Prefetched | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE bytes of `run_id` after `after` (None: from now on) until the run ends, keeping
     only events named in `names` (by their mode, before any `|namespace`) when given.
     `last`, the run's newest entry as the caller read it, spares a read when `after` is
-    given (a join from now must read it once subscribed)."""
+    given (a join from now must read it once subscribed); `first`, the page after `after`
+    read with it, spares the first page read when the live feed missed nothing since."""
     telemetry.STREAMS_OPEN.inc()
     try:
         async with svc.fanout.subscribe(run_id) as live:
@@ -81,9 +84,13 @@ async def run_events(
                 return  # the run has ended and nothing lies after the cursor
             if after is None:
                 after = last.id if last is not None else ZERO_ID
+            rows, complete = None, False
+            if first is not None and after is not None:
+                rows, complete = first.rows, first.complete(after, live.joined)
             tail = svc.log.tail_pages(
-                run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds
-            )
+                run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds,
+                first=rows, first_complete=complete,
+            )  # fmt: skip
             # What is ready goes out in one write: while more live batches are queued (a
             # reader behind, as after a catch-up or on a busy process) their frames are held
             # and sent together, one write and one wake-up instead of one per batch.
@@ -120,6 +127,24 @@ async def run_events(
                 yield b"".join(held)
     finally:
         telemetry.STREAMS_OPEN.dec()
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetched:
+    """A join's first page of history (`EventLog.page_of`), read before its live
+    subscription, when the run's channel was live in this process at `epoch`."""
+
+    rows: list[bytes]
+    epoch: int
+
+    def complete(self, after: StreamId, joined: tuple[int, StreamId | None]) -> bool:
+        """Whether the live feed joined (`Subscription.joined`) missed nothing made after
+        the page: the channel kept its epoch, and what it last delivered the page holds."""
+        epoch, delivered = joined
+        if epoch != self.epoch:
+            return False
+        end = StreamId.parse(self.rows[-ROW_WIDTH]) if self.rows else after
+        return delivered is None or delivered <= end
 
 
 _HOLD_BYTES = 64 * 1024
@@ -167,6 +192,7 @@ async def stream_response(
     names: set[str] | None = None,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
     last: Entry | None = None,
+    first: Prefetched | None = None,
 ) -> EventStreamResponse:
     """The SSE response for a run, cut short (aborted, for resume) by the time budget or a
     shutdown unless the run has already finished."""
@@ -175,7 +201,7 @@ async def stream_response(
     if budget and not finished:
         deadline = asyncio.get_running_loop().time() + budget
     return EventStreamResponse(
-        run_events(svc, run_id, after, names, last),
+        run_events(svc, run_id, after, names, last, first),
         run_headers(thread_id, run_id),
         deadline=deadline,
         abort=None if finished else svc.draining,
@@ -308,11 +334,14 @@ async def join_run_stream(
     who: Caller = Depends(caller),
 ) -> EventStreamResponse:
     after = parse_last_event_id(last_event_id_header, last_event_id)
-    run, last = await who.run(thread_id, run_id)
+    # A resume into a run live in this process reads its first page with the lookup.
+    epoch = None if after is None else svc.fanout.live_epoch(run_id)
+    run, last, rows = await who.join(thread_id, run_id, None if epoch is None else after)
     await refuse_past_end(svc, run_id, after, last)
+    first = None if rows is None or epoch is None else Prefetched(rows, epoch)
     return await stream_response(
         svc, thread_id, run_id, after, max_seconds=max_seconds, finished=run.status.terminal,
-        names=wanted(query_modes(stream_mode)), last=last,
+        names=wanted(query_modes(stream_mode)), last=last, first=first,
     )  # fmt: skip
 
 
