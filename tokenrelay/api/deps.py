@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.requests import HTTPConnection
 
 from tokenrelay.api.fanout import Fanout
+from tokenrelay.api.sse import Draining
 from tokenrelay.broker.cancel import CancelSignal
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.graphs import GraphRegistry
@@ -34,7 +34,7 @@ class Services:
     registry: GraphRegistry
     states: ThreadStates
     cancel: CancelSignal
-    draining: asyncio.Event
+    draining: Draining
     """Set when the process is shutting down: live streams abort so clients resume elsewhere."""
 
     @classmethod
@@ -54,7 +54,7 @@ class Services:
             registry=registry,
             states=ThreadStates(registry),
             cancel=CancelSignal(redis, keys, ttl_seconds=settings.cancel_ttl_seconds),
-            draining=asyncio.Event(),
+            draining=Draining(),
         )
 
 

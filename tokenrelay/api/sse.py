@@ -126,6 +126,31 @@ class _QuietAbort(logging.Filter):
 logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
 
 
+class Draining(asyncio.Event):
+    """The shutdown signal: an Event a response can watch with a future of its own (no task
+    waiting on it per open stream: an idle connection costs its memory, not CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watchers: set[asyncio.Future[None]] = set()
+
+    def set(self) -> None:
+        super().set()
+        watchers, self._watchers = self._watchers, set()
+        for future in watchers:
+            if not future.done():
+                future.set_result(None)
+
+    def watch(self, future: asyncio.Future[None]) -> None:
+        """Resolve `future` when this is set (at once if it is); a done future is dropped."""
+        if self.is_set():
+            if not future.done():
+                future.set_result(None)
+            return
+        self._watchers.add(future)
+        future.add_done_callback(self._watchers.discard)
+
+
 class EventStreamResponse(Response):
     """A ``text/event-stream`` response fed by `body`.
 
@@ -141,7 +166,7 @@ class EventStreamResponse(Response):
         headers: Mapping[str, str],
         *,
         deadline: float | None = None,
-        abort: asyncio.Event | None = None,
+        abort: Draining | None = None,
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         # Set here rather than by `Response.__init__` (one per join, the hot path of a
@@ -174,21 +199,20 @@ class EventStreamResponse(Response):
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        async def cut_short() -> None:
-            event = self._abort or asyncio.Event()
-            if self._deadline is None:
-                await event.wait()
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(self._deadline):
-                    await event.wait()
-
-        tasks = {
+        tasks: dict[asyncio.Future[None], str] = {
             asyncio.create_task(stream()): "done",
             asyncio.create_task(disconnected()): "disconnected",
         }
+        # The time budget and the shutdown end a future, not a task of their own.
+        timer: asyncio.TimerHandle | None = None
         if self._deadline is not None or self._abort is not None:
-            tasks[asyncio.create_task(cut_short())] = "aborted"
+            loop = asyncio.get_running_loop()
+            cut: asyncio.Future[None] = loop.create_future()
+            tasks[cut] = "aborted"
+            if self._deadline is not None:
+                timer = loop.call_at(self._deadline, _resolve, cut)
+            if self._abort is not None:
+                self._abort.watch(cut)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             # A client that left makes the body's next write fail too: when both ended in
@@ -208,6 +232,8 @@ class EventStreamResponse(Response):
                 # A write to a client that is gone is its disconnect, not a failed stream.
                 outcome = "disconnected" if isinstance(first.exception(), OSError) else "error"
         finally:
+            if timer is not None:
+                timer.cancel()
             for task in tasks:
                 task.cancel()
             with contextlib.suppress(Exception):
@@ -225,3 +251,8 @@ class EventStreamResponse(Response):
             raise StreamAborted(f"stream failed: {exc!r}") from exc
         else:
             raise StreamAborted("stream time budget reached or server shutting down")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

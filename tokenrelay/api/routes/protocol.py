@@ -534,10 +534,11 @@ async def event_socket(ws: WebSocket, thread_id: str, who: Caller = Depends(call
     await ws.accept()
     sock = _Socket(svc, who, ws, thread_id)
     telemetry.STREAMS_OPEN.inc()
-    draining = asyncio.create_task(svc.draining.wait())
+    draining: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    svc.draining.watch(draining)
     try:
         while True:
-            receive = asyncio.ensure_future(ws.receive_text())
+            receive: asyncio.Future[Any] = asyncio.ensure_future(ws.receive_text())
             done, _ = await asyncio.wait({receive, draining}, return_when=asyncio.FIRST_COMPLETED)
             if draining in done:
                 receive.cancel()
