@@ -289,7 +289,7 @@ class EventLog:
         XRANGE reply is read raw (redis-py's tuples of dicts, or a script re-building the
         reply, each cost a full replay more than Redis's read)."""
         events = self._keys.run_events(run_id)
-        page = ("XRANGE", events, f"({after}", "+", "COUNT", count)
+        page = self._page_command(run_id, after, count)
         if not check_gap:
             return None, _flat(await self._redis.execute_command(*page, **{RAW_REPLY: True}))
         # The trimming check and the page in one transaction: the first entry still retained
@@ -304,11 +304,12 @@ class EventLog:
     def page_in(self, pipe: AnyPipeline, run_id: str, after: StreamId) -> None:
         """Queue a page after `after` on `pipe` (no transaction needed), then the meta's
         trimming flag; `page_of` reads the two replies."""
-        events = self._keys.run_events(run_id)
-        pipe.execute_command(
-            "XRANGE", events, f"({after}", "+", "COUNT", PAGE_SIZE, **{RAW_REPLY: True}
-        )
+        pipe.execute_command(*self._page_command(run_id, after, PAGE_SIZE), **{RAW_REPLY: True})
         pipe.hget(self._keys.run_meta(run_id), "trimmed")
+
+    def _page_command(self, run_id: str, after: StreamId, count: int) -> tuple[Any, ...]:
+        """The XRANGE of a page: up to `count` entries after `after` (read with `RAW_REPLY`)."""
+        return ("XRANGE", self._keys.run_events(run_id), f"({after}", "+", "COUNT", count)
 
     @staticmethod
     def page_of(rows: list[list[Any]], trimmed: bytes | None) -> list[bytes] | None:
