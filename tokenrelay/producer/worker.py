@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ REDIS_STEP_TRIES = 30
 """Tries at each step of an attempt's setup, or of what follows a run's end, while Redis is
 down or restarting (about a minute with the backoff's 2 s cap). Past them the task gives up:
 a setup leaves the run to its lease, an end's aftermath to the thread's repair."""
+CANCEL_REDELIVERY_SECONDS = 5.0
+"""A cancel is delivered to a run's task again at most this often while the graph, which has
+produced nothing since, has not ended (see `_Running.deliver_cancel`)."""
 
 T = TypeVar("T")
 
@@ -84,6 +88,26 @@ class _Running:
     """The graph has started: a cancel is delivered to the task. Before, it is only recorded
     (`stop_reason`) and acted on when the graph would start, so a cancel that lands while the
     attempt is being set up cannot cut that short and leave the run running."""
+    events: int = 0
+    """Events the graph has produced so far."""
+    cancelled: tuple[int, float] = (-1, 0.0)
+    """`events` and the monotonic time when the cancel was last delivered to the task."""
+
+    def deliver_cancel(self) -> None:
+        """Cancel the task, unless it is still unwinding the cancel delivered before.
+
+        A cancel is asked for again by every flush (which reads the durable request) and by
+        every repeated stop. Delivered again while LangGraph unwinds the first one, it would
+        cancel the task that writes the graph's last checkpoints, and the partial output would
+        be saved on top of a thread missing the run's input. So it is delivered again only
+        when the graph has gone on producing events since (code inside it swallowed the
+        cancellation), or after `CANCEL_REDELIVERY_SECONDS` without an end."""
+        events, at = self.cancelled
+        now = time.monotonic()
+        if events >= 0 and self.events == events and now - at < CANCEL_REDELIVERY_SECONDS:
+            return
+        self.cancelled = (self.events, now)
+        self.task.cancel()
 
 
 class Worker:
@@ -319,12 +343,12 @@ class Worker:
             # Asked again (every flush reads the durable cancel request) while the task has
             # not taken its cancellation: code inside the graph swallowed it; deliver it again.
             if running.stop_reason.startswith("cancel:") and running.in_graph:
-                running.task.cancel()
+                running.deliver_cancel()
             return
         log.info("cancel requested: %s", action.value, extra={**self._ctx, "run_id": run_id})
         running.stop_reason = f"cancel:{action.value}"
         if running.in_graph:
-            running.task.cancel()
+            running.deliver_cancel()
 
     def _on_cancel_signal(self, run_id: str, value: bytes) -> None:
         running = self._running.get(run_id)
@@ -457,6 +481,8 @@ class Worker:
             await graph_run.prepare()
             async for event in graph_run.events():
                 self.publisher.emit(rid, event)
+                if running is not None:
+                    running.events += 1
         except asyncio.CancelledError:
             running = self._running.get(rid)
             reason = running.stop_reason if running else ""
