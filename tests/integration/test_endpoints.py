@@ -264,6 +264,33 @@ async def test_interrupt_before_pauses_and_a_null_input_resumes(client: httpx.As
     assert [m["type"] for m in resumed["messages"]] == ["human", "ai"]
 
 
+async def test_durability_decides_which_checkpoints_a_run_keeps(
+    client: httpx.AsyncClient,
+) -> None:
+    async def checkpoints(**durability: object) -> tuple[int, list[str]]:
+        tid = await new_thread(client)
+        r = await client.post(f"/threads/{tid}/runs/wait", json=run_body(**durability))
+        assert r.status_code == 200, r.text
+        history = (await client.post(f"/threads/{tid}/history", json={"limit": 50})).json()
+        return len(history), [m["type"] for m in history[0]["values"]["messages"]]
+
+    # Every step's checkpoint by default and with `sync`; only the run's last with `exit`
+    # (and with the deprecated `checkpoint_during: false`, which LangGraph maps to it).
+    steps, final = await checkpoints()
+    assert final == ["human", "ai"] and steps > 1
+    assert await checkpoints(durability="sync") == (steps, final)
+    assert await checkpoints(durability="async") == (steps, final)
+    assert await checkpoints(durability="exit") == (1, final)
+    assert await checkpoints(checkpoint_during=False) == (1, final)
+    assert await checkpoints(checkpoint_during=True) == (steps, final)
+    tid = await new_thread(client)
+    for bad in ({"durability": "never"}, {"durability": "exit", "checkpoint_during": True}):
+        r = await client.post(f"/threads/{tid}/runs/wait", json=run_body(**bad))
+        assert r.status_code == 422, r.text
+        assert "durability" in r.text
+    assert (await client.get(f"/threads/{tid}/runs")).json() == []
+
+
 async def test_counts_copy_subgraphs_and_batch(client: httpx.AsyncClient) -> None:
     tag = f"count-{id(client)}"
     for _ in range(2):

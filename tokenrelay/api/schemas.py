@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from starlette.responses import Response
 
@@ -135,6 +136,16 @@ class RunCreate(BaseModel):
     if_not_exists: Literal["create", "reject"] = "reject"
     interrupt_before: Literal["*"] | list[str] | None = None
     interrupt_after: Literal["*"] | list[str] | None = None
+    durability: Literal["sync", "async", "exit"] | None = Field(
+        default=None,
+        description="When the graph persists its checkpoints, as LangGraph's `durability`: "
+        "`async` (the default) while the next step runs, `sync` before it, `exit` only when "
+        "the run ends (a cancelled run still keeps its partial output).",
+    )
+    checkpoint_during: bool | None = Field(
+        default=None,
+        description="Deprecated: `true` is `durability: async`, `false` is `durability: exit`.",
+    )
     stream_protocol: Literal["classic", "agent"] = Field(
         default="classic",
         description="How the worker streams the run: `agent` for the agent streaming protocol "
@@ -159,6 +170,19 @@ class RunCreate(BaseModel):
         except ValidationError as exc:
             raise InvalidBody(f"stream_mode {modes!r}: {exc.errors()[0]['msg']}") from None
 
+    @model_validator(mode="after")
+    def _one_durability(self) -> RunCreate:
+        if self.durability is not None and self.checkpoint_during is not None:
+            raise ValueError("give `durability` or the deprecated `checkpoint_during`, not both")
+        return self
+
+    def graph_durability(self) -> str | None:
+        """The run's `durability`, the deprecated `checkpoint_during` mapped as LangGraph maps
+        it; None leaves the graph's default (`async`)."""
+        if self.checkpoint_during is not None:
+            return "async" if self.checkpoint_during else "exit"
+        return self.durability
+
     def stream_modes(self) -> list[str]:
         modes = [self.stream_mode] if isinstance(self.stream_mode, str) else self.stream_mode
         return list(dict.fromkeys(modes)) or ["values"]
@@ -176,6 +200,7 @@ class RunCreate(BaseModel):
             "checkpoint_id": checkpoint_id,
             "interrupt_before": self.interrupt_before,
             "interrupt_after": self.interrupt_after,
+            "durability": self.graph_durability(),
             "stream_protocol": self.stream_protocol,
         }
 

@@ -374,12 +374,13 @@ class GraphRun:
             self._texts.pop(self._current, None)
 
     def _graph_kwargs(self) -> dict[str, Any]:
-        """The run's context and interrupt_before/after, as the graph's stream takes them."""
+        """The run's context, interrupt_before/after and durability, as the graph's stream
+        takes them."""
         kwargs: dict[str, Any] = {}
         context = self.run.kwargs.get("context")
         if context:
             kwargs["context"] = context
-        for key in ("interrupt_before", "interrupt_after"):
+        for key in ("interrupt_before", "interrupt_after", "durability"):
             if self.run.kwargs.get(key):
                 kwargs[key] = self.run.kwargs[key]
         return kwargs

@@ -106,7 +106,8 @@ async def _run_start(
         value = _dict_param(params, name)
         if value is not None:
             fields[name] = value
-    for name in ("multitask_strategy", "checkpoint_id", "interrupt_before", "interrupt_after"):
+    names = ("multitask_strategy", "checkpoint_id", "interrupt_before", "interrupt_after")
+    for name in (*names, "durability"):
         if params.get(name) is not None:
             fields[name] = params[name]
     return await _start(svc, who, thread_id, fields)
