@@ -125,6 +125,29 @@ class ToolCallingModel(FakeStreamingChatModel):
 tools = _chat(ToolCallingModel())
 
 
+class StubbornModel(FakeStreamingChatModel):
+    """Streams slowly and swallows the first cancellation, as a client library's retry loop
+    may, carrying on streaming."""
+
+    async def _astream(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def,override]
+        swallowed = False
+        for i in range(200):
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True
+            piece = f" w{i}" if not swallowed else f" after{i}"
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+
+stubborn = _chat(StubbornModel())
+
+
 def _asking(node: Any) -> Any:
     """A graph whose node `ask` interrupts, then answers with the fast model."""
     return (
@@ -192,4 +215,5 @@ GRAPHS = {
     "fast": "tests.graphs:fast",
     "slow": "tests.graphs:slow",
     "failing": "tests.graphs:failing",
+    "stubborn": "tests.graphs:stubborn",
 }

@@ -94,6 +94,25 @@ async def test_a_run_that_checkpoints_only_at_exit_keeps_its_partial_when_interr
     assert messages[-1]["content"] == received and received
 
 
+async def test_a_model_that_swallows_the_cancellation_still_ends_with_its_partial_kept(
+    client: httpx.AsyncClient,
+) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("stubborn")) as r:
+        head = await until_messages(r, 5)
+        run_id = head[0].json()["run_id"]
+        cancelled = await client.post(
+            f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1, "action": "interrupt"}
+        )
+        evts = head + await events(r)
+    assert cancelled.json()["status"] == "interrupted"
+    received = chunks_text(evts)
+    assert 0 < len(received.split()) < 100
+    messages = (await client.get(f"/threads/{tid}/state")).json()["values"]["messages"]
+    assert [m["type"] for m in messages] == ["human", "ai"]
+    assert messages[-1]["content"] == received
+
+
 async def test_rollback_restores_the_state_before_the_run(client: httpx.AsyncClient) -> None:
     tid = await new_thread(client)
     await stream_run(client, tid, run_body("fast"))

@@ -54,3 +54,12 @@ def test_processes_set_up_one_fresh_file_together(tmp_path: Path) -> None:
             return len([c async for c in saver.alist(None)])
 
     assert [asyncio.run(count(i)) for i in range(FILES)] == [PROCESSES] * FILES
+
+
+async def test_the_shared_file_is_in_wal_mode_and_syncs_at_checkpoints(tmp_path: Path) -> None:
+    async with open_checkpointer(f"sqlite:///{tmp_path}/c.sqlite") as saver:
+        conn = saver.conn
+        async with conn.execute("PRAGMA journal_mode") as cur:
+            assert (await cur.fetchone()) == ("wal",)
+        async with conn.execute("PRAGMA synchronous") as cur:
+            assert (await cur.fetchone()) == (1,)  # NORMAL

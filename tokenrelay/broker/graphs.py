@@ -114,6 +114,10 @@ async def open_checkpointer(spec: str) -> AsyncIterator[BaseCheckpointSaver[Any]
             sqlite_saver = AsyncSqliteSaver(conn)
             async with _file_lock(f"{path}.setup-lock", timeout=60):
                 await sqlite_saver.setup()
+            # In WAL mode, `NORMAL` syncs the log at checkpoints, not at every commit: the file
+            # cannot be corrupted, and only a power loss can undo the last commits (SQLite's
+            # advice for WAL). Each graph step commits, so this is a sync per step saved.
+            await conn.execute("PRAGMA synchronous=NORMAL")
             yield sqlite_saver
         return
     raise GraphLoadError(

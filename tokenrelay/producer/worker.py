@@ -489,8 +489,10 @@ class Worker:
             if running is not None:
                 running.stopping = True
             if reason.startswith("cancel:") or reason == "failed":
+                # Every cancel delivered is taken here (a swallowed one was delivered again), so
+                # none is left pending to turn a timeout in what follows into a cancellation.
                 task = asyncio.current_task()
-                if task is not None:
+                while task is not None and task.cancelling():
                     task.uncancel()
             if reason.startswith("cancel:"):
                 action = CancelAction(reason.split(":", 1)[1])
