@@ -95,6 +95,12 @@ async def _start(
     return {"run_id": run.run_id}
 
 
+_RUN_START_OPTIONS = (
+    "multitask_strategy", "checkpoint_id", "interrupt_before", "interrupt_after", "durability",
+)  # fmt: skip
+"""`run.start` params passed on to the run as they are."""
+
+
 async def _run_start(
     svc: Services, who: Caller, thread_id: str, params: dict[str, Any]
 ) -> dict[str, Any]:
@@ -106,8 +112,7 @@ async def _run_start(
         value = _dict_param(params, name)
         if value is not None:
             fields[name] = value
-    names = ("multitask_strategy", "checkpoint_id", "interrupt_before", "interrupt_after")
-    for name in (*names, "durability"):
+    for name in _RUN_START_OPTIONS:
         if params.get(name) is not None:
             fields[name] = params[name]
     return await _start(svc, who, thread_id, fields)
