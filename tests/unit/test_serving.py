@@ -1,4 +1,4 @@
-"""How uvicorn serves the API: options on the connections it accepts."""
+"""How uvicorn serves the API: options on the connections it accepts, and how it accepts them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import psutil
 import pytest
 import uvicorn
 
-from tokenrelay.api.serving import uvicorn_options
+from tokenrelay.api.serving import Loop, uvicorn_options
 from tokenrelay.broker.settings import Settings
 
 
@@ -62,3 +62,48 @@ async def test_accepted_connections_send_at_once(passed_by_descriptor: bool) -> 
         await serving
         if passed_by_descriptor:
             listener.close()
+
+
+class _Counted(asyncio.Protocol):
+    made: list[asyncio.BaseTransport] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.append(transport)
+
+
+def test_a_burst_of_connections_is_taken_in_a_few_turns_of_the_loop() -> None:
+    """A burst of clients waiting in the listen queue is accepted at once, not one connection
+    per turn of the loop (libuv's own rule since 1.45): on a busy API process each turn takes
+    milliseconds, and a reconnect storm of 1,000 clients waited seconds to be read. Once the
+    server is closed, nothing more is accepted (the acceptor's copy of the socket is closed)."""
+    burst = 200
+    _Counted.made = []
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Counted, "127.0.0.1", 0, backlog=2 * burst)
+        port = server.sockets[0].getsockname()[1]
+        # The handshakes complete in the kernel: every client waits in the listen queue.
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(burst)]
+        turns = 0
+        while len(_Counted.made) < burst and turns < 100:
+            await asyncio.sleep(0)  # one turn of the loop
+            turns += 1
+        accepted = len(_Counted.made)
+        for transport in _Counted.made:  # as uvloop's own listener sets it
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        server.close()
+        for transport in _Counted.made:
+            transport.close()
+        for client in clients:
+            client.close()
+        await asyncio.sleep(0)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port)).close()
+        return accepted, turns
+
+    with asyncio.Runner(loop_factory=Loop) as runner:
+        accepted, turns = runner.run(main())
+    assert accepted == burst
+    assert turns <= 10, f"{burst} waiting connections took {turns} turns of the loop"

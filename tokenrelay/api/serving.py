@@ -1,18 +1,29 @@
-"""How uvicorn serves the API: timeouts and the open-connection count the limits read.
+"""How uvicorn serves the API: timeouts, the open-connection count the limits read, and how
+connections are accepted.
 
 uvicorn closes idle keep-alive connections but gives a client forever to send a request's
 headers; `GuardedHttpTools` closes a connection whose headers do not arrive in time, and tells
 the application how many connections the process holds (``RequestLimits`` answers 503 past the
 cap, probes excepted) and its own `send` (event streams write their body chunks with it).
+
+`Loop` is uvloop, except that a server takes every connection waiting in its listen queue at
+each turn of the loop: libuv (since 1.45) accepts one per turn, so on a busy process a burst of
+reconnecting clients waited seconds in the kernel's queue before the first of their requests
+was read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
+import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
+import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokenrelay.api.limits import OPEN_CONNECTIONS
@@ -24,6 +35,15 @@ MAX_HEADER_BYTES = 64 * 1024
 
 REFUSED_LINGER_SECONDS = 1.0
 """How long a refused connection is drained before it is closed."""
+
+ACCEPT_BATCH = 256
+"""Connections one turn of the loop accepts from a listening socket at most: a burst is taken
+at once, yet a process sharing its socket with others does not take them all."""
+
+ACCEPT_PAUSE_SECONDS = 0.5
+"""How long accepting waits after the process ran out of descriptors or memory."""
+
+log = logging.getLogger("tokenrelay.serving")
 
 _TOO_LARGE_BODY = b'{"detail":"Request headers exceed %d bytes"}' % MAX_HEADER_BYTES
 HEADERS_TOO_LARGE = (
@@ -117,6 +137,94 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     )
     return {
         "http": protocol,
+        "loop": "tokenrelay.api.serving:Loop",
         "timeout_keep_alive": settings.keepalive_timeout_seconds,
         "ws_max_size": settings.max_body_bytes,
     }
+
+
+class _Acceptor:
+    """Accepts the connections waiting on a listening socket, up to `ACCEPT_BATCH` each time it
+    is readable, and hands each to the loop as uvloop's own listener would.
+
+    It reads a duplicate of the listener's descriptor, so the two never share a registration;
+    whichever of the two runs first in a turn takes the connections (the other finds none)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listener: Any,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+    ) -> None:
+        self._loop = loop
+        self._factory = protocol_factory
+        self._sock = socket.socket(fileno=os.dup(listener.fileno()))
+        self._sock.setblocking(False)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._paused: asyncio.TimerHandle | None = None
+        loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: let connections end before trying again.
+                    log.warning("cannot accept connections: %s", exc)
+                    self._loop.remove_reader(self._sock.fileno())
+                    self._paused = self._loop.call_later(ACCEPT_PAUSE_SECONDS, self._resume)
+                    return
+                continue  # the client gave up before it was accepted
+            conn.setblocking(False)
+            task = self._loop.create_task(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)  # type: ignore[arg-type]
+        except Exception as exc:  # a connection that could not be set up is closed, nothing more
+            log.debug("dropped an accepted connection: %r", exc)
+            conn.close()
+
+    def _resume(self) -> None:
+        self._paused = None
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if self._paused is not None:
+            self._paused.cancel()
+        else:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+class _Server:
+    """The loop's server, and the acceptors reading its sockets, closed with it."""
+
+    def __init__(self, server: asyncio.AbstractServer, acceptors: list[_Acceptor]) -> None:
+        self._server = server
+        self._acceptors = acceptors
+
+    def close(self) -> None:
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors = []
+        self._server.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class Loop(uvloop.Loop):  # type: ignore[misc]
+    """uvloop, its TCP servers accepting every waiting connection at each turn (`_Acceptor`)."""
+
+    async def create_server(  # type: ignore[override]
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
+    ) -> Any:
+        server: Any = await super().create_server(protocol_factory, *args, **kwargs)
+        acceptors = [_Acceptor(self, sock, protocol_factory) for sock in server.sockets or ()]
+        return _Server(server, acceptors)

@@ -46,6 +46,7 @@ def _limits(settings: Settings) -> dict[str, Any]:
     """uvicorn options for the API's limits (the protocol by name: the CLI imports no `api`)."""
     return {
         "http": "tokenrelay.api.serving:GuardedHttpTools",
+        "loop": "tokenrelay.api.serving:Loop",
         "timeout_keep_alive": settings.keepalive_timeout_seconds,
         "ws_max_size": settings.max_body_bytes,
     }
