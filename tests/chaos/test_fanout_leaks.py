@@ -47,6 +47,24 @@ async def fanout(redis_server: RedisServer) -> AsyncIterator[tuple[Fanout, Redis
     await redis.aclose()
 
 
+async def test_a_channel_lingers_after_its_last_client_then_is_unsubscribed(
+    fanout: tuple[Fanout, RedisClient, Keys],
+) -> None:
+    """A client that comes back soon after the last one left finds the channel live, with the
+    epoch it had (so a resume reads its first page with its lookup); with no client for
+    `LINGER_SECONDS` it is unsubscribed."""
+    fan, redis, keys = fanout
+    async with fan.subscribe("a"):
+        epoch = fan.live_epoch("a")
+    assert epoch is not None
+    assert fan.live_epoch("a") == epoch and fan.client_count == 0
+    assert await live_channels(redis, keys) == [keys.live("a").encode()]
+    async with fan.subscribe("a") as sub:
+        assert sub.joined[0] == epoch  # no new subscribe
+    await settle(redis, keys, fan)
+    assert fan.live_epoch("a") is None
+
+
 async def test_cancelled_at_every_step_of_a_subscribe_nothing_leaks(
     fanout: tuple[Fanout, RedisClient, Keys],
 ) -> None:
@@ -69,8 +87,8 @@ async def test_cancelled_at_every_step_of_a_subscribe_nothing_leaks(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        assert fan.channel_count == 0
-    await settle(redis, keys, fan)
+        assert fan.client_count == 0
+    await settle(redis, keys, fan)  # and the channels, once they have lingered
     assert entered > 0  # later rounds got all the way in before they were cancelled
 
 

@@ -3,8 +3,9 @@ of that run's clients through reference counting.
 
 Clients join and leave a channel synchronously (no await, so no cancellation can cut it
 short); one task, the syncer, brings the Redis subscriptions in line with the channels that
-have clients. No lock is held across a round trip to Redis, and a client that hangs up at any
-point, however its task is cancelled, leaves nothing subscribed behind.
+have clients, or had one less than `LINGER_SECONDS` ago. No lock is held across a round trip
+to Redis, and a client that hangs up at any point, however its task is cancelled, leaves
+nothing subscribed behind once the channel has lingered.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from tokenrelay.broker.retry import Backoff
 
 log = logging.getLogger("tokenrelay.fanout")
 
+
+LINGER_SECONDS = 2.0
+"""How long a channel stays subscribed after its last client left. A client that comes back
+(a page refresh, a proxy's or a platform's time limit, a reconnect storm) finds the channel
+live, so its lookup reads its first page too (`live_epoch`), and a channel is not unsubscribed
+and subscribed again as clients come and go."""
 
 _queued_entries = [0]
 """Live entries queued in this process's subscriptions, counted as plain ints (a batch is
@@ -140,17 +147,28 @@ class _Channel:
         connection): between two equal readings it delivered every batch published."""
         self.last: StreamId | None = None
         """The newest entry of the batches it delivered."""
+        self.idle_since: float | None = None
+        """When its last client left (it lingers), else None."""
 
 
 class Fanout:
     """Shares one Redis pub/sub connection among every live reader of this process."""
 
-    def __init__(self, redis: RedisClient, keys: Keys, *, queue_limit: int = 2048) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        *,
+        queue_limit: int = 2048,
+        linger: float = LINGER_SECONDS,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._limit = queue_limit
+        self._linger = linger
         self._channels: dict[bytes, _Channel] = {}
-        """Channels with at least one client: what should be subscribed."""
+        """Channels with a client, or lingering after their last one: what should be
+        subscribed."""
         self._active: set[bytes] = set()
         """Channels subscribed on Redis (or being subscribed), as the syncer last left them."""
         self._pubsub: Subscriber | None = None
@@ -162,7 +180,13 @@ class Fanout:
 
     @property
     def channel_count(self) -> int:
+        """Channels subscribed (or being subscribed), lingering ones included."""
         return len(self._channels)
+
+    @property
+    def client_count(self) -> int:
+        """Subscriptions held by clients."""
+        return sum(len(channel.subscribers) for channel in self._channels.values())
 
     async def start(self) -> None:
         self._pubsub = subscriber(self._redis)
@@ -235,6 +259,7 @@ class Fanout:
                 # Still subscribed from an earlier client (its unsubscribe not yet sent): live.
                 channel.confirmed.set()
             self._changed.set()
+        channel.idle_since = None
         channel.subscribers.add(sub)
         return channel
 
@@ -242,9 +267,29 @@ class Fanout:
         sub.reset()
         channel.subscribers.discard(sub)
         if not channel.subscribers and self._channels.get(name) is channel:
-            del self._channels[name]
-            telemetry.LIVE_CHANNELS.dec()
-            self._changed.set()
+            if self._linger <= 0 or self._closing:
+                self._drop(name, channel)
+                return
+            loop = asyncio.get_running_loop()
+            channel.idle_since = loop.time()
+            loop.call_later(self._linger, self._expire, name, channel, loop)
+
+    def _expire(self, name: bytes, channel: _Channel, loop: asyncio.AbstractEventLoop) -> None:
+        """Drop `channel` if it has had no client for the whole linger (a client that came and
+        left meanwhile set a later timer)."""
+        idle = channel.idle_since
+        if (
+            self._channels.get(name) is channel
+            and not channel.subscribers
+            and idle is not None
+            and loop.time() >= idle + self._linger - 0.001  # the loop's clock may count whole ms
+        ):
+            self._drop(name, channel)
+
+    def _drop(self, name: bytes, channel: _Channel) -> None:
+        del self._channels[name]
+        telemetry.LIVE_CHANNELS.dec()
+        self._changed.set()
 
     async def _syncer(self) -> None:
         """Subscribe the channels that gained clients, unsubscribe the ones that lost them."""
