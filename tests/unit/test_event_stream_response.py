@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from tokenrelay.api.sse import Draining, EventStreamResponse, StreamAborted
+from tokenrelay.api.sse import (
+    DISCONNECTED,
+    WATCH_DISCONNECT,
+    Draining,
+    EventStreamResponse,
+    StreamAborted,
+)
 
 
 async def test_a_disconnect_is_handled_before_a_stubborn_body_stops() -> None:
@@ -90,3 +96,97 @@ async def test_the_time_budget_and_the_shutdown_abort_a_stream_without_a_task_ea
     await task
     # A stream opened during the shutdown is aborted at once.
     await _aborted(EventStreamResponse(_idle_body(), {}, abort=draining))
+
+
+class _Connection:
+    """The server protocol's side of `WATCH_DISCONNECT`."""
+
+    def __init__(self) -> None:
+        self.watchers: list[asyncio.Future[Any]] = []
+        self.sent: list[dict[str, Any]] = []
+
+    def scope(self) -> dict[str, Any]:
+        return {"type": "http", WATCH_DISCONNECT: self.watchers.append}
+
+    async def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def lose(self) -> None:
+        for future in self.watchers:
+            if not future.done():
+                future.set_result(DISCONNECTED)
+
+
+async def _never_receives() -> Any:
+    raise AssertionError("a server with the hook is never asked for a disconnect message")
+
+
+async def test_with_the_server_hook_a_stream_is_one_task_and_a_lost_client_ends_it() -> None:
+    """The body runs in the request's own task, with no task beside it to wait for the
+    client; the connection's loss cancels the body where it waits, the owner is told, and the
+    task goes on uncancelled (the server's code after it runs normally)."""
+    connection = _Connection()
+    told: list[str] = []
+    closed: list[bool] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield b": hello\n\n"
+            await asyncio.sleep(3600)
+            yield b"never"
+        finally:
+            closed.append(True)
+
+    async def on_disconnect() -> None:
+        told.append("left")
+
+    response = EventStreamResponse(body(), {}, on_disconnect=on_disconnect)
+
+    async def request() -> int:
+        await response(connection.scope(), _never_receives, connection.send)
+        task = asyncio.current_task()
+        assert task is not None
+        await asyncio.sleep(0)  # no cancel left pending on the task
+        return task.cancelling()
+
+    before = len(asyncio.all_tasks())
+    task = asyncio.ensure_future(request())
+    await asyncio.sleep(0.02)
+    assert len(asyncio.all_tasks()) == before + 1, "one task per stream: the request's own"
+    assert len(connection.watchers) == 1
+    connection.lose()
+    assert await asyncio.wait_for(task, 5) == 0
+    assert told == ["left"] and closed == [True]
+    # No terminating chunk for a client that is gone.
+    assert [m.get("body") for m in connection.sent[1:]] == [b": hello\n\n"]
+
+
+async def test_a_cancel_from_elsewhere_still_cancels_the_stream() -> None:
+    connection = _Connection()
+    response = EventStreamResponse(_idle_body(), {})
+    task = asyncio.ensure_future(response(connection.scope(), _never_receives, connection.send))
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The stream's future is dropped: losing the connection later touches nothing.
+    assert all(f.done() for f in connection.watchers)
+    connection.lose()
+
+
+async def test_a_stream_that_ended_is_not_cancelled_by_a_later_loss() -> None:
+    """The connection outlives a finished stream (keep-alive): its loss must not cancel
+    whatever the task does next."""
+    connection = _Connection()
+
+    async def short() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+
+    async def request() -> str:
+        await EventStreamResponse(short(), {})(connection.scope(), _never_receives, connection.send)
+        connection.lose()
+        await asyncio.sleep(0.01)
+        return "next"
+
+    assert await asyncio.wait_for(request(), 5) == "next"
+    assert connection.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}

@@ -27,7 +27,7 @@ import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokenrelay.api.limits import OPEN_CONNECTIONS
-from tokenrelay.api.sse import SERVER_SEND
+from tokenrelay.api.sse import DISCONNECTED, SERVER_SEND, WATCH_DISCONNECT
 from tokenrelay.broker.settings import Settings, get_settings
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -66,6 +66,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._header_bytes = 0
         self._in_headers = False
         self._refused = False
+        self._lost_watchers: list[asyncio.Future[Any]] = []
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -108,10 +109,24 @@ class GuardedHttpTools(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:
             self.scope[SERVER_SEND] = cycle.send  # type: ignore[literal-required]
+            self.scope[WATCH_DISCONNECT] = self._watch_lost  # type: ignore[literal-required]
+
+    def _watch_lost(self, future: asyncio.Future[Any]) -> None:
+        """Resolve `future` with `DISCONNECTED` when this connection is lost."""
+        if self.transport.is_closing():
+            future.set_result(DISCONNECTED)
+            return
+        # A response that ended cancelled its future; pipelined requests may leave several.
+        self._lost_watchers = [f for f in self._lost_watchers if not f.done()]
+        self._lost_watchers.append(future)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
         super().connection_lost(exc)
+        watchers, self._lost_watchers = self._lost_watchers, []
+        for future in watchers:
+            if not future.done():
+                future.set_result(DISCONNECTED)
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:

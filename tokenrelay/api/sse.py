@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -22,6 +23,11 @@ SERVER_SEND = "tokenrelay.server_send"
 stream's body chunks go out with it, past the middleware: each would otherwise wrap every chunk
 of a long stream, and none of them looks past a response's start (none may: a transformed body
 is no event stream)."""
+
+WATCH_DISCONNECT = "tokenrelay.watch_disconnect"
+"""Scope key the server protocol sets: a callable taking a future, which the protocol resolves
+with `DISCONNECTED` when the connection is lost. An event stream watches its client with it
+instead of a task per stream waiting on `receive`."""
 
 SSE_HEADERS = {
     "Cache-Control": "no-store",
@@ -132,7 +138,7 @@ class Draining(asyncio.Event):
 
     def __init__(self) -> None:
         super().__init__()
-        self._watchers: set[asyncio.Future[None]] = set()
+        self._watchers: set[asyncio.Future[Any]] = set()
 
     def set(self) -> None:
         super().set()
@@ -141,7 +147,7 @@ class Draining(asyncio.Event):
             if not future.done():
                 future.set_result(None)
 
-    def watch(self, future: asyncio.Future[None]) -> None:
+    def watch(self, future: asyncio.Future[Any]) -> None:
         """Resolve `future` when this is set (at once if it is); a done future is dropped."""
         if self.is_set():
             if not future.done():
@@ -188,71 +194,127 @@ class EventStreamResponse(Response):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        outcome = "done"
         write: Send = scope.get(SERVER_SEND, send)
-
-        async def stream() -> None:
-            async for chunk in self._body:
-                await write({"type": "http.response.body", "body": chunk, "more_body": True})
-
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        tasks: dict[asyncio.Future[None], str] = {
-            asyncio.create_task(stream()): "done",
-            asyncio.create_task(disconnected()): "disconnected",
-        }
-        # The time budget and the shutdown end a future, not a task of their own.
+        loop = asyncio.get_running_loop()
+        # What ends the stream early: the client leaving, the time budget, the shutdown. The
+        # body runs in this task, which the first of them cancels while it waits in the body.
+        ended: asyncio.Future[str | None] = loop.create_future()
+        task = asyncio.current_task()
+        assert task is not None
+        state = _Streaming(task, self._on_disconnect)
+        ended.add_done_callback(state.ended)
+        watch = scope.get(WATCH_DISCONNECT)
+        watcher: asyncio.Task[None] | None = None
+        if watch is not None:
+            watch(ended)
+        else:  # a server without the hook: a task waits for the disconnect message
+            watcher = loop.create_task(_disconnected(receive, ended))
         timer: asyncio.TimerHandle | None = None
-        if self._deadline is not None or self._abort is not None:
-            loop = asyncio.get_running_loop()
-            cut: asyncio.Future[None] = loop.create_future()
-            tasks[cut] = "aborted"
-            if self._deadline is not None:
-                timer = loop.call_at(self._deadline, _resolve, cut)
-            if self._abort is not None:
-                self._abort.watch(cut)
+        if self._deadline is not None:
+            timer = loop.call_at(self._deadline, _resolve, ended)
+        if self._abort is not None:
+            self._abort.watch(ended)
+
+        outcome = "done"
+        failure: BaseException | None = None
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            # A client that left makes the body's next write fail too: when both ended in
-            # one wake-up, the disconnect is what happened (and `on_disconnect` must run).
-            first = next((t for t in done if tasks[t] == "disconnected"), next(iter(done)))
-            outcome = tasks[first]
-            for task in tasks:
-                if task not in done:
-                    task.cancel()
-            if outcome == "disconnected" and self._on_disconnect is not None:
-                # At once, not after the body has stopped: a cancellation swallowed inside
-                # the body (a Redis call can) would hold it to the run's end.
-                on_disconnect, self._on_disconnect = self._on_disconnect, None
-                await on_disconnect()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if first.exception() is not None and outcome == "done":
+            state.in_body = True
+            try:
+                async for chunk in self._body:
+                    await write({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if ended.done():
+                        break  # the cancellation was swallowed inside the body
+            except asyncio.CancelledError:
+                if not state.consume_cancel():
+                    raise  # not ours: the server's, or the caller's
+            except Exception as exc:
+                failure = exc
+            finally:
+                state.in_body = False
+                state.consume_cancel()  # one the body swallowed
+            if ended.done():
+                # A client that left makes the body's next write fail too: the disconnect is
+                # what happened (`on_disconnect` has run, from `state.ended`).
+                outcome = "disconnected" if ended.result() == DISCONNECTED else "aborted"
+            elif failure is not None:
                 # A write to a client that is gone is its disconnect, not a failed stream.
-                outcome = "disconnected" if isinstance(first.exception(), OSError) else "error"
+                outcome = "disconnected" if isinstance(failure, OSError) else "error"
         finally:
+            ended.remove_done_callback(state.ended)
+            if not ended.done():
+                ended.cancel()  # unwatched: the protocol and the shutdown signal drop it
             if timer is not None:
                 timer.cancel()
-            for task in tasks:
-                task.cancel()
+            if watcher is not None:
+                watcher.cancel()
             with contextlib.suppress(Exception):
                 await self._body.aclose()  # type: ignore[attr-defined]
 
         if outcome == "done":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif outcome == "disconnected":
-            if self._on_disconnect is not None:
-                await self._on_disconnect()
+            await state.disconnect_handled()
         elif outcome == "error":
-            exc = first.exception()
-            assert exc is not None
+            assert failure is not None
             # A failure mid-stream (e.g. Redis went away) aborts, so the client resumes.
-            raise StreamAborted(f"stream failed: {exc!r}") from exc
+            raise StreamAborted(f"stream failed: {failure!r}") from failure
         else:
             raise StreamAborted("stream time budget reached or server shutting down")
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+DISCONNECTED = "disconnected"
+
+
+class _Streaming:
+    """The task serving an event stream, and what ends it early: the task is cancelled while
+    it waits in the body (and only then: a cancel asked for elsewhere would hit the server's
+    own code), once; the owner's `on_disconnect` runs at once, whatever the body does with
+    its cancellation."""
+
+    __slots__ = ("cancelled", "handler", "in_body", "on_disconnect", "task")
+
+    def __init__(
+        self, task: asyncio.Task[Any], on_disconnect: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        self.task = task
+        self.in_body = False
+        self.cancelled = False
+        self.on_disconnect = on_disconnect
+        self.handler: asyncio.Task[None] | None = None
+
+    def ended(self, future: asyncio.Future[str | None]) -> None:
+        if future.cancelled():
+            return
+        if future.result() == DISCONNECTED and self.on_disconnect is not None:
+            self.handler = asyncio.ensure_future(self.on_disconnect())
+        if self.in_body and not self.cancelled:
+            self.cancelled = True
+            self.task.cancel()
+
+    def consume_cancel(self) -> bool:
+        """Take back this stream's cancel, once; False when it sent none."""
+        if not self.cancelled:
+            return False
+        self.cancelled = False
+        self.task.uncancel()
+        return True
+
+    async def disconnect_handled(self) -> None:
+        """`on_disconnect` done: started when the disconnect was seen, or run now (a write
+        failed before the server told of the disconnect)."""
+        if self.handler is not None:
+            await self.handler
+        elif self.on_disconnect is not None:
+            await self.on_disconnect()
+
+
+async def _disconnected(receive: Receive, ended: asyncio.Future[str | None]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not ended.done():
+        ended.set_result(DISCONNECTED)
+
+
+def _resolve(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_result(None)
