@@ -121,10 +121,12 @@ async def _never_receives() -> Any:
     raise AssertionError("a server with the hook is never asked for a disconnect message")
 
 
-async def test_with_the_server_hook_a_stream_is_one_task_and_a_lost_client_ends_it() -> None:
-    """The body runs in the request's own task, with no task beside it to wait for the
-    client; the connection's loss cancels the body where it waits, the owner is told, and the
-    task goes on uncancelled (the server's code after it runs normally)."""
+async def test_with_the_server_hook_no_task_waits_for_the_client_and_its_loss_ends_the_stream() -> (
+    None
+):
+    """The request's task and its body's, and no third waiting on `receive` for the client;
+    the connection's loss stops the body, the owner is told, and the request's task goes on
+    uncancelled (the server's code after it runs normally)."""
     connection = _Connection()
     told: list[str] = []
     closed: list[bool] = []
@@ -152,7 +154,7 @@ async def test_with_the_server_hook_a_stream_is_one_task_and_a_lost_client_ends_
     before = len(asyncio.all_tasks())
     task = asyncio.ensure_future(request())
     await asyncio.sleep(0.02)
-    assert len(asyncio.all_tasks()) == before + 1, "one task per stream: the request's own"
+    assert len(asyncio.all_tasks()) == before + 2, "the request's task and its body's, no more"
     assert len(connection.watchers) == 1
     connection.lose()
     assert await asyncio.wait_for(task, 5) == 0

@@ -196,13 +196,18 @@ class EventStreamResponse(Response):
         )
         write: Send = scope.get(SERVER_SEND, send)
         loop = asyncio.get_running_loop()
-        # What ends the stream early: the client leaving, the time budget, the shutdown. The
-        # body runs in this task, which the first of them cancels while it waits in the body.
+
+        async def stream() -> None:
+            async for chunk in self._body:
+                await write({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        # The body runs in a task of its own: resumed at each chunk, it is a few frames deep,
+        # not under the request's whole middleware chain. What ends it is one future: the
+        # body's end, the client leaving (told by the server protocol, with no task waiting on
+        # `receive` for it), the time budget or the shutdown.
         ended: asyncio.Future[str | None] = loop.create_future()
-        task = asyncio.current_task()
-        assert task is not None
-        state = _Streaming(task, self._on_disconnect)
-        ended.add_done_callback(state.ended)
+        streamer = loop.create_task(stream())
+        streamer.add_done_callback(lambda _: _resolve(ended, STREAMED))
         watch = scope.get(WATCH_DISCONNECT)
         watcher: asyncio.Task[None] | None = None
         if watch is not None:
@@ -218,42 +223,37 @@ class EventStreamResponse(Response):
         outcome = "done"
         failure: BaseException | None = None
         try:
-            state.in_body = True
-            try:
-                async for chunk in self._body:
-                    await write({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if ended.done():
-                        break  # the cancellation was swallowed inside the body
-            except asyncio.CancelledError:
-                if not state.consume_cancel():
-                    raise  # not ours: the server's, or the caller's
-            except Exception as exc:
-                failure = exc
-            finally:
-                state.in_body = False
-                state.consume_cancel()  # one the body swallowed
-            if ended.done():
-                # A client that left makes the body's next write fail too: the disconnect is
-                # what happened (`on_disconnect` has run, from `state.ended`).
-                outcome = "disconnected" if ended.result() == DISCONNECTED else "aborted"
-            elif failure is not None:
-                # A write to a client that is gone is its disconnect, not a failed stream.
-                outcome = "disconnected" if isinstance(failure, OSError) else "error"
+            reason = await ended
+            if reason == STREAMED:
+                failure = None if streamer.cancelled() else streamer.exception()
+                if failure is not None:
+                    # A write to a client that is gone is its disconnect, not a failed stream.
+                    outcome = "disconnected" if isinstance(failure, OSError) else "error"
+            else:
+                outcome = "disconnected" if reason == DISCONNECTED else "aborted"
+                streamer.cancel()
+                if outcome == "disconnected" and self._on_disconnect is not None:
+                    # At once, not after the body has stopped: a cancellation swallowed inside
+                    # the body (a Redis call can) would hold it to the run's end.
+                    on_disconnect, self._on_disconnect = self._on_disconnect, None
+                    await on_disconnect()
+                await asyncio.gather(streamer, return_exceptions=True)
         finally:
-            ended.remove_done_callback(state.ended)
             if not ended.done():
                 ended.cancel()  # unwatched: the protocol and the shutdown signal drop it
             if timer is not None:
                 timer.cancel()
             if watcher is not None:
                 watcher.cancel()
+            streamer.cancel()
             with contextlib.suppress(Exception):
                 await self._body.aclose()  # type: ignore[attr-defined]
 
         if outcome == "done":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif outcome == "disconnected":
-            await state.disconnect_handled()
+            if self._on_disconnect is not None:
+                await self._on_disconnect()
         elif outcome == "error":
             assert failure is not None
             # A failure mid-stream (e.g. Redis went away) aborts, so the client resumes.
@@ -263,49 +263,7 @@ class EventStreamResponse(Response):
 
 
 DISCONNECTED = "disconnected"
-
-
-class _Streaming:
-    """The task serving an event stream, and what ends it early: the task is cancelled while
-    it waits in the body (and only then: a cancel asked for elsewhere would hit the server's
-    own code), once; the owner's `on_disconnect` runs at once, whatever the body does with
-    its cancellation."""
-
-    __slots__ = ("cancelled", "handler", "in_body", "on_disconnect", "task")
-
-    def __init__(
-        self, task: asyncio.Task[Any], on_disconnect: Callable[[], Awaitable[None]] | None
-    ) -> None:
-        self.task = task
-        self.in_body = False
-        self.cancelled = False
-        self.on_disconnect = on_disconnect
-        self.handler: asyncio.Task[None] | None = None
-
-    def ended(self, future: asyncio.Future[str | None]) -> None:
-        if future.cancelled():
-            return
-        if future.result() == DISCONNECTED and self.on_disconnect is not None:
-            self.handler = asyncio.ensure_future(self.on_disconnect())
-        if self.in_body and not self.cancelled:
-            self.cancelled = True
-            self.task.cancel()
-
-    def consume_cancel(self) -> bool:
-        """Take back this stream's cancel, once; False when it sent none."""
-        if not self.cancelled:
-            return False
-        self.cancelled = False
-        self.task.uncancel()
-        return True
-
-    async def disconnect_handled(self) -> None:
-        """`on_disconnect` done: started when the disconnect was seen, or run now (a write
-        failed before the server told of the disconnect)."""
-        if self.handler is not None:
-            await self.handler
-        elif self.on_disconnect is not None:
-            await self.on_disconnect()
+STREAMED = "streamed"
 
 
 async def _disconnected(receive: Receive, ended: asyncio.Future[str | None]) -> None:
@@ -315,6 +273,6 @@ async def _disconnected(receive: Receive, ended: asyncio.Future[str | None]) -> 
         ended.set_result(DISCONNECTED)
 
 
-def _resolve(future: asyncio.Future[Any]) -> None:
+def _resolve(future: asyncio.Future[Any], value: str | None = None) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(value)
