@@ -135,3 +135,27 @@ async def test_clients_hanging_up_at_every_point_of_a_join(redis_server: RedisSe
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_a_client_that_hangs_up_ends_its_stream_at_once(redis_server: RedisServer) -> None:
+    """The server tells the stream its client is gone (no write needs to fail, no heartbeat
+    to come first): the stream ends while the run, whose events it would otherwise go on
+    reading, still streams."""
+    server = Tokenrelay(make_settings(redis_server, heartbeat_seconds=60.0)).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            baseline = metric((await c.get("/metrics")).text, "tokenrelay_api_streams_open")
+            tid = await new_thread(c)
+            body = run_body("stubborn")  # 200 tokens, 20 ms apart: about 4 s
+            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=body) as r:
+                run_id = (await events(r, limit=2))[0].json()["run_id"]
+            for _ in range(40):
+                gauge = metric((await c.get("/metrics")).text, "tokenrelay_api_streams_open")
+                if gauge == baseline:
+                    break
+                await asyncio.sleep(0.025)
+            assert gauge == baseline
+            run = (await c.get(f"/threads/{tid}/runs/{run_id}")).json()
+            assert run["status"] == "running", "the run went on; only its stream ended"
+    finally:
+        server.stop()
