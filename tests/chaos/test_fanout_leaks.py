@@ -70,17 +70,25 @@ async def test_cancelled_at_every_step_of_a_subscribe_nothing_leaks(
 ) -> None:
     fan, redis, keys = fanout
     entered = 0
-    for steps in range(40):
+    for steps in [*range(40), None]:
         # Several clients of one run, and one of another, cancelled after `steps` turns of the
-        # event loop: before, during and after the subscribe and its confirmation.
-        async def hold(run_id: str) -> None:
+        # event loop: before, during and after the subscribe and its confirmation; last, once
+        # all three are in (how many turns a subscribe takes depends on the machine).
+        target, all_in = entered + 3, asyncio.Event()
+
+        async def hold(run_id: str, target: int = target, all_in: asyncio.Event = all_in) -> None:
             nonlocal entered
             async with fan.subscribe(run_id):
                 entered += 1
+                if entered == target:
+                    all_in.set()
                 await asyncio.Event().wait()
 
         tasks = [asyncio.create_task(hold(r)) for r in ("a", "a", "b")]
-        for _ in range(steps):
+        if steps is None:
+            async with asyncio.timeout(10):
+                await all_in.wait()
+        for _ in range(steps or 0):
             await asyncio.sleep(0)
         for task in tasks:
             task.cancel()
@@ -89,7 +97,7 @@ async def test_cancelled_at_every_step_of_a_subscribe_nothing_leaks(
                 await task
         assert fan.client_count == 0
     await settle(redis, keys, fan)  # and the channels, once they have lingered
-    assert entered > 0  # later rounds got all the way in before they were cancelled
+    assert entered >= 3  # the last round got all the way in before it was cancelled
 
 
 async def test_clients_hanging_up_at_every_point_of_a_join(redis_server: RedisServer) -> None:
