@@ -193,7 +193,9 @@ def _dev(settings: Settings, sock: socket.socket, log_args: list[str], extra: li
         # A throwaway SQLite file: the API and the workers see the same threads.
         scratch = tempfile.mkdtemp(prefix="tokenrelay-dev-")
         env["TOKENRELAY_CHECKPOINTER"] = f"sqlite:///{scratch}/checkpoints.sqlite"
-    workers = max(1, usable_cores() - 1)
+    # A worker per core, the API beside them: a worker costs about twice the API's CPU per token
+    # (the graph runs there), and the kernel shares the cores out by what each process needs.
+    workers = usable_cores()
     url = f"http://{host}:{port}"
     print(
         f"\ntokenrelay dev: {url}  (Redis {settings.resolved_redis_url()}, graphs "
