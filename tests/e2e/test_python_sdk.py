@@ -113,6 +113,24 @@ async def test_stateless_runs_and_assistants(relay: Tokenrelay) -> None:
     assert parts[-1].event == "values"
 
 
+async def test_a_stateless_run_keeps_its_thread_when_asked(relay: Tokenrelay) -> None:
+    client = get_client(url=relay.url)
+    kept = await client.runs.create(None, "fast", input=say("keep me"), on_completion="keep")
+    await client.runs.join(kept["thread_id"], kept["run_id"])
+    thread = await client.threads.get(kept["thread_id"])
+    assert "stateless" not in thread["metadata"]
+    state = await client.threads.get_state(kept["thread_id"])
+    assert [m["type"] for m in state["values"]["messages"]] == ["human", "ai"]
+    # the thread is an ordinary one: it takes another run
+    await client.runs.wait(kept["thread_id"], "fast", input=say("again"))
+    state = await client.threads.get_state(kept["thread_id"])
+    assert len(state["values"]["messages"]) == 4
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        await client.runs.create(None, "fast", input=say("x"), on_completion="archive")  # type: ignore[arg-type]
+    assert exc.value.response.status_code == 422
+    assert "on_completion" in exc.value.response.text
+
+
 async def test_errors_come_back_as_sdk_exceptions(relay: Tokenrelay) -> None:
     client = get_client(url=relay.url)
     with pytest.raises(httpx.HTTPStatusError) as exc:

@@ -134,6 +134,11 @@ class RunCreate(BaseModel):
     checkpoint_id: str | None = None
     checkpoint: dict[str, Any] | None = None
     if_not_exists: Literal["create", "reject"] = "reject"
+    on_completion: Literal["delete", "keep"] = Field(
+        default="delete",
+        description="A stateless run's thread (`POST /runs/...`) after the run ends: deleted "
+        "(the default) or kept, to be read and run on like any other thread.",
+    )
     interrupt_before: Literal["*"] | list[str] | None = None
     interrupt_after: Literal["*"] | list[str] | None = None
     durability: Literal["sync", "async", "exit"] | None = Field(

@@ -49,7 +49,11 @@ async def start_run(
     }  # fmt: skip
     scope = await who.allow("threads", "create_run", allowed)
     if thread_id is None:
-        metadata = await who.new_thread_metadata(None, {"graph_id": graph_id, "stateless": True})
+        # A kept thread is an ordinary one; a deleted one is marked for its worker to retire.
+        owned: dict[str, Any] = {"graph_id": graph_id}
+        if body.on_completion == "delete":
+            owned["stateless"] = True
+        metadata = await who.new_thread_metadata(None, owned)
         thread = await svc.threads.create(new_id(), metadata)
     elif body.if_not_exists == "create":
         # Created from the path or a chat id: checked as POST /threads checks its body.
