@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import httpx
 import pytest
 from langchain_core.messages import HumanMessage
@@ -129,6 +131,33 @@ async def test_a_stateless_run_keeps_its_thread_when_asked(relay: Tokenrelay) ->
         await client.runs.create(None, "fast", input=say("x"), on_completion="archive")  # type: ignore[arg-type]
     assert exc.value.response.status_code == 422
     assert "on_completion" in exc.value.response.text
+
+
+async def test_a_run_put_off_starts_when_due_and_can_be_cancelled_before(
+    relay: Tokenrelay,
+) -> None:
+    client = get_client(url=relay.url)
+    tid = (await client.threads.create())["thread_id"]
+    run = await client.runs.create(tid, "fast", input=say("later"), after_seconds=1.5)
+    assert run["status"] == "pending"
+    assert run["kwargs"]["after_seconds"] == 1.5
+    await client.runs.join(tid, run["run_id"])
+    assert (await client.runs.get(tid, run["run_id"]))["status"] == "success"
+    # Nothing of the run was written before its time: the checkpoint its graph wrote says when.
+    state = await client.threads.get_state(tid)
+    assert state["created_at"] is not None
+    ran_at = datetime.fromisoformat(state["created_at"])
+    assert (ran_at - datetime.fromisoformat(run["created_at"])).total_seconds() >= 1.5
+    # A run cancelled while it waits ends at once and frees its thread for the next run.
+    later = await client.runs.create(tid, "fast", input=say("never"), after_seconds=300)
+    await client.runs.cancel(tid, later["run_id"], wait=True)
+    assert (await client.runs.get(tid, later["run_id"]))["status"] == "interrupted"
+    waited = await client.runs.wait(tid, "fast", input=say("now"))
+    assert waited["messages"][-2]["content"] == "now"
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        await client.runs.create(tid, "fast", input=say("x"), after_seconds=-1)
+    assert exc.value.response.status_code == 422
+    assert "after_seconds" in exc.value.response.text
 
 
 async def test_errors_come_back_as_sdk_exceptions(relay: Tokenrelay) -> None:

@@ -134,6 +134,14 @@ class RunCreate(BaseModel):
     checkpoint_id: str | None = None
     checkpoint: dict[str, Any] | None = None
     if_not_exists: Literal["create", "reject"] = "reject"
+    after_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=366 * 86400,
+        allow_inf_nan=False,
+        description="Start the run this many seconds from now; it is `pending` until then, and "
+        "holds its thread as an active run does.",
+    )
     on_completion: Literal["delete", "keep"] = Field(
         default="delete",
         description="A stateless run's thread (`POST /runs/...`) after the run ends: deleted "
@@ -207,6 +215,7 @@ class RunCreate(BaseModel):
             "interrupt_after": self.interrupt_after,
             "durability": self.graph_durability(),
             "stream_protocol": self.stream_protocol,
+            **({"after_seconds": self.after_seconds} if self.after_seconds else {}),
         }
 
 

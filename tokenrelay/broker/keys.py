@@ -81,6 +81,10 @@ class Keys:
     def queue(self) -> str:
         return f"{self.prefix}:queue"
 
+    def queue_delayed(self) -> str:
+        """Jobs of runs that start later (`after_seconds`), scored by when (ms)."""
+        return f"{self.prefix}:queue:delayed"
+
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
 

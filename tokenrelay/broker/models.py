@@ -127,6 +127,8 @@ class Job:
     run_id: str
     thread_id: str
     assistant_id: str
+    not_before: int = 0
+    """When the run may start (ms since the epoch; a client's `after_seconds`), 0 at once."""
 
 
 @dataclass(frozen=True, slots=True)

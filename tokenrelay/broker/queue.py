@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -30,6 +31,7 @@ class RunQueue:
     def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self._redis = redis
         self._key = keys.queue()
+        self._delayed = keys.queue_delayed()
         self._renew = scripts.script("renew_jobs")
         self._ack = scripts.script("ack_job")
 
@@ -42,8 +44,30 @@ class RunQueue:
                 raise
 
     async def enqueue(self, job: Job) -> bytes:
-        """Queue `job`; returns its entry id."""
-        return cast(bytes, await self._redis.xadd(self._key, {"j": codec.pack(asdict(job))}))
+        """Queue `job`; returns its entry id, or b"" for a job that starts later: it waits
+        apart until `promote_due` queues it."""
+        packed = codec.pack(asdict(job))
+        if job.not_before > time.time() * 1000:
+            await self._redis.zadd(self._delayed, {packed: job.not_before})
+            return b""
+        return cast(bytes, await self._redis.xadd(self._key, {"j": packed}))
+
+    async def promote_due(self, limit: int = 100) -> int:
+        """Queue up to `limit` of the jobs put off until now; returns how many."""
+        now = int(time.time() * 1000)
+        due = cast(
+            list[bytes],
+            await self._redis.zrangebyscore(self._delayed, "-inf", now, start=0, num=limit),
+        )
+        moved = 0
+        for packed in due:
+            # Whoever takes a job out of the set queues it, so it is queued once. A job lost
+            # between the two (its worker stopped there) is a run never queued, which its
+            # thread's repair ends (`contains` no longer finds it).
+            if await self._redis.zrem(self._delayed, packed):
+                await self._redis.xadd(self._key, {"j": packed})
+                moved += 1
+        return moved
 
     async def claim(self, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, Job]]:
         """Up to `count` new jobs for `consumer`, waiting at most `block_ms` for the first."""
@@ -99,8 +123,10 @@ class RunQueue:
                 if b"j" in fields and codec.unpack(fields[b"j"]).get("run_id") == run_id:
                     return True
             if len(rows) < 1000:
-                return False
+                break
             last = "(" + rows[-1][0].decode()
+        delayed = cast(list[bytes], await self._redis.zrange(self._delayed, 0, -1))
+        return any(codec.unpack(packed).get("run_id") == run_id for packed in delayed)
 
     async def depth(self) -> int:
         """Jobs waiting for a worker (not yet delivered to any)."""

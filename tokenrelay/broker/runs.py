@@ -65,6 +65,12 @@ class RunRecord:
     """The queue entry its current attempt runs from."""
 
     @property
+    def starts_at(self) -> int:
+        """When the run may start (ms), if its client put it off (`after_seconds`), else 0."""
+        delay = self.kwargs.get("after_seconds") or 0
+        return self.created_at + int(delay * 1000) if delay > 0 else 0
+
+    @property
     def stream_modes(self) -> list[str]:
         return list(self.kwargs.get("stream_mode") or ["values"])
 
@@ -148,7 +154,7 @@ class RunStore:
         return verdict, reply[1].decode() if len(reply) > 1 else ""
 
     def job(self, run: RunRecord) -> Job:
-        return Job(run.run_id, run.thread_id, run.assistant_id)
+        return Job(run.run_id, run.thread_id, run.assistant_id, run.starts_at)
 
     async def start_attempt(
         self, run_id: str, worker_id: str, max_attempts: int, job_id: bytes = b""

@@ -62,6 +62,10 @@ CANCEL_REDELIVERY_SECONDS = 5.0
 """A cancel is delivered to a run's task again at most this often while the graph, which has
 produced nothing since, has not ended (see `_Running.deliver_cancel`)."""
 
+PROMOTE_SECONDS = 0.5
+"""How often a worker queues the runs put off (`after_seconds`) that are due: a run starts
+within about this long after its time, and an idle worker reads the set twice a second."""
+
 T = TypeVar("T")
 
 
@@ -227,6 +231,8 @@ class Worker:
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         backoff = 0.1
+        loop = asyncio.get_running_loop()
+        promoted_at = -float("inf")
         while not stop.is_set():
             free = self.concurrency - len(self._running)
             if free <= 0:
@@ -235,6 +241,9 @@ class Worker:
                 )
                 continue
             try:
+                if loop.time() - promoted_at >= PROMOTE_SECONDS:
+                    promoted_at = loop.time()
+                    await self.queue.promote_due()
                 claimed = await self.queue.claim(self.id, min(free, 32), block_ms=500)
                 backoff = 0.1
             except NETWORK_ERRORS as exc:

@@ -142,7 +142,7 @@ async def repair_active(svc: Services, thread_id: str, active: str) -> bool:
         unclaimed = run.attempt == 0 and not run.worker
         if unclaimed:
             # Young as the active run: created, or promoted from the thread's queue, lately.
-            since = max(run.created_at, await svc.runs.active_since(thread_id))
+            since = max(run.created_at, run.starts_at, await svc.runs.active_since(thread_id))
             if now_ms() - since <= STALE_START_MS or await svc.queue.contains(active):
                 return False
         elif not run.job or await svc.queue.holds(run.job):
