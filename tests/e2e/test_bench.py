@@ -56,13 +56,17 @@ def test_every_stream_is_read_whole(results: dict[str, Any], system: str) -> Non
     assert set(got) - {"b_sweep"} == set(ran) - only_ours | (
         only_ours if system == "tokenrelay" else set()
     )
+    cpu = []
     for scenario in [got["a"], got["b"], *got["c"].values(), got["d"]]:
         assert scenario["errors"] == []
         assert scenario["tokens"] == scenario["expected_tokens"]
         assert scenario["latency_ms"]["count"] == scenario["tokens"]
         assert scenario["schedule_latency_ms"]["count"] == scenario["tokens"]
-        assert scenario["cpu_us_per_token"]["total"] > 0
         assert scenario["incomplete_repetitions"] == 0
+        cpu.append(scenario["cpu_us_per_token"]["total"])
+    # CPU is counted for every scenario. A cheap one may read 0 (the kernel counts CPU time in
+    # 10 ms ticks, and the raw ceiling streams the quick run's 2,000 tokens in less), not all.
+    assert all(c >= 0 for c in cpu) and sum(cpu) > 0
     if "e" in ran:
         assert got["e"]["repeats"] == results["sizes"]["e"]["repeats"]
     if "g" in ran:
