@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import RedisServer, make_settings
-from tests.integration.test_api_stream import metric
+from tests.integration.test_api_stream import gauge_reaches, metric
 from tests.integration.test_stream import new_thread, run_body, stream_run
 from tests.server import Tokenrelay
 from tests.sse import events
@@ -134,12 +134,10 @@ async def test_clients_hanging_up_at_every_point_of_a_join(redis_server: RedisSe
                 rest = await events(r)
             assert rest[-1].event == "values"
             await settle(redis, keys)
-            for _ in range(100):
-                gauge = metric((await c.get("/metrics")).text, "tokenrelay_api_live_channels")
-                if gauge == baseline:
-                    break
-                await asyncio.sleep(0.05)
-            assert gauge == baseline
+            channels = await gauge_reaches(
+                c, "tokenrelay_api_live_channels", baseline, tries=100, every=0.05
+            )
+            assert channels == baseline
     finally:
         await redis.aclose()
         server.stop()
@@ -157,12 +155,8 @@ async def test_a_client_that_hangs_up_ends_its_stream_at_once(redis_server: Redi
             body = run_body("stubborn")  # 200 tokens, 20 ms apart: about 4 s
             async with c.stream("POST", f"/threads/{tid}/runs/stream", json=body) as r:
                 run_id = (await events(r, limit=2))[0].json()["run_id"]
-            for _ in range(40):
-                gauge = metric((await c.get("/metrics")).text, "tokenrelay_api_streams_open")
-                if gauge == baseline:
-                    break
-                await asyncio.sleep(0.025)
-            assert gauge == baseline
+            open_streams = "tokenrelay_api_streams_open"
+            assert await gauge_reaches(c, open_streams, baseline, tries=40, every=0.025) == baseline
             run = (await c.get(f"/threads/{tid}/runs/{run_id}")).json()
             assert run["status"] == "running", "the run went on; only its stream ended"
     finally:

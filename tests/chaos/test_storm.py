@@ -16,7 +16,7 @@ import pytest
 
 from tests.chaos.test_fanout_leaks import settle
 from tests.conftest import RedisServer, make_settings
-from tests.integration.test_api_stream import metric
+from tests.integration.test_api_stream import gauge_reaches, metric
 from tests.integration.test_stream import join, new_thread, run_body, wait_status
 from tests.integration.test_worker import body as worker_body
 from tests.integration.test_worker import words
@@ -177,12 +177,10 @@ async def test_join_storm_every_resume_is_exact(redis_server: RedisServer) -> No
             assert all(replay[-1].event == "values" for replay in replays)
             assert "running" in live  # the storm met live runs, not only finished ones
             await settle(redis, Keys(s.key_prefix))
-            for _ in range(100):
-                gauge = metric((await c.get("/metrics")).text, "tokenrelay_api_live_channels")
-                if gauge == baseline:
-                    break
-                await asyncio.sleep(0.05)
-            assert gauge == baseline
+            channels = await gauge_reaches(
+                c, "tokenrelay_api_live_channels", baseline, tries=100, every=0.05
+            )
+            assert channels == baseline
     finally:
         await redis.aclose()
         relay.stop()

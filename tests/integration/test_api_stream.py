@@ -33,6 +33,19 @@ def metric(text: str, name: str = "tokenrelay_api_live_queued_entries") -> float
     return 0.0
 
 
+async def gauge_reaches(
+    c: httpx.AsyncClient, name: str, value: float, *, tries: int, every: float
+) -> float:
+    """Poll `/metrics` until the gauge `name` reads `value` (at most `tries` times, `every`
+    seconds apart); returns its last reading."""
+    for _ in range(tries):
+        reading = metric((await c.get("/metrics")).text, name)
+        if reading == value:
+            break
+        await asyncio.sleep(every)
+    return reading
+
+
 def same(a: list[SSE], b: list[SSE]) -> bool:
     return [(e.id, e.event, e.data) for e in a] == [(e.id, e.event, e.data) for e in b]
 
