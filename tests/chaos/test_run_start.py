@@ -26,11 +26,12 @@ from tests.integration.test_stream import (
 from tests.integration.test_worker import body as worker_body
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import events
+from tokenrelay.broker import codec
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 from tokenrelay.broker.graphs import GraphRegistry, open_checkpointer
 from tokenrelay.broker.keys import Keys
-from tokenrelay.broker.models import RunStatus
+from tokenrelay.broker.models import Job, RunStatus
 from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 from tokenrelay.broker.settings import Settings
@@ -313,3 +314,36 @@ async def test_a_worker_drained_while_a_run_is_set_up_hands_the_run_back(
         evts = await _replayed(c, tid, rid)
         assert [e.json()["attempt"] for e in evts if e.event == "metadata"] == [1, 2]
         assert message_text(evts) == expected_text()
+
+
+async def test_jobs_put_off_are_queued_once_however_many_workers_promote_them(
+    redis_server: RedisServer,
+) -> None:
+    """Workers racing to queue the same due jobs (`after_seconds`) queue each exactly once; a
+    job not yet due stays apart, and the thread repair still finds it."""
+    s = make_settings(redis_server)
+    keys = Keys(s.key_prefix)
+    clients = [connect(s.resolved_redis_url()) for _ in range(4)]
+    try:
+        queue = RunQueue(clients[0], keys)
+        due = [Job(new_id(), new_id(), "agent", not_before=now_ms() + 50) for _ in range(60)]
+        later = Job(new_id(), new_id(), "agent", not_before=now_ms() + 600_000)
+        before = await clients[0].xlen(keys.queue())
+        for job in [*due, later]:
+            assert await queue.enqueue(job) == b""  # put off: not in the queue yet
+        assert await clients[0].xlen(keys.queue()) == before
+        await asyncio.sleep(0.1)  # the 60 jobs are due
+        moved = await asyncio.gather(
+            *(RunQueue(c, keys).promote_due(limit=100) for c in clients for _ in range(3))
+        )
+        assert sum(moved) == len(due)
+        rows = await clients[0].xrange(keys.queue(), count=10_000)
+        queued = [codec.unpack(fields[b"j"])["run_id"] for _, fields in rows]
+        assert sorted(r for r in queued if r in {j.run_id for j in due}) == sorted(
+            j.run_id for j in due
+        )
+        assert await queue.contains(later.run_id)  # waiting apart, so not repaired away
+        assert await clients[0].zcard(keys.queue_delayed()) == 1
+    finally:
+        for c in clients:
+            await c.aclose()
