@@ -15,10 +15,12 @@ import httpx
 import pytest
 import websockets
 
+from tests.conftest import make_settings
 from tests.graphs import FAST_WORDS
 from tests.server import Tokenrelay
 from tests.sse import SSE, iter_sse
 from tokenrelay.broker.connection import connect
+from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 from tokenrelay.broker.keys import Keys
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
@@ -543,3 +545,41 @@ async def test_redis_keeps_a_quarter_of_the_wire_bytes_per_token(
     tokens = long[0] - short[0]
     wire, stored = (long[1] - short[1]) / tokens, (long[2] - short[2]) / tokens
     assert stored <= 0.25 * wire, (stored, wire)
+
+
+async def test_a_subscription_to_a_queued_run_looks_rarely_and_hears_its_start() -> None:
+    """While the thread's run waits for a worker, the subscription relies on the run's start
+    being announced: it looks at the thread's runs a few times with growing waits (not 20
+    times a second), and after pub/sub reconnected (announcements may have been missed) it
+    still hears the start."""
+    own = EmbeddedRedis(port=free_port()).start()
+    s = make_settings(own)
+    api = Tokenrelay(s, with_worker=False).start()  # no worker: the run stays queued
+    worker: Tokenrelay | None = None
+    redis = connect(own.url)
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as c:
+            tid = str(uuid.uuid4())
+            async with subscription(c, tid, ["lifecycle", "messages"]) as events:
+                await start(c, tid, "fast", user("wait"))
+                before = await redis.info("commandstats")
+                await asyncio.sleep(2.5)
+                after = await redis.info("commandstats")
+                looks = (
+                    after["cmdstat_zrangebyscore"]["calls"]
+                    - before.get("cmdstat_zrangebyscore", {"calls": 0})["calls"]
+                )
+                assert looks <= 12, f"{looks} looks at the thread's runs in 2.5 s"
+                # The API's pub/sub connection is dropped, then a worker starts the run.
+                assert await redis.client_kill_filter(_type="pubsub") >= 1
+                worker = Tokenrelay(s).start()
+                got = await until_terminal(events)
+        assert got[-1]["params"]["data"]["event"] == "completed"
+        deltas = [e for e in got if e["params"]["data"].get("event") == "content-block-delta"]
+        assert len(deltas) == FAST_WORDS
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.stop()
+        await redis.aclose()
+        own.close()

@@ -252,8 +252,14 @@ async def _start(
 
 
 QUEUED_POLL_SECONDS = 0.05
-"""How often a subscription looks again at a run that waits for a worker (its start is also
-announced on the thread's channel; this covers an announcement that raced the subscribe)."""
+"""How soon a subscription first looks again at a run that waits for a worker. Its start is
+announced on the thread's channel, which the subscription heard from before its first look
+(missed announcements, after pub/sub reconnected, make it look again at once): the looks
+only cover an announcement that was never made (its worker died between numbering the run
+and announcing it), so each waits twice as long as the one before, up to
+`QUEUED_POLL_MAX_SECONDS`."""
+
+QUEUED_POLL_MAX_SECONDS = 1.0
 
 
 async def _next_run(
@@ -324,11 +330,18 @@ async def thread_events(
             past.add(run_id)
             after = ZERO_ID
         found = await _next_run(svc, thread_id, created, past)
-        idle = 0.0
+        idle, poll = 0.0, QUEUED_POLL_SECONDS
         while not isinstance(found, tuple):
-            wait = QUEUED_POLL_SECONDS if found else heartbeat - idle
-            if await wake.get(wait) is None:
+            wait = min(poll, heartbeat - idle) if found else heartbeat - idle
+            woken = await wake.get(wait) is not None
+            if wake.overflowed:
+                # Announcements may have been missed (pub/sub reconnected): hear them again
+                # from here on, and look now.
+                wake.reset()
+                poll = QUEUED_POLL_SECONDS
+            elif not woken:
                 idle += wait
+                poll = min(2 * poll, QUEUED_POLL_MAX_SECONDS)
                 if idle >= heartbeat:
                     idle = 0.0
                     if found:  # a run waits to start: free the thread if it never can
