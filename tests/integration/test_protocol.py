@@ -9,15 +9,17 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import websockets
 
-from tests.conftest import make_settings
+from tests.conftest import RedisServer, make_settings
 from tests.graphs import FAST_WORDS
-from tests.server import Tokenrelay
+from tests.integration.test_api_stream import gauge_reaches
+from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, iter_sse
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.embedded import EmbeddedRedis, free_port
@@ -583,3 +585,30 @@ async def test_a_subscription_to_a_queued_run_looks_rarely_and_hears_its_start()
         api.stop()
         await redis.aclose()
         own.close()
+
+
+async def test_subscriptions_whose_clients_left_end_on_the_server(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Clients that read a run to its end and hang up, as a page does, leave no subscription
+    running on the server: not even one whose cancellation Redis' client swallowed as the
+    client left (it is cancelled again), which would otherwise look at Redis every heartbeat
+    for as long as the process lives."""
+    s = make_settings(redis_server)
+    api = WorkerProcess(s, tmp_path / "api.log", command="api").start()
+    worker = WorkerProcess(s, tmp_path / "worker.log").start()
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as c:
+
+            async def one() -> None:
+                tid = str(uuid.uuid4())
+                async with subscription(c, tid, ["lifecycle"]) as events:
+                    await start(c, tid, "fast", user("bye"))
+                    await until_terminal(events)
+
+            await asyncio.gather(*(one() for _ in range(50)))
+            left = await gauge_reaches(c, "tokenrelay_api_streams_open", 0, tries=50, every=0.1)
+        assert left == 0, f"{left} subscriptions still running after their clients left"
+    finally:
+        worker.stop()
+        api.stop()

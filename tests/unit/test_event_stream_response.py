@@ -56,6 +56,37 @@ async def test_a_disconnect_is_handled_before_a_stubborn_body_stops() -> None:
     assert sent[0]["type"] == "http.response.start"
 
 
+async def test_a_body_that_swallowed_its_cancellation_is_cancelled_again() -> None:
+    """A body that would never end by itself (a protocol subscription spans runs) and lost the
+    cancellation its client's leaving sent it (Python 3.11's `asyncio.wait_for`, inside
+    redis-py, can) is cancelled again: the response ends, and so does the body."""
+    swallowed = 0
+    stopped = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal swallowed, stopped
+        yield b": hello\n\n"
+        try:
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if swallowed:
+                        raise
+                    swallowed += 1
+        finally:
+            stopped = True
+
+    conn = _Connection()
+    response = EventStreamResponse(body(), {})
+    task = asyncio.ensure_future(response(conn.scope(), _never_receives, conn.send))
+    await asyncio.sleep(0.05)
+    conn.lose()
+    async with asyncio.timeout(5):
+        await task
+    assert swallowed == 1 and stopped
+
+
 async def _idle_body() -> AsyncIterator[bytes]:
     yield b": hello\n\n"
     await asyncio.sleep(3600)

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from tokenrelay.broker import codec
 from tokenrelay.broker.log import History
 from tokenrelay.broker.models import END_EVENT, PROTOCOL_ONLY, Entry, Gap
+from tokenrelay.broker.runtime import cancel_and_wait
 
 HEARTBEAT = b": heartbeat\n\n"
 
@@ -231,13 +232,13 @@ class EventStreamResponse(Response):
                     outcome = "disconnected" if isinstance(failure, OSError) else "error"
             else:
                 outcome = "disconnected" if reason == DISCONNECTED else "aborted"
-                streamer.cancel()
+                stopped = asyncio.ensure_future(cancel_and_wait(streamer))
                 if outcome == "disconnected" and self._on_disconnect is not None:
                     # At once, not after the body has stopped: a cancellation swallowed inside
-                    # the body (a Redis call can) would hold it to the run's end.
+                    # the body (a Redis call can) holds it until it is cancelled again.
                     on_disconnect, self._on_disconnect = self._on_disconnect, None
                     await on_disconnect()
-                await asyncio.gather(streamer, return_exceptions=True)
+                await stopped
         finally:
             if not ended.done():
                 ended.cancel()  # unwatched: the protocol and the shutdown signal drop it

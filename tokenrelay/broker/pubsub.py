@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, SlotNotCoveredError
 
 from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
+from tokenrelay.broker.runtime import cancel_and_wait
 from tokenrelay.broker.scripts import AnyPipeline
 
 try:
@@ -183,9 +184,7 @@ class _NodeFeed:
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 class ShardedSubscriber:

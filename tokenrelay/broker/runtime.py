@@ -1,10 +1,12 @@
-"""Process-wide tuning shared by the API and the worker."""
+"""Process-wide tuning and task handling shared by the API and the worker."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import math
 import os
+from typing import Any
 
 GC_THRESHOLDS = (10_000, 2, 2500)
 """Young objects are collected every 10,000 allocations, the middle generation every second
@@ -14,6 +16,30 @@ A run's token chunks live as long as the run (the chat model keeps every chunk u
 is whole), so nearly every young object survives into the middle generation; collected only
 every 50th time, it held half a million of them and paused the process ~150 ms every few
 seconds under load, holding back every stream's tokens at once."""
+
+
+RECANCEL_SECONDS = 0.25
+"""How long `cancel_and_wait` lets a cancelled task unwind before cancelling it again."""
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], every: float = RECANCEL_SECONDS) -> None:
+    """Cancel `task` and wait for its end, cancelling it again each `every` seconds while it
+    runs on; whatever it ends with is taken (not raised here).
+
+    A cancellation can be lost: on Python 3.11, `asyncio.wait_for`, which redis-py awaits its
+    socket writes with, returns the write's result instead of raising when the cancellation
+    lands as the write completes, and the task goes on as if it had never been cancelled. A
+    stream body that never ends by itself (a protocol subscription spans runs) would then run,
+    and look at Redis each heartbeat, for as long as the process lives. A task still unwinding
+    the first cancellation is given `every` seconds before it is cancelled again."""
+    task.cancel()
+    while True:
+        await asyncio.wait({task}, timeout=every)
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # taken: a body failing as it is stopped is not news
+            return
+        task.cancel()
 
 
 def settle_heap() -> None:

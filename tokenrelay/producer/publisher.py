@@ -37,6 +37,7 @@ from tokenrelay.broker.log import (
 )
 from tokenrelay.broker.models import Event, RunStatus
 from tokenrelay.broker.retry import PERMANENT_TRIES, Backoff, is_transient
+from tokenrelay.broker.runtime import cancel_and_wait
 
 log = logging.getLogger("tokenrelay.publisher")
 
@@ -101,9 +102,7 @@ class Publisher:
             return
         if self._pending:
             await self.flush_all()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         self._task = None
 
     def emit(self, run_id: str, event: Event) -> None:

@@ -35,6 +35,7 @@ from tokenrelay.broker.errors import Conflict, InvalidBody, NotFound
 from tokenrelay.broker.models import ZERO_ID, Gap, StreamId
 from tokenrelay.broker.protocol import checkpoint_summary
 from tokenrelay.broker.runs import new_id
+from tokenrelay.broker.runtime import cancel_and_wait
 from tokenrelay.broker.threads import ThreadRecord
 
 router = APIRouter(tags=["agent protocol"])
@@ -515,9 +516,7 @@ class _Socket:
 
 async def _end(task: asyncio.Task[None], subscribed: contextlib.AsyncExitStack) -> None:
     """Stop a pump, then release its thread subscription (even if the pump never ran)."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await cancel_and_wait(task)
     await subscribed.aclose()
 
 
