@@ -232,13 +232,13 @@ class EventStreamResponse(Response):
                     outcome = "disconnected" if isinstance(failure, OSError) else "error"
             else:
                 outcome = "disconnected" if reason == DISCONNECTED else "aborted"
-                stopped = asyncio.ensure_future(cancel_and_wait(streamer))
+                streamer.cancel()
                 if outcome == "disconnected" and self._on_disconnect is not None:
                     # At once, not after the body has stopped: a cancellation swallowed inside
                     # the body (a Redis call can) holds it until it is cancelled again.
                     on_disconnect, self._on_disconnect = self._on_disconnect, None
                     await on_disconnect()
-                await stopped
+                await cancel_and_wait(streamer, cancelled=True)
         finally:
             if not ended.done():
                 ended.cancel()  # unwatched: the protocol and the shutdown signal drop it

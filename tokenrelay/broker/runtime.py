@@ -22,9 +22,12 @@ RECANCEL_SECONDS = 0.25
 """How long `cancel_and_wait` lets a cancelled task unwind before cancelling it again."""
 
 
-async def cancel_and_wait(task: asyncio.Task[Any], every: float = RECANCEL_SECONDS) -> None:
-    """Cancel `task` and wait for its end, cancelling it again each `every` seconds while it
-    runs on; whatever it ends with is taken (not raised here).
+async def cancel_and_wait(
+    task: asyncio.Task[Any], every: float = RECANCEL_SECONDS, *, cancelled: bool = False
+) -> None:
+    """Cancel `task` (unless the caller just did: `cancelled`) and wait for its end, cancelling
+    it again each `every` seconds while it runs on; whatever it ends with is taken (not raised
+    here).
 
     A cancellation can be lost: on Python 3.11, `asyncio.wait_for`, which redis-py awaits its
     socket writes with, returns the write's result instead of raising when the cancellation
@@ -32,7 +35,8 @@ async def cancel_and_wait(task: asyncio.Task[Any], every: float = RECANCEL_SECON
     stream body that never ends by itself (a protocol subscription spans runs) would then run,
     and look at Redis each heartbeat, for as long as the process lives. A task still unwinding
     the first cancellation is given `every` seconds before it is cancelled again."""
-    task.cancel()
+    if not cancelled:
+        task.cancel()
     while True:
         await asyncio.wait({task}, timeout=every)
         if task.done():
