@@ -24,6 +24,7 @@ from tokenrelay.broker.log import LiveBatch
 from tokenrelay.broker.models import StreamId
 from tokenrelay.broker.pubsub import Subscriber, subscriber
 from tokenrelay.broker.retry import Backoff
+from tokenrelay.broker.runtime import cancel_and_wait
 
 log = logging.getLogger("tokenrelay.fanout")
 
@@ -199,9 +200,7 @@ class Fanout:
         self._closing = True
         self._changed.set()  # the syncer ends at its next turn, even if a cancel is swallowed
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # the reader has no turn to end at: cancelled again
         self._tasks = []
         if self._pubsub is not None:
             await self._pubsub.aclose()

@@ -42,6 +42,7 @@ from tokenrelay.broker.pubsub import subscriber
 from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.retry import Backoff, is_transient
 from tokenrelay.broker.runs import RunStore, now_ms
+from tokenrelay.broker.runtime import cancel_and_wait
 from tokenrelay.broker.scripts import RoundTrip
 from tokenrelay.broker.settings import Settings
 from tokenrelay.broker.threads import ThreadStore
@@ -165,16 +166,16 @@ class Worker:
             claim = asyncio.create_task(self._claim_loop(stop))
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait({claim, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            claim.cancel()
             stopped.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await claim
+            await cancel_and_wait(claim)
+            failure = None if claim.cancelled() else claim.exception()
+            if failure is not None:
+                raise failure
             await self._drain(force)
         finally:
+            # Cancelled again should a Redis call swallow the cancellation, so the worker stops.
             for task in (beat, control):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
             for running in list(self._running.values()):
                 running.task.cancel()
             await self.publisher.stop()
