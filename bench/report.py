@@ -419,6 +419,12 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ]  # fmt: skip
 
 
+def _short_error(text: str) -> str:
+    """A client error as one short phrase (an HTTP status rather than aiohttp's whole repr)."""
+    status = re.search(r"status=(\d+), message='([^']*)'", text)
+    return f"HTTP {status[1]} {status[2]}" if status else text[:160]
+
+
 def failures(results: dict[str, Any]) -> list[str]:
     out = []
     for name, scenarios in results["systems"].items():
@@ -426,8 +432,20 @@ def failures(results: dict[str, Any]) -> list[str]:
             # `c`, `b_sweep` and `j` hold one result per stream or run count.
             nested = value.items() if key in ("c", "b_sweep", "j") else [("", value)]
             for sub, result in nested:
-                if isinstance(result, dict) and "failed" in result:
+                if not isinstance(result, dict):
+                    continue
+                if "failed" in result:
                     out.append(f"{name} ({key}{sub}): {result['failed']}")
+                elif result.get("incomplete_repetitions"):
+                    # Its figures count only what the clients that were served received.
+                    first = _short_error(str((result.get("errors") or ["none recorded"])[0]))
+                    out.append(
+                        f"{name} ({key}{sub}): {result['incomplete_repetitions']} of "
+                        f"{result.get('repetitions', 1)} repetitions delivered fewer tokens "
+                        f"than expected ({result.get('error_count', 0)} client errors; the "
+                        f"first: {first}); its figures count only the tokens "
+                        "delivered"
+                    )
     return out
 
 
