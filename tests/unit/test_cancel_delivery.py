@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from tests.unit.stubborn import Stubborn
 from tokenrelay.producer.worker import _Running
 
 
@@ -41,24 +42,15 @@ async def test_a_repeated_cancel_does_not_cancel_the_unwinding_of_the_first() ->
 
 
 async def test_a_swallowed_cancel_is_delivered_again_once_the_graph_goes_on() -> None:
-    swallowed = 0
+    def goes_on() -> None:
+        run.events += 1  # a library call inside the graph took it, and the graph made an event
 
-    async def graph() -> None:
-        nonlocal swallowed
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                if swallowed:
-                    raise
-                swallowed += 1  # a library call inside the graph took it and carried on
-                run.events += 1  # ... and the graph made another event
-
-    run = running(asyncio.create_task(graph()))
+    stubborn = Stubborn(1, goes_on)
+    run = running(asyncio.create_task(stubborn.wait()))
     await asyncio.sleep(0)
     run.deliver_cancel()
     await asyncio.sleep(0.01)
-    assert not run.task.done() and swallowed == 1
+    assert not run.task.done() and stubborn.swallowed == 1
     run.deliver_cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(run.task, 5)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.stubborn import Stubborn
 from tokenrelay.api.sse import (
     DISCONNECTED,
     WATCH_DISCONNECT,
@@ -60,20 +61,14 @@ async def test_a_body_that_swallowed_its_cancellation_is_cancelled_again() -> No
     """A body that would never end by itself (a protocol subscription spans runs) and lost the
     cancellation its client's leaving sent it (Python 3.11's `asyncio.wait_for`, inside
     redis-py, can) is cancelled again: the response ends, and so does the body."""
-    swallowed = 0
+    stubborn = Stubborn(1)
     stopped = False
 
     async def body() -> AsyncIterator[bytes]:
-        nonlocal swallowed, stopped
+        nonlocal stopped
         yield b": hello\n\n"
         try:
-            while True:
-                try:
-                    await asyncio.sleep(3600)
-                except asyncio.CancelledError:
-                    if swallowed:
-                        raise
-                    swallowed += 1
+            await stubborn.wait()
         finally:
             stopped = True
 
@@ -84,7 +79,7 @@ async def test_a_body_that_swallowed_its_cancellation_is_cancelled_again() -> No
     conn.lose()
     async with asyncio.timeout(5):
         await task
-    assert swallowed == 1 and stopped
+    assert stubborn.swallowed == 1 and stopped
 
 
 async def _idle_body() -> AsyncIterator[bytes]:

@@ -6,27 +6,17 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.unit.stubborn import Stubborn
 from tokenrelay.broker.runtime import cancel_and_wait
 
 
 async def test_a_task_that_swallows_cancellations_is_cancelled_until_it_ends() -> None:
-    swallowed = 0
-
-    async def stubborn() -> None:
-        nonlocal swallowed
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                swallowed += 1
-                if swallowed == 3:
-                    raise
-
-    task = asyncio.ensure_future(stubborn())
+    stubborn = Stubborn(2)
+    task = asyncio.ensure_future(stubborn.wait())
     await asyncio.sleep(0)
     async with asyncio.timeout(5):
         await cancel_and_wait(task, every=0.01)
-    assert task.cancelled() and swallowed == 3
+    assert task.cancelled() and stubborn.swallowed == 2
 
 
 async def test_an_unwinding_task_is_given_its_time_and_its_failure_is_taken() -> None:
