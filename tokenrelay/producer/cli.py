@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,18 +138,24 @@ def _child(args: list[str], env: dict[str, str], pass_fds: Sequence[int] = ()
 def _supervise(children: list[subprocess.Popen[bytes]], grace: float) -> int:
     """Wait until a signal comes or a child exits, then stop them all (SIGTERM, then SIGKILL
     after `grace` seconds); returns the exit status of the first child that ended."""
-    stop = threading.Event()
+    # The handler only appends to a list: a handler runs in the main thread between two of its
+    # bytecodes, so one that took a lock (a threading.Event's) would deadlock when a second
+    # signal came while the first held it (`timeout` signals the process and its group at once).
+    received: list[int] = []
     signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    previous = {
+        sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in signals
+    }
     status = 0
     try:
-        while not stop.wait(0.2):
+        while not received:
             ended = next((c for c in children if c.poll() is not None), None)
             if ended is not None:
                 status = ended.returncode or 0
                 if status:
                     log.error("a child process exited with %s; stopping the others", status)
                 break
+            time.sleep(0.2)
     finally:
         for child in children:
             if child.poll() is None:
