@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,11 @@ from tests.graphs import FAST_WORDS
 from tests.integration.test_api_stream import gauge_reaches
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, iter_sse
-from tokenrelay.broker.connection import connect
+from tokenrelay.api import agentstream
+from tokenrelay.broker.connection import RedisClient, connect
 from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 
@@ -549,14 +551,12 @@ async def test_redis_keeps_a_quarter_of_the_wire_bytes_per_token(
     assert stored <= 0.25 * wire, (stored, wire)
 
 
-async def test_a_subscription_to_a_queued_run_looks_rarely_and_hears_its_start() -> None:
-    """While the thread's run waits for a worker, the subscription relies on the run's start
-    being announced: it looks at the thread's runs a few times with growing waits (not 20
-    times a second), and after pub/sub reconnected (announcements may have been missed) it
-    still hears the start."""
-    own = EmbeddedRedis(port=free_port()).start()
-    s = make_settings(own)
-    api = Tokenrelay(s, with_worker=False).start()  # no worker: the run stays queued
+async def _queued_run_then_worker(
+    s: Settings, own: EmbeddedRedis, meanwhile: Callable[[RedisClient], Awaitable[None]]
+) -> list[Any]:
+    """A protocol subscription to a thread whose run waits for a worker (an API with none);
+    `meanwhile` runs before a worker starts the run; the subscription's events to its end."""
+    api = Tokenrelay(s, with_worker=False).start()
     worker: Tokenrelay | None = None
     redis = connect(own.url)
     try:
@@ -564,27 +564,61 @@ async def test_a_subscription_to_a_queued_run_looks_rarely_and_hears_its_start()
             tid = str(uuid.uuid4())
             async with subscription(c, tid, ["lifecycle", "messages"]) as events:
                 await start(c, tid, "fast", user("wait"))
-                before = await redis.info("commandstats")
-                await asyncio.sleep(2.5)
-                after = await redis.info("commandstats")
-                looks = (
-                    after["cmdstat_zrangebyscore"]["calls"]
-                    - before.get("cmdstat_zrangebyscore", {"calls": 0})["calls"]
-                )
-                assert looks <= 12, f"{looks} looks at the thread's runs in 2.5 s"
-                # The API's pub/sub connection is dropped, then a worker starts the run.
-                assert await redis.client_kill_filter(_type="pubsub") >= 1
+                await meanwhile(redis)
                 worker = Tokenrelay(s).start()
-                got = await until_terminal(events)
+                async with asyncio.timeout(15):
+                    got = await until_terminal(events)
         assert got[-1]["params"]["data"]["event"] == "completed"
         deltas = [e for e in got if e["params"]["data"].get("event") == "content-block-delta"]
         assert len(deltas) == FAST_WORDS
+        return got
     finally:
         if worker is not None:
             worker.stop()
         api.stop()
         await redis.aclose()
-        own.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(port=free_port()).start()
+    yield server
+    server.close()
+
+
+async def test_a_subscription_to_a_queued_run_looks_rarely(own_redis: EmbeddedRedis) -> None:
+    """While the thread's run waits for a worker, the subscription relies on the run's start
+    being announced: it looks at the thread's runs a few times with growing waits, not 20
+    times a second (the server's Redis counts the looks), and hears the start."""
+
+    async def count_looks(redis: RedisClient) -> None:
+        before = await redis.info("commandstats")
+        await asyncio.sleep(2.5)
+        after = await redis.info("commandstats")
+        looks = (
+            after["cmdstat_zrangebyscore"]["calls"]
+            - before.get("cmdstat_zrangebyscore", {"calls": 0})["calls"]
+        )
+        assert looks <= 12, f"{looks} looks at the thread's runs in 2.5 s"
+
+    await _queued_run_then_worker(make_settings(own_redis), own_redis, count_looks)
+
+
+async def test_a_subscription_to_a_queued_run_hears_its_start_after_pubsub_reconnected(
+    own_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's pub/sub connection drops while the run waits (announcements may be missed
+    until it has subscribed again): the subscription listens again and looks at once, so the
+    start is heard with no look due for a minute (neither a look nor a heartbeat is)."""
+    monkeypatch.setattr(agentstream, "QUEUED_POLL_SECONDS", 60.0)
+    monkeypatch.setattr(agentstream, "QUEUED_POLL_MAX_SECONDS", 60.0)
+
+    async def drop_pubsub(redis: RedisClient) -> None:
+        await asyncio.sleep(0.3)
+        assert await redis.client_kill_filter(_type="pubsub") >= 1
+
+    s = make_settings(own_redis, heartbeat_seconds=60.0)
+    await _queued_run_then_worker(s, own_redis, drop_pubsub)
 
 
 async def test_subscriptions_whose_clients_left_end_on_the_server(
