@@ -95,9 +95,11 @@ class LiveBatch:
 
 class Batch(list[Entry]):
     """Entries a reader gets at once. Those of a live batch that follows on what the reader
-    had are the same objects for every reader of the run in this process; then `memo` is the
-    batch's, so what a protocol derives from them (its frames) is done once per process, not
-    once per reader."""
+    had are the same objects for every reader of the run in this process; then `memo` is shared
+    by them, so what a protocol derives from them (its frames) is done once per process, not
+    once per reader. It is a dict of its own, not the `LiveBatch.memo` that holds this batch:
+    the two referring to each other made every live batch a reference cycle, which only the
+    cycle collector freed (the API's cyclic garbage, all of it, under the bench's paced load)."""
 
     __slots__ = ("memo",)
 
@@ -534,7 +536,7 @@ class EventLog:
                     shared: Batch | None = batch.memo.get(_RESOLVED)
                     if shared is None:
                         resolved = await blobs.resolve_all(_through_end(batch.entries))
-                        shared = batch.memo[_RESOLVED] = Batch(resolved, batch.memo)
+                        shared = batch.memo[_RESOLVED] = Batch(resolved, {})
                     out = shared
                 else:
                     fresh = [e for e in batch.entries if e.id > last]
