@@ -1,5 +1,6 @@
-"""The worker's heap guard: no generational collections, the whole heap collected when it grew or
-is old, and the generational collector back for a process that makes garbage cycles."""
+"""The worker's heap guard: no generational collections, the whole heap collected at a quiet moment
+when it grew or is old (at once when it grew far), and the generational collector back for a
+process that makes garbage cycles."""
 
 from __future__ import annotations
 
@@ -76,6 +77,26 @@ async def test_a_grown_heap_is_collected_and_the_guard_goes_on() -> None:
         guard.close()
 
 
+async def test_a_busy_process_is_walked_only_once_its_heap_grew_far() -> None:
+    busy = [True]
+    guard = HeapGuard(
+        growth=1.0, floor=50_000, hard_growth=1.0, hard_floor=400_000, every=3600.0,
+        busy=lambda: busy[0],
+    ).start()  # fmt: skip
+    try:
+        kept = acyclic(60_000)
+        assert guard.check() is False  # past its limit, but busy
+        busy[0] = False
+        assert guard.check() is True  # quiet: collected
+        busy[0] = True
+        kept += acyclic(500_000)
+        assert guard.check() is True  # past its hard limit: collected though busy
+        assert guard.check() is False
+        assert len(kept) == 560_000
+    finally:
+        guard.close()
+
+
 async def test_a_process_making_cycles_gets_the_generational_collector_back() -> None:
     guard = HeapGuard(growth=1.0, floor=50_000, every=3600.0).start()
     garbage = [cycle() for _ in range(40_000)]
@@ -89,9 +110,12 @@ async def test_a_process_making_cycles_gets_the_generational_collector_back() ->
 
 
 async def test_an_old_heap_is_collected_though_it_did_not_grow() -> None:
-    guard = HeapGuard(longest=0.0, every=3600.0).start()
+    busy = [True]
+    guard = HeapGuard(longest=0.0, every=3600.0, busy=lambda: busy[0]).start()
     try:
         garbage = cycle()
+        assert guard.check() is False  # it waits for a quiet moment
+        busy[0] = False
         assert guard.check() is True
         assert garbage() is None
         assert guard.guarding

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("tokenrelay.heap")
@@ -20,18 +21,21 @@ survive into it: collected every 50th time, it held half a million of them and p
 process ~150 ms every few seconds), the whole heap every 5,000 young collections."""
 
 HEAP_GROWTH = 2.0
-"""`HeapGuard` collects the heap once it holds this many times the pymalloc blocks it held after
-the last collection..."""
+"""`HeapGuard` collects the heap, at the process's next quiet moment, once it holds this many
+times the pymalloc blocks it held after the last collection..."""
 HEAP_GROWTH_FLOOR = 1_000_000
 """... and at least this many blocks more (some 60 to 100 MB), so a small heap growing with its
-load is not walked again and again (a walk of 2.5 million blocks took 1 s under load). A heap
-that holds only live runs grows so only while its load does; one that makes garbage cycles is
-found out at its first collection, which bounds what they can take before it."""
+load is not walked again and again. A heap that holds only live runs grows so only while its
+load does; one that makes garbage cycles is found out at its first collection."""
+HEAP_HARD_GROWTH = 4.0
+"""It collects at once, busy or not, past this many times..."""
+HEAP_HARD_FLOOR = 4_000_000
+"""... and this many blocks more: a walk of the heap stops every stream of the process (2.5
+million blocks took 1 s under load), so it waits for a quiet moment unless the heap has grown
+this far, which bounds what garbage cycles can take before they are found."""
 HEAP_COLLECT_SECONDS = 600.0
-"""... or this long after the last collection, grown or not: cyclic garbage may hold sockets or
-files, not only memory. (The generational collector, too, walked the whole heap only every
-several minutes under load: every 2,500 middle collections, about 8 minutes under the bench's
-paced load.)"""
+"""It also collects at the first quiet moment this long after the last collection, grown or not:
+cyclic garbage may hold sockets or files, not only memory."""
 HEAP_CHECK_SECONDS = 1.0
 """How often the guard looks at the heap's size (a walk over pymalloc's pools: well under a ms)."""
 CYCLIC_SHARE = 0.01
@@ -69,14 +73,16 @@ async def cancel_and_wait(
 
 class HeapGuard:
     """Cyclic garbage collection fitted to a streaming process: no generational collections,
-    and a full one when the heap has grown (`HEAP_GROWTH`) or after `HEAP_COLLECT_SECONDS`.
+    and a full one at a quiet moment (`busy` false: the worker runs no run) once the heap has
+    grown (`HEAP_GROWTH`) or `HEAP_COLLECT_SECONDS` after the last, and at once if it has grown
+    far (`HEAP_HARD_GROWTH`).
 
     Nearly everything a run allocates is freed by reference counting: its token chunks live as
     long as the run (the chat model keeps every chunk until its reply is whole), then go at
     once, and almost none is in a cycle (`gc.callbacks` under the bench's paced load: about
     1,600 objects found in cycles over 370,000 tokens). The generational collector nevertheless
-    examined each surviving chunk once or twice on its way to the old generation: 16% of the
-    worker's CPU, in pauses of 2 ms (young) to 70 ms (middle) that held back every stream at
+    examined each surviving chunk once or twice on its way to the old generation: 12.6% of
+    the worker's CPU, in pauses of 2 ms (young) to 70 ms (middle) that held back every stream at
     once. What was loaded at start is frozen (`gc.freeze`: never examined again); the rest is
     collected whole, rarely. A process that turns out to make cycles as it works (a graph's
     tools may) gets the generational collector back at its first collection (`CYCLIC_SHARE`).
@@ -88,14 +94,21 @@ class HeapGuard:
         *,
         growth: float = HEAP_GROWTH,
         floor: int = HEAP_GROWTH_FLOOR,
+        hard_growth: float = HEAP_HARD_GROWTH,
+        hard_floor: int = HEAP_HARD_FLOOR,
         every: float = HEAP_CHECK_SECONDS,
         longest: float = HEAP_COLLECT_SECONDS,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._growth = growth
         self._floor = floor
+        self._hard_growth = hard_growth
+        self._hard_floor = hard_floor
         self._every = every
         self._longest = longest
+        self._busy = busy
         self._limit = 0
+        self._hard_limit = 0
         self._due = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -126,9 +139,11 @@ class HeapGuard:
         gc.enable()
 
     def check(self) -> bool:
-        """Run a full collection if the heap has grown past its limit or the last one is old;
-        whether one ran."""
-        if sys.getallocatedblocks() > self._limit or time.monotonic() > self._due:
+        """Run a full collection if the heap has grown past its hard limit, or, while the
+        process is not `busy`, past its limit or the last one is old; whether one ran."""
+        blocks = sys.getallocatedblocks()
+        due = blocks > self._limit or time.monotonic() > self._due
+        if blocks > self._hard_limit or (due and not self._busy()):
             self.collect()
             return True
         return False
@@ -153,6 +168,7 @@ class HeapGuard:
     def _next(self) -> None:
         blocks = sys.getallocatedblocks()
         self._limit = max(int(blocks * self._growth), blocks + self._floor)
+        self._hard_limit = max(int(blocks * self._hard_growth), blocks + self._hard_floor)
         self._due = time.monotonic() + self._longest
 
     def _tick(self) -> None:

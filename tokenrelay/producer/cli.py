@@ -98,9 +98,10 @@ async def _serve_worker(settings: Settings, concurrency: int | None) -> None:
     async with open_checkpointer(settings.checkpointer) as saver:
         registry = GraphRegistry(settings.graphs, saver)
         registry.load_all()
-        heap = HeapGuard().start()
         redis = connect(settings.resolved_redis_url(), cluster=settings.redis_cluster)
         worker = Worker(redis, settings, registry, concurrency=concurrency)
+        # The whole heap is walked only while no run streams, unless it grew far.
+        heap = HeapGuard(busy=lambda: worker.running > 0).start()
         try:
             await worker.serve(stop, force)
         finally:
