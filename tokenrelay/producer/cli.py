@@ -28,7 +28,7 @@ from tokenrelay.broker.embedded import EmbeddedRedis, die_with_parent
 from tokenrelay.broker.errors import GraphLoadError
 from tokenrelay.broker.graphs import GraphRegistry, import_object, open_checkpointer
 from tokenrelay.broker.project import find_project
-from tokenrelay.broker.runtime import HeapGuard, usable_cores
+from tokenrelay.broker.runtime import settle_heap, usable_cores
 from tokenrelay.broker.settings import Settings, get_settings
 from tokenrelay.broker.telemetry import setup_logging
 from tokenrelay.producer.worker import Worker
@@ -98,15 +98,13 @@ async def _serve_worker(settings: Settings, concurrency: int | None) -> None:
     async with open_checkpointer(settings.checkpointer) as saver:
         registry = GraphRegistry(settings.graphs, saver)
         registry.load_all()
+        settle_heap()
         redis = connect(settings.resolved_redis_url(), cluster=settings.redis_cluster)
         worker = Worker(redis, settings, registry, concurrency=concurrency)
-        # The whole heap is walked only while no run streams, unless it grew far.
-        heap = HeapGuard(busy=lambda: worker.running > 0).start()
         try:
             await worker.serve(stop, force)
         finally:
             await redis.aclose()
-            heap.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:

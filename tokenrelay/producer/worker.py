@@ -265,11 +265,6 @@ class Worker:
             for msg_id, job in claimed:
                 self._start(msg_id, job)
 
-    @property
-    def running(self) -> int:
-        """Runs this worker is running now."""
-        return len(self._running)
-
     def _start(self, msg_id: bytes, job: Job) -> None:
         if job.run_id in self._running:
             return
