@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from tests.graphs import GRAPHS
 from tests.server import Tokenrelay, stop_leftovers
 from tokenrelay.broker.connection import RedisClient
-from tokenrelay.broker.embedded import EmbeddedCluster, EmbeddedRedis
+from tokenrelay.broker.embedded import EmbeddedCluster, EmbeddedRedis, free_port
 from tokenrelay.broker.settings import Settings
 
 RedisServer = EmbeddedRedis | EmbeddedCluster
@@ -30,6 +30,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if marker is not None and "redis_server" in metafunc.fixturenames:
         # Module scope: each module's fixtures (its tokenrelay) start once per kind of Redis.
         metafunc.parametrize("redis_server", marker.args, indirect=True, scope="module")
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A redis-server of the test's own, for a test that restarts, kills or counts on it."""
+    server = EmbeddedRedis(port=free_port()).start()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ from tests.integration.test_api_stream import read_into
 from tests.integration.test_stream import new_thread, run_body
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events
-from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.embedded import EmbeddedRedis
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -30,13 +29,6 @@ async def aborted(r: httpx.Response) -> bool:
     except httpx.RemoteProtocolError:
         return True
     return False
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(port=free_port()).start()
-    yield server
-    server.close()
 
 
 async def test_time_budget_aborts_with_keys_on(redis_server: RedisServer) -> None:

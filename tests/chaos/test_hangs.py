@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,18 +16,11 @@ from tests.integration.test_stream import new_thread, run_body, wait_status
 from tests.server import Tokenrelay
 from tests.sse import events
 from tokenrelay.broker.connection import connect
-from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.embedded import EmbeddedRedis
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import ZERO_ID
 
 pytestmark = [pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(port=free_port()).start()
-    yield server
-    server.close()
 
 
 async def test_cancel_wait_of_a_queued_run_answers_at_once(redis_server: RedisServer) -> None:

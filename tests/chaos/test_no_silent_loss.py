@@ -5,7 +5,6 @@ has a TTL or an owner that deletes it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,13 +20,6 @@ from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import RunStatus
 
 pytestmark = [pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(port=free_port()).start()
-    yield server
-    server.close()
 
 
 async def test_gaps_reach_ai_sdk_and_missing_blobs_are_errors() -> None:

@@ -19,7 +19,7 @@ from tests.integration.test_stream import join, new_thread, run_body, stream_run
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events, iter_sse
 from tokenrelay.broker.connection import connect
-from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.embedded import EmbeddedRedis
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.settings import Settings
 
@@ -270,13 +270,6 @@ async def test_sigterm_aborts_live_streams_so_clients_resume_elsewhere(
         rest = await join(other, tid, run_id, head[-1].id)
         reference = await join(other, tid, run_id, "-1")
     assert same(head + rest, reference)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(port=free_port()).start()
-    yield server
-    server.close()
 
 
 async def test_redis_outage_gives_503_then_recovers_without_restart(

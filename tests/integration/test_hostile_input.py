@@ -3,8 +3,6 @@ naming the problem, or 503 with Retry-After when Redis refuses; nothing internal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -12,7 +10,7 @@ from redis.asyncio import Redis
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, stream_run
 from tests.server import Tokenrelay
-from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.embedded import EmbeddedRedis
 
 
 @pytest.mark.parametrize(
@@ -131,13 +129,6 @@ async def test_literal_thread_paths_win_over_a_thread_id(client: httpx.AsyncClie
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PATCH"
     r = await client.request("PUT", "/threads/t/state")
     assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(port=free_port()).start()
-    yield server
-    server.close()
 
 
 async def test_redis_refusing_writes_is_503_and_readyz_names_no_host(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, iter_sse
 from tokenrelay.api import agentstream
 from tokenrelay.broker.connection import RedisClient, connect
-from tokenrelay.broker.embedded import EmbeddedRedis, free_port
+from tokenrelay.broker.embedded import EmbeddedRedis
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.settings import Settings
 
@@ -577,13 +577,6 @@ async def _queued_run_then_worker(
             worker.stop()
         api.stop()
         await redis.aclose()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(port=free_port()).start()
-    yield server
-    server.close()
 
 
 async def test_a_subscription_to_a_queued_run_looks_rarely(own_redis: EmbeddedRedis) -> None:
