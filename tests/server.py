@@ -48,6 +48,12 @@ class Tokenrelay:
             raise
         return self
 
+    @property
+    def thread_ident(self) -> int:
+        """The id of the thread the server (and its worker) runs on."""
+        assert self._thread.ident is not None
+        return self._thread.ident
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

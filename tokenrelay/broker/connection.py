@@ -262,6 +262,14 @@ def _node(host_port: str) -> ClusterNode:
     return ClusterNode(host.strip("[]"), int(port))
 
 
+def in_order(redis: RedisClient) -> bool:
+    """Whether the commands of one pipeline on `redis` take effect in the order they were
+    queued: on one server they do; a cluster sends each node its share at once, so a write
+    that must be seen before another (a hash before the list that names it) goes first in a
+    round trip of its own."""
+    return not isinstance(redis, RedisCluster)
+
+
 async def ready(redis: RedisClient, probe_key: str | None = None) -> None:
     """Raise unless Redis can serve: it answers PING, a cluster covers all its slots, and a
     write to `probe_key` (when given) is accepted (not refused for memory, a failed save or a

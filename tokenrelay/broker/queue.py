@@ -12,7 +12,7 @@ from tokenrelay.broker import codec, scripts
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import Job
-from tokenrelay.broker.scripts import RoundTrip
+from tokenrelay.broker.scripts import AnyPipeline, RoundTrip
 
 GROUP = "workers"
 
@@ -46,11 +46,19 @@ class RunQueue:
     async def enqueue(self, job: Job) -> bytes:
         """Queue `job`; returns its entry id, or b"" for a job that starts later: it waits
         apart until `promote_due` queues it."""
+        pipe = self._redis.pipeline(transaction=False)
+        later = self.enqueue_in(pipe, job)
+        (reply,) = await pipe.execute()
+        return b"" if later else cast(bytes, reply)
+
+    def enqueue_in(self, pipe: AnyPipeline, job: Job) -> bool:
+        """Queue `enqueue` on `pipe` (one command); returns whether the job waits apart."""
         packed = codec.pack(asdict(job))
         if job.not_before > time.time() * 1000:
-            await self._redis.zadd(self._delayed, {packed: job.not_before})
-            return b""
-        return cast(bytes, await self._redis.xadd(self._key, {"j": packed}))
+            pipe.zadd(self._delayed, {packed: job.not_before})
+            return True
+        pipe.xadd(self._key, {"j": packed})
+        return False
 
     async def promote_due(self, limit: int = 100) -> int:
         """Queue up to `limit` of the jobs put off until now; returns how many."""

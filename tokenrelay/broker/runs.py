@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from tokenrelay.broker import codec, scripts
-from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.connection import RedisClient, in_order
 from tokenrelay.broker.errors import RunExpired, RunLost, RunNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import Job, RunStatus
+from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.scripts import AnyPipeline, RoundTrip
 from tokenrelay.broker.thread_index import ThreadIndex
 
@@ -135,13 +136,23 @@ class RunStore:
         pipe = self._redis.pipeline(transaction=False)
         pipe.hset(k.run_meta(run.run_id), mapping=run.to_hash())  # type: ignore[arg-type]
         pipe.expire(k.run_meta(run.run_id), self._ttl)
-        await pipe.execute()
-        await self._redis.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
+        # Listed on its thread only once its hash is there: a reader that finds an id in the
+        # list without a hash takes the run for expired.
+        if in_order(self._redis):
+            pipe.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
+            await pipe.execute()
+        else:
+            await pipe.execute()
+            await self._redis.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
         return Job(run.run_id, run.thread_id, run.assistant_id)
 
-    async def claim_thread(self, thread_id: str, run_id: str, *, enqueue: bool) -> tuple[str, str]:
+    async def claim_thread(
+        self, thread_id: str, run_id: str, *, enqueue: bool, mark_busy: bool = True
+    ) -> tuple[str, str]:
         """Make `run_id` the thread's active run: ('started', ''), ('queued', '') behind the
-        active run when `enqueue`, else ('busy', <active run id>)."""
+        active run when `enqueue`, else ('busy', <active run id>). A started run's thread is
+        marked busy in the index, unless the caller does it (`mark_busy` False: see
+        `queue_started`)."""
         k = self._keys
         reply = await self._claim(
             self._redis,
@@ -149,9 +160,22 @@ class RunStore:
             [run_id, "enqueue" if enqueue else "", now_ms()],
         )
         verdict = reply[0].decode()
-        if verdict == "started":
+        if verdict == "started" and mark_busy:
             await self._index.busy(thread_id)
         return verdict, reply[1].decode() if len(reply) > 1 else ""
+
+    async def queue_started(self, queue: RunQueue, job: Job) -> None:
+        """Mark the thread of a run that just claimed it busy, then queue the run: in one round
+        trip where the two take effect in order (the run's end unmarks the thread, which must
+        not come first)."""
+        if not in_order(self._redis):
+            await self._index.busy(job.thread_id)
+            await queue.enqueue(job)
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        self._index.busy_in(pipe, job.thread_id)
+        queue.enqueue_in(pipe, job)
+        await pipe.execute()
 
     def job(self, run: RunRecord) -> Job:
         return Job(run.run_id, run.thread_id, run.assistant_id, run.starts_at)

@@ -86,14 +86,20 @@ class ThreadIndex:
         return {self._keys.threads_with_metadata(d) for d in digests if d is not None}
 
     async def added(self, thread_id: str, ts: int, metadata: Mapping[str, Any]) -> None:
-        k = self._keys
         pipe = self._redis.pipeline(transaction=False)
+        self.added_in(pipe, thread_id, ts, metadata)
+        await pipe.execute()
+
+    def added_in(
+        self, pipe: AnyPipeline, thread_id: str, ts: int, metadata: Mapping[str, Any]
+    ) -> None:
+        """Queue `added` on `pipe`."""
+        k = self._keys
         pipe.zadd(k.threads_index(), {thread_id: ts})
         pipe.zadd(k.threads_by_update(), {thread_id: ts})
         pipe.zadd(k.threads_with_status("idle"), {thread_id: 0})
         for key in self._metadata_keys(metadata):
             pipe.zadd(key, {thread_id: 0})
-        await pipe.execute()
 
     async def updated(self, thread_id: str, ts: int) -> None:
         # xx: a thread deleted meanwhile is not brought back.
@@ -126,6 +132,9 @@ class ThreadIndex:
 
     async def busy(self, thread_id: str) -> None:
         await self._redis.zadd(self._keys.threads_with_status("busy"), {thread_id: 0})
+
+    def busy_in(self, pipe: AnyPipeline, thread_id: str) -> None:
+        pipe.zadd(self._keys.threads_with_status("busy"), {thread_id: 0})
 
     async def not_busy(self, thread_id: str) -> None:
         await self._redis.zrem(self._keys.threads_with_status("busy"), thread_id)

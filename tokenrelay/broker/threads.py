@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from tokenrelay.broker import codec, pubsub, scripts
-from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.connection import RedisClient, in_order
 from tokenrelay.broker.errors import Conflict, InvalidBody, ThreadNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.runs import new_id, now_ms
@@ -81,7 +81,9 @@ class ThreadStore:
                 return await self.get(tid)
             raise Conflict(f"Thread with ID {tid} already exists")
         record = ThreadRecord(tid, ts, ts, dict(metadata or {}))
-        await self._redis.hset(  # type: ignore[misc]
+        # Indexed only once its fields are there (a search reads the hash of each id it finds).
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(
             key,
             mapping={
                 "created_at": ts,
@@ -89,7 +91,12 @@ class ThreadStore:
                 "metadata": codec.json_bytes(record.metadata),
             },
         )
-        await self.index.added(tid, ts, record.metadata)
+        if in_order(self._redis):
+            self.index.added_in(pipe, tid, ts, record.metadata)
+            await pipe.execute()
+        else:
+            await pipe.execute()
+            await self.index.added(tid, ts, record.metadata)
         return record
 
     async def get(self, thread_id: str) -> ThreadRecord:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -101,9 +102,10 @@ async def start_run(
 async def _claim_and_enqueue(svc: Services, run: RunRecord, strategy: str) -> None:
     job = svc.runs.job(run)
     enqueue = strategy == "enqueue"
-    verdict, active = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=enqueue)
+    claim = functools.partial(svc.runs.claim_thread, run.thread_id, run.run_id, mark_busy=False)
+    verdict, active = await claim(enqueue=enqueue)
     if verdict == "busy" and await repair_active(svc, run.thread_id, active):
-        verdict, active = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=enqueue)
+        verdict, active = await claim(enqueue=enqueue)
     elif verdict == "queued":
         # Queued behind the active run: free the thread if that run can never end (this run
         # is then promoted and queued by the repair).
@@ -119,9 +121,9 @@ async def _claim_and_enqueue(svc: Services, run: RunRecord, strategy: str) -> No
             )
         # interrupt / rollback: stop the active run, then start right after it.
         await cancel_run(svc, await svc.runs.get(active), CancelAction(strategy))
-        verdict, _ = await svc.runs.claim_thread(run.thread_id, run.run_id, enqueue=True)
+        verdict, _ = await claim(enqueue=True)
     if verdict == "started":
-        await svc.queue.enqueue(job)
+        await svc.runs.queue_started(svc.queue, job)
 
 
 STALE_START_MS = 5_000

@@ -78,7 +78,8 @@ async def run_events(
     telemetry.STREAMS_OPEN.inc()
     try:
         async with svc.fanout.subscribe(run_id) as live:
-            if after is None or last is None:
+            # From the start, the newest entry matters not: no id lies past it or at it.
+            if after is None or (last is None and after != ZERO_ID):
                 last = await svc.log.last_entry(run_id)
             if last is not None and last.is_end and (after is None or after >= last.id):
                 return  # the run has ended and nothing lies after the cursor
