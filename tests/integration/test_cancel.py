@@ -18,7 +18,7 @@ from tokenrelay.broker import codec, pubsub
 from tokenrelay.broker.connection import RedisClient, connect
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.log import EventLog
-from tokenrelay.broker.models import END_EVENT, Event, RunStatus
+from tokenrelay.broker.models import END_EVENT, Event, Job, RunStatus
 from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
@@ -334,15 +334,16 @@ async def test_a_cancel_while_the_attempt_is_set_up_ends_the_run(
     assert relay.worker is not None
     worker = relay.worker
     entered, release = threading.Event(), threading.Event()
-    announce = worker.threads.announce_run
+    number = worker._number
 
-    async def slow_announce(thread_id: str) -> None:
+    async def slow_number(job: Job, after: int) -> dict[bytes, bytes]:
+        # The attempt has begun; the run is numbered and announced once released.
         entered.set()
         while not release.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        await announce(thread_id)
+        return await number(job, after)
 
-    worker.threads.announce_run = slow_announce  # type: ignore[method-assign]
+    worker._number = slow_number  # type: ignore[method-assign]
     try:
         async with httpx.AsyncClient(base_url=relay.url, timeout=30) as c:
             tid = await new_thread(c)

@@ -13,8 +13,14 @@ from redis.asyncio.connection import AbstractConnection
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import run_body
 from tests.server import Tokenrelay
+from tokenrelay.broker import scripts
 from tokenrelay.broker.connection import connect
+from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import RunStatus
+from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
+from tokenrelay.broker.threads import RUN_STARTED
+from tokenrelay.producer.worker import Worker
 
 pytestmark = pytest.mark.redis("standalone")  # one server: pipelines take effect in order
 
@@ -69,3 +75,46 @@ async def test_a_run_on_a_new_thread_is_recorded_and_queued_in_five_round_trips(
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_a_worker_begins_a_run_and_numbers_it_in_two_round_trips(
+    redis_server: RedisServer, round_trips: dict[int, int]
+) -> None:
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    worker = Worker(redis, s, GraphRegistry({}, None), worker_id="w1")
+    keys = Keys(s.key_prefix)
+    listener = redis.pubsub(ignore_subscribe_messages=True)
+    try:
+        await worker.queue.ensure_group()
+        tid = (await worker.threads.create()).thread_id
+        await worker.threads.advance_seq(tid, 7)  # the thread's earlier runs wrote seq 1..7
+        ts = now_ms()
+        run = RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts)
+        await worker.queue.enqueue(await worker.runs.create(run))
+        assert await worker.runs.claim_thread(tid, run.run_id, enqueue=False) == ("started", "")
+        [(msg_id, job)] = await worker.queue.claim(worker.id, 1, block_ms=100)
+        await listener.subscribe(keys.thread_live(tid))
+        await scripts.script("start_attempt").load(redis)  # only the steps' own trips count
+        me = threading.get_ident()
+
+        before = round_trips.get(me, 0)
+        (verdict, attempt, seq), after = await worker._begin(msg_id, job)
+        assert round_trips.get(me, 0) - before == 1
+        assert (verdict, attempt, seq, after) == ("run", 1, 0, 7)
+
+        before = round_trips.get(me, 0)
+        meta = await worker._number(job, after)
+        assert round_trips.get(me, 0) - before == 1
+        numbered = RunStore.record(run.run_id, meta)
+        assert (numbered.status, numbered.attempt, numbered.seq_base) == (RunStatus.RUNNING, 1, 8)
+        # The thread's protocol subscribers were told, once the run was numbered.
+        message = None
+        for _ in range(50):  # the subscription's confirmation comes first, read as None
+            message = await listener.get_message(timeout=0.1)
+            if message is not None:
+                break
+        assert message is not None and message["data"] == RUN_STARTED
+    finally:
+        await listener.aclose()
+        await redis.aclose()

@@ -186,22 +186,41 @@ class RunStore:
         """Begin the next attempt of `run_id` for `worker_id`, run from the queue entry
         `job_id`: (verdict, attempt, applied seq); verdict is ``run``, ``done`` (already ended)
         or ``exhausted``."""
-        verdict, attempt, seq = await self._start(
-            self._redis,
-            [self._keys.run_meta(run_id), self._keys.run_cancel(run_id)],
-            [worker_id, now_ms(), max_attempts, job_id],
-        )
+        reply = await self._start(self._redis, *self._start_call(run_id, worker_id, max_attempts,
+                                                                  job_id))  # fmt: skip
+        return self.attempt_of(reply)
+
+    def start_attempt_in(
+        self, trip: RoundTrip, run_id: str, worker_id: str, max_attempts: int, job_id: bytes = b""
+    ) -> int:
+        """Queue `start_attempt` on `trip`; returns where its reply will be (`attempt_of`)."""
+        return trip.script(self._start, *self._start_call(run_id, worker_id, max_attempts, job_id))
+
+    def _start_call(
+        self, run_id: str, worker_id: str, max_attempts: int, job_id: bytes
+    ) -> tuple[list[str], list[Any]]:
+        keys = [self._keys.run_meta(run_id), self._keys.run_cancel(run_id)]
+        return keys, [worker_id, now_ms(), max_attempts, job_id]
+
+    @staticmethod
+    def attempt_of(reply: list[Any]) -> tuple[str, int, int]:
+        """`start_attempt`'s answer from its script's reply."""
+        verdict, attempt, seq = reply
         return verdict.decode(), int(attempt), int(seq)
 
     async def assign_seq_base(self, run_id: str, after: int) -> int:
         """Number the run's events from `after` + 1 on (the thread's last seq), unless an
         earlier attempt already did; returns the run's first seq."""
-        key = self._keys.run_meta(run_id)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hsetnx(key, "s0", after + 1)
-        pipe.hget(key, "s0")
+        self.assign_seq_base_in(pipe, run_id, after)
         _, base = await pipe.execute()
         return int(base)
+
+    def assign_seq_base_in(self, pipe: AnyPipeline, run_id: str, after: int) -> None:
+        """Queue `assign_seq_base` on `pipe`: two commands, the second replying the base."""
+        key = self._keys.run_meta(run_id)
+        pipe.hsetnx(key, "s0", after + 1)
+        pipe.hget(key, "s0")
 
     async def last_seq(self, run_id: str) -> int:
         """The seq of the run's newest event (its first seq - 1 while it has none)."""

@@ -59,9 +59,17 @@ class ThreadStore:
         """Queue `advance_seq` on `trip`."""
         trip.script(self._advance_seq, [self._keys.thread_meta(thread_id)], [last])
 
+    def last_seq_in(self, pipe: AnyPipeline, thread_id: str) -> None:
+        """Queue `last_seq` on `pipe`; its reply is the seq as stored (None: none yet)."""
+        pipe.hget(self._keys.thread_meta(thread_id), "seq")
+
     async def announce_run(self, thread_id: str) -> None:
         """Wake the thread's protocol subscribers: a run started and its events follow."""
         await pubsub.publish(self._redis, self._keys.thread_live(thread_id), RUN_STARTED)
+
+    def announce_run_in(self, pipe: AnyPipeline, thread_id: str) -> None:
+        """Queue `announce_run` on `pipe`."""
+        pubsub.publish_in(pipe, self._redis, self._keys.thread_live(thread_id), RUN_STARTED)
 
     async def create(
         self,

@@ -26,13 +26,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from redis.exceptions import ResponseError
 
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
-from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
+from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient, in_order
 from tokenrelay.broker.errors import AppendFailed, AssistantNotFound, Superseded, ThreadNotFound
 from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.keys import Keys
@@ -395,8 +395,8 @@ class Worker:
     async def _execute(self, msg_id: bytes, job: Job) -> None:
         rid = job.run_id
         ctx: dict[str, object] = {**self._ctx, "run_id": rid, "thread_id": job.thread_id}
-        verdict, attempt, seq = await self._redis_step(
-            lambda: self.runs.start_attempt(rid, self.id, self.settings.max_attempts, msg_id), ctx
+        (verdict, attempt, seq), after = await self._redis_step(
+            lambda: self._begin(msg_id, job), ctx
         )
         if verdict == "done":
             await self.queue.ack(msg_id, self.id)
@@ -406,11 +406,7 @@ class Worker:
         if running is not None:
             running.attempt = attempt
         self.publisher.begin_run(rid, attempt, seq)
-        # Number the run's events after the thread's last one, then tell the thread's
-        # protocol subscribers that a run started.
-        after = await self._redis_step(lambda: self.threads.last_seq(job.thread_id), ctx)
-        await self._redis_step(lambda: self.runs.assign_seq_base(rid, after), ctx)
-        await self._redis_step(lambda: self.threads.announce_run(job.thread_id), ctx)
+        meta = await self._redis_step(lambda: self._number(job, after), ctx)
         try:
             if verdict.startswith("cancel:"):
                 # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
@@ -426,10 +422,36 @@ class Worker:
                         "RunAttemptsExhausted", message))], error=message, ctx=ctx,
                 )  # fmt: skip
                 return
-            await self._run_graph(msg_id, job, attempt, ctx)
+            await self._run_graph(msg_id, job, attempt, meta, ctx)
         except Superseded:
             self.publisher.forget(rid)
             log.warning("attempt superseded; it wrote nothing more", extra=ctx)
+
+    async def _begin(self, msg_id: bytes, job: Job) -> tuple[tuple[str, int, int], int]:
+        """Start the run's next attempt (`RunStore.start_attempt`) and read the thread's last
+        seq, which its events are numbered after, in one round trip."""
+        trip = RoundTrip(self._redis)
+        at = self.runs.start_attempt_in(trip, job.run_id, self.id, self.settings.max_attempts,
+                                        msg_id)  # fmt: skip
+        self.threads.last_seq_in(trip.pipe, job.thread_id)
+        replies = await trip.execute()
+        return RunStore.attempt_of(replies[at]), int(replies[at + 1] or 0)
+
+    async def _number(self, job: Job, after: int) -> dict[bytes, bytes]:
+        """Number the run's events after `after` (the thread's last seq), read the run as it
+        now stands and tell the thread's protocol subscribers that a run started: one round
+        trip where one server applies it in order (a subscriber woken must find the run
+        numbered); on a cluster the announcement follows in one of its own."""
+        pipe = self._redis.pipeline(transaction=False)
+        self.runs.assign_seq_base_in(pipe, job.run_id, after)
+        self.runs.get_in(pipe, job.run_id)
+        ordered = in_order(self._redis)
+        if ordered:
+            self.threads.announce_run_in(pipe, job.thread_id)
+        replies = await pipe.execute()
+        if not ordered:
+            await self.threads.announce_run(job.thread_id)
+        return cast(dict[bytes, bytes], replies[2])
 
     async def _redis_step(
         self, step: Callable[[], Awaitable[T]], ctx: dict[str, object], doing: str = "starting"
@@ -453,8 +475,10 @@ class Worker:
                 await asyncio.sleep(delay)
 
     async def _run_graph(
-        self, msg_id: bytes, job: Job, attempt: int, ctx: dict[str, object]
-    ) -> None:
+        self, msg_id: bytes, job: Job, attempt: int, meta: dict[bytes, bytes],
+        ctx: dict[str, object],
+    ) -> None:  # fmt: skip
+        """Run the graph of `job`, whose run hash was read as `meta` once its attempt began."""
         rid = job.run_id
         telemetry.RUNS_STARTED.inc()
         log.info("run started", extra=ctx)
@@ -486,7 +510,7 @@ class Worker:
                 await self._stopped(msg_id, job, attempt, ctx)
                 return
         try:
-            run = await self._redis_step(lambda: self.runs.get(rid), ctx)
+            run = RunStore.record(rid, meta)
             graph_run = GraphRun(self.registry, run)
             await graph_run.prepare()
             async for event in graph_run.events():
