@@ -179,6 +179,47 @@ async def test_one_flush_appends_to_runs_on_every_node(
     assert signals == [(cancelled, b"interrupt")]
 
 
+async def test_what_must_land_after_goes_in_a_round_trip_of_its_own(
+    cluster_client: RedisCluster,
+) -> None:
+    """A cluster sends each node its share of a pipeline at once, so `in_sequence` sends the
+    commands that must take effect after others only once those are answered."""
+    keys = Keys(f"t{new_id()[:8]}")
+    first_key, then_key = keys.run_meta(new_id()), keys.thread_runs(new_id())
+    executed = 0
+    make = cluster_client.pipeline
+
+    def pipeline(*args: object, **kwargs: object) -> object:
+        pipe = make(*args, **kwargs)  # type: ignore[arg-type]
+        execute = pipe.execute
+
+        async def counted(*args: object, **kwargs: object) -> object:
+            nonlocal executed
+            reply = await execute(*args, **kwargs)  # type: ignore[arg-type]
+            executed += 1
+            return reply
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+    queued_after: list[int] = []
+
+    def then(pipe: scripts.AnyPipeline) -> None:
+        queued_after.append(executed)
+        pipe.get(first_key)
+        pipe.set(then_key, "2")
+
+    cluster_client.pipeline = pipeline  # type: ignore[method-assign]
+    try:
+        replies = await scripts.in_sequence(
+            cluster_client, lambda pipe: pipe.set(first_key, "1"), then
+        )
+    finally:
+        del cluster_client.pipeline
+    assert queued_after == [1] and executed == 2
+    assert replies == ([True], [b"1", True])
+
+
 async def test_live_subscription_follows_its_slot_to_another_node(
     redis_cluster: EmbeddedCluster, fanout: tuple[EventLog, Fanout, Keys]
 ) -> None:

@@ -1,8 +1,10 @@
-"""What starting a run costs the API in Redis round trips: each one is a turn of its event loop
-and the client's CPU to pack and parse, on the path to a run's first token."""
+"""What starting a run costs the API and the worker in Redis round trips (each one is a turn of
+an event loop and the client's CPU to pack and parse, on the path to a run's first token), and
+that the writes sent together still land in the order a reader relies on."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -118,3 +120,63 @@ async def test_a_worker_begins_a_run_and_numbers_it_in_two_round_trips(
     finally:
         await listener.aclose()
         await redis.aclose()
+
+
+async def test_what_a_reader_looks_up_lands_before_what_leads_a_reader_to_it(
+    redis_server: RedisServer,
+) -> None:
+    """Writes sent together in one round trip take effect in the order they were queued; what
+    Redis applied, in order, is what MONITOR shows. A reader that finds a thread in the index
+    reads its fields, one that finds a run on its thread reads its hash, the run's end unmarks
+    the thread busy, and a protocol subscriber woken by a run's start reads its number: each of
+    these goes first."""
+    settings = make_settings(redis_server)
+    server = Tokenrelay(settings, with_worker=False).start()
+    redis = connect(redis_server.url)
+    keys = Keys(settings.key_prefix)
+    seen: list[list[str]] = []
+    watching = asyncio.Event()
+
+    async def watch() -> None:
+        async with redis.monitor() as monitor:
+            watching.set()
+            while True:
+                seen.append((await monitor.next_command())["command"].split())
+
+    watcher = asyncio.create_task(watch())
+    worker = Worker(redis, settings, GraphRegistry({}, None), worker_id="w1")
+    try:
+        await asyncio.wait_for(watching.wait(), 10)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            r = await c.post("/runs", json=run_body())
+            assert r.status_code == 200, r.text
+        tid, rid = r.json()["thread_id"], r.json()["run_id"]
+        await worker.queue.ensure_group()
+        [(msg_id, job)] = await worker.queue.claim(worker.id, 1, block_ms=1000)
+        (verdict, _, _), after = await worker._begin(msg_id, job)
+        assert verdict == "run"
+        await worker._number(job, after)
+        await redis.echo("watched")
+        for _ in range(100):
+            if ["ECHO", "watched"] in seen:
+                break
+            await asyncio.sleep(0.05)
+
+        def first(command: str, key: str, *args: str) -> int:
+            for i, seen_command in enumerate(seen):
+                if seen_command[0].upper() == command and seen_command[1 : 2 + len(args)] == [
+                    key,
+                    *args,
+                ]:
+                    return i
+            raise AssertionError(f"no {command} {key} {args} in {seen}")
+
+        assert first("HSET", keys.thread_meta(tid)) < first("ZADD", keys.threads_index())
+        assert first("HSET", keys.run_meta(rid)) < first("ZADD", keys.thread_runs(tid))
+        assert first("ZADD", keys.threads_with_status("busy")) < first("XADD", keys.queue())
+        assert first("HSETNX", keys.run_meta(rid), "s0") < first("PUBLISH", keys.thread_live(tid))
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await redis.aclose()
+        server.stop()

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from tokenrelay.broker import codec, scripts
-from tokenrelay.broker.connection import RedisClient, in_order
+from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.errors import RunExpired, RunLost, RunNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import Job, RunStatus
 from tokenrelay.broker.queue import RunQueue
-from tokenrelay.broker.scripts import AnyPipeline, RoundTrip
+from tokenrelay.broker.scripts import AnyPipeline, RoundTrip, in_sequence
 from tokenrelay.broker.thread_index import ThreadIndex
 
 
@@ -133,17 +133,18 @@ class RunStore:
     async def create(self, run: RunRecord) -> Job:
         """Store `run` as pending and list it on its thread; returns its queue job."""
         k = self._keys
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(k.run_meta(run.run_id), mapping=run.to_hash())  # type: ignore[arg-type]
-        pipe.expire(k.run_meta(run.run_id), self._ttl)
+
+        def record(pipe: AnyPipeline) -> None:
+            pipe.hset(k.run_meta(run.run_id), mapping=run.to_hash())  # type: ignore[arg-type]
+            pipe.expire(k.run_meta(run.run_id), self._ttl)
+
         # Listed on its thread only once its hash is there: a reader that finds an id in the
         # list without a hash takes the run for expired.
-        if in_order(self._redis):
-            pipe.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
-            await pipe.execute()
-        else:
-            await pipe.execute()
-            await self._redis.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at})
+        await in_sequence(
+            self._redis,
+            record,
+            lambda pipe: pipe.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at}),
+        )
         return Job(run.run_id, run.thread_id, run.assistant_id)
 
     async def claim_thread(
@@ -168,14 +169,11 @@ class RunStore:
         """Mark the thread of a run that just claimed it busy, then queue the run: in one round
         trip where the two take effect in order (the run's end unmarks the thread, which must
         not come first)."""
-        if not in_order(self._redis):
-            await self._index.busy(job.thread_id)
-            await queue.enqueue(job)
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        self._index.busy_in(pipe, job.thread_id)
-        queue.enqueue_in(pipe, job)
-        await pipe.execute()
+        await in_sequence(
+            self._redis,
+            lambda pipe: self._index.busy_in(pipe, job.thread_id),
+            lambda pipe: queue.enqueue_in(pipe, job),
+        )
 
     def job(self, run: RunRecord) -> Job:
         return Job(run.run_id, run.thread_id, run.assistant_id, run.starts_at)

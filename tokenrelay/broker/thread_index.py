@@ -85,15 +85,10 @@ class ThreadIndex:
         digests = (metadata_digest(k, v) for k, v in metadata.items())
         return {self._keys.threads_with_metadata(d) for d in digests if d is not None}
 
-    async def added(self, thread_id: str, ts: int, metadata: Mapping[str, Any]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        self.added_in(pipe, thread_id, ts, metadata)
-        await pipe.execute()
-
     def added_in(
         self, pipe: AnyPipeline, thread_id: str, ts: int, metadata: Mapping[str, Any]
     ) -> None:
-        """Queue `added` on `pipe`."""
+        """Queue on `pipe` the index entries of a thread just created."""
         k = self._keys
         pipe.zadd(k.threads_index(), {thread_id: ts})
         pipe.zadd(k.threads_by_update(), {thread_id: ts})

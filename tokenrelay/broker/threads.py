@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from tokenrelay.broker import codec, pubsub, scripts
-from tokenrelay.broker.connection import RedisClient, in_order
+from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.errors import Conflict, InvalidBody, ThreadNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.runs import new_id, now_ms
-from tokenrelay.broker.scripts import AnyPipeline, RoundTrip
+from tokenrelay.broker.scripts import AnyPipeline, RoundTrip, in_sequence
 from tokenrelay.broker.thread_index import MAX_METADATA_KEYS, ThreadIndex
 
 RUN_STARTED = codec.pack([b"", []])
-"""What `announce_run` publishes: an empty live batch, so the API's fan-out needs no new kind."""
+"""What `announce_run_in` publishes: an empty live batch, so the API's fan-out needs no new kind."""
 
 
 def _check_metadata(metadata: dict[str, Any]) -> None:
@@ -63,12 +63,9 @@ class ThreadStore:
         """Queue `last_seq` on `pipe`; its reply is the seq as stored (None: none yet)."""
         pipe.hget(self._keys.thread_meta(thread_id), "seq")
 
-    async def announce_run(self, thread_id: str) -> None:
-        """Wake the thread's protocol subscribers: a run started and its events follow."""
-        await pubsub.publish(self._redis, self._keys.thread_live(thread_id), RUN_STARTED)
-
     def announce_run_in(self, pipe: AnyPipeline, thread_id: str) -> None:
-        """Queue `announce_run` on `pipe`."""
+        """Queue on `pipe` the wake-up of the thread's protocol subscribers: a run started and
+        its events follow."""
         pubsub.publish_in(pipe, self._redis, self._keys.thread_live(thread_id), RUN_STARTED)
 
     async def create(
@@ -89,22 +86,13 @@ class ThreadStore:
                 return await self.get(tid)
             raise Conflict(f"Thread with ID {tid} already exists")
         record = ThreadRecord(tid, ts, ts, dict(metadata or {}))
+        fields = {"created_at": ts, "updated_at": ts, "metadata": codec.json_bytes(record.metadata)}
         # Indexed only once its fields are there (a search reads the hash of each id it finds).
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(
-            key,
-            mapping={
-                "created_at": ts,
-                "updated_at": ts,
-                "metadata": codec.json_bytes(record.metadata),
-            },
+        await in_sequence(
+            self._redis,
+            lambda pipe: pipe.hset(key, mapping=fields),  # type: ignore[arg-type]
+            lambda pipe: self.index.added_in(pipe, tid, ts, record.metadata),
         )
-        if in_order(self._redis):
-            self.index.added_in(pipe, tid, ts, record.metadata)
-            await pipe.execute()
-        else:
-            await pipe.execute()
-            await self.index.added(tid, ts, record.metadata)
         return record
 
     async def get(self, thread_id: str) -> ThreadRecord:

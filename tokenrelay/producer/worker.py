@@ -32,7 +32,7 @@ from redis.exceptions import ResponseError
 
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
-from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient, in_order
+from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
 from tokenrelay.broker.errors import AppendFailed, AssistantNotFound, Superseded, ThreadNotFound
 from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.keys import Keys
@@ -43,7 +43,7 @@ from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.retry import Backoff, is_transient
 from tokenrelay.broker.runs import RunStore, now_ms
 from tokenrelay.broker.runtime import cancel_and_wait
-from tokenrelay.broker.scripts import RoundTrip
+from tokenrelay.broker.scripts import AnyPipeline, RoundTrip, in_sequence
 from tokenrelay.broker.settings import Settings
 from tokenrelay.broker.threads import ThreadStore
 from tokenrelay.producer.publisher import Publisher
@@ -442,16 +442,15 @@ class Worker:
         now stands and tell the thread's protocol subscribers that a run started: one round
         trip where one server applies it in order (a subscriber woken must find the run
         numbered); on a cluster the announcement follows in one of its own."""
-        pipe = self._redis.pipeline(transaction=False)
-        self.runs.assign_seq_base_in(pipe, job.run_id, after)
-        self.runs.get_in(pipe, job.run_id)
-        ordered = in_order(self._redis)
-        if ordered:
-            self.threads.announce_run_in(pipe, job.thread_id)
-        replies = await pipe.execute()
-        if not ordered:
-            await self.threads.announce_run(job.thread_id)
-        return cast(dict[bytes, bytes], replies[2])
+
+        def number(pipe: AnyPipeline) -> None:
+            self.runs.assign_seq_base_in(pipe, job.run_id, after)
+            self.runs.get_in(pipe, job.run_id)
+
+        replies, _ = await in_sequence(
+            self._redis, number, lambda pipe: self.threads.announce_run_in(pipe, job.thread_id)
+        )
+        return cast(dict[bytes, bytes], replies[-1])  # the read, queued last
 
     async def _redis_step(
         self, step: Callable[[], Awaitable[T]], ctx: dict[str, object], doing: str = "starting"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -12,7 +13,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import NoScriptError
 
-from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.connection import RedisClient, in_order
 
 AnyPipeline = Pipeline | ClusterPipeline
 
@@ -78,6 +79,28 @@ class RoundTrip:
                 if isinstance(reply, Exception):
                     raise reply
         return replies
+
+
+async def in_sequence(
+    redis: RedisClient,
+    first: Callable[[AnyPipeline], object],
+    then: Callable[[AnyPipeline], object],
+) -> tuple[list[Any], list[Any]]:
+    """Send the commands `first` queues, then those `then` queues, which must take effect after
+    them (a hash before the list that names it): in one round trip where one server applies a
+    pipeline in order (`in_order`), else `then`'s in a round trip of their own once `first`'s
+    are answered. Returns the replies of each."""
+    pipe = redis.pipeline(transaction=False)
+    first(pipe)
+    split = len(pipe)
+    if in_order(redis):
+        then(pipe)
+        replies: list[Any] = await pipe.execute()
+        return replies[:split], replies[split:]
+    before: list[Any] = await pipe.execute()
+    after = redis.pipeline(transaction=False)
+    then(after)
+    return before, await after.execute()
 
 
 @cache
