@@ -8,14 +8,13 @@ running this graph pays, which the relay's total is compared with.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any
 
 import orjson
-import uvloop
 
 from bench.graphs import paced
+from bench.loadgen import answer
 from bench.pacing import TS, Pace
 
 
@@ -51,14 +50,5 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    spec = orjson.loads(sys.stdin.readline())
-    try:
-        result = uvloop.run(run(spec))
-    except Exception as exc:  # reported in the results, so one failure does not end the suite
-        result = {"failed": f"{type(exc).__name__}: {exc}"}
-    print("RESULT " + orjson.dumps(result).decode(), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    answer(run)

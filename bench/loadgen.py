@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -780,13 +781,20 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         return await SCENARIOS[spec["scenario"]](target, spec)
 
 
-def main() -> None:
+def answer(scenario: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+    """Run `scenario` on the spec read from stdin (one JSON line) and print its result as
+    ``RESULT <json>``, a failure as its result: how `bench.suite` runs a measurement in a process
+    of its own."""
     spec = orjson.loads(sys.stdin.readline())
     try:
-        result = uvloop.run(run(spec))
+        result = uvloop.run(scenario(spec))
     except Exception as exc:  # reported in the results, so one failure does not end the suite
         result = {"failed": f"{type(exc).__name__}: {exc}"}
     print("RESULT " + orjson.dumps(result).decode(), flush=True)
+
+
+def main() -> None:
+    answer(run)
 
 
 if __name__ == "__main__":

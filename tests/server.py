@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import uvicorn
 
 from tokenrelay.api.app import create_app
 from tokenrelay.api.serving import uvicorn_options
-from tokenrelay.broker.connection import connect
+from tokenrelay.broker.connection import RedisClient, connect
 from tokenrelay.broker.embedded import free_port
 from tokenrelay.broker.graphs import GraphRegistry, open_checkpointer
 from tokenrelay.broker.settings import Settings
@@ -112,6 +114,25 @@ class Tokenrelay:
 # Every child process a test starts, so that none outlives the session whatever failed between
 # its start and its test's clean-up (see `stop_leftover_processes` in conftest.py).
 SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+class Served(NamedTuple):
+    client: httpx.AsyncClient
+    redis: RedisClient
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, *, timeout: float = 30) -> AsyncIterator[Served]:
+    """A tokenrelay (API and worker) on `settings`, an HTTP client of it and a Redis client,
+    closed and stopped at the end however the block ends."""
+    server = Tokenrelay(settings).start()
+    redis = connect(settings.resolved_redis_url())
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=timeout) as client:
+            yield Served(client, redis)
+    finally:
+        await redis.aclose()
+        server.stop()
 
 
 def stop_leftovers() -> None:

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_api_stream import gauge_reaches, metric
 from tests.integration.test_stream import new_thread, run_body, stream_run
-from tests.server import Tokenrelay
+from tests.server import Tokenrelay, serving
 from tests.sse import events
 from tokenrelay.api.fanout import Fanout
 from tokenrelay.broker.connection import RedisClient, connect
@@ -102,45 +102,39 @@ async def test_cancelled_at_every_step_of_a_subscribe_nothing_leaks(
 
 async def test_clients_hanging_up_at_every_point_of_a_join(redis_server: RedisServer) -> None:
     s = make_settings(redis_server)
-    server = Tokenrelay(s).start()
     keys = Keys(s.key_prefix)
-    redis = connect(s.resolved_redis_url())
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            baseline = metric((await c.get("/metrics")).text, "tokenrelay_api_live_channels")
-            tid = await new_thread(c)
-            done, _ = await stream_run(c, tid, run_body("fast"))
-            finished = done[0].json()["run_id"]
-            url = f"/threads/{tid}/runs/{finished}/stream"
-            # A finished run replayed, hanging up after each number of events, on the last one
-            # and before the first byte.
-            for k in range(len(done) + 1):
-                async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
+    async with serving(s) as (c, redis):
+        baseline = metric((await c.get("/metrics")).text, "tokenrelay_api_live_channels")
+        tid = await new_thread(c)
+        done, _ = await stream_run(c, tid, run_body("fast"))
+        finished = done[0].json()["run_id"]
+        url = f"/threads/{tid}/runs/{finished}/stream"
+        # A finished run replayed, hanging up after each number of events, on the last one
+        # and before the first byte.
+        for k in range(len(done) + 1):
+            async with c.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
+                if k:
+                    await events(r, limit=k)
+        for _ in range(5):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0):
+                    await c.get(url, headers={"Last-Event-ID": "-1"})
+        # A live run: joins that hang up mid-history and mid-live.
+        tid2 = await new_thread(c)
+        async with c.stream("POST", f"/threads/{tid2}/runs/stream", json=run_body("slow")) as r:
+            head = await events(r, limit=2)
+            live = f"/threads/{tid2}/runs/{head[0].json()['run_id']}/stream"
+            for k in (0, 1, 3, 5):
+                async with c.stream("GET", live, headers={"Last-Event-ID": "-1"}) as j:
                     if k:
-                        await events(r, limit=k)
-            for _ in range(5):
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0):
-                        await c.get(url, headers={"Last-Event-ID": "-1"})
-            # A live run: joins that hang up mid-history and mid-live.
-            tid2 = await new_thread(c)
-            async with c.stream("POST", f"/threads/{tid2}/runs/stream", json=run_body("slow")) as r:
-                head = await events(r, limit=2)
-                live = f"/threads/{tid2}/runs/{head[0].json()['run_id']}/stream"
-                for k in (0, 1, 3, 5):
-                    async with c.stream("GET", live, headers={"Last-Event-ID": "-1"}) as j:
-                        if k:
-                            await events(j, limit=k)
-                rest = await events(r)
-            assert rest[-1].event == "values"
-            await settle(redis, keys)
-            channels = await gauge_reaches(
-                c, "tokenrelay_api_live_channels", baseline, tries=100, every=0.05
-            )
-            assert channels == baseline
-    finally:
-        await redis.aclose()
-        server.stop()
+                        await events(j, limit=k)
+            rest = await events(r)
+        assert rest[-1].event == "values"
+        await settle(redis, keys)
+        channels = await gauge_reaches(
+            c, "tokenrelay_api_live_channels", baseline, tries=100, every=0.05
+        )
+        assert channels == baseline
 
 
 async def test_a_client_that_hangs_up_ends_its_stream_at_once(redis_server: RedisServer) -> None:

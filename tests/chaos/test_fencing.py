@@ -8,15 +8,12 @@ from typing import Any
 
 import httpx
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage
 
-from tests.graphs import LONG_WORDS
-from tests.integration.test_stream import USER, new_thread
-from tests.integration.test_worker import body, thread_state, words
+from tests.integration.test_stream import new_thread
+from tests.integration.test_worker import TWOSTEP_REPLY, body, ran_twice, thread_state, words
 from tests.server import WorkerProcess
 from tests.sse import SSE, events, until_messages
 from tokenrelay.broker.settings import Settings
-from tokenrelay.producer.demo import reply_text
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 
@@ -62,16 +59,8 @@ async def test_a_worker_paused_past_its_lease_writes_nothing_more(
         await log_line(first, "stopping attempt 1, writing nothing more")
         evts = head + await events(r)
 
-    run_id = evts[0].json()["run_id"]
-    assert [e.json() for e in evts if e.event == "metadata"] == [
-        {"run_id": run_id, "attempt": 1},
-        {"run_id": run_id, "attempt": 2},
-    ]
-    expected = reply_text(
-        [HumanMessage(USER["messages"][0]["content"]),
-         AIMessage("plan: answer word by word", name="planner")],
-        LONG_WORDS,
-    )  # fmt: skip
+    run_id = ran_twice(evts)
+    expected = TWOSTEP_REPLY
     # After attempt 2 began, every token is attempt 2's: attempt 1 appended nothing more.
     assert words(evts, attempt=2) == expected
     assert evts[-1].event == "values"

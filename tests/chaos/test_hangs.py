@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import new_thread, run_body, wait_status
-from tests.server import Tokenrelay
+from tests.server import Tokenrelay, serving
 from tests.sse import events
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.embedded import EmbeddedRedis
@@ -84,58 +84,46 @@ async def test_creator_gone_before_the_first_byte_cancels(
 
 async def test_wrong_type_key_fails_the_run_instead_of_stalling(redis_server: RedisServer) -> None:
     s = make_settings(redis_server)
-    server = Tokenrelay(s).start()
-    redis = connect(s.resolved_redis_url())
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            tid = await new_thread(c)
-            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
-                head = await events(r, limit=3)
-                run_id = head[0].json()["run_id"]
-                # Something else clobbers the run's blob hash: every append now fails.
-                await redis.set(Keys(s.key_prefix).run_blobs(run_id), b"not a hash")
-                await wait_status(c, tid, run_id, "error")
-            run = (await c.get(f"/threads/{tid}/runs/{run_id}")).json()
-            assert "WRONGTYPE" in run["error"] or "AppendFailed" in run["error"]
-            assert (await c.get(f"/threads/{tid}")).json()["status"] == "error"
-            follow = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
-            assert follow.status_code == 200
-    finally:
-        await redis.aclose()
-        server.stop()
+    async with serving(s) as (c, redis):
+        tid = await new_thread(c)
+        async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+            head = await events(r, limit=3)
+            run_id = head[0].json()["run_id"]
+            # Something else clobbers the run's blob hash: every append now fails.
+            await redis.set(Keys(s.key_prefix).run_blobs(run_id), b"not a hash")
+            await wait_status(c, tid, run_id, "error")
+        run = (await c.get(f"/threads/{tid}/runs/{run_id}")).json()
+        assert "WRONGTYPE" in run["error"] or "AppendFailed" in run["error"]
+        assert (await c.get(f"/threads/{tid}")).json()["status"] == "error"
+        follow = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
+        assert follow.status_code == 200
 
 
 async def test_redis_at_maxmemory_fails_the_run_with_an_error_event(
     own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = make_settings(own_redis)
-    server = Tokenrelay(s).start()
-    redis = connect(s.resolved_redis_url())
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            assert (await c.get("/readyz")).status_code == 200
-            tid = await new_thread(c)
-            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
-                head = await events(r, limit=3)
-                await redis.config_set("maxmemory-policy", "noeviction")
-                await redis.config_set("maxmemory", 1)
-                ready = await c.get("/readyz")
-                assert ready.status_code == 503 and "maxmemory" in ready.json()["detail"]
-                # The worker gives the appends up and fails the run; its error and end are
-                # written once Redis takes writes again.
-                while "could not write the end of the run" not in caplog.text:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-                await redis.config_set("maxmemory", 0)
-                rest = await events(r)
-            evts = head + rest
-            assert evts[-1].event == "error"
-            assert evts[-1].json()["error"] == "AppendFailed"
-            assert (await c.get("/readyz")).status_code == 200
-            run_id = head[0].json()["run_id"]
-            assert (await c.get(f"/threads/{tid}/runs/{run_id}")).json()["status"] == "error"
-    finally:
-        await redis.aclose()
-        server.stop()
+    async with serving(s) as (c, redis):
+        assert (await c.get("/readyz")).status_code == 200
+        tid = await new_thread(c)
+        async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+            head = await events(r, limit=3)
+            await redis.config_set("maxmemory-policy", "noeviction")
+            await redis.config_set("maxmemory", 1)
+            ready = await c.get("/readyz")
+            assert ready.status_code == 503 and "maxmemory" in ready.json()["detail"]
+            # The worker gives the appends up and fails the run; its error and end are
+            # written once Redis takes writes again.
+            while "could not write the end of the run" not in caplog.text:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            await redis.config_set("maxmemory", 0)
+            rest = await events(r)
+        evts = head + rest
+        assert evts[-1].event == "error"
+        assert evts[-1].json()["error"] == "AppendFailed"
+        assert (await c.get("/readyz")).status_code == 200
+        run_id = head[0].json()["run_id"]
+        assert (await c.get(f"/threads/{tid}/runs/{run_id}")).json()["status"] == "error"
 
 
 async def test_an_exception_in_the_publisher_fails_its_runs_and_it_goes_on(

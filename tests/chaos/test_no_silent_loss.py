@@ -12,9 +12,9 @@ import pytest
 
 from tests.conftest import RedisServer, make_settings
 from tests.integration.test_stream import join, new_thread, run_body, stream_run, wait_status
-from tests.server import Tokenrelay
+from tests.server import Tokenrelay, serving
 from tests.sse import SSE, events, iter_sse
-from tokenrelay.broker.connection import RedisClient, connect
+from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.embedded import EmbeddedRedis, free_port
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import RunStatus
@@ -26,10 +26,8 @@ async def test_gaps_reach_ai_sdk_and_missing_blobs_are_errors() -> None:
     # Small stream nodes, so MAXLEN ~ trims a short run's history while it still streams.
     own = EmbeddedRedis(extra_args=["--stream-node-max-entries", "4"]).start()
     s = make_settings(own, stream_maxlen=10)
-    server = Tokenrelay(s).start()
-    redis = connect(s.resolved_redis_url())
     try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        async with serving(s) as (c, redis):
             parts = [{"type": "text", "text": "hi"}]
             chat = {"id": f"chat-{free_port()}", "assistant_id": "slow",
                     "messages": [{"role": "user", "parts": parts}]}  # fmt: skip
@@ -61,8 +59,6 @@ async def test_gaps_reach_ai_sdk_and_missing_blobs_are_errors() -> None:
             missing = [e for e in replay if e.event == "error" and e.id is not None]
             assert missing and all(e.json()["error"] == "MissingMetadata" for e in missing)
     finally:
-        await redis.aclose()
-        server.stop()
         own.close()
 
 
@@ -70,32 +66,26 @@ async def test_a_run_lost_with_its_redis_is_410_and_not_written_back(
     own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = make_settings(own_redis)
-    server = Tokenrelay(s).start()
-    redis = connect(s.resolved_redis_url())
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            tid = await new_thread(c)
-            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
-                head = await events(r, limit=3)
-                own_redis.kill()
-                with pytest.raises(httpx.RemoteProtocolError):
-                    await events(r)  # aborted: the client would resume
-            own_redis.start()  # empty: no persistence
-            run_id = head[0].json()["run_id"]
-            # The worker finds the run gone when Redis is back, and stops writing it.
-            while "writing nothing more" not in caplog.text:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            headers = {"Last-Event-ID": head[-1].id or ""}
-            r = await c.get(f"/threads/{tid}/runs/{run_id}/stream", headers=headers)
-            assert r.status_code == 410
-            assert "restarted without persistence" in r.json()["detail"]
-            assert (await c.get(f"/threads/{tid}/runs/{run_id}")).status_code == 410
-            assert (await c.get(f"/threads/{tid}/runs/{new_run_id()}")).status_code == 404
-            keys = [k async for k in redis.scan_iter(match=f"{s.key_prefix}:*")]
-            assert not [k for k in keys if run_id.encode() in k or tid.encode() in k], keys
-    finally:
-        await redis.aclose()
-        server.stop()
+    async with serving(s) as (c, redis):
+        tid = await new_thread(c)
+        async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+            head = await events(r, limit=3)
+            own_redis.kill()
+            with pytest.raises(httpx.RemoteProtocolError):
+                await events(r)  # aborted: the client would resume
+        own_redis.start()  # empty: no persistence
+        run_id = head[0].json()["run_id"]
+        # The worker finds the run gone when Redis is back, and stops writing it.
+        while "writing nothing more" not in caplog.text:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        headers = {"Last-Event-ID": head[-1].id or ""}
+        r = await c.get(f"/threads/{tid}/runs/{run_id}/stream", headers=headers)
+        assert r.status_code == 410
+        assert "restarted without persistence" in r.json()["detail"]
+        assert (await c.get(f"/threads/{tid}/runs/{run_id}")).status_code == 410
+        assert (await c.get(f"/threads/{tid}/runs/{new_run_id()}")).status_code == 404
+        keys = [k async for k in redis.scan_iter(match=f"{s.key_prefix}:*")]
+        assert not [k for k in keys if run_id.encode() in k or tid.encode() in k], keys
 
 
 def new_run_id() -> str:
@@ -149,41 +139,35 @@ async def keys_without_owner(redis: RedisClient, keys: Keys) -> list[str]:
 
 async def test_every_key_has_a_ttl_or_an_owner(redis_server: RedisServer) -> None:
     s = make_settings(redis_server)
-    server = Tokenrelay(s).start()
-    redis = connect(s.resolved_redis_url())
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            tid = await new_thread(c)
-            await stream_run(c, tid, run_body("fast"))
-            # stateless runs, streamed, waited on and in the background
-            async with c.stream("POST", "/runs/stream", json=run_body("fast")) as r:
-                await events(r)
-            assert (await c.post("/runs/wait", json=run_body("fast"))).status_code == 200
-            bg = (await c.post("/runs", json=run_body("fast"))).json()
-            await wait_status(c, bg["thread_id"], bg["run_id"], "success")
-            # an interrupted, a rolled back, an enqueued and a rejected run
-            for action in ("interrupt", "rollback"):
-                run = (await c.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
-                url = f"/threads/{tid}/runs/{run['run_id']}"
-                async with c.stream("GET", url + "/stream", headers={"Last-Event-ID": "-1"}) as r:
-                    async for item in iter_sse(r):
-                        if isinstance(item, SSE) and item.event == "messages":
-                            break
-                await c.post(url + "/cancel", params={"wait": 1, "action": action})
-            first = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
-            body: dict[str, Any] = {**run_body("fast"), "multitask_strategy": "enqueue"}
-            second = (await c.post(f"/threads/{tid}/runs", json=body)).json()
-            rejected = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
-            assert rejected.status_code in (200, 409)
-            await wait_status(c, tid, first["run_id"], "success")
-            await wait_status(c, tid, second["run_id"], "success")
-            if rejected.status_code == 200:
-                await wait_status(c, tid, rejected.json()["run_id"], "success")
-            # a deleted thread takes its records with it
-            gone = await new_thread(c)
-            await stream_run(c, gone, run_body("fast"))
-            assert (await c.delete(f"/threads/{gone}")).status_code == 204
-            assert await keys_without_owner(redis, Keys(s.key_prefix)) == []
-    finally:
-        await redis.aclose()
-        server.stop()
+    async with serving(s) as (c, redis):
+        tid = await new_thread(c)
+        await stream_run(c, tid, run_body("fast"))
+        # stateless runs, streamed, waited on and in the background
+        async with c.stream("POST", "/runs/stream", json=run_body("fast")) as r:
+            await events(r)
+        assert (await c.post("/runs/wait", json=run_body("fast"))).status_code == 200
+        bg = (await c.post("/runs", json=run_body("fast"))).json()
+        await wait_status(c, bg["thread_id"], bg["run_id"], "success")
+        # an interrupted, a rolled back, an enqueued and a rejected run
+        for action in ("interrupt", "rollback"):
+            run = (await c.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+            url = f"/threads/{tid}/runs/{run['run_id']}"
+            async with c.stream("GET", url + "/stream", headers={"Last-Event-ID": "-1"}) as r:
+                async for item in iter_sse(r):
+                    if isinstance(item, SSE) and item.event == "messages":
+                        break
+            await c.post(url + "/cancel", params={"wait": 1, "action": action})
+        first = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+        body: dict[str, Any] = {**run_body("fast"), "multitask_strategy": "enqueue"}
+        second = (await c.post(f"/threads/{tid}/runs", json=body)).json()
+        rejected = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
+        assert rejected.status_code in (200, 409)
+        await wait_status(c, tid, first["run_id"], "success")
+        await wait_status(c, tid, second["run_id"], "success")
+        if rejected.status_code == 200:
+            await wait_status(c, tid, rejected.json()["run_id"], "success")
+        # a deleted thread takes its records with it
+        gone = await new_thread(c)
+        await stream_run(c, gone, run_body("fast"))
+        assert (await c.delete(f"/threads/{gone}")).status_code == 204
+        assert await keys_without_owner(redis, Keys(s.key_prefix)) == []

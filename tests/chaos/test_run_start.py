@@ -24,7 +24,7 @@ from tests.integration.test_stream import (
     wait_status,
 )
 from tests.integration.test_worker import body as worker_body
-from tests.server import Tokenrelay, WorkerProcess
+from tests.server import Tokenrelay, WorkerProcess, serving
 from tests.sse import events
 from tokenrelay.broker import codec
 from tokenrelay.broker.connection import connect
@@ -181,29 +181,23 @@ async def test_a_running_run_whose_job_vanished_is_repaired(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = make_settings(redis_server)
-    server = Tokenrelay(s).start()
-    redis = connect(s.resolved_redis_url())
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            tid = await new_thread(c)
-            url = f"/threads/{tid}/runs/stream"
-            async with c.stream("POST", url, json=run_body("twostep")) as r:  # 5 s of tokens
-                head = await events(r, limit=3)
-                await redis.delete(Keys(s.key_prefix).queue())
-                # The worker's next lease renewal finds its job gone and stops the run.
-                while "writing nothing more" not in caplog.text:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-            run_id = head[0].json()["run_id"]
-            assert (await c.get(f"/threads/{tid}/runs/{run_id}")).json()["status"] == "running"
-            nxt = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
-            assert nxt.status_code == 200
-            await wait_status(c, tid, run_id, "error")
-            await wait_status(c, tid, nxt.json()["run_id"], "success")
-            replay = [e async for e in _replay(c, tid, run_id)]
-            assert replay[-1].event == "error" and replay[-1].json()["error"] == "RunNotQueued"
-    finally:
-        await redis.aclose()
-        server.stop()
+    async with serving(s) as (c, redis):
+        tid = await new_thread(c)
+        url = f"/threads/{tid}/runs/stream"
+        async with c.stream("POST", url, json=run_body("twostep")) as r:  # 5 s of tokens
+            head = await events(r, limit=3)
+            await redis.delete(Keys(s.key_prefix).queue())
+            # The worker's next lease renewal finds its job gone and stops the run.
+            while "writing nothing more" not in caplog.text:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        run_id = head[0].json()["run_id"]
+        assert (await c.get(f"/threads/{tid}/runs/{run_id}")).json()["status"] == "running"
+        nxt = await c.post(f"/threads/{tid}/runs", json=run_body("fast"))
+        assert nxt.status_code == 200
+        await wait_status(c, tid, run_id, "error")
+        await wait_status(c, tid, nxt.json()["run_id"], "success")
+        replay = [e async for e in _replay(c, tid, run_id)]
+        assert replay[-1].event == "error" and replay[-1].json()["error"] == "RunNotQueued"
 
 
 async def _replay(c: httpx.AsyncClient, tid: str, run_id: str) -> Any:

@@ -24,6 +24,25 @@ from tokenrelay.producer.demo import reply_text
 pytestmark = [pytest.mark.timeout(180), pytest.mark.redis("standalone", "cluster")]
 
 
+TWOSTEP_REPLY = reply_text(
+    [HumanMessage(USER["messages"][0]["content"]),
+     AIMessage("plan: answer word by word", name="planner")],
+    LONG_WORDS,
+)  # fmt: skip
+"""What the `twostep` graph replies to `USER`, whichever attempt streams it."""
+
+
+def ran_twice(evts: list[SSE]) -> str:
+    """The run id of a stream whose run ran as attempt 1, then as attempt 2, each announced by
+    its `metadata` event."""
+    run_id = str(evts[0].json()["run_id"])
+    assert [e.json() for e in evts if e.event == "metadata"] == [
+        {"run_id": run_id, "attempt": 1},
+        {"run_id": run_id, "attempt": 2},
+    ]
+    return run_id
+
+
 @pytest.fixture
 def settings(redis_server: RedisServer, postgres_url: str) -> Settings:
     return make_settings(
@@ -123,16 +142,8 @@ async def test_kill_9_mid_run_another_worker_takes_over_from_the_checkpoint(
         workers()  # the survivor: it finds the run's lease lapsed and takes it over
         evts = head + await events(r)  # the tailing client gets the rest, and the end
 
-    run_id = evts[0].json()["run_id"]
-    assert [e.json() for e in evts if e.event == "metadata"] == [
-        {"run_id": run_id, "attempt": 1},
-        {"run_id": run_id, "attempt": 2},
-    ]
-    expected = reply_text(
-        [HumanMessage(USER["messages"][0]["content"]),
-         AIMessage("plan: answer word by word", name="planner")],
-        LONG_WORDS,
-    )  # fmt: skip
+    run_id = ran_twice(evts)
+    expected = TWOSTEP_REPLY
     # `plan` ran once, before the kill; attempt 2 continued from the checkpoint after it
     plan_updates = [e for e in evts if e.event == "updates" and "plan" in e.json()]
     assert len(plan_updates) == 1
