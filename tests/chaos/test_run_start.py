@@ -84,7 +84,7 @@ async def test_runs_queued_behind_a_start_cut_short_go_on(redis_server: RedisSer
     async def cut_short(tid: str) -> str:
         rid, ts = new_id(), now_ms()
         await runs.create(RunRecord(rid, tid, "fast", RunStatus.PENDING, ts, ts))
-        assert await runs.claim_thread(tid, rid, enqueue=False) == ("started", "")
+        assert await runs.claim_thread(tid, rid, enqueue=False, mark_busy=True) == ("started", "")
         return rid  # and never queued
 
     try:
@@ -128,8 +128,14 @@ async def test_a_run_just_promoted_is_not_taken_for_lost(redis_server: RedisServ
             first, waited = new_id(), new_id()
             for rid in (first, waited):
                 await runs.create(RunRecord(rid, tid, "fast", RunStatus.PENDING, ts, ts))
-            assert await runs.claim_thread(tid, first, enqueue=False) == ("started", "")
-            assert await runs.claim_thread(tid, waited, enqueue=True) == ("queued", "")
+            assert await runs.claim_thread(tid, first, enqueue=False, mark_busy=True) == (
+                "started",
+                "",
+            )
+            assert await runs.claim_thread(tid, waited, enqueue=True, mark_busy=True) == (
+                "queued",
+                "",
+            )
             # The first run ends: its worker releases the thread, which promotes the waiting
             # run, and queues that run a round trip later.
             assert await runs.release_active(tid, first) == waited

@@ -109,7 +109,10 @@ async def test_scripts_touch_one_slot_and_a_cross_slot_call_is_refused(
     tid, ts = new_id(), now_ms()
     run = RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts)
     await runs.create(run)
-    assert await runs.claim_thread(tid, run.run_id, enqueue=False) == ("started", "")
+    assert await runs.claim_thread(tid, run.run_id, enqueue=False, mark_busy=True) == (
+        "started",
+        "",
+    )
     assert await runs.start_attempt(run.run_id, "w1", 3) == ("run", 1, 0)
     assert await log.append(run.run_id, [ev(0), Event(END_EVENT, b"")]) is None
     assert await runs.release_active(tid, run.run_id) is None

@@ -94,7 +94,10 @@ async def test_a_worker_begins_a_run_and_numbers_it_in_two_round_trips(
         ts = now_ms()
         run = RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts)
         await worker.queue.enqueue(await worker.runs.create(run))
-        assert await worker.runs.claim_thread(tid, run.run_id, enqueue=False) == ("started", "")
+        assert await worker.runs.claim_thread(tid, run.run_id, enqueue=False, mark_busy=True) == (
+            "started",
+            "",
+        )
         [(msg_id, job)] = await worker.queue.claim(worker.id, 1, block_ms=100)
         await listener.subscribe(keys.thread_live(tid))
         await scripts.script("start_attempt").load(redis)  # only the steps' own trips count

@@ -31,10 +31,16 @@ async def _ended(worker: Worker, queued_behind: bool) -> tuple[str, RunRecord, b
     ts = now_ms()
     ended, queued = (RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts) for _ in "ab")
     await worker.queue.enqueue(await worker.runs.create(ended))
-    assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False) == ("started", "")
+    assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False, mark_busy=True) == (
+        "started",
+        "",
+    )
     if queued_behind:
         await worker.runs.create(queued)
-        assert await worker.runs.claim_thread(tid, queued.run_id, enqueue=True) == ("queued", "")
+        assert await worker.runs.claim_thread(tid, queued.run_id, enqueue=True, mark_busy=True) == (
+            "queued",
+            "",
+        )
     [(msg_id, job)] = await worker.queue.claim(worker.id, 1, block_ms=100)
     assert await worker.runs.start_attempt(ended.run_id, worker.id, 3, msg_id) == ("run", 1, 0)
     await worker.runs.assign_seq_base(ended.run_id, 0)
@@ -109,7 +115,10 @@ async def test_a_thread_freed_from_a_run_whose_worker_stopped_after_its_end_numb
         ts = now_ms()
         ended = RunRecord(new_id(), tid, "fast", RunStatus.PENDING, ts, ts)
         await worker.runs.create(ended)
-        assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False) == ("started", "")
+        assert await worker.runs.claim_thread(tid, ended.run_id, enqueue=False, mark_busy=True) == (
+            "started",
+            "",
+        )
         assert await worker.runs.start_attempt(ended.run_id, "w1", 3) == ("run", 1, 0)
         await worker.runs.assign_seq_base(ended.run_id, 0)
         end = [Event("custom", b"{}"), Event("custom", b"{}"), Event(END_EVENT, b"")]

@@ -148,12 +148,12 @@ class RunStore:
         return Job(run.run_id, run.thread_id, run.assistant_id)
 
     async def claim_thread(
-        self, thread_id: str, run_id: str, *, enqueue: bool, mark_busy: bool = True
+        self, thread_id: str, run_id: str, *, enqueue: bool, mark_busy: bool
     ) -> tuple[str, str]:
         """Make `run_id` the thread's active run: ('started', ''), ('queued', '') behind the
-        active run when `enqueue`, else ('busy', <active run id>). A started run's thread is
-        marked busy in the index, unless the caller does it (`mark_busy` False: see
-        `queue_started`)."""
+        active run when `enqueue`, else ('busy', <active run id>). With `mark_busy` a started
+        run's thread is marked busy in the index here; the API leaves that to `queue_started`,
+        which marks it in the round trip that queues the run."""
         k = self._keys
         reply = await self._claim(
             self._redis,
