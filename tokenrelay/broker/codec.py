@@ -82,7 +82,7 @@ def pack_script_args(obj: Any) -> bytes:
 
 def splice_tuple(first: bytes, second: bytes) -> bytes:
     """``[<first>,<second>]`` from two encoded JSON values, without decoding either."""
-    return b"[" + first + b"," + second + b"]"
+    return b"".join((b"[", first, b",", second, b"]"))  # one copy of the (long) second
 
 
 CONTENT_HEAD = b'{"content":'
@@ -90,7 +90,7 @@ CONTENT_HEAD = b'{"content":'
 
 def splice_content(content: bytes, rest: bytes) -> bytes:
     """``[{"content":<content>,<rest>]``: a message chunk stored as its content alone."""
-    return b"[" + CONTENT_HEAD + content + b"," + rest + b"]"
+    return b"".join((b"[", CONTENT_HEAD, content, b",", rest, b"]"))  # one copy of `rest`
 
 
 def split_content(chunk: bytes, content: bytes) -> bytes | None:

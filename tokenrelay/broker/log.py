@@ -51,6 +51,7 @@ _BLOB_NAMED = PROTOCOL_ONLY.encode()
 """A protocol `messages` entry is stored as ``e`` = ``~<ref>`` and ``d`` alone: its name, node
 and fixed head are in the blob, so each token costs Redis its text and a few bytes, and the
 entries keep the two fields of the stream's other entries (Redis then stores no field names)."""
+_NAMED_REFS = (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF)
 FENCED = b"!fenced"
 """What an append returns when its attempt is no longer the run's current one."""
 StreamRow = tuple[bytes, dict[bytes, bytes]]
@@ -77,10 +78,12 @@ BlobFetch = asyncio.Future[dict[bytes, bytes] | None]
 """A blob fetch in flight: the blobs it found, or None if it did not finish."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LiveBatch:
     """One append batch as published on a run's live channel. Every reader of the run in an
-    API process gets the same object; `memo` keeps what they derive from it alike."""
+    API process gets the same object; `memo` keeps what they derive from it alike. Never
+    changed once decoded; not frozen, as `Entry` is not, for the time a frozen one takes to
+    make."""
 
     prev: StreamId | None
     entries: list[Entry]
@@ -158,7 +161,7 @@ class LiveSubscription(Protocol):
 
 
 def _entry(id_: bytes, name: bytes, data: bytes, blob_ref: bytes | None) -> Entry:
-    if name[:2] in (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF):
+    if name[:2] in _NAMED_REFS:
         return Entry(StreamId.of_redis(id_), MESSAGES_EVENT, data, name[1:])
     return Entry(StreamId.of_redis(id_), name.decode(), data, blob_ref or None)
 
@@ -673,7 +676,6 @@ class BlobResolver:
 
 
 _END = END_EVENT.encode()
-_NAMED_REFS = (_BLOB_NAMED + DELTA_REF, _BLOB_NAMED + NODE_REF)
 
 
 def spliced(entry: Entry, blobs: dict[bytes, bytes]) -> Entry:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from tokenrelay.broker.errors import InvalidEventId
 
@@ -33,23 +34,27 @@ class RunStatus(StrEnum):
         return self not in (RunStatus.PENDING, RunStatus.RUNNING)
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class StreamId:
+_ID_PATTERN = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+
+
+class StreamId(NamedTuple):
     """A Redis stream entry id, ``<a>-<b>``; ordered the way Redis orders them.
 
     Run events get ``<thread seq>-<ms>`` (see scripts/append.lua): `ms` then holds the event's
     seq in its thread and `seq` its time. Other streams use Redis' own ``<ms>-<n>``.
+
+    A tuple, not a frozen dataclass: an API process builds one per live event per run and
+    compares them at every step of a tail, where a tuple is made and compared in a third of
+    the time.
     """
 
     ms: int
     seq: int
 
-    _PATTERN = re.compile(r"^(\d{1,20})-(\d{1,20})$")
-
     @classmethod
     def parse(cls, value: str | bytes) -> StreamId:
         text = value.decode() if isinstance(value, bytes) else value
-        m = cls._PATTERN.match(text)
+        m = _ID_PATTERN.match(text)
         if m is None:
             raise InvalidEventId(text)
         ms, seq = int(m.group(1)), int(m.group(2))
@@ -61,7 +66,7 @@ class StreamId:
     def of_redis(cls, raw: bytes) -> StreamId:
         """An id Redis returned: well formed, so not checked as `parse` checks a client's."""
         ms, _, seq = raw.partition(b"-")
-        return cls(int(ms), int(seq))
+        return _new_tuple(cls, (int(ms), int(seq)))
 
     @classmethod
     def parse_last_event_id(cls, value: str) -> StreamId:
@@ -80,6 +85,7 @@ class StreamId:
         return f"{self.ms}-{self.seq}"
 
 
+_new_tuple = tuple.__new__
 ZERO_ID = StreamId(0, 0)
 
 
@@ -99,9 +105,13 @@ class Event:
     content_only: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
-    """An event as stored in a run's stream. ``blob_ref`` names a blob in the run's blob hash."""
+    """An event as stored in a run's stream. ``blob_ref`` names a blob in the run's blob hash.
+
+    Never changed once made (it is shared by every reader of a live batch), but not frozen:
+    an API process makes two per live event per run, and a frozen one takes four times as
+    long to make."""
 
     id: StreamId
     name: str
