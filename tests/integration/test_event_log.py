@@ -6,7 +6,7 @@ import asyncio
 import gc
 import os
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -90,7 +90,10 @@ class LossyFeed:
     def reset(self) -> None:
         self.inner.reset()
 
-    async def get(self, timeout: float) -> LiveBatch | None:
+    async def get(
+        self, timeout: float, direct: Callable[[LiveBatch], bool] | None = None
+    ) -> LiveBatch | None:
+        # Offers no batch to `direct`: every batch passes here, to be lost or returned.
         while True:
             batch = await self.inner.get(timeout)
             self.n += 1
@@ -465,3 +468,53 @@ async def test_one_append_call_keeps_each_payload_byte_for_byte_and_fences_each_
         assert (record.seq, record.attempt, record.status) == (0, 2, RunStatus.RUNNING)
     finally:
         await publisher.stop()
+
+
+async def test_batches_the_reader_takes_while_it_waits_and_those_it_is_woken_for_make_the_run_once(
+    log: tuple[EventLog, Fanout],
+) -> None:
+    """A tail given `deliver` is offered each following batch while it waits: what it takes
+    there and what it yields (batches refused, the end, catch-up after an overflow) are the run
+    exactly once, in order."""
+    from tokenrelay.broker.log import Batch
+
+    elog, fanout = log  # queue_limit=4 entries
+    rid = new_id()
+    await elog.append(rid, [ev(0)])
+    got: list[Entry] = []
+    taken: list[Batch] = []
+    offers = 0
+    paused = False
+
+    def deliver(batch: Batch) -> bool:
+        nonlocal offers
+        offers += 1
+        assert not batch[-1].is_end  # the end always goes through the tail
+        if offers % 3 == 0:
+            return False  # refused, as a client the server cannot write to at once would be
+        taken.append(batch)
+        got.extend(batch)
+        return True
+
+    async def produce() -> None:
+        for i in range(1, 120):
+            await elog.append(rid, [ev(i)] if i % 2 else [ev(i), ev(1000 + i)])
+            await asyncio.sleep(0.002)
+        await elog.append(rid, [Event(END_EVENT, b"")])
+
+    async with fanout.subscribe(rid) as live:
+        task = asyncio.create_task(produce())
+        tail = elog.tail_pages(rid, ZERO_ID, live, idle_seconds=5, deliver=deliver)
+        async for item in tail:
+            if isinstance(item, History):
+                got.extend(item.entries())
+            elif isinstance(item, list):
+                got.extend(item)
+            if not paused and len(got) > 80:
+                await asyncio.sleep(0.3)  # the reader is away: its queue overflows
+                paused = live.overflowed
+                assert paused
+        await task
+    assert paused and taken and offers > len(taken)  # every path was taken
+    assert got == await elog.read(rid, ZERO_ID, count=10_000)
+    assert got[-1].is_end

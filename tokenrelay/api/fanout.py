@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from tokenrelay.broker import telemetry
 from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
@@ -40,6 +40,11 @@ _queued_entries = [0]
 queued and taken once per token per reader) and read by the gauge when it is scraped."""
 telemetry.LIVE_QUEUED_ENTRIES.set_function(lambda: _queued_entries[0])
 
+_offering = [True]
+"""Whether waiting readers are offered live batches (`Subscription.push`): off for the rest of
+the process after an offer failed, since what failed once (a server whose internals changed,
+say) would fail, and be logged, at every batch."""
+
 
 class Subscription:
     """One client's view of a run's live feed: a queue bounded by its number of entries.
@@ -57,7 +62,10 @@ class Subscription:
         # The idle timeout of `get`: one timer per idle period, not one per batch. A wait only
         # moves the deadline; the timer, when it fires early, is set again for the deadline.
         self._idle_at = 0.0
+        self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._direct: Callable[[LiveBatch], bool] | None = None
+        """What `get` offers a batch while it waits with nothing queued (see `push`)."""
         self.joined: tuple[int, StreamId | None] = (0, None)
         """The channel's epoch and the last entry it had delivered when this client joined
         (see `Fanout.live_epoch`)."""
@@ -75,6 +83,21 @@ class Subscription:
     def push(self, batch: LiveBatch) -> None:
         if self._overflowed:
             return
+        direct = self._direct
+        if direct is not None and _offering[0]:
+            # The reader waits with nothing queued: it may take the batch here and now (write
+            # it to its client), not woken for it. Once one is refused, the rest queue behind
+            # it until the reader has taken them, so order holds.
+            try:
+                taken = direct(batch)
+            except Exception:  # a bug must not stop the fan-out: readers take batches themselves
+                log.exception("offering live batches to waiting readers failed; stopped offering")
+                _offering[0] = False
+                taken = False
+            if taken:
+                self._idle_at = asyncio.get_running_loop().time() + self._timeout
+                return
+            self._direct = None
         if self._queued + len(batch.entries) > self._limit:
             self._drop()
             self._overflowed = True
@@ -103,14 +126,20 @@ class Subscription:
     def reset(self) -> None:
         self._drop()
         self._overflowed = False
+        self._direct = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    async def get(self, timeout: float) -> LiveBatch | None:
+    async def get(
+        self, timeout: float, direct: Callable[[LiveBatch], bool] | None = None
+    ) -> LiveBatch | None:
+        """The next batch, or None after `timeout` seconds without one; while it waits, batches
+        are offered to `direct` first (see `tokenrelay.broker.log.LiveSubscription`)."""
         if not self._queue:
             loop = asyncio.get_running_loop()
             self._idle_at = loop.time() + timeout
+            self._timeout = timeout
             if self._timer is not None and self._timer.when() > self._idle_at:
                 self._timer.cancel()
                 self._timer = None
@@ -118,10 +147,12 @@ class Subscription:
                 self._timer = loop.call_at(self._idle_at, self._idle, loop)
             # A bare future, not an Event and a timeout: this wait happens once per batch.
             self._waiter = loop.create_future()
+            self._direct = direct
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                self._direct = None
             if not self._queue:
                 return None
         batch = self._queue.popleft()

@@ -4,7 +4,9 @@ connections are accepted.
 uvicorn closes idle keep-alive connections but gives a client forever to send a request's
 headers; `GuardedHttpTools` closes a connection whose headers do not arrive in time, and tells
 the application how many connections the process holds (``RequestLimits`` answers 503 past the
-cap, probes excepted) and its own `send` (event streams write their body chunks with it).
+cap, probes excepted), its own `send` (event streams write their body chunks with it) and
+`write_now`, which writes a chunk without awaiting or declines (the fan-out writes live events
+to readers waiting for them with it).
 
 `Loop` is uvloop, except that a server takes every connection waiting in its listen queue at
 each turn of the loop: libuv (since 1.45) accepts one per turn, so on a busy process a burst of
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -24,10 +27,10 @@ from collections.abc import Callable
 from typing import Any
 
 import uvloop
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from tokenrelay.api.limits import OPEN_CONNECTIONS
-from tokenrelay.api.sse import DISCONNECTED, SERVER_SEND, WATCH_DISCONNECT
+from tokenrelay.api.sse import DISCONNECTED, SERVER_SEND, SERVER_WRITE, WATCH_DISCONNECT
 from tokenrelay.broker.settings import Settings, get_settings
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -109,6 +112,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:
             self.scope[SERVER_SEND] = cycle.send  # type: ignore[literal-required]
+            self.scope[SERVER_WRITE] = functools.partial(write_now, cycle)  # type: ignore[literal-required]
             self.scope[WATCH_DISCONNECT] = self._watch_lost  # type: ignore[literal-required]
 
     def _watch_lost(self, future: asyncio.Future[Any]) -> None:
@@ -142,6 +146,22 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def write_now(cycle: RequestResponseCycle, chunk: bytes) -> bool:
+    """Write `chunk` as the next chunk of `cycle`'s chunked response body, as its `send` would,
+    without awaiting (`SERVER_WRITE`); False, having written nothing, where `send` would wait
+    for the client to read (flow control) or write nothing (the client is gone, the response
+    complete or not a chunked body)."""
+    if (
+        cycle.flow.write_paused
+        or cycle.disconnected
+        or cycle.response_complete
+        or not cycle.chunked_encoding
+    ):
+        return False
+    cycle.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    return True
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -25,6 +25,12 @@ stream's body chunks go out with it, past the middleware: each would otherwise w
 of a long stream, and none of them looks past a response's start (none may: a transformed body
 is no event stream)."""
 
+SERVER_WRITE = "tokenrelay.server_write"
+"""Scope key the server protocol sets: a function that writes one body chunk of the response
+at once, without awaiting, or returns False having written nothing when it cannot (the client
+reads slower than the server writes, it is gone, or no chunked body is being sent). A stream's
+body writes live events with it while it waits for them (`LiveWriter`)."""
+
 WATCH_DISCONNECT = "tokenrelay.watch_disconnect"
 """Scope key the server protocol sets: a callable taking a future, which the protocol resolves
 with `DISCONNECTED` when the connection is lost. An event stream watches its client with it
@@ -158,6 +164,23 @@ class Draining(asyncio.Event):
         future.add_done_callback(self._watchers.discard)
 
 
+def _refuse(chunk: bytes) -> bool:
+    return False
+
+
+class LiveWriter:
+    """Lets a stream's body write live events to its client from the fan-out's turn, while it
+    waits for them, instead of being woken to hand each batch to its response: with hundreds of
+    readers of one run, or a reader per run, that wake-up, not the write, was most of what a
+    live event cost the API. `write` refuses (False) until the response has sent its headers
+    on a server that offers `SERVER_WRITE`, and again once the response is ending."""
+
+    __slots__ = ("write",)
+
+    def __init__(self) -> None:
+        self.write: Callable[[bytes], bool] = _refuse
+
+
 class EventStreamResponse(Response):
     """A ``text/event-stream`` response fed by `body`.
 
@@ -175,6 +198,7 @@ class EventStreamResponse(Response):
         deadline: float | None = None,
         abort: Draining | None = None,
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
+        live_writer: LiveWriter | None = None,
     ) -> None:
         # Set here rather than by `Response.__init__` (one per join, the hot path of a
         # reconnect storm). The body is streamed with chunked encoding: no Content-Length.
@@ -190,6 +214,7 @@ class EventStreamResponse(Response):
         self._deadline = deadline
         self._abort = abort
         self._on_disconnect = on_disconnect
+        self._live_writer = live_writer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
@@ -197,6 +222,9 @@ class EventStreamResponse(Response):
         )
         write: Send = scope.get(SERVER_SEND, send)
         loop = asyncio.get_running_loop()
+        live_writer = self._live_writer
+        if live_writer is not None:
+            live_writer.write = scope.get(SERVER_WRITE, _refuse)
 
         async def stream() -> None:
             async for chunk in self._body:
@@ -225,6 +253,8 @@ class EventStreamResponse(Response):
         failure: BaseException | None = None
         try:
             reason = await ended
+            if live_writer is not None:
+                live_writer.write = _refuse  # from here the body is stopping or has stopped
             if reason == STREAMED:
                 failure = None if streamer.cancelled() else streamer.exception()
                 if failure is not None:
@@ -240,6 +270,8 @@ class EventStreamResponse(Response):
                     await on_disconnect()
                 await cancel_and_wait(streamer, cancelled=True)
         finally:
+            if live_writer is not None:
+                live_writer.write = _refuse  # nothing after the body, however it ended
             if not ended.done():
                 ended.cancel()  # unwatched: the protocol and the shutdown signal drop it
             if timer is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -156,8 +156,13 @@ class LiveSubscription(Protocol):
     def reset(self) -> None:
         """Drop queued batches and clear the overflow flag before a catch-up read."""
 
-    async def get(self, timeout: float) -> LiveBatch | None:
-        """The next batch, or None after `timeout` seconds without one."""
+    async def get(
+        self, timeout: float, direct: Callable[[LiveBatch], bool] | None = None
+    ) -> LiveBatch | None:
+        """The next batch, or None after `timeout` seconds without one. While it waits with
+        nothing queued, a batch is first offered to `direct`, which takes it (True) or leaves
+        it to be returned (False, having done nothing); a batch taken is not returned, and
+        counts as activity for the timeout."""
 
 
 def _entry(id_: bytes, name: bytes, data: bytes, blob_ref: bytes | None) -> Entry:
@@ -472,16 +477,39 @@ class EventLog:
         idle_seconds: float,
         first: list[bytes] | None = None,
         first_complete: bool = False,
+        deliver: Callable[[Batch], bool] | None = None,
     ) -> AsyncIterator[History | list[Entry] | Gap | None]:
         """`tail_batches`, each page of history as a `History`, which a reader can render
         without building its entries (a full replay is thousands of them).
 
         `first` is the page after `after` (`page_of`), read before `live` was subscribed; with
         `first_complete` nothing made after it was missed by `live` (it goes live next, as
-        after a page read here), else reading goes on after it."""
+        after a page read here), else reading goes on after it.
+
+        `deliver`, when given, is offered each live batch that follows on what the tail gave
+        while it waits for one (with no `end`, its blobs known): the reader sends it there and
+        then (True), from the fan-out's turn, instead of being woken for it; that batch is then
+        not yielded, and the tail goes on after it. False leaves it to the tail, as any other."""
         last = after
         blobs = BlobResolver(self, run_id)
         check_gap = True
+
+        def direct(batch: LiveBatch) -> bool:
+            nonlocal last
+            if deliver is None or batch.prev is None or batch.prev != last:
+                return False
+            shared: Batch | None = batch.memo.get(_RESOLVED)
+            if shared is None:
+                resolved = blobs.resolve_cached(_through_end(batch.entries))
+                if resolved is None:
+                    return False  # a blob to fetch first: the tail does it
+                shared = batch.memo[_RESOLVED] = Batch(resolved, {})
+            if not shared or shared[-1].is_end or not deliver(shared):
+                return False
+            last = shared[-1].id
+            return True
+
+        offer = direct if deliver is not None else None
         while True:
             # Catch up from the stream. What `live` queued since `first` was read is kept.
             if first is None:
@@ -526,7 +554,7 @@ class EventLog:
                 if live.overflowed:
                     check_gap = True  # a slow reader may have fallen behind the trimmed history
                     break
-                batch = await live.get(idle_seconds)
+                batch = await live.get(idle_seconds, offer)
                 if batch is None:
                     yield None
                     break  # re-read the stream: cheap, and covers a lost pub/sub message
@@ -667,6 +695,14 @@ class BlobResolver:
         if missing:
             cache.update(await self._log.blobs(self._run_id, sorted(missing)))
         return History(rows, cache, StreamId.parse(rows[-ROW_WIDTH]), ends)
+
+    def resolve_cached(self, entries: list[Entry]) -> list[Entry] | None:
+        """`resolve_all` without a wait: None when a blob of `entries` is not cached yet."""
+        cache = self._cache
+        for e in entries:
+            if e.blob_ref is not None and e.blob_ref not in cache:
+                return None
+        return [self._splice(e) if e.blob_ref is not None else e for e in entries]
 
     async def resolve(self, entry: Entry) -> Entry:
         return (await self.resolve_all([entry]))[0]

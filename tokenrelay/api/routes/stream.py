@@ -23,6 +23,7 @@ from tokenrelay.api.schemas import RunCreate, id_in_path, iso
 from tokenrelay.api.sse import (
     HEARTBEAT,
     EventStreamResponse,
+    LiveWriter,
     format_error,
     format_event,
     format_history,
@@ -69,12 +70,29 @@ async def run_events(
     names: set[str] | None = None,
     last: Entry | None = None,
     first: Prefetched | None = None,
+    writer: LiveWriter | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE bytes of `run_id` after `after` (None: from now on) until the run ends, keeping
     only events named in `names` (by their mode, before any `|namespace`) when given.
     `last`, the run's newest entry as the caller read it, spares a read when `after` is
     given (a join from now must read it once subscribed); `first`, the page after `after`
-    read with it, spares the first page read when the live feed missed nothing since."""
+    read with it, spares the first page read when the live feed missed nothing since.
+    With `writer`, live batches that reach it while it waits are written by it (from the
+    fan-out's turn) rather than yielded."""
+    held: list[bytes] = []
+
+    def deliver(batch: Batch) -> bool:
+        nonlocal after
+        if held or writer is None:
+            return False
+        frames, count = _live_frames(batch, names)
+        if frames and not writer.write(frames):
+            return False
+        after = batch[-1].id
+        if count:
+            telemetry.EVENTS_SENT.inc(count)
+        return True
+
     telemetry.STREAMS_OPEN.inc()
     try:
         async with svc.fanout.subscribe(run_id) as live:
@@ -91,11 +109,11 @@ async def run_events(
             tail = svc.log.tail_pages(
                 run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds,
                 first=rows, first_complete=complete,
+                deliver=deliver if writer is not None else None,
             )  # fmt: skip
             # What is ready goes out in one write: while more live batches are queued (a
             # reader behind, as after a catch-up or on a busy process) their frames are held
             # and sent together, one write and one wake-up instead of one per batch.
-            held: list[bytes] = []
             size = 0
             async for item in tail:
                 if item is None:
@@ -122,10 +140,14 @@ async def run_events(
                 if held and (
                     not follows_live or size >= _HOLD_BYTES or not live.queued_after(after)
                 ):
-                    yield b"".join(held) if len(held) > 1 else held[0]
-                    held, size = [], 0
+                    chunk = b"".join(held) if len(held) > 1 else held[0]
+                    held.clear()  # the list `deliver` reads: nothing is held once sent
+                    size = 0
+                    yield chunk
             if held:
-                yield b"".join(held)
+                chunk = b"".join(held)
+                held.clear()
+                yield chunk
     finally:
         telemetry.STREAMS_OPEN.dec()
 
@@ -165,9 +187,17 @@ def _frames(item: History | list[Entry] | Gap | None, names: set[str] | None) ->
         if sent:
             telemetry.EVENTS_SENT.inc(sent)
         return (frames if sent else b""), item.ends
-    # A live flush of the worker (or entries read back), framed once per process.
+    frames, count = _live_frames(item, names)
+    if count:
+        telemetry.EVENTS_SENT.inc(count)
+    return frames, item[-1].is_end
+
+
+def _live_frames(item: list[Entry], names: set[str] | None) -> tuple[bytes, int]:
+    """A live flush of the worker (or entries read back) as SSE bytes, and how many events
+    they hold: framed once per process."""
     memo = item.memo if isinstance(item, Batch) and names is None else None
-    framed = memo.get(_FRAMED) if memo is not None else None
+    framed: tuple[bytes, int] | None = memo.get(_FRAMED) if memo is not None else None
     if framed is None:
         chunk = [
             format_event(e)
@@ -177,9 +207,7 @@ def _frames(item: History | list[Entry] | Gap | None, names: set[str] | None) ->
         framed = (b"".join(chunk), len(chunk))
         if memo is not None:
             memo[_FRAMED] = framed  # the run's other readers here send it as is
-    if framed[1]:
-        telemetry.EVENTS_SENT.inc(framed[1])
-    return framed[0], item[-1].is_end
+    return framed
 
 
 async def stream_response(
@@ -201,12 +229,14 @@ async def stream_response(
     deadline = None
     if budget and not finished:
         deadline = asyncio.get_running_loop().time() + budget
+    writer = LiveWriter()
     return EventStreamResponse(
-        run_events(svc, run_id, after, names, last, first),
+        run_events(svc, run_id, after, names, last, first, writer),
         run_headers(thread_id, run_id),
         deadline=deadline,
         abort=None if finished else svc.draining,
         on_disconnect=on_disconnect,
+        live_writer=writer,
     )
 
 
