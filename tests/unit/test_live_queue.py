@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -31,16 +32,28 @@ def test_a_batch_the_reader_already_has_is_nothing_new() -> None:
     assert not sub.queued_after(StreamId(1, 0))
 
 
+Offer = Callable[[LiveBatch], bool]
+
+
+async def waiting_reader(
+    sub: Subscription, takes: bool
+) -> tuple[asyncio.Future[LiveBatch | None], list[LiveBatch], Offer]:
+    """A reader waiting on `sub` that takes (or refuses) what it is offered, the batches
+    offered to it, and its offer."""
+    offered: list[LiveBatch] = []
+
+    def offer(b: LiveBatch) -> bool:
+        offered.append(b)
+        return takes
+
+    waiting = asyncio.ensure_future(sub.get(5.0, offer))
+    await asyncio.sleep(0)
+    return waiting, offered, offer
+
+
 async def test_a_waiting_reader_is_offered_each_batch_and_what_it_takes_is_not_queued() -> None:
     sub = Subscription(limit=100)
-    taken: list[LiveBatch] = []
-
-    def take(b: LiveBatch) -> bool:
-        taken.append(b)
-        return True
-
-    waiting = asyncio.ensure_future(sub.get(5.0, take))
-    await asyncio.sleep(0)
+    waiting, taken, _ = await waiting_reader(sub, takes=True)
     first, second = batch(1, 2), batch(3)
     sub.push(first)
     sub.push(second)
@@ -55,14 +68,7 @@ async def test_after_a_refused_batch_the_rest_queue_behind_it_in_order() -> None
     # Once one batch is left to the reader, a later one taken directly would reach its client
     # before it: every batch queues until the reader waits again.
     sub = Subscription(limit=100)
-    offered: list[LiveBatch] = []
-
-    def refuse(b: LiveBatch) -> bool:
-        offered.append(b)
-        return False
-
-    waiting = asyncio.ensure_future(sub.get(5.0, refuse))
-    await asyncio.sleep(0)
+    waiting, offered, refuse = await waiting_reader(sub, takes=False)
     first, second, third = batch(1), batch(2), batch(3)
     sub.push(first)
     sub.push(second)
