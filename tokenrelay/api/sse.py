@@ -171,9 +171,9 @@ def _refuse(chunk: bytes) -> bool:
 class LiveWriter:
     """Lets a stream's body write live events to its client from the fan-out's turn, while it
     waits for them, instead of being woken to hand each batch to its response: with hundreds of
-    readers of one run, or a reader per run, that wake-up, not the write, was most of what a
-    live event cost the API. `write` refuses (False) until the response has sent its headers
-    on a server that offers `SERVER_WRITE`, and again once the response is ending."""
+    readers of one run, those wake-ups were, after the socket writes themselves, the largest
+    part of what a live event cost the API. `write` refuses (False) until the response has sent
+    its headers on a server that offers `SERVER_WRITE`, and again once the response is ending."""
 
     __slots__ = ("write",)
 
