@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from tests.graphs import GRAPHS
 from tests.server import Tokenrelay, stop_leftovers
+from tokenrelay.api import serving
 from tokenrelay.broker.connection import RedisClient
 from tokenrelay.broker.embedded import EmbeddedCluster, EmbeddedRedis, free_port
 from tokenrelay.broker.settings import Settings
@@ -38,6 +40,22 @@ def own_redis() -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(port=free_port()).start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def fanout_writes(monkeypatch: pytest.MonkeyPatch) -> dict[bool, int]:
+    """How many live chunks the fan-out wrote to waiting readers (`serving.write_now`: True)
+    and how many it left to them (False), in the servers of this test's process."""
+    counts = {True: 0, False: 0}
+    write_now = serving.write_now
+
+    def counted(cycle: Any, chunk: bytes) -> bool:
+        done = write_now(cycle, chunk)
+        counts[done] += 1
+        return done
+
+    monkeypatch.setattr(serving, "write_now", counted)
+    return counts
 
 
 @pytest.fixture(scope="session", autouse=True)

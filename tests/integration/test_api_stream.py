@@ -18,7 +18,6 @@ from tests.graphs import FLOOD_EVENTS
 from tests.integration.test_stream import join, new_thread, run_body, stream_run
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events, iter_sse
-from tokenrelay.api import serving
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.embedded import EmbeddedRedis
 from tokenrelay.broker.keys import Keys
@@ -105,20 +104,11 @@ async def test_200_clients_on_one_run_share_one_subscription(
 
 
 async def test_readers_waiting_on_a_live_run_get_its_batches_written_from_the_fan_out(
-    client: httpx.AsyncClient, relay: Tokenrelay, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, relay: Tokenrelay, fanout_writes: dict[bool, int]
 ) -> None:
     """Readers of a run that wait for its next batch have it written to them by the fan-out
     (`SERVER_WRITE`), with no wake-up of their own; those joining, catching up or ending take
     theirs themselves. Every reader gets the run exactly, whichever way each batch went."""
-    written = {True: 0, False: 0}
-    write_now = serving.write_now
-
-    def counted(cycle: Any, chunk: bytes) -> bool:
-        done = write_now(cycle, chunk)
-        written[done] += 1
-        return done
-
-    monkeypatch.setattr(serving, "write_now", counted)
     tid = await new_thread(client)
     async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
         head = await events(r, limit=3)
@@ -127,7 +117,7 @@ async def test_readers_waiting_on_a_live_run_get_its_batches_written_from_the_fa
         resumed = [asyncio.create_task(join(client, tid, run_id, head[1].id)) for _ in range(5)]
         reference = head + await events(r)
         results = await asyncio.gather(*readers, *resumed)
-    assert written[True] > 50  # a token at a time, to 11 readers, for 60 tokens
+    assert fanout_writes[True] > 50  # a token at a time, to 11 readers, for 60 tokens
     assert all(same(got, reference) for got in results[:5])
     assert all(same(got, reference[2:]) for got in results[5:])
 

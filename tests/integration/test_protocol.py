@@ -190,6 +190,41 @@ async def test_since_replays_exactly_what_was_missed_and_seq_spans_runs(
     assert lifecycle == [e for e in everything if e["method"] == "lifecycle"]
 
 
+async def test_subscriptions_waiting_on_a_live_run_get_its_batches_written_from_the_fan_out(
+    client: httpx.AsyncClient, fanout_writes: dict[bool, int]
+) -> None:
+    """Subscriptions waiting for a run's next batch have it written to them by the fan-out
+    (`SERVER_WRITE`), filtered for each; every subscription gets the run exactly, over two
+    runs, whichever way each batch went."""
+    tid = str(uuid.uuid4())
+
+    subscribed = 0
+    all_subscribed = asyncio.Event()
+
+    async def read(channels: list[str]) -> list[Any]:
+        nonlocal subscribed
+        async with subscription(client, tid, channels) as events:
+            subscribed += 1  # the response started: its subscription is made
+            if subscribed == 5:
+                all_subscribed.set()
+            return await until_terminal(events, runs=2)
+
+    everything = asyncio.create_task(read(ALL))
+    messages = [asyncio.create_task(read(["messages", "lifecycle"])) for _ in range(4)]
+    await all_subscribed.wait()
+    await start(client, tid, "slow", user("one"))
+    async with subscription(client, tid, ["lifecycle"]) as events:
+        await until_terminal(events)
+    await start(client, tid, "fast", user("two"))
+    reference = await everything
+    got = await asyncio.gather(*messages)
+    assert fanout_writes[True] > 50  # the slow run's tokens, one at a time, to 5 subscriptions
+    wanted = [e for e in reference if e["method"] in ("messages", "lifecycle")]
+    assert all(g == wanted for g in got)
+    async with subscription(client, tid, since=0) as events:
+        assert await until_terminal(events, runs=2) == reference
+
+
 async def test_the_stream_outlives_runs_with_heartbeats(client: httpx.AsyncClient) -> None:
     tid = str(uuid.uuid4())
     body = {"channels": ["lifecycle"]}

@@ -152,9 +152,11 @@ def _is_prefix(namespace: Sequence[str], prefix: Sequence[str]) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProtocolEvent:
-    """One stored event rendered for the protocol: its JSON envelope, ready to send."""
+    """One stored event rendered for the protocol: its JSON envelope, ready to send. Never
+    changed once made; not frozen, for the time a frozen one takes to make (one per live
+    event per process)."""
 
     seq: int
     method: str
@@ -285,13 +287,23 @@ async def _next_run(
 
 
 async def _run_events(
-    svc: Services, run_id: str, after: StreamId
+    svc: Services, run_id: str, after: StreamId, deliver: Callable[[Batch], bool] | None = None
 ) -> AsyncIterator[list[Entry] | Gap | None]:
-    """A run's events after `after`, to its end (as the classic streams tail it)."""
+    """A run's events after `after`, to its end (as the classic streams tail it); live
+    batches `deliver` takes while the tail waits (`EventLog.tail_pages`) are not yielded."""
+
+    def taken(batch: Batch) -> bool:
+        nonlocal after
+        if deliver is None or not deliver(batch):
+            return False
+        after = batch[-1].id
+        return True
+
     async with svc.fanout.subscribe(run_id) as live:
         tail = svc.log.tail_batches(
-            run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds
-        )
+            run_id, after, live, idle_seconds=svc.settings.heartbeat_seconds,
+            deliver=taken if deliver is not None else None,
+        )  # fmt: skip
         async for item in tail:
             if item is None:
                 try:
@@ -313,19 +325,21 @@ async def thread_events(
     since: int | None,
     wake: Subscription,
     on_run: Callable[[str], None] | None = None,
+    deliver: Callable[[Batch], bool] | None = None,
 ) -> AsyncIterator[list[Entry] | Gap | None]:
     """The thread's events, run after run, for as long as the caller reads: batches of
     entries, a Gap where history was trimmed, None when idle (for heartbeats). `wake` is the
     caller's subscription to the thread (`Fanout.subscribe_thread`), made before it answers,
     so no run's start falls between the answer and the subscription. `on_run` is told each
-    run's id before its first batch."""
+    run's id before its first batch. Live batches `deliver` takes while the caller waits for
+    the next (see `EventLog.tail_pages`) are not yielded."""
     heartbeat = svc.settings.heartbeat_seconds
     run_id, created, after, past = await _start(svc, thread_id, since)
     while True:
         if run_id is not None:
             if on_run is not None:
                 on_run(run_id)
-            async for item in _run_events(svc, run_id, after):
+            async for item in _run_events(svc, run_id, after, deliver):
                 yield item
             past.add(run_id)
             after = ZERO_ID

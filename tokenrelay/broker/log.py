@@ -461,10 +461,12 @@ class EventLog:
         live: LiveSubscription,
         *,
         idle_seconds: float,
+        deliver: Callable[[Batch], bool] | None = None,
     ) -> AsyncIterator[list[Entry] | Gap | None]:
         """`tail`, a history page or a live batch at a time, so a reader writes each batch
-        to its client at once. A batch is never empty; `end`, if present, is its last entry."""
-        tail = self.tail_pages(run_id, after, live, idle_seconds=idle_seconds)
+        to its client at once. A batch is never empty; `end`, if present, is its last entry.
+        `deliver` as `tail_pages` takes it."""
+        tail = self.tail_pages(run_id, after, live, idle_seconds=idle_seconds, deliver=deliver)
         async for item in tail:
             yield item.entries() if isinstance(item, History) else item
 

@@ -29,10 +29,17 @@ from tokenrelay.api.fanout import Subscription
 from tokenrelay.api.routes.runs import start_run
 from tokenrelay.api.routes.threads import graph_of
 from tokenrelay.api.schemas import RunCreate, WireJSON, id_problem
-from tokenrelay.api.sse import HEARTBEAT, EventStreamResponse, format_error, format_protocol_event
+from tokenrelay.api.sse import (
+    HEARTBEAT,
+    EventStreamResponse,
+    LiveWriter,
+    format_error,
+    format_protocol_event,
+)
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.errors import Conflict, InvalidBody, NotFound
-from tokenrelay.broker.models import ZERO_ID, Gap, StreamId
+from tokenrelay.broker.log import Batch
+from tokenrelay.broker.models import ZERO_ID, Entry, Gap, StreamId
 from tokenrelay.broker.protocol import checkpoint_summary
 from tokenrelay.broker.runs import new_id
 from tokenrelay.broker.runtime import cancel_and_wait
@@ -341,21 +348,36 @@ async def _check_since(svc: Services, thread_id: str, since: int | None) -> None
         )
 
 
+def _frames(flt: EventFilter, entries: list[Entry]) -> list[bytes]:
+    return [format_protocol_event(e.method, e.payload, e.seq) for e in flt.select(entries)]
+
+
 async def _sse_body(
-    svc: Services, thread_id: str, flt: EventFilter, since: int | None, wake: Subscription
+    svc: Services,
+    thread_id: str,
+    flt: EventFilter,
+    since: int | None,
+    wake: Subscription,
+    writer: LiveWriter,
 ) -> AsyncIterator[bytes]:
+    def deliver(batch: Batch) -> bool:
+        frames = _frames(flt, batch)
+        if frames:
+            if not writer.write(b"".join(frames)):
+                return False
+            telemetry.EVENTS_SENT.inc(len(frames))
+        return True
+
     telemetry.STREAMS_OPEN.inc()
     try:
-        async for item in thread_events(svc, thread_id, since, wake):
+        async for item in thread_events(svc, thread_id, since, wake, deliver=deliver):
             if item is None:
                 yield HEARTBEAT
             elif isinstance(item, Gap):
                 telemetry.GAPS.inc()
                 yield format_error(gap_error(item))
             else:
-                frames = [
-                    format_protocol_event(e.method, e.payload, e.seq) for e in flt.select(item)
-                ]
+                frames = _frames(flt, item)
                 if frames:
                     telemetry.EVENTS_SENT.inc(len(frames))
                     yield b"".join(frames)
@@ -387,10 +409,11 @@ async def event_stream(
         return WireJSON(exc.answer(None), status_code=exc.status)
     budget = svc.settings.stream_max_seconds
     deadline = asyncio.get_running_loop().time() + budget if budget else None
+    writer = LiveWriter()
     body = await SubscribedStream(svc, thread_id).open(
-        lambda wake: _sse_body(svc, thread_id, flt, since, wake)
+        lambda wake: _sse_body(svc, thread_id, flt, since, wake, writer)
     )
-    return EventStreamResponse(body, {}, deadline=deadline, abort=svc.draining)
+    return EventStreamResponse(body, {}, deadline=deadline, abort=svc.draining, live_writer=writer)
 
 
 class _Socket:
