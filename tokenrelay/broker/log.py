@@ -500,12 +500,9 @@ class EventLog:
             nonlocal last
             if deliver is None or batch.prev is None or batch.prev != last:
                 return False
-            shared: Batch | None = batch.memo.get(_RESOLVED)
-            if shared is None:
-                resolved = blobs.resolve_cached(_through_end(batch.entries))
-                if resolved is None:
-                    return False  # a blob to fetch first: the tail does it
-                shared = batch.memo[_RESOLVED] = Batch(resolved, {})
+            if _RESOLVED not in batch.memo and not blobs.cached(batch.entries):
+                return False  # a blob to fetch first: the tail does it
+            shared = _shared_entries(batch, blobs)
             if not shared or shared[-1].is_end or not deliver(shared):
                 return False
             last = shared[-1].id
@@ -566,11 +563,9 @@ class EventLog:
                 if batch.prev is not None and batch.prev == last:
                     # It follows on (the usual case): all of it is new, resolved once for
                     # every reader of the run in this process.
-                    shared: Batch | None = batch.memo.get(_RESOLVED)
-                    if shared is None:
-                        resolved = await blobs.resolve_all(_through_end(batch.entries))
-                        shared = batch.memo[_RESOLVED] = Batch(resolved, {})
-                    out = shared
+                    if _RESOLVED not in batch.memo:
+                        await blobs.fetch(batch.entries)
+                    out = _shared_entries(batch, blobs)
                 else:
                     fresh = [e for e in batch.entries if e.id > last]
                     out = await blobs.resolve_all(_through_end(fresh))
@@ -583,6 +578,15 @@ class EventLog:
 
 _RESOLVED = "entries"
 """`LiveBatch.memo` key of the batch's entries with their blobs spliced in."""
+
+
+def _shared_entries(batch: LiveBatch, blobs: BlobResolver) -> Batch:
+    """`batch`'s entries through its `end`, their blobs (cached in `blobs`) spliced in: made
+    once per process, and the same object for every reader of the run here."""
+    shared: Batch | None = batch.memo.get(_RESOLVED)
+    if shared is None:
+        shared = batch.memo[_RESOLVED] = Batch(blobs.splice_all(_through_end(batch.entries)), {})
+    return shared
 
 
 def _entries(rows: list[StreamRow]) -> list[Entry]:
@@ -669,10 +673,23 @@ class BlobResolver:
 
     async def resolve_all(self, entries: list[Entry]) -> list[Entry]:
         """`entries` with their blobs spliced in; blobs not yet cached are fetched first."""
+        await self.fetch(entries)
+        return self.splice_all(entries)
+
+    def cached(self, entries: list[Entry]) -> bool:
+        """Whether every blob `entries` name is cached: `splice_all` needs no `fetch`."""
+        cache = self._cache
+        return all(e.blob_ref is None or e.blob_ref in cache for e in entries)
+
+    async def fetch(self, entries: list[Entry]) -> None:
+        """Cache the blobs `entries` name that are not cached yet (one round trip)."""
         cache = self._cache
         missing = {e.blob_ref for e in entries if e.blob_ref is not None} - cache.keys()
         if missing:
             cache.update(await self._log.blobs(self._run_id, sorted(missing)))
+
+    def splice_all(self, entries: list[Entry]) -> list[Entry]:
+        """`entries` with their cached blobs spliced in (an error in place of one not stored)."""
         return [self._splice(e) if e.blob_ref is not None else e for e in entries]
 
     async def history(self, rows: list[bytes]) -> History | None:
@@ -697,14 +714,6 @@ class BlobResolver:
         if missing:
             cache.update(await self._log.blobs(self._run_id, sorted(missing)))
         return History(rows, cache, StreamId.parse(rows[-ROW_WIDTH]), ends)
-
-    def resolve_cached(self, entries: list[Entry]) -> list[Entry] | None:
-        """`resolve_all` without a wait: None when a blob of `entries` is not cached yet."""
-        cache = self._cache
-        for e in entries:
-            if e.blob_ref is not None and e.blob_ref not in cache:
-                return None
-        return [self._splice(e) if e.blob_ref is not None else e for e in entries]
 
     async def resolve(self, entry: Entry) -> Entry:
         return (await self.resolve_all([entry]))[0]
