@@ -3,15 +3,18 @@ tests/e2e/test_js_clients.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
 
 import httpx
+import pytest
 from langchain_core.messages import HumanMessage
 
 from tests.graphs import FAST_WORDS
 from tests.sse import SSE, events
+from tokenrelay.api import serving
 from tokenrelay.producer.demo import reply_text
 
 
@@ -82,3 +85,46 @@ async def test_bad_chat_requests_are_422(client: httpx.AsyncClient) -> None:
     bad["messages"][0]["role"] = "assistant"
     assert (await client.post("/ai/chat", json=bad)).status_code == 422
     assert (await client.post("/ai/chat", json=chat_body("a{b}", "hi"))).status_code == 422
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["taken", "refused"])
+async def test_readers_of_a_chat_get_its_parts_exactly_with_batches_written_from_the_fan_out(
+    client: httpx.AsyncClient,
+    fanout_writes: dict[bool, int],
+    monkeypatch: pytest.MonkeyPatch,
+    refused: bool,
+) -> None:
+    """Readers resuming a chat while it streams (`useChat({resume: true})` on several tabs)
+    each get the whole reply exactly, the live batches written to them by the fan-out while
+    they wait. A batch the connection refuses goes to the reader instead, rendered again from
+    the reader's state before the offer (its open text part): with every offer refused, they
+    still get the same parts."""
+    offers = 0
+
+    def refuse(cycle: Any, chunk: bytes) -> bool:
+        nonlocal offers
+        offers += 1
+        return False
+
+    if refused:
+        monkeypatch.setattr(serving, "write_now", refuse)
+    chat_id = str(uuid.uuid4())
+    async with client.stream("POST", "/ai/chat", json=chat_body(chat_id, "hi", "slow")) as r:
+        head = parts(await events(r, limit=4))
+
+        async def resume() -> list[Any]:
+            async with client.stream("GET", f"/ai/chat/{chat_id}/stream") as got:
+                assert got.status_code == 200
+                return parts(await events(got))
+
+        readers = [asyncio.create_task(resume()) for _ in range(6)]
+        reference = head + parts(await events(r))
+        results = await asyncio.gather(*readers)
+    # A token at a time, to 7 readers, for 60 tokens.
+    assert (offers if refused else fanout_writes[True]) > 50
+    assert text_of(reference).count(" ") + 1 == 60
+    types = [p if isinstance(p, str) else p["type"] for p in reference]
+    assert types[:2] == ["start", "text-start"]
+    assert types[-3:] == ["text-end", "finish", "[DONE]"]
+    assert set(types[2:-3]) == {"text-delta"}
+    assert all(got == reference for got in results)

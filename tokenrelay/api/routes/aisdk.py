@@ -8,7 +8,7 @@ active run from its ``start`` part and goes live (204 when nothing is active); `
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -19,11 +19,18 @@ from tokenrelay.api.auth import Caller, caller
 from tokenrelay.api.deps import Services, services
 from tokenrelay.api.routes.runs import cancel_run, start_run
 from tokenrelay.api.schemas import ClientId, RunCreate, id_in_path
-from tokenrelay.api.sse import HEARTBEAT, EventStreamResponse, format_data, gap_payload
+from tokenrelay.api.sse import (
+    HEARTBEAT,
+    EventStreamResponse,
+    LiveWriter,
+    format_data,
+    gap_payload,
+)
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
 from tokenrelay.broker.errors import InvalidBody, NotFound
-from tokenrelay.broker.models import ZERO_ID, Gap, RunStatus
+from tokenrelay.broker.log import Batch, History
+from tokenrelay.broker.models import ZERO_ID, Entry, Gap, RunStatus
 
 router = APIRouter(prefix="/ai", tags=["ai-sdk"])
 
@@ -56,13 +63,80 @@ def _part(obj: dict[str, Any]) -> bytes:
     return format_data(codec.json_bytes(obj))
 
 
-async def ui_parts(svc: Services, run_id: str) -> AsyncIterator[bytes]:
-    """The run's events, from its start, as UI message stream parts."""
+class UIParts:
+    """Turns a run's entries into UI message stream parts. What a reader carries from one entry
+    to the next: the text part it has open, whether the run failed and whether it ended."""
+
+    __slots__ = ("ended", "failed", "open_text", "run_id")
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.open_text: str | None = None
+        self.failed = False
+        self.ended = False
+
+    def render(self, entries: list[Entry]) -> bytes:
+        """The parts of `entries`, up to the run's `end`, in one chunk."""
+        out: list[bytes] = []
+        for entry in entries:
+            if entry.is_end:
+                self.ended = True
+                break
+            if entry.name == "messages":
+                self._text(out, entry.data)
+            elif entry.name == "error":
+                self.failed = True
+                err = codec.json_loads(entry.data)
+                out.append(
+                    _part({"type": "error", "errorText": f"{err['error']}: {err['message']}"})
+                )
+        return b"".join(out)
+
+    def offer(self, entries: list[Entry], write: Callable[[bytes], bool]) -> bool:
+        """Render `entries` and `write` them; if the write is refused, the state is as before,
+        so the reader renders them again when it takes them itself."""
+        before = self.open_text, self.failed, self.ended
+        frames = self.render(entries)
+        if frames and not write(frames):
+            self.open_text, self.failed, self.ended = before
+            return False
+        return True
+
+    def _text(self, out: list[bytes], data: bytes) -> None:
+        chunk, _meta = codec.json_loads(data)
+        if chunk.get("type") not in ("AIMessageChunk", "ai"):
+            return
+        content = chunk.get("content")
+        if isinstance(content, list):
+            content = "".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
+        if not content:
+            return
+        msg_id = str(chunk.get("id") or self.run_id)
+        if self.open_text != msg_id:
+            if self.open_text is not None:
+                out.append(_part({"type": "text-end", "id": self.open_text}))
+            self.open_text = msg_id
+            out.append(_part({"type": "text-start", "id": msg_id}))
+        out.append(_part({"type": "text-delta", "id": msg_id, "delta": content}))
+
+
+async def ui_parts(
+    svc: Services, run_id: str, writer: LiveWriter | None = None
+) -> AsyncIterator[bytes]:
+    """The run's events, from its start, as UI message stream parts: a page of history or a
+    live batch in one write. With `writer`, live batches that reach it while it waits are
+    written by it from the fan-out's turn (as for classic streams) rather than yielded."""
     yield _part({"type": "start", "messageId": f"msg-{run_id}"})
-    open_text: str | None = None
-    failed = False
+    ui = UIParts(run_id)
+
+    def deliver(batch: Batch) -> bool:
+        return writer is not None and ui.offer(batch, writer.write)
+
     async with svc.fanout.subscribe(run_id) as live:
-        tail = svc.log.tail(run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds)
+        tail = svc.log.tail_pages(
+            run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds,
+            deliver=deliver if writer is not None else None,
+        )  # fmt: skip
         async for item in tail:
             if item is None:
                 yield HEARTBEAT
@@ -73,33 +147,14 @@ async def ui_parts(svc: Services, run_id: str) -> AsyncIterator[bytes]:
                 err = codec.json_loads(gap_payload(item))
                 yield _part({"type": "error", "errorText": f"{err['error']}: {err['message']}"})
                 continue
-            if item.is_end:
+            frames = ui.render(item.entries() if isinstance(item, History) else item)
+            if frames:
+                yield frames
+            if ui.ended:
                 break
-            if item.name == "messages":
-                chunk, _meta = codec.json_loads(item.data)
-                if chunk.get("type") not in ("AIMessageChunk", "ai"):
-                    continue
-                content = chunk.get("content")
-                if isinstance(content, list):
-                    content = "".join(
-                        str(c.get("text", "")) for c in content if isinstance(c, dict)
-                    )
-                if not content:
-                    continue
-                msg_id = str(chunk.get("id") or run_id)
-                if open_text != msg_id:
-                    if open_text is not None:
-                        yield _part({"type": "text-end", "id": open_text})
-                    open_text = msg_id
-                    yield _part({"type": "text-start", "id": msg_id})
-                yield _part({"type": "text-delta", "id": msg_id, "delta": content})
-            elif item.name == "error":
-                failed = True
-                err = codec.json_loads(item.data)
-                yield _part({"type": "error", "errorText": f"{err['error']}: {err['message']}"})
-    if open_text is not None:
-        yield _part({"type": "text-end", "id": open_text})
-    if not failed:
+    if ui.open_text is not None:
+        yield _part({"type": "text-end", "id": ui.open_text})
+    if not ui.failed:
         run = await svc.runs.get(run_id)
         if run.status is RunStatus.INTERRUPTED:
             yield _part({"type": "abort"})
@@ -114,7 +169,9 @@ def ui_stream(svc: Services, thread_id: str, run_id: str) -> EventStreamResponse
         "Location": f"/ai/chat/{id_in_path(thread_id)}/stream",
         "Content-Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}",
     }
-    return EventStreamResponse(ui_parts(svc, run_id), headers, abort=svc.draining)
+    writer = LiveWriter()
+    body = ui_parts(svc, run_id, writer)
+    return EventStreamResponse(body, headers, abort=svc.draining, live_writer=writer)
 
 
 async def _mine(who: Caller, chat_id: str, op: str = "read", **value: Any) -> bool:
