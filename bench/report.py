@@ -490,7 +490,7 @@ per delivered token adds up every process of a system (API, worker, Redis, the N
 with its children) over the scenario, the load generator excluded. The chat-graph column is the
 product; the writer column's producer costs next to nothing, so it is the relay's own ceiling.
 Ratios are "times better for tokenrelay" whichever way a figure goes. Raw numbers:
-`docs/benchmarks.json`.{skipped}
+`docs/benchmarks.json`.{_replaced(results)}{skipped}
 
 {summary_table(results)}
 
@@ -503,6 +503,38 @@ Goals:
 {goal_head}
 {goal_lines}
 {END}"""
+
+
+def replace_columns(full: dict[str, Any], rerun: dict[str, Any], why: str) -> dict[str, Any]:
+    """`full` (a full run's results) with the systems of `rerun` (a later run of some of them,
+    and of `astream` if it ran) in place of its own, each replacement recorded with its date,
+    commit and `why`, which the report states above the table."""
+    m = rerun["machine"]
+    out = {**full, "systems": {**full["systems"]}, "replaced": dict(full.get("replaced", {}))}
+    names = [*rerun["systems"], *(["astream"] if "astream" in rerun else [])]
+    for name in names:
+        if name == "astream":
+            out["astream"] = rerun["astream"]
+        else:
+            out["systems"][name] = rerun["systems"][name]
+        out["replaced"][name] = {
+            "date": m["date"], "commit": m.get("commit"), "seconds": rerun["seconds"], "why": why,
+        }  # fmt: skip
+    return out
+
+
+def _replaced(results: dict[str, Any]) -> str:
+    replaced = results.get("replaced") or {}
+    if not replaced:
+        return ""
+    quoted = [f"`{n}`" for n in replaced]
+    names = " and ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+    first = next(iter(replaced.values()))
+    return (
+        f"\n\nThe figures of {names} are from a second run of those alone, on {first['date']} "
+        f"at commit `{first['commit'] or 'unknown'}` ({first['seconds']:.0f} s), in place of this "
+        f"run's: {first['why']}"
+    )
 
 
 def write_docs(results: dict[str, Any], out_dir: Path) -> None:

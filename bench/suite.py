@@ -9,6 +9,10 @@ side-by-side section of docs/benchmarks.md and its plots.
     tokenrelay bench                      # full suite, 3 repetitions; updates docs/benchmarks.md
     tokenrelay bench --systems tokenrelay naive --scenarios b c
     tokenrelay bench --systems tokenrelay-dev langgraph-dev --scenarios j
+    tokenrelay bench --systems tokenrelay --into docs/benchmarks.json --why "..."
+                                          # run a column again in place of the full run's
+
+A partial run writes to ./bench-results unless --out or --into says otherwise.
 """
 
 from __future__ import annotations
@@ -435,15 +439,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--out", type=Path, default=None,
                         help="results directory (default: docs/ for a full run, "
-                             "./bench-results for --quick)")  # fmt: skip
+                             "./bench-results for --quick or a partial run)")  # fmt: skip
     parser.add_argument("--repetitions", type=int, default=None,
                         help="runs of each measured scenario, reported as median and spread "
                              "(default: 3, or 1 with --quick)")  # fmt: skip
+    parser.add_argument("--into", type=Path, default=None,
+                        help="a full run's results (docs/benchmarks.json): the systems run now "
+                             "replace their columns there, and its docs are rewritten")  # fmt: skip
+    parser.add_argument(
+        "--why", default="", help="with --into: why those columns were run again (the report says)"
+    )
     args = parser.parse_args(argv)
+    if args.into is not None and (args.quick or not args.why):
+        parser.error("--into takes a full run's columns and needs --why")
 
     sizes = QUICK if args.quick else FULL
     repetitions = args.repetitions or REPETITIONS["quick" if args.quick else "full"]
-    out_dir = args.out or (Path("bench-results") if args.quick else ROOT / "docs")
+    # Only a whole run speaks for docs/: a partial one would replace its table with a few columns.
+    whole = (
+        not args.quick
+        and set(args.systems) == set(SYSTEMS)
+        and set(args.scenarios) == set(SCENARIOS)
+    )
+    out_dir = args.out or (ROOT / "docs" if whole else Path("bench-results"))
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "sizes": sizes,
                                "repetitions": repetitions, "systems": {},
@@ -472,7 +490,11 @@ def main(argv: list[str] | None = None) -> None:
     path = out_dir / ("benchmarks-quick.json" if args.quick else "benchmarks.json")
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(report.summary_table(results))
-    if not args.quick:
+    if args.into is not None:
+        merged = report.replace_columns(json.loads(args.into.read_text()), results, args.why)
+        args.into.write_text(json.dumps(merged, indent=1) + "\n")
+        report.write_docs(merged, args.into.parent)
+    elif whole or (args.out is not None and not args.quick):
         report.write_docs(results, out_dir)
     print(f"results: {path} ({results['seconds']:.0f}s)")
 

@@ -143,3 +143,29 @@ def test_docs_are_written_from_a_result(tmp_path: Path) -> None:
     # Rewriting replaces the section instead of adding a second one.
     report.write_docs(json.loads(sample.read_text()), tmp_path)
     assert (tmp_path / "benchmarks.md").read_text().count(report.BEGIN) == 1
+
+
+def test_a_column_run_again_replaces_the_full_runs_and_the_report_says_so() -> None:
+    from bench import report
+
+    sample = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.json"
+    full = json.loads(sample.read_text())
+    full.pop("replaced", None)
+    column = {"a": {"tokens": 1, "tokens_per_second": 12345.0}}
+    rerun = {
+        "machine": {**full["machine"], "date": "2026-01-02T03:04:05+00:00", "commit": "abc"},
+        "systems": {"tokenrelay": column},
+        "astream": {"cpu_us_per_token": {"total": 50.0}},
+        "seconds": 99.0,
+    }
+    merged = report.replace_columns(full, rerun, "the first shared the machine")
+    assert merged["systems"]["tokenrelay"] == column
+    assert merged["systems"]["naive"] == full["systems"]["naive"]
+    assert merged["astream"] == rerun["astream"]
+    assert set(merged["replaced"]) == {"tokenrelay", "astream"}
+    assert "tokenrelay" in full["systems"] and full["systems"]["tokenrelay"] != column
+    text = report.section(merged)
+    assert "The figures of `tokenrelay` and `astream` are from a second run" in text
+    assert "commit `abc` (99 s)" in text and "the first shared the machine" in text
+    assert "12,345" in text
+    assert "second run" not in report.section(full)
