@@ -63,6 +63,12 @@ def _part(obj: dict[str, Any]) -> bytes:
     return format_data(codec.json_bytes(obj))
 
 
+def _error_part(error: bytes) -> bytes:
+    """An `error` part from an error event's JSON (``{"error": ..., "message": ...}``)."""
+    err = codec.json_loads(error)
+    return _part({"type": "error", "errorText": f"{err['error']}: {err['message']}"})
+
+
 class UIParts:
     """Turns a run's entries into UI message stream parts. What a reader carries from one entry
     to the next: the text part it has open, whether the run failed and whether it ended."""
@@ -86,10 +92,7 @@ class UIParts:
                 self._text(out, entry.data)
             elif entry.name == "error":
                 self.failed = True
-                err = codec.json_loads(entry.data)
-                out.append(
-                    _part({"type": "error", "errorText": f"{err['error']}: {err['message']}"})
-                )
+                out.append(_error_part(entry.data))
         return b"".join(out)
 
     def offer(self, entries: list[Entry], write: Callable[[bytes], bool]) -> bool:
@@ -129,14 +132,16 @@ async def ui_parts(
     yield _part({"type": "start", "messageId": f"msg-{run_id}"})
     ui = UIParts(run_id)
 
-    def deliver(batch: Batch) -> bool:
-        return writer is not None and ui.offer(batch, writer.write)
+    deliver: Callable[[Batch], bool] | None = None
+    if writer is not None:
+
+        def deliver(batch: Batch) -> bool:
+            return ui.offer(batch, writer.write)  # `write` is set once headers are sent
 
     async with svc.fanout.subscribe(run_id) as live:
         tail = svc.log.tail_pages(
-            run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds,
-            deliver=deliver if writer is not None else None,
-        )  # fmt: skip
+            run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds, deliver=deliver
+        )
         async for item in tail:
             if item is None:
                 yield HEARTBEAT
@@ -144,8 +149,7 @@ async def ui_parts(
             if isinstance(item, Gap):
                 # Trimmed history (MAXLEN): say so rather than stream a reply with a hole.
                 telemetry.GAPS.inc()
-                err = codec.json_loads(gap_payload(item))
-                yield _part({"type": "error", "errorText": f"{err['error']}: {err['message']}"})
+                yield _error_part(gap_payload(item))
                 continue
             frames = ui.render(item.entries() if isinstance(item, History) else item)
             if frames:
