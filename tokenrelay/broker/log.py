@@ -9,6 +9,7 @@ from the stream instead of skipping events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ StreamRow = tuple[bytes, dict[bytes, bytes]]
 RUNS_PER_CALL = 128
 """At most this many runs' appends in one script call (Redis runs a call to its end before
 anything else: this bounds how long one call can hold it)."""
+
+
+APPEND_KEYS_CACHED = 8192
+"""Runs whose append keys an `EventLog` keeps encoded: more than a worker process runs at once
+by default (`TOKENRELAY_WORKER_CONCURRENCY`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +189,9 @@ class EventLog:
         self._publish = pubsub.publish_command(redis)
         self._blobs: dict[tuple[str, bytes], bytes] = {}
         self._fetching: dict[tuple[str, bytes], BlobFetch] = {}
+        # A worker appends for the same runs flush after flush: their keys are built and
+        # encoded once, not five strings per run per flush for the Redis client to encode.
+        self._append_keys = functools.lru_cache(maxsize=APPEND_KEYS_CACHED)(self._encoded_keys)
 
     @property
     def runs_per_call(self) -> int:
@@ -213,18 +222,10 @@ class EventLog:
         first referenced in this batch. A positive `seq` (increasing per run) makes a retried
         batch a no-op once it was applied; a positive `attempt` fences off a superseded worker.
         """
-        k = self._keys
-        keys: list[str] = []
+        keys: list[bytes] = []
         runs: list[tuple[Any, ...]] = []
         for a in appends:
-            run_id = a.run_id
-            keys += [
-                k.run_events(run_id),
-                k.run_blobs(run_id),
-                k.run_meta(run_id),
-                k.run_cancel(run_id),
-                k.live(run_id),
-            ]
+            keys += self._append_keys(a.run_id)
             # The rows go as they are: msgpack packs them in C, not an argument at a time.
             status = a.status.value if a.status else ""
             runs.append((status, a.seq, a.attempt, a.blobs, a.rows, a.fields))
@@ -236,6 +237,17 @@ class EventLog:
             codec.pack_script_args(runs),
         ]
         self._append.queue(pipe, keys, args)
+
+    def _encoded_keys(self, run_id: str) -> tuple[bytes, ...]:
+        """The keys of `run_id`'s part of an append call, in the script's order."""
+        k = self._keys
+        return (
+            k.run_events(run_id).encode(),
+            k.run_blobs(run_id).encode(),
+            k.run_meta(run_id).encode(),
+            k.run_cancel(run_id).encode(),
+            k.live(run_id).encode(),
+        )
 
     async def append(
         self, run_id: str, events: Sequence[Event], *, status: RunStatus | None = None

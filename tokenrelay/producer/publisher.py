@@ -81,6 +81,9 @@ class Publisher:
         self._on_failed = on_failed
         self._pending: dict[str, _Pending] = {}
         self._blob_refs: dict[str, dict[tuple[bool, bytes], bytes]] = {}
+        self._last_blob: dict[str, tuple[bytes, bool, str, str, bytes]] = {}
+        """Per run, its last event's blob (the object), kind and name, and what they were
+        stored as: the next event with the same blob object is stored the same."""
         self._seq: dict[str, int] = {}
         self._ref_prefix: dict[str, str] = {}
         self._attempt: dict[str, int] = {}
@@ -115,16 +118,35 @@ class Publisher:
         ref = b""
         name = event.name
         if event.blob is not None:
-            blob = stored_blob(event)
-            refs = self._blob_refs.setdefault(run_id, {})
-            key = (event.content_only, blob)
-            ref = refs.get(key, b"")
-            if not ref:
-                kind = blob_kind(event)
-                ref = kind + f"{self._ref_prefix.get(run_id, '')}{len(refs)}".encode()
-                refs[key] = ref
-                pending.blobs.append((ref, blob))
-            name, ref = entry_name(event, ref)
+            last = self._last_blob.get(run_id)
+            if (
+                last is not None
+                and last[0] is event.blob
+                and last[1] == event.content_only
+                and last[2] == name
+            ):
+                # The same blob object as the run's last event's (every chunk of a message
+                # shares its encoded invariant part): no copy and no hash of it per token.
+                name, ref = last[3], last[4]
+            else:
+                blob = stored_blob(event)
+                refs = self._blob_refs.setdefault(run_id, {})
+                key = (event.content_only, blob)
+                ref = refs.get(key, b"")
+                if not ref:
+                    kind = blob_kind(event)
+                    ref = kind + f"{self._ref_prefix.get(run_id, '')}{len(refs)}".encode()
+                    refs[key] = ref
+                    pending.blobs.append((ref, blob))
+                stored_name, stored_ref = entry_name(event, ref)
+                self._last_blob[run_id] = (
+                    event.blob,
+                    event.content_only,
+                    name,
+                    stored_name,
+                    stored_ref,
+                )
+                name, ref = stored_name, stored_ref
         pending.rows.append((name, event.data, ref))
         self._count += 1
         self._dirty.set()
@@ -180,6 +202,7 @@ class Publisher:
         """Start publishing for a run's `attempt`: its writes are fenced by it, its batches are
         numbered after the ones an earlier attempt wrote and its metadata blobs named apart."""
         self._dead.pop(run_id, None)
+        self._last_blob.pop(run_id, None)
         self._seq[run_id] = max(applied_seq, attempt * SEQ_SPAN)
         self._ref_prefix[run_id] = f"{attempt}."
         self._attempt[run_id] = attempt
@@ -188,6 +211,7 @@ class Publisher:
         """Drop a run's buffered state without writing (it ended or was handed back)."""
         self._pending.pop(run_id, None)
         self._blob_refs.pop(run_id, None)
+        self._last_blob.pop(run_id, None)
         self._seq.pop(run_id, None)
         self._ref_prefix.pop(run_id, None)
         self._attempt.pop(run_id, None)
@@ -227,8 +251,10 @@ class Publisher:
                 results = {run_id: AppendFailed(f"{type(exc).__name__}: {exc}") for run_id in batch}
             self.flushes += 1
             telemetry.PUBLISH_FLUSHES.inc()
+            published = self.events_published
             for run_id, pending in batch.items():
                 self._settle(run_id, pending, results[run_id])
+            telemetry.EVENTS_PUBLISHED.inc(self.events_published - published)
 
     def _settle(self, run_id: str, pending: _Pending, reply: Reply) -> None:
         """Wake the batch's waiters with its outcome and tell the worker what it must act on."""
@@ -239,7 +265,6 @@ class Publisher:
             outcome = Superseded(run_id, self._attempt.get(run_id, 0))
         else:
             self.events_published += len(pending.rows)
-            telemetry.EVENTS_PUBLISHED.inc(len(pending.rows))
         waiters = pending.waiters
         if outcome is not None and run_id in self._attempt:
             self._dead[run_id] = outcome

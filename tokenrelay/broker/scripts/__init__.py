@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -32,7 +32,7 @@ class LuaScript:
             await redis.script_load(self.source)
             return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
 
-    def queue(self, pipe: AnyPipeline, keys: list[str], args: list[Any]) -> None:
+    def queue(self, pipe: AnyPipeline, keys: Sequence[str | bytes], args: list[Any]) -> None:
         """Queue an EVALSHA on `pipe`; the caller handles NoScriptError in the results."""
         # Not `pipe.evalsha`: redis-py refuses that helper on cluster pipelines, since a script's
         # keys are unknown in general. Ours are always declared and share one slot, and the
