@@ -28,3 +28,17 @@ def test_json_lines_carry_run_context() -> None:
 def test_text_lines_append_key_values() -> None:
     line = TextFormatter("%(message)s").format(record(run_id="r1", attempt=1))
     assert line == "run ok run_id=r1 attempt=1"
+
+
+def test_a_loop_counter_is_scraped_as_a_counter() -> None:
+    from prometheus_client import REGISTRY, generate_latest
+
+    from tokenrelay.broker.telemetry import EVENTS_SENT
+
+    before = REGISTRY.get_sample_value("tokenrelay_api_events_sent_total")
+    EVENTS_SENT.inc(3)
+    EVENTS_SENT.inc()
+    assert REGISTRY.get_sample_value("tokenrelay_api_events_sent_total") == (before or 0) + 4
+    text = generate_latest().decode()
+    assert "# TYPE tokenrelay_api_events_sent_total counter" in text
+    assert f"tokenrelay_api_events_sent_total {float((before or 0) + 4)}" in text
