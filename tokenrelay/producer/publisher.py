@@ -253,7 +253,12 @@ class Publisher:
             telemetry.PUBLISH_FLUSHES.inc()
             published = self.events_published
             for run_id, pending in batch.items():
-                self._settle(run_id, pending, results[run_id])
+                reply = results[run_id]
+                if reply is None and not pending.waiters:
+                    # Written, no cancel asked for, nobody waiting: `_settle` would only count.
+                    self.events_published += len(pending.rows)
+                else:
+                    self._settle(run_id, pending, reply)
             telemetry.EVENTS_PUBLISHED.inc(self.events_published - published)
 
     def _settle(self, run_id: str, pending: _Pending, reply: Reply) -> None:
@@ -342,14 +347,16 @@ class Publisher:
                         results[run_id] = reply
                     else:
                         retry.append(run_id)
+            if not retry:
+                break
             errors = [r for r in replies if isinstance(r, Exception)]
-            if retry and all(isinstance(r, NoScriptError) for r in errors) and not reloaded:
+            if all(isinstance(r, NoScriptError) for r in errors) and not reloaded:
                 # The server does not know the script yet (first use, or it restarted): load
                 # it and send again at once; nothing failed.
                 reloaded = True
                 with contextlib.suppress(Exception):
                     await self._log.load_scripts()
-            elif retry:
+            else:
                 delay = backoff.next_delay()
                 log.warning(
                     "append for %d run(s) failed, retrying in %.2fs: %s",
