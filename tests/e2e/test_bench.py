@@ -169,3 +169,18 @@ def test_a_column_run_again_replaces_the_full_runs_and_the_report_says_so() -> N
     assert "commit `abc` (99 s)" in text and "the first shared the machine" in text
     assert "12,345" in text
     assert "second run" not in report.section(full)
+
+
+@pytest.mark.timeout(300)
+def test_the_workers_own_cost_is_measured() -> None:
+    """`python -m bench.worker_cost` flushes and reports a cost per flush and per token (CPU
+    seconds here, to stay quick; the instruction counts under callgrind take minutes)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.worker_cost", "--cpu", "--runs", "3",
+         "--flushes", "5", "25"],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out["unit"] == "cpu_seconds" and out["runs_per_flush"] == 3
+    assert out["publish"]["per_token"] == pytest.approx(out["publish"]["per_flush"] / 3)
