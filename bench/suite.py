@@ -226,6 +226,33 @@ def repeated(measure: Callable[[], dict[str, Any]], repetitions: int) -> dict[st
         runs.append(measure())
         if "failed" in runs[-1]:
             return runs[-1]
+    return combined(runs)
+
+
+def paired(
+    load: Callable[[], dict[str, Any]], alone: Callable[[], dict[str, Any]], repetitions: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`load` then `alone`, alternated `repetitions` times, each combined as `repeated` does;
+    each repetition of `load` also gets its all-process CPU per token over that of the `alone`
+    run right after it (`cpu_ratio_to_astream`), so the ratio's median and spread are of pairs
+    measured together."""
+    loads: list[dict[str, Any]] = []
+    alones: list[dict[str, Any]] = []
+    for _ in range(repetitions):
+        loads.append(load())
+        if "failed" in loads[-1]:
+            return loads[-1], {"failed": "not run: the load it is paired with failed"}
+        alones.append(alone())
+        mine = loads[-1].get("cpu_us_per_token", {}).get("total")
+        theirs = alones[-1].get("cpu_us_per_token", {}).get("total")
+        if mine and theirs:
+            loads[-1]["cpu_ratio_to_astream"] = mine / theirs
+    return combined(loads), combined(alones)
+
+
+def combined(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repetitions as one result: medians, with each figure's spread under `spread`."""
+    repetitions = len(runs)
     result, spread = combine(runs)
     result["repetitions"] = repetitions
     result["spread"] = spread or {}
@@ -344,7 +371,20 @@ def run_system(
             # The same pace at fewer streams first (where latency starts to climb), before the
             # full load leaves a bigger heap behind.
             out["b_sweep"] = {str(n): paced(n) for n in s["sweep"]}
-            out["b"] = paced(s["streams"])
+            if name == "tokenrelay":
+                # The graph alone right after each repetition: the CPU goal's ratio is taken
+                # pair by pair, so the machine's drift over a long run does not enter it.
+                full = {
+                    "scenario": "streams", "streams": s["streams"], "pace": pace,
+                    "ramp_seconds": s["ramp_seconds"],
+                    "timeout": timeout_for(s["tokens"], s["interval_ms"]),
+                }  # fmt: skip
+                out["b"], out["astream"] = paired(
+                    lambda: measured_once(system, full), lambda: graph_alone_once(sizes),
+                    repetitions,
+                )  # fmt: skip
+            else:
+                out["b"] = paced(s["streams"])
         if "c" in scenarios:
             s = sizes["c"]
             out["c"] = {}
@@ -408,13 +448,13 @@ def dirty() -> bool:
     return done.returncode == 0 and bool(done.stdout.strip())
 
 
-def graph_alone(sizes: dict[str, Any], repetitions: int) -> dict[str, Any]:
+def graph_alone_once(sizes: dict[str, Any]) -> dict[str, Any]:
     """The paced chat graph run by LangGraph's `astream` in one process at the (b) load: what
     the graph itself costs per token, which the relay's all-process total is compared with."""
     s = sizes["b"]
     spec = {"streams": s["streams"], "ramp_seconds": s["ramp_seconds"],
             "pace": {"tokens": s["tokens"], "interval_ms": s["interval_ms"]}}  # fmt: skip
-    return repeated(lambda: dict(run_loadgen(spec, module="bench.astream")), repetitions)
+    return dict(run_loadgen(spec, module="bench.astream"))
 
 
 def machine() -> dict[str, Any]:
@@ -478,12 +518,11 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.monotonic()
         print(f"{name}: {DESCRIPTIONS[name]}", flush=True)
         results["systems"][name] = run_system(name, sizes, "".join(args.scenarios), repetitions)
+        if "astream" in results["systems"][name]:  # run beside tokenrelay's (b) load
+            results["astream"] = results["systems"][name].pop("astream")
         print(f"{name}: done in {time.monotonic() - t0:.0f}s", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "benchmarks-partial.json").write_text(json.dumps(results, indent=1) + "\n")
-    if "b" in args.scenarios and "tokenrelay" in args.systems:
-        print("astream: the chat graph alone (LangGraph astream, one process)", flush=True)
-        results["astream"] = graph_alone(sizes, repetitions)
     results["seconds"] = time.monotonic() - started
 
     (out_dir / "benchmarks-partial.json").unlink(missing_ok=True)
