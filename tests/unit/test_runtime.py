@@ -5,6 +5,10 @@ short."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+
+import pytest
 
 from tests.unit.stubborn import Stubborn
 from tokenrelay.broker.runtime import cancel_and_wait
@@ -36,3 +40,27 @@ async def test_an_unwinding_task_is_given_its_time_and_its_failure_is_taken() ->
     task.cancel()
     await cancel_and_wait(task, every=0.2, cancelled=True)
     assert cleaned and isinstance(task.exception(), RuntimeError)
+
+
+_FIRST_TOKEN = """
+import sys
+from langchain_core.messages import AIMessageChunk
+from tokenrelay.broker import codec
+from tokenrelay.broker.runtime import settle_heap
+
+settle_heap()
+loaded = set(sys.modules)
+codec.json_bytes(AIMessageChunk(content="hi", id="m1"))
+print(sorted(set(sys.modules) - loaded))
+"""
+
+
+def test_the_first_token_loads_nothing_once_the_heap_is_settled() -> None:
+    # orjson imports numpy (about 40 ms) the first time it meets an object it cannot encode by
+    # itself; a process that had not done so at start stalled every run at its first token.
+    pytest.importorskip("numpy")
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_TOKEN], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

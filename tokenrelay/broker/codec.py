@@ -46,6 +46,18 @@ def json_bytes(obj: Any) -> bytes:
         ).encode()
 
 
+class _Opaque:
+    """An object orjson does not encode by itself."""
+
+
+def warm_up() -> None:
+    """Meet orjson's one-off cost at start. The first time it is given an object it does not
+    encode by itself (a LangChain message chunk: the first token of a process's first run), it
+    looks up numpy's types for `OPT_SERIALIZE_NUMPY`, importing numpy where it is installed:
+    about 40 ms, during which every run of the process would stall."""
+    json_bytes(_Opaque())
+
+
 def canonical_json(obj: Any) -> bytes:
     """One encoding per JSON value whatever its key order: for digests of values."""
     try:

@@ -8,6 +8,8 @@ import math
 import os
 from typing import Any
 
+from tokenrelay.broker import codec
+
 GC_THRESHOLDS = (10_000, 2, 2500)
 """Young objects are collected every 10,000 allocations, the middle generation every second
 time, and the whole heap every 5,000 young collections, as with (10,000, 50, 100) before.
@@ -52,8 +54,11 @@ def settle_heap() -> None:
 
     A streaming process allocates many short-lived objects and almost no cycles; with the
     default thresholds, full collections over the startup heap paused every stream for
-    100 ms and more, several times a minute under load.
+    100 ms and more, several times a minute under load. What orjson loads the first time it
+    meets an object it does not encode by itself is loaded first (`codec.warm_up`), so that
+    the first token of the first run does not wait for it and it is frozen with the rest.
     """
+    codec.warm_up()
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
