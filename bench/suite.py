@@ -361,12 +361,15 @@ def run_system(
             s = sizes["b"]
             pace = {"tokens": s["tokens"], "interval_ms": s["interval_ms"]}
 
-            def paced(n: int) -> dict[str, Any]:
-                return measured(system, {
+            def streams(n: int) -> dict[str, Any]:
+                return {
                     "scenario": "streams", "streams": n, "pace": pace,
                     "ramp_seconds": s["ramp_seconds"] * n / s["streams"],
                     "timeout": timeout_for(s["tokens"], s["interval_ms"]),
-                }, repetitions)  # fmt: skip
+                }  # fmt: skip
+
+            def paced(n: int) -> dict[str, Any]:
+                return measured(system, streams(n), repetitions)
 
             # The same pace at fewer streams first (where latency starts to climb), before the
             # full load leaves a bigger heap behind.
@@ -374,11 +377,7 @@ def run_system(
             if name == "tokenrelay":
                 # The graph alone right after each repetition: the CPU goal's ratio is taken
                 # pair by pair, so the machine's drift over a long run does not enter it.
-                full = {
-                    "scenario": "streams", "streams": s["streams"], "pace": pace,
-                    "ramp_seconds": s["ramp_seconds"],
-                    "timeout": timeout_for(s["tokens"], s["interval_ms"]),
-                }  # fmt: skip
+                full = streams(s["streams"])
                 out["b"], out["astream"] = paired(
                     lambda: measured_once(system, full), lambda: graph_alone_once(sizes),
                     repetitions,
