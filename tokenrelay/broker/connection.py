@@ -89,13 +89,15 @@ def connect(url: str, *, cluster: bool = False, max_connections: int = MAX_CONNE
     if cluster or is_cluster_url(url):
         client: RedisClient = _connect_cluster(url, max_connections)
     else:
+        # TCP keepalive only where there is TCP: a Unix socket's connection takes no such option.
+        tcp = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
         pool = BoundedPool.from_url(
             url,
             max_connections=max_connections,
             health_check_interval=15,
-            socket_keepalive=True,
             retry_on_timeout=True,
             socket_connect_timeout=5,
+            **tcp,
         )
         client = Redis.from_pool(pool)
     _allow_raw(client, "XRANGE")

@@ -16,8 +16,9 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        description="redis://, rediss://, or redis+cluster://host:port[,host:port...] "
-        "(rediss+cluster:// for TLS); `tokenrelay dev` embeds one when unset.",
+        description="redis://, rediss://, unix:///path, or "
+        "redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS); "
+        "`tokenrelay dev` embeds one when unset.",
     )
     redis_cluster: bool = Field(
         default=False,
