@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio.connection import AbstractConnection
 
 from tests.conftest import RedisServer, make_settings
+from tests.integration.test_run_end import _ended
 from tests.integration.test_stream import run_body
 from tests.server import Tokenrelay
 from tokenrelay.broker import scripts
@@ -42,7 +43,7 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     return counts
 
 
-async def test_a_run_on_a_new_thread_is_recorded_and_queued_in_five_round_trips(
+async def test_a_run_on_a_new_thread_is_recorded_and_queued_in_three_round_trips(
     redis_server: RedisServer, round_trips: dict[int, int]
 ) -> None:
     # No worker: the run stays queued, where it can be looked at.
@@ -61,10 +62,10 @@ async def test_a_run_on_a_new_thread_is_recorded_and_queued_in_five_round_trips(
             used = round_trips.get(api, 0) - before
             run = r.json()
             tid, rid = run["thread_id"], run["run_id"]
-            # The thread (HSETNX; its fields with its index entries), the run (its hash, listed
-            # on the thread), the thread's claim (one script) and, together, the busy mark and
-            # the queue entry.
-            assert used == 5
+            # The thread (a new id: no HSETNX first) with its index entries; the run (its hash,
+            # listed on the thread) with the thread's claim (one script); then, together, the
+            # busy mark and the queue entry.
+            assert used == 3
             listed = (await c.get(f"/threads/{tid}/runs")).json()
             assert [x["run_id"] for x in listed] == [rid]
             # Indexed, by its metadata too.
@@ -122,6 +123,30 @@ async def test_a_worker_begins_a_run_and_numbers_it_in_two_round_trips(
         assert message is not None and message["data"] == RUN_STARTED
     finally:
         await listener.aclose()
+        await redis.aclose()
+
+
+async def test_what_follows_a_runs_end_takes_three_round_trips(
+    redis_server: RedisServer, round_trips: dict[int, int]
+) -> None:
+    """The run's last seq and its thread read, the thread released, the job acknowledged with
+    the thread out of the busy index: the thread's pointer, read for a run claimed meanwhile,
+    goes with the last of these."""
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    worker = Worker(redis, s, GraphRegistry({}, None), worker_id="w1")
+    try:
+        tid, _, msg_id, job = await _ended(worker, queued_behind=False)
+        for name in ("release_active", "ack_job", "advance_seq"):  # only the steps' own trips
+            await scripts.script(name).load(redis)
+        me = threading.get_ident()
+        before = round_trips.get(me, 0)
+        await worker._after_end(msg_id, job, RunStatus.SUCCESS, {})
+        assert round_trips.get(me, 0) - before == 3
+        assert await worker.runs.active_pointer(tid) is None
+        assert await redis.zscore(worker.keys.threads_with_status("busy"), tid) is None
+        assert not await worker.queue.holds(msg_id.decode())
+    finally:
         await redis.aclose()
 
 

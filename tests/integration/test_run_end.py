@@ -5,6 +5,7 @@ scripts."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import pytest
@@ -74,6 +75,37 @@ async def test_after_a_runs_end_its_thread_is_released_and_its_job_acknowledged(
         else:
             assert await worker.runs.active_pointer(tid) is None
             assert busy is None
+    finally:
+        await redis.aclose()
+
+
+async def test_a_run_that_claims_the_thread_as_the_last_one_ends_leaves_it_busy(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run claims the thread after the ended run released it and before its worker takes the
+    thread out of the busy index: the thread is marked busy again, as its new run runs."""
+    s = make_settings(redis_server)
+    redis = connect(s.resolved_redis_url())
+    worker = Worker(redis, s, GraphRegistry({}, None), worker_id="w1")
+    try:
+        tid, _, msg_id, job = await _ended(worker, queued_behind=False)
+        ts = now_ms()
+        late = RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts)
+        step = worker._redis_step
+
+        async def claimed_first(fn: Any, ctx: dict[str, object], doing: str = "starting") -> Any:
+            if getattr(fn, "__name__", "") == "done":  # the release has landed
+                await worker.runs.create(late)
+                claim = await worker.runs.claim_thread(tid, late.run_id, enqueue=False,
+                                                       mark_busy=True)  # fmt: skip
+                assert claim == ("started", "")
+            return await step(fn, ctx, doing)
+
+        monkeypatch.setattr(worker, "_redis_step", claimed_first)
+        await worker._after_end(msg_id, job, RunStatus.SUCCESS, {})
+
+        assert await worker.runs.active_pointer(tid) == late.run_id
+        assert await redis.zscore(worker.keys.threads_with_status("busy"), tid) is not None
     finally:
         await redis.aclose()
 

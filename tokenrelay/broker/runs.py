@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from tokenrelay.broker import codec, scripts
-from tokenrelay.broker.connection import RedisClient
+from tokenrelay.broker.connection import RedisClient, in_order
 from tokenrelay.broker.errors import RunExpired, RunLost, RunNotFound
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.models import Job, RunStatus
@@ -132,20 +133,41 @@ class RunStore:
 
     async def create(self, run: RunRecord) -> Job:
         """Store `run` as pending and list it on its thread; returns its queue job."""
-        k = self._keys
-
-        def record(pipe: AnyPipeline) -> None:
-            pipe.hset(k.run_meta(run.run_id), mapping=run.to_hash())  # type: ignore[arg-type]
-            pipe.expire(k.run_meta(run.run_id), self._ttl)
-
         # Listed on its thread only once its hash is there: a reader that finds an id in the
         # list without a hash takes the run for expired.
         await in_sequence(
             self._redis,
-            record,
-            lambda pipe: pipe.zadd(k.thread_runs(run.thread_id), {run.run_id: run.created_at}),
+            functools.partial(self._record_in, run),
+            functools.partial(self._list_in, run),
         )
         return Job(run.run_id, run.thread_id, run.assistant_id)
+
+    def _record_in(self, run: RunRecord, pipe: AnyPipeline) -> None:
+        pipe.hset(self._keys.run_meta(run.run_id), mapping=run.to_hash())  # type: ignore[arg-type]
+        pipe.expire(self._keys.run_meta(run.run_id), self._ttl)
+
+    def _list_in(self, run: RunRecord, pipe: AnyPipeline) -> None:
+        pipe.zadd(self._keys.thread_runs(run.thread_id), {run.run_id: run.created_at})
+
+    async def create_and_claim(self, run: RunRecord, *, enqueue: bool) -> tuple[str, str]:
+        """`create`, then `claim_thread` for it (the busy mark left to `queue_started`): in one
+        round trip where one server applies a pipeline in order, so the thread names the run
+        only once its hash is there, as when the claim follows in a trip of its own (a
+        cluster). Raises the first error of either; the run may then be recorded, or claim
+        its thread, without the other."""
+        if not in_order(self._redis):
+            await self.create(run)
+            return await self.claim_thread(run.thread_id, run.run_id, enqueue=enqueue,
+                                           mark_busy=False)  # fmt: skip
+        trip = RoundTrip(self._redis)
+        self._record_in(run, trip.pipe)
+        self._list_in(run, trip.pipe)
+        at = trip.script(self._claim, *self._claim_call(run.thread_id, run.run_id, enqueue))
+        replies = await trip.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return self._claimed(replies[at])
 
     async def claim_thread(
         self, thread_id: str, run_id: str, *, enqueue: bool, mark_busy: bool
@@ -154,16 +176,22 @@ class RunStore:
         active run when `enqueue`, else ('busy', <active run id>). With `mark_busy` a started
         run's thread is marked busy in the index here; the API leaves that to `queue_started`,
         which marks it in the round trip that queues the run."""
-        k = self._keys
-        reply = await self._claim(
-            self._redis,
-            [k.thread_active(thread_id), k.thread_pending(thread_id), k.thread_since(thread_id)],
-            [run_id, "enqueue" if enqueue else "", now_ms()],
+        verdict, active = self._claimed(
+            await self._claim(self._redis, *self._claim_call(thread_id, run_id, enqueue))
         )
-        verdict = reply[0].decode()
         if verdict == "started" and mark_busy:
             await self._index.busy(thread_id)
-        return verdict, reply[1].decode() if len(reply) > 1 else ""
+        return verdict, active
+
+    def _claim_call(self, thread_id: str, run_id: str, enqueue: bool
+    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        k = self._keys
+        keys = [k.thread_active(thread_id), k.thread_pending(thread_id), k.thread_since(thread_id)]
+        return keys, [run_id, "enqueue" if enqueue else "", now_ms()]
+
+    @staticmethod
+    def _claimed(reply: list[bytes]) -> tuple[str, str]:
+        return reply[0].decode(), reply[1].decode() if len(reply) > 1 else ""
 
     async def queue_started(self, queue: RunQueue, job: Job) -> None:
         """Mark the thread of a run that just claimed it busy, then queue the run: in one round
@@ -307,7 +335,10 @@ class RunStore:
 
         A pointer to a run that has ended (its worker writes the end before it releases the
         thread) or is gone (lost with its Redis, expired) does not make the thread busy."""
-        pointer = await self.active_pointer(thread_id)
+        return await self.unfinished(await self.active_pointer(thread_id))
+
+    async def unfinished(self, pointer: str | None) -> str | None:
+        """`pointer`, an active pointer as read, if its run is still pending or running."""
         if pointer is None:
             return None
         status = cast(bytes | None, await self._redis.hget(self._keys.run_meta(pointer), "status"))  # type: ignore[misc]
@@ -317,8 +348,16 @@ class RunStore:
 
     async def active_pointer(self, thread_id: str) -> str | None:
         """The thread's active pointer as stored, whatever became of its run."""
-        rid = cast(bytes | None, await self._redis.get(self._keys.thread_active(thread_id)))
-        return rid.decode() if rid else None
+        raw = cast(bytes | None, await self._redis.get(self._keys.thread_active(thread_id)))
+        return self.pointer_of(raw)
+
+    def active_pointer_in(self, pipe: AnyPipeline, thread_id: str) -> None:
+        """Queue `active_pointer` on `pipe`; `pointer_of` reads its reply."""
+        pipe.get(self._keys.thread_active(thread_id))
+
+    @staticmethod
+    def pointer_of(reply: bytes | None) -> str | None:
+        return reply.decode() if reply else None
 
     async def active_since(self, thread_id: str) -> int:
         """When (ms) the thread's active pointer last named a new run; 0 if not recorded."""
@@ -357,7 +396,12 @@ class RunStore:
     async def keep_busy_if_claimed(self, thread_id: str) -> None:
         """Mark the thread busy again if a run claimed it: called once it was taken out of the
         busy index, so a run claimed meanwhile leaves it marked busy."""
-        if await self.active_run(thread_id):
+        await self.keep_busy_if_unfinished(thread_id, await self.active_pointer(thread_id))
+
+    async def keep_busy_if_unfinished(self, thread_id: str, pointer: str | None) -> None:
+        """`keep_busy_if_claimed` with the thread's active pointer as read once the thread was
+        taken out of the busy index (`active_pointer_in`, in the same round trip)."""
+        if await self.unfinished(pointer):
             await self._index.busy(thread_id)
 
     async def list(self, thread_id: str, *, limit: int, offset: int, status: str | None = None

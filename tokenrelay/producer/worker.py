@@ -32,7 +32,7 @@ from redis.exceptions import ResponseError
 
 from tokenrelay.broker import codec, telemetry
 from tokenrelay.broker.cancel import CancelAction
-from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient
+from tokenrelay.broker.connection import NETWORK_ERRORS, RedisClient, in_order
 from tokenrelay.broker.errors import AppendFailed, AssistantNotFound, Superseded, ThreadNotFound
 from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.keys import Keys
@@ -666,8 +666,8 @@ class Worker:
     async def _after_end(
         self, msg_id: bytes, job: Job, status: RunStatus, ctx: dict[str, object]
     ) -> None:
-        """What follows a run's written end, in three pipelined round trips (and a fourth
-        check), each after the one before has landed:
+        """What follows a run's written end, in three pipelined round trips (and a check
+        after), each after the one before has landed:
 
         1. read the run's last seq and the thread; record the thread's status in the index
            (before the thread can turn idle: the index holds a superset, never a subset);
@@ -675,9 +675,11 @@ class Worker:
            slot, so Redis applies them in that order, and the thread's next run numbers its
            events after this one's;
         3. once released: the owner-checked queue ack, the thread out of the busy index (none
-           promoted), a stateless run's thread retired (its state deleted first);
-        4. after that: the thread marked busy again if a run claimed it meanwhile; a run
-           promoted in the release is enqueued (even if a write of 2 failed).
+           promoted), a stateless run's thread retired (its state deleted first), and, where
+           one server applies the trip in order, the thread's active pointer read after them;
+        4. after that: the thread marked busy again if a run claimed it meanwhile (on a
+           cluster its pointer is read here); a run promoted in the release is enqueued (even
+           if a write of 2 failed).
         """
         tid, rid = job.thread_id, job.run_id
         thread_status = "error" if status is RunStatus.ERROR else "idle"
@@ -715,7 +717,7 @@ class Worker:
             if stateless:
                 await self._delete_thread_state(tid, ctx)
 
-            async def done() -> None:
+            async def done() -> tuple[bool, str | None]:
                 trip = RoundTrip(self._redis)
                 self.queue.ack_in(trip, msg_id, self.id)
                 if promoted is None:
@@ -724,11 +726,22 @@ class Worker:
                     # A stateless run (``POST /runs/...``) leaves no thread behind: its records
                     # expire with the run's.
                     self.threads.retire_in(trip.pipe, tid, self.settings.retention_seconds)
-                await trip.execute()
+                reads = promoted is None and in_order(self._redis)
+                if reads:
+                    # Read after the thread left the busy index: Redis applies the trip in order.
+                    self.runs.active_pointer_in(trip.pipe, tid)
+                replies = await trip.execute()
+                return reads, RunStore.pointer_of(replies[-1]) if reads else None
 
-            await self._redis_step(done, ctx, "ending")
+            pointer_read, pointer = await self._redis_step(done, ctx, "ending")
             if promoted is None:
-                await self._redis_step(lambda: self.runs.keep_busy_if_claimed(tid), ctx, "ending")
+                if pointer_read:
+                    keep: Callable[[], Awaitable[None]] = functools.partial(
+                        self.runs.keep_busy_if_unfinished, tid, pointer
+                    )
+                else:
+                    keep = functools.partial(self.runs.keep_busy_if_claimed, tid)
+                await self._redis_step(keep, ctx, "ending")
         finally:
             if promoted:
                 next_run = promoted

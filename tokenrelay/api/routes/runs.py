@@ -55,7 +55,7 @@ async def start_run(
         if body.on_completion == "delete":
             owned["stateless"] = True
         metadata = await who.new_thread_metadata(None, owned)
-        thread = await svc.threads.create(new_id(), metadata)
+        thread = await svc.threads.create(None, metadata)
     elif body.if_not_exists == "create":
         # Created from the path or a chat id: checked as POST /threads checks its body.
         check_id(thread_id)
@@ -84,9 +84,8 @@ async def start_run(
         multitask_strategy=body.multitask_strategy,
         on_disconnect=body.on_disconnect,
     )
-    await svc.runs.create(run)
     try:
-        await _claim_and_enqueue(svc, run, body.multitask_strategy)
+        await _record_and_enqueue(svc, run, body.multitask_strategy)
     except Conflict:
         raise
     except BaseException:
@@ -99,11 +98,13 @@ async def start_run(
     return run
 
 
-async def _claim_and_enqueue(svc: Services, run: RunRecord, strategy: str) -> None:
+async def _record_and_enqueue(svc: Services, run: RunRecord, strategy: str) -> None:
+    """Record the run and claim its thread, in one round trip, then queue it; or queue it
+    behind the thread's active run, as `strategy` says."""
     job = svc.runs.job(run)
     enqueue = strategy == "enqueue"
     claim = functools.partial(svc.runs.claim_thread, run.thread_id, run.run_id, mark_busy=False)
-    verdict, active = await claim(enqueue=enqueue)
+    verdict, active = await svc.runs.create_and_claim(run, enqueue=enqueue)
     if verdict == "busy" and await repair_active(svc, run.thread_id, active):
         verdict, active = await claim(enqueue=enqueue)
     elif verdict == "queued":
