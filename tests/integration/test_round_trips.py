@@ -16,11 +16,13 @@ from tests.conftest import RedisServer, make_settings
 from tests.integration.test_run_end import _ended
 from tests.integration.test_stream import run_body
 from tests.server import Tokenrelay
-from tokenrelay.broker import scripts
+from tests.sse import events
+from tokenrelay.broker import scripts, telemetry
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.keys import Keys
-from tokenrelay.broker.models import RunStatus
+from tokenrelay.broker.log import EventLog
+from tokenrelay.broker.models import END_EVENT, Event, RunStatus
 from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 from tokenrelay.broker.threads import RUN_STARTED
 from tokenrelay.producer.worker import Worker
@@ -75,6 +77,48 @@ async def test_a_run_on_a_new_thread_is_recorded_and_queued_in_three_round_trips
             assert tid in [t["thread_id"] for t in busy.json()]
             assert (await c.get(f"/threads/{tid}")).json()["status"] == "busy"
             assert await redis.xlen(keys.queue()) == 2
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+async def test_a_streamed_new_run_reads_no_history_before_its_first_event(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its channel is subscribed before it is queued, so what its worker writes reaches the
+    stream live: no page of history is read for it."""
+    settings = make_settings(redis_server)
+    server = Tokenrelay(settings, with_worker=False).start()
+    redis = connect(redis_server.url)
+    log = EventLog(redis, Keys(settings.key_prefix), maxlen=1000, ttl_seconds=600)
+    pages: list[str] = []
+    page_rows = EventLog.page_rows
+
+    async def counted(self: EventLog, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        pages.append(run_id)
+        return await page_rows(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(EventLog, "page_rows", counted)
+    opened = telemetry.STREAMS_OPEN._value.get()  # type: ignore[attr-defined]
+    try:
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=30) as c,
+            c.stream("POST", "/runs/stream", json=run_body()) as r,
+        ):
+            assert r.status_code == 200
+            run_id = r.headers["Content-Location"].rsplit("/", 1)[-1]
+            for _ in range(200):  # the stream has joined the run's channel
+                if telemetry.STREAMS_OPEN._value.get() > opened:  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.01)
+            # What the run's worker would write.
+            head = [Event("metadata", b'{"run_id": "x"}'), Event("custom", b"{}")]
+            await log.append(run_id, head, status=RunStatus.RUNNING)
+            end = [Event("values", b"{}"), Event(END_EVENT, b"")]
+            await log.append(run_id, end, status=RunStatus.SUCCESS)
+            evts = await events(r)
+        assert [e.event for e in evts] == ["metadata", "custom", "values"]
+        assert run_id not in pages
     finally:
         await redis.aclose()
         server.stop()

@@ -33,10 +33,11 @@ router = APIRouter(tags=["runs"])
 
 
 async def start_run(
-    svc: Services, thread_id: str | None, body: RunCreate, who: Caller
+    svc: Services, thread_id: str | None, body: RunCreate, who: Caller, *, run_id: str | None = None
 ) -> RunRecord:
     """Validate, authorize, record and enqueue a run on `thread_id` (None: a new thread,
-    stateless); a thread it creates gets the metadata the caller's create handler writes."""
+    stateless); a thread it creates gets the metadata the caller's create handler writes.
+    `run_id`, when given, is the new run's id (fresh from `new_id`)."""
     graph_id = svc.registry.graph_id(body.assistant_id)
     kwargs = body.run_kwargs()
     if user := who.run_configurable():
@@ -73,7 +74,7 @@ async def start_run(
         )
     ts = now_ms()
     run = RunRecord(
-        run_id=new_id(),
+        run_id=run_id or new_id(),
         thread_id=thread.thread_id,
         assistant_id=body.assistant_id,
         status=RunStatus.PENDING,

@@ -35,6 +35,7 @@ from tokenrelay.broker.cancel import CancelAction
 from tokenrelay.broker.errors import EventIdPastEnd, InvalidBody
 from tokenrelay.broker.log import PAGE_SIZE, ROW_WIDTH, Batch, BlobResolver, History
 from tokenrelay.broker.models import ZERO_ID, Entry, Gap, StreamId
+from tokenrelay.broker.runs import new_id
 
 router = APIRouter(tags=["stream"])
 
@@ -298,7 +299,15 @@ async def _stream_new_run(
 ) -> EventStreamResponse:  # fmt: skip
     if modes:
         body = body.with_stream_modes(modes)
-    run = await start_run(svc, thread_id, body, who)
+    # The run's channel is subscribed before the run is queued: a batch its worker publishes
+    # can then only reach the stream live, and it needs no read of history to begin, unless
+    # the feed missed something meanwhile (its epoch moved: a reconnect), or a batch came
+    # before the stream joined (`Prefetched.complete` sees either, and the page is read).
+    run_id = new_id()
+    async with svc.fanout.subscribe(run_id):
+        epoch = svc.fanout.live_epoch(run_id)  # None: not confirmed in time
+        run = await start_run(svc, thread_id, body, who, run_id=run_id)
+    first = Prefetched([], epoch) if epoch is not None else None
 
     async def creator_left() -> None:
         # on_disconnect=cancel: only the connection that created the run cancels it.
@@ -306,7 +315,7 @@ async def _stream_new_run(
 
     return await stream_response(
         svc, run.thread_id, run.run_id, ZERO_ID, max_seconds=max_seconds,
-        on_disconnect=creator_left if body.on_disconnect == "cancel" else None,
+        on_disconnect=creator_left if body.on_disconnect == "cancel" else None, first=first,
     )  # fmt: skip
 
 
