@@ -171,14 +171,13 @@ class BoundedPool(ConnectionPool):
 class _HiredisPacking:
     """Packs a command in one call to hiredis when it can, as redis-py itself does once it has
     turned each argument into bytes: a Python step per argument that cost more than the
-    packing, about 0.5 µs each, and a worker's append call names five keys per run (a flush of
-    a paced load writes a token or two for each of dozens of runs).
+    packing (about 0.2 µs each), and a worker's append call names five keys per run (a flush
+    of a paced load writes a token or two for each of dozens of runs).
 
     hiredis takes str (as UTF-8, redis-py's default encoding: a pool told another one packs
-    redis-py's way), bytes, int and float, each as
-    redis-py would write it, and refuses anything else (bool, None, bytearray) with a
-    TypeError: those, and a command name holding a space ("CONFIG GET"), go redis-py's way,
-    which encodes or refuses them as it always has."""
+    redis-py's way), bytes, int and float, each as redis-py would write it, and refuses
+    anything else (bool, None, bytearray) with a TypeError: those, and a command name holding
+    a space ("CONFIG GET"), go redis-py's way, which encodes or refuses them as it always has."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         name = args[0]
