@@ -13,11 +13,13 @@ import pytest
 from redis.asyncio.connection import AbstractConnection
 
 from tests.conftest import RedisServer, make_settings
+from tests.integration.test_aisdk import chat_body
 from tests.integration.test_run_end import _ended
 from tests.integration.test_stream import run_body
 from tests.server import Tokenrelay
 from tests.sse import events
-from tokenrelay.broker import scripts, telemetry
+from tokenrelay.api.fanout import Fanout
+from tokenrelay.broker import scripts
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.keys import Keys
@@ -82,11 +84,13 @@ async def test_a_run_on_a_new_thread_is_recorded_and_queued_in_three_round_trips
         server.stop()
 
 
+@pytest.mark.parametrize("kind", ["classic", "ai-sdk"])
 async def test_a_streamed_new_run_reads_no_history_before_its_first_event(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """Its channel is subscribed before it is queued, so what its worker writes reaches the
-    stream live: no page of history is read for it."""
+    stream live: no page of history is read for it (`POST /runs/stream`, or the AI SDK's
+    `POST /ai/chat`)."""
     settings = make_settings(redis_server)
     server = Tokenrelay(settings, with_worker=False).start()
     redis = connect(redis_server.url)
@@ -99,25 +103,40 @@ async def test_a_streamed_new_run_reads_no_history_before_its_first_event(
         return await page_rows(self, run_id, *args, **kwargs)
 
     monkeypatch.setattr(EventLog, "page_rows", counted)
-    opened = telemetry.STREAMS_OPEN._value.get()  # type: ignore[attr-defined]
+    joins: list[bytes] = []
+    join = Fanout._join
+
+    def joined(self: Fanout, name: bytes, sub: Any) -> Any:
+        joins.append(name)
+        return join(self, name, sub)
+
+    monkeypatch.setattr(Fanout, "_join", joined)
+    paths = {"classic": "/runs/stream", "ai-sdk": "/ai/chat"}
+    bodies = {"classic": run_body(), "ai-sdk": chat_body(f"chat-{new_id()}", "hi")}
     try:
         async with (
             httpx.AsyncClient(base_url=server.url, timeout=30) as c,
-            c.stream("POST", "/runs/stream", json=run_body()) as r,
+            c.stream("POST", paths[kind], json=bodies[kind]) as r,
         ):
             assert r.status_code == 200
             run_id = r.headers["Content-Location"].rsplit("/", 1)[-1]
-            for _ in range(200):  # the stream has joined the run's channel
-                if telemetry.STREAMS_OPEN._value.get() > opened:  # type: ignore[attr-defined]
+            channel = Keys(settings.key_prefix).live(run_id).encode()
+            for _ in range(500):  # the stream has joined the run's channel (its start, too)
+                if joins.count(channel) >= 2:
                     break
                 await asyncio.sleep(0.01)
+            assert joins.count(channel) == 2
             # What the run's worker would write.
             head = [Event("metadata", b'{"run_id": "x"}'), Event("custom", b"{}")]
             await log.append(run_id, head, status=RunStatus.RUNNING)
             end = [Event("values", b"{}"), Event(END_EVENT, b"")]
             await log.append(run_id, end, status=RunStatus.SUCCESS)
             evts = await events(r)
-        assert [e.event for e in evts] == ["metadata", "custom", "values"]
+        if kind == "classic":
+            assert [e.event for e in evts] == ["metadata", "custom", "values"]
+        else:
+            parts = [e.data for e in evts]
+            assert parts[0].startswith('{"type":"start"') and parts[-1] == "[DONE]"
         assert run_id not in pages
     finally:
         await redis.aclose()

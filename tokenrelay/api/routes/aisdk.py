@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tokenrelay.api.auth import Caller, caller
 from tokenrelay.api.deps import Services, services
-from tokenrelay.api.routes.runs import cancel_run, start_run
+from tokenrelay.api.routes.runs import cancel_run
+from tokenrelay.api.routes.stream import Prefetched, start_streamed
 from tokenrelay.api.schemas import ClientId, RunCreate, id_in_path
 from tokenrelay.api.sse import (
     HEARTBEAT,
@@ -124,11 +125,12 @@ class UIParts:
 
 
 async def ui_parts(
-    svc: Services, run_id: str, writer: LiveWriter | None = None
+    svc: Services, run_id: str, writer: LiveWriter | None = None, first: Prefetched | None = None
 ) -> AsyncIterator[bytes]:
     """The run's events, from its start, as UI message stream parts: a page of history or a
     live batch in one write. With `writer`, live batches that reach it while it waits are
-    written by it from the fan-out's turn (as for classic streams) rather than yielded."""
+    written by it from the fan-out's turn (as for classic streams) rather than yielded;
+    `first`, the run's first page read before (`start_streamed`), spares reading it."""
     yield _part({"type": "start", "messageId": f"msg-{run_id}"})
     ui = UIParts(run_id)
 
@@ -139,9 +141,13 @@ async def ui_parts(
             return ui.offer(batch, writer.write)  # `write` is set once headers are sent
 
     async with svc.fanout.subscribe(run_id) as live:
+        rows, complete = None, False
+        if first is not None:
+            rows, complete = first.rows, first.complete(ZERO_ID, live.joined)
         tail = svc.log.tail_pages(
-            run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds, deliver=deliver
-        )
+            run_id, ZERO_ID, live, idle_seconds=svc.settings.heartbeat_seconds,
+            first=rows, first_complete=complete, deliver=deliver,
+        )  # fmt: skip
         async for item in tail:
             if item is None:
                 yield HEARTBEAT
@@ -167,14 +173,16 @@ async def ui_parts(
     yield format_data(DONE)
 
 
-def ui_stream(svc: Services, thread_id: str, run_id: str) -> EventStreamResponse:
+def ui_stream(
+    svc: Services, thread_id: str, run_id: str, first: Prefetched | None = None
+) -> EventStreamResponse:
     headers = {
         **UI_STREAM_HEADERS,
         "Location": f"/ai/chat/{id_in_path(thread_id)}/stream",
         "Content-Location": f"/threads/{id_in_path(thread_id)}/runs/{run_id}",
     }
     writer = LiveWriter()
-    body = ui_parts(svc, run_id, writer)
+    body = ui_parts(svc, run_id, writer, first)
     return EventStreamResponse(body, headers, abort=svc.draining, live_writer=writer)
 
 
@@ -200,8 +208,8 @@ async def chat(
         multitask_strategy="interrupt",
         if_not_exists="create",
     )
-    run = await start_run(svc, body.id, run_body, who)
-    return ui_stream(svc, run.thread_id, run.run_id)
+    run, first = await start_streamed(svc, body.id, run_body, who)
+    return ui_stream(svc, run.thread_id, run.run_id, first)
 
 
 @router.get("/chat/{chat_id}/stream", response_model=None)

@@ -35,7 +35,7 @@ from tokenrelay.broker.cancel import CancelAction
 from tokenrelay.broker.errors import EventIdPastEnd, InvalidBody
 from tokenrelay.broker.log import PAGE_SIZE, ROW_WIDTH, Batch, BlobResolver, History
 from tokenrelay.broker.models import ZERO_ID, Entry, Gap, StreamId
-from tokenrelay.broker.runs import new_id
+from tokenrelay.broker.runs import RunRecord, new_id
 
 router = APIRouter(tags=["stream"])
 
@@ -171,6 +171,23 @@ class Prefetched:
         return delivered is None or delivered <= end
 
 
+async def start_streamed(
+    svc: Services, thread_id: str | None, body: RunCreate, who: Caller
+) -> tuple[RunRecord, Prefetched | None]:
+    """`start_run` for a run streamed on the request that starts it, and its stream's first
+    page of history, known to be empty (None: to be read).
+
+    The run's channel is subscribed before the run is queued: a batch its worker publishes
+    can then only reach the stream live, and the stream needs no read of history to begin,
+    unless the feed missed something meanwhile (its epoch moved: a reconnect) or a batch came
+    before the stream joined (`Prefetched.complete` sees either, and the page is read)."""
+    run_id = new_id()
+    async with svc.fanout.subscribe(run_id):
+        epoch = svc.fanout.live_epoch(run_id)  # None: not confirmed in time
+        run = await start_run(svc, thread_id, body, who, run_id=run_id)
+    return run, Prefetched([], epoch) if epoch is not None else None
+
+
 _HOLD_BYTES = 64 * 1024
 """Frames of queued live batches are held for one write up to this size."""
 
@@ -299,15 +316,7 @@ async def _stream_new_run(
 ) -> EventStreamResponse:  # fmt: skip
     if modes:
         body = body.with_stream_modes(modes)
-    # The run's channel is subscribed before the run is queued: a batch its worker publishes
-    # can then only reach the stream live, and it needs no read of history to begin, unless
-    # the feed missed something meanwhile (its epoch moved: a reconnect), or a batch came
-    # before the stream joined (`Prefetched.complete` sees either, and the page is read).
-    run_id = new_id()
-    async with svc.fanout.subscribe(run_id):
-        epoch = svc.fanout.live_epoch(run_id)  # None: not confirmed in time
-        run = await start_run(svc, thread_id, body, who, run_id=run_id)
-    first = Prefetched([], epoch) if epoch is not None else None
+    run, first = await start_streamed(svc, thread_id, body, who)
 
     async def creator_left() -> None:
         # on_disconnect=cancel: only the connection that created the run cancels it.
