@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextvars
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -135,7 +136,7 @@ class BoundedPool(ConnectionPool):
         super().__init__(*args, **kwargs)
         encoding = self.connection_kwargs.get("encoding", "utf-8")
         if codecs.lookup(encoding).name == "utf-8":
-            self.connection_class = _packed_by_hiredis(self.connection_class)
+            self.connection_class = _packed_by_hiredis(self.connection_class)  # type: ignore[arg-type]
         self._permits = asyncio.Semaphore(max_connections)
         self._holding: set[AbstractConnection] = set()
         """Connections handed out, each holding one permit (given back once, on release)."""
@@ -189,18 +190,11 @@ class _HiredisPacking:
         return super().pack_command(*args)  # type: ignore[misc, no-any-return]
 
 
-_packing_classes: dict[type[Any], type[Any]] = {}
-
-
+@functools.cache
 def _packed_by_hiredis(connection_class: type[Any]) -> type[Any]:
     """`connection_class` (plain, TLS or Unix socket, as the URL says) packing with
     `_HiredisPacking`."""
-    packing = _packing_classes.get(connection_class)
-    if packing is None:
-        packing = _packing_classes[connection_class] = type(
-            connection_class.__name__, (_HiredisPacking, connection_class), {}
-        )
-    return packing
+    return type(connection_class.__name__, (_HiredisPacking, connection_class), {})
 
 
 def _connect_cluster(url: str, max_connections: int) -> RedisCluster:

@@ -675,11 +675,11 @@ class Worker:
            slot, so Redis applies them in that order, and the thread's next run numbers its
            events after this one's;
         3. once released: the owner-checked queue ack, the thread out of the busy index (none
-           promoted), a stateless run's thread retired (its state deleted first), and, where
-           one server applies the trip in order, the thread's active pointer read after them;
-        4. after that: the thread marked busy again if a run claimed it meanwhile (on a
-           cluster its pointer is read here); a run promoted in the release is enqueued (even
-           if a write of 2 failed).
+           promoted), a stateless run's thread retired (its state deleted first); then the
+           thread's active pointer, read in the same trip where one server applies it in
+           order (on a cluster, in one of its own);
+        4. after that: the thread marked busy again if a run claimed it meanwhile; a run
+           promoted in the release is enqueued (even if a write of 2 failed).
         """
         tid, rid = job.thread_id, job.run_id
         thread_status = "error" if status is RunStatus.ERROR else "idle"
@@ -717,7 +717,9 @@ class Worker:
             if stateless:
                 await self._delete_thread_state(tid, ctx)
 
-            async def done() -> tuple[bool, str | None]:
+            async def done() -> str | None:
+                """The trip, and the thread's active pointer read after it (`None` when a run
+                was promoted: the thread stays busy)."""
                 trip = RoundTrip(self._redis)
                 self.queue.ack_in(trip, msg_id, self.id)
                 if promoted is None:
@@ -731,17 +733,16 @@ class Worker:
                     # Read after the thread left the busy index: Redis applies the trip in order.
                     self.runs.active_pointer_in(trip.pipe, tid)
                 replies = await trip.execute()
-                return reads, RunStore.pointer_of(replies[-1]) if reads else None
+                if reads:
+                    return RunStore.pointer_of(replies[-1])
+                # On a cluster, read once the trip has landed.
+                return await self.runs.active_pointer(tid) if promoted is None else None
 
-            pointer_read, pointer = await self._redis_step(done, ctx, "ending")
+            pointer = await self._redis_step(done, ctx, "ending")
             if promoted is None:
-                if pointer_read:
-                    keep: Callable[[], Awaitable[None]] = functools.partial(
-                        self.runs.keep_busy_if_unfinished, tid, pointer
-                    )
-                else:
-                    keep = functools.partial(self.runs.keep_busy_if_claimed, tid)
-                await self._redis_step(keep, ctx, "ending")
+                await self._redis_step(
+                    lambda: self.runs.keep_busy_if_unfinished(tid, pointer), ctx, "ending"
+                )
         finally:
             if promoted:
                 next_run = promoted
