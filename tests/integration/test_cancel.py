@@ -361,3 +361,51 @@ async def test_a_cancel_while_the_attempt_is_set_up_ends_the_run(
     finally:
         release.set()
         relay.stop()
+
+
+@pytest.mark.redis("standalone")
+@pytest.mark.parametrize("early_check_fails", [False, True], ids=["answered", "failed"])
+async def test_a_cancelled_runs_ownership_is_checked_while_langgraph_unwinds(
+    redis_server: RedisServer, early_check_fails: bool
+) -> None:
+    """The fenced check that the cancelled attempt still owns its run (before it writes the
+    thread) is sent as the cancel is delivered, not after the graph has unwound: the partial
+    is saved without waiting for another round trip. If that early check fails, one is made
+    when it is needed, and the run ends interrupted with its partial all the same."""
+    relay = Tokenrelay(make_settings(redis_server)).start()
+    assert relay.worker is not None
+    worker = relay.worker
+    calls: list[tuple[str, bool]] = []  # (run id, whether the unwound run had been taken up)
+    taken_up: set[str] = set()
+    update_fenced, cancelled = worker.runs.update_fenced, worker._cancelled
+
+    async def recording_update(run_id: str, attempt: int, **fields: str | int) -> bool:
+        if "error" not in fields:
+            calls.append((run_id, run_id in taken_up))
+            if early_check_fails and len(calls) == 1:
+                raise ConnectionError("lost on the way")
+        return await update_fenced(run_id, attempt, **fields)
+
+    async def recording_cancelled(msg_id: bytes, job: Job, *args: Any) -> None:
+        taken_up.add(job.run_id)
+        await cancelled(msg_id, job, *args)
+
+    worker.runs.update_fenced = recording_update  # type: ignore[method-assign]
+    worker._cancelled = recording_cancelled  # type: ignore[method-assign]
+    try:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=30) as c:
+            tid = await new_thread(c)
+            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+                head = await until_messages(r, 5)
+                rid = head[0].json()["run_id"]
+                done = await c.post(f"/threads/{tid}/runs/{rid}/cancel", params={"wait": 1})
+                evts = head + await events(r)
+            assert done.json()["status"] == "interrupted"
+            state = (await c.get(f"/threads/{tid}/state")).json()
+            assert state["values"]["messages"][-1]["content"] == chunks_text(evts)
+    finally:
+        relay.stop()
+    if early_check_fails:
+        assert calls == [(rid, False), (rid, True)]
+    else:
+        assert calls == [(rid, False)]

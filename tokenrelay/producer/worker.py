@@ -70,6 +70,13 @@ within about this long after its time, and an idle worker reads the set twice a 
 T = TypeVar("T")
 
 
+def _answer_taken(task: asyncio.Task[Any]) -> None:
+    """Take a side task's outcome, so that one nobody awaited (its run ended another way) is
+    not reported as an exception never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -97,6 +104,10 @@ class _Running:
     """Events the graph has produced so far."""
     cancelled: tuple[int, float] = (-1, 0.0)
     """`events` and the monotonic time when the cancel was last delivered to the task."""
+    ownership: asyncio.Task[bool] | None = None
+    """The cancelled attempt's ownership check (`RunStore.update_fenced`), started as the
+    cancel is first delivered so that its round trip overlaps LangGraph's unwinding of the
+    graph (some twenty turns of the event loop); `Worker._cancelled` takes its answer."""
 
     def deliver_cancel(self) -> None:
         """Cancel the task, unless it is still unwinding the cancel delivered before.
@@ -358,6 +369,9 @@ class Worker:
         log.info("cancel requested: %s", action.value, extra={**self._ctx, "run_id": run_id})
         running.stop_reason = f"cancel:{action.value}"
         if running.in_graph:
+            check = asyncio.create_task(self.runs.update_fenced(run_id, running.attempt))
+            check.add_done_callback(_answer_taken)
+            running.ownership = check
             running.deliver_cancel()
 
     def _on_cancel_signal(self, run_id: str, value: bytes) -> None:
@@ -563,7 +577,7 @@ class Worker:
         error = ""
         checkpoint_id: str | None = None
         # The thread is written below: only while this attempt still owns the run.
-        if not await self.runs.update_fenced(rid, attempt):
+        if not await self._still_owns(rid, attempt):
             raise Superseded(rid, attempt)
         try:
             if graph_run is not None and action is CancelAction.INTERRUPT:
@@ -587,6 +601,19 @@ class Worker:
         if action is CancelAction.ROLLBACK:
             await self.runs.delete(await self.runs.get(rid))
         log.info("run cancelled (%s)", action.value, extra=ctx)
+
+    async def _still_owns(self, run_id: str, attempt: int) -> bool:
+        """Whether `attempt` still owns the run (and its `updated_at` set): the answer of the
+        check started when the cancel was delivered, else (none started, or it failed) of one
+        made now."""
+        running = self._running.get(run_id)
+        early = running.ownership if running is not None and running.attempt == attempt else None
+        if running is not None:
+            running.ownership = None
+        if early is not None:
+            with contextlib.suppress(Exception):
+                return await early
+        return await self.runs.update_fenced(run_id, attempt)
 
     async def _failed(
         self, msg_id: bytes, job: Job, attempt: int, why: str, ctx: dict[str, object]
