@@ -448,16 +448,106 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     }
 
 
+async def timed_resume(target: Target, thread_id: str, run_id: str, cursor: str) -> float:
+    """Reconnect to a run with `Last-Event-ID: cursor`, in ms to its first token."""
+    t0 = time.perf_counter()
+    resp = await target.http.get(
+        f"{target.url}/threads/{thread_id}/runs/{run_id}/stream",
+        headers={"Last-Event-ID": cursor},
+    )
+    try:
+        async for chunk in resp.content.iter_any():
+            if TS.search(chunk):
+                return (time.perf_counter() - t0) * 1000
+    finally:
+        resp.release()
+    raise RuntimeError("a resume ended without a token")
+
+
+async def checked_cancel(target: Target, thread_id: str, run_id: str) -> float:
+    """`timed_cancel`, then a check that the run's partial reply was kept: its last `values`
+    event ends with it (its state lives in the worker's checkpointer, which the bench does not
+    share with the API)."""
+    elapsed = await timed_cancel(target, thread_id, run_id)
+    resp = await target.http.get(
+        f"{target.url}/threads/{thread_id}/runs/{run_id}/stream", headers={"Last-Event-ID": "0"}
+    )
+    try:
+        body = await resp.read()
+    finally:
+        resp.release()
+    values = [f for f in body.split(b"\n\n") if f.startswith(b"event: values")]
+    last = values[-1] if values else b""
+    if b'"finish_reason":"cancelled"' not in last or b'"content":"ts' not in last:
+        tail = (last or body)[-300:]
+        raise RuntimeError(f"a cancelled run's partial reply was not kept: {tail!r}")
+    return elapsed
+
+
+class ProbeClient:
+    """A client in a process of its own (`bench.probe`) that times the requests it is asked
+    for: the scenario's own readers load this process's event loop, and a user's browser does
+    not share its loop with a few hundred other users' streams."""
+
+    def __init__(self, target: Target) -> None:
+        self._target = target
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[float]] = {}
+        self._next = 0
+
+    async def __aenter__(self) -> ProbeClient:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.probe",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        self._reader = asyncio.create_task(self._read())
+        await self.ask({"op": "hello", "system": self._target.system, "url": self._target.url})
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.close()
+        await self._proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def ask(self, request: dict[str, Any]) -> float:
+        """Have the probe run `request` (an `op` of `bench.probe`); its time in ms."""
+        assert self._proc is not None and self._proc.stdin is not None
+        self._next += 1
+        fut = self._waiting[self._next] = asyncio.get_running_loop().create_future()
+        self._proc.stdin.write(orjson.dumps({**request, "id": self._next}) + b"\n")
+        await self._proc.stdin.drain()
+        return await fut
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        async for line in self._proc.stdout:
+            answer = orjson.loads(line)
+            fut = self._waiting.pop(int(answer["id"]))
+            if "error" in answer:
+                fut.set_exception(RuntimeError(answer["error"]))
+            else:
+                fut.set_result(float(answer["ms"]))
+        for fut in self._waiting.values():
+            fut.set_exception(RuntimeError("the probe process ended"))
+
+
 async def scenario_under_load(target: Target, spec: dict[str, Any]) -> dict[str, Any]:
     """tokenrelay only: `load_runs` paced runs streaming, each to a reader of its own; while
-    they stream, `resumes` reconnects (`Last-Event-ID` of the fifth-newest token a reader had)
-    timed to their first token, then `cancels` of the load's runs (`POST .../cancel?wait=1`)
-    timed to their answer, each checked to have ended `interrupted` with its partial reply kept.
-    `concurrency` of each at a time."""
+    they stream, for each level of `concurrency` in turn, `resumes` reconnects (`Last-Event-ID`
+    of the fifth-newest token a reader had) timed to their first token, then `cancels` of the
+    load's runs (`POST .../cancel?wait=1`) timed to their answer, each checked to have ended
+    `interrupted` with its partial reply kept; that many of each at a time. A `ProbeClient`
+    sends and times them, so that the load's readers, whose reading is this process's work, do
+    not delay them. The first level's figures are `resume` and `cancel`, every level's are
+    under `levels`. Every level's resumes come first; each level's cancels end runs of the
+    load, so the next level's cancels have that many fewer streaming (`runs_streaming`)."""
     pace = Pace.from_json(spec["pace"])
     n = int(spec["load_runs"])
+    levels = [int(c) for c in spec["concurrency"]]
     rng = random.Random(11)
-    sem = asyncio.Semaphore(int(spec["concurrency"]))
     url, http = target.url, target.http
     runs: list[tuple[str, str]] = []
     cursors: list[list[str]] = []
@@ -472,59 +562,56 @@ async def scenario_under_load(target: Target, spec: dict[str, Any]) -> dict[str,
         await read_cursors(target, resp, got, stop)
 
     readers = [asyncio.create_task(reader(i)) for i in range(n)]
+    measured: dict[str, Any] = {}
     try:
-        # Every run streaming, each a few tokens in, before the first measurement.
-        while len(cursors) < n or min(len(c) for c in cursors) < 5:
-            if any(t.done() and t.exception() for t in readers):
-                raise RuntimeError("a load reader failed")
-            await asyncio.sleep(0.05)
-        load_start = time.perf_counter()
+        async with ProbeClient(target) as probe:
+            # Every run streaming, each a few tokens in, before the first measurement.
+            while len(cursors) < n or min(len(c) for c in cursors) < 5:
+                if any(t.done() and t.exception() for t in readers):
+                    raise RuntimeError("a load reader failed")
+                await asyncio.sleep(0.05)
+            load_start = time.perf_counter()
+            uncancelled = list(range(n))
+            rng.shuffle(uncancelled)
+            # Every level's resumes first (they end no run), then every level's cancels.
+            for level in levels:
+                sem = asyncio.Semaphore(level)
 
-        async def resume() -> float:
-            async with sem:
-                i = rng.randrange(n)
-                tid, rid = runs[i]
-                # A few tokens back, so the first token is a catch-up one, not the next one
-                # the producer makes.
-                cursor = cursors[i][-5]
-                t0 = time.perf_counter()
-                resp = await http.get(
-                    f"{url}/threads/{tid}/runs/{rid}/stream", headers={"Last-Event-ID": cursor}
-                )
-                try:
-                    async for chunk in resp.content.iter_any():
-                        if TS.search(chunk):
-                            return (time.perf_counter() - t0) * 1000
-                finally:
-                    resp.release()
-                raise RuntimeError("a resume ended without a token")
+                async def resume() -> float:
+                    async with sem:  # noqa: B023 (awaited within its iteration)
+                        i = rng.randrange(n)
+                        tid, rid = runs[i]
+                        # A few tokens back, so the first token is a catch-up one, not the next
+                        # one the producer makes.
+                        return await probe.ask({"op": "resume", "thread_id": tid, "run_id": rid,
+                                                "cursor": cursors[i][-5]})  # fmt: skip
 
-        resumes = await asyncio.gather(*(resume() for _ in range(int(spec["resumes"]))))
+                streaming = sum(1 for t in readers if not t.done())
+                resumes = await asyncio.gather(*(resume() for _ in range(int(spec["resumes"]))))
+                measured[str(level)] = {
+                    "at_a_time": level,
+                    "resume": {"count": len(resumes), "runs_streaming": streaming,
+                               **_quantiles(resumes)},
+                }  # fmt: skip
+            for level in levels:
+                sem = asyncio.Semaphore(level)
 
-        async def cancel(i: int) -> float:
-            async with sem:
-                tid, rid = runs[i]
-                elapsed = await timed_cancel(target, tid, rid)
-                # The partial reply kept: the run's last `values` event ends with it (its state
-                # lives in the worker's checkpointer, which the bench does not share with the API).
-                resp = await http.get(
-                    f"{url}/threads/{tid}/runs/{rid}/stream", headers={"Last-Event-ID": "0"}
-                )
-                try:
-                    body = await resp.read()
-                finally:
-                    resp.release()
-                values = [f for f in body.split(b"\n\n") if f.startswith(b"event: values")]
-                last = values[-1] if values else b""
-                if b'"finish_reason":"cancelled"' not in last or b'"content":"ts' not in last:
-                    tail = (last or body)[-300:]
-                    raise RuntimeError(f"a cancelled run's partial reply was not kept: {tail!r}")
-                return elapsed
+                async def cancel(i: int) -> float:
+                    async with sem:  # noqa: B023
+                        tid, rid = runs[i]
+                        return await probe.ask({"op": "cancel", "thread_id": tid, "run_id": rid})
 
-        picked = rng.sample(range(n), min(n, int(spec["cancels"])))
-        cancels = await asyncio.gather(*(cancel(i) for i in picked))
-        measured_s = time.perf_counter() - load_start
-        still = sum(1 for t in readers if not t.done())
+                streaming = sum(1 for t in readers if not t.done())
+                picked = [uncancelled.pop() for _ in range(min(len(uncancelled),
+                                                               int(spec["cancels"])))]  # fmt: skip
+                cancels = await asyncio.gather(*(cancel(i) for i in picked))
+                measured[str(level)]["cancel"] = {
+                    "count": len(cancels),
+                    "runs_streaming": streaming,
+                    **_quantiles(cancels),
+                }
+            measured_s = time.perf_counter() - load_start
+            still = sum(1 for t in readers if not t.done())
     finally:
         stop.set()
         for t in readers:
@@ -534,12 +621,16 @@ async def scenario_under_load(target: Target, spec: dict[str, Any]) -> dict[str,
         for tid, rid in runs:
             async with http.post(f"{url}/threads/{tid}/runs/{rid}/cancel") as r:
                 r.release()
+    first = measured[str(levels[0])]
     return {
         "load_runs": n,
         "readers_streaming_at_end": still,
         "measured_seconds": measured_s,
-        "resume": {"count": len(resumes), **_quantiles(resumes)},
-        "cancel": {"count": len(cancels), **_quantiles(cancels)},
+        "timed_by": "a client process of its own",
+        "at_a_time": levels[0],
+        "resume": first["resume"],
+        "cancel": first["cancel"],
+        "levels": measured,
     }
 
 

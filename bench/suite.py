@@ -62,12 +62,14 @@ FULL: dict[str, Any] = {
     "i": {"runs": 100, "readers": 1000, "tokens": 400, "interval_ms": 20, "storm_after": 50},
     "j": {"runs": [100, 300]},
     "k": {
+        # One request at a time (the goal's: a user's resume or stop while the load streams),
+        # then ten at a time; the first level's cancels leave 200 runs for the second's.
         "load_runs": 300,
         "pace": {"tokens": 400, "interval_ms": 50},
         "ramp_seconds": 2.0,
         "resumes": 200,
         "cancels": 100,
-        "concurrency": 10,
+        "concurrency": [1, 10],
     },
     "l": {"clients": 500, "tokens": 200, "interval_ms": 20, "start_in_ms": 3000},
 }
@@ -87,7 +89,7 @@ QUICK: dict[str, Any] = {
         "ramp_seconds": 0.5,
         "resumes": 20,
         "cancels": 5,
-        "concurrency": 5,
+        "concurrency": [1, 5],
     },
     "l": {"clients": 50, "tokens": 50, "interval_ms": 20, "start_in_ms": 1500},
 }

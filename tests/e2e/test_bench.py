@@ -76,9 +76,13 @@ def test_every_stream_is_read_whole(results: dict[str, Any], system: str) -> Non
         # scenario fails otherwise), while the whole load streamed.
         k, sizes = got["k"], results["sizes"]["k"]
         assert "failed" not in k
-        assert k["resume"]["count"] == sizes["resumes"]
-        assert k["cancel"]["count"] == sizes["cancels"]
         assert k["load_runs"] == sizes["load_runs"]
+        # At every level, from a client process of its own, every resume and every cancel.
+        assert sorted(k["levels"], key=int) == [str(c) for c in sizes["concurrency"]]
+        for level in k["levels"].values():
+            assert level["resume"]["count"] == sizes["resumes"]
+            assert level["cancel"]["count"] == sizes["cancels"]
+        assert k["resume"] == k["levels"][str(sizes["concurrency"][0])]["resume"]
 
 
 @pytest.mark.timeout(420)
