@@ -20,6 +20,7 @@ from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.log import EventLog
 from tokenrelay.broker.models import END_EVENT, Event, Job, RunStatus
 from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
+from tokenrelay.producer import worker as worker_module
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.redis("standalone", "cluster")]
 
@@ -364,14 +365,18 @@ async def test_a_cancel_while_the_attempt_is_set_up_ends_the_run(
 
 
 @pytest.mark.redis("standalone")
-@pytest.mark.parametrize("early_check_fails", [False, True], ids=["answered", "failed"])
+@pytest.mark.parametrize("early_check", ["answered", "failed", "stale"])
 async def test_a_cancelled_runs_ownership_is_checked_while_langgraph_unwinds(
-    redis_server: RedisServer, early_check_fails: bool
+    redis_server: RedisServer, early_check: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fenced check that the cancelled attempt still owns its run (before it writes the
     thread) is sent as the cancel is delivered, not after the graph has unwound: the partial
-    is saved without waiting for another round trip. If that early check fails, one is made
-    when it is needed, and the run ends interrupted with its partial all the same."""
+    is saved without waiting for another round trip. If that early check failed, or its answer
+    is older than the worker trusts one, a check is made when it is needed, and the run ends
+    interrupted with its partial all the same."""
+    early_check_fails = early_check == "failed"
+    if early_check == "stale":
+        monkeypatch.setattr(worker_module, "OWNERSHIP_FRESH_SECONDS", 0.0)
     relay = Tokenrelay(make_settings(redis_server)).start()
     assert relay.worker is not None
     worker = relay.worker
@@ -405,7 +410,7 @@ async def test_a_cancelled_runs_ownership_is_checked_while_langgraph_unwinds(
             assert state["values"]["messages"][-1]["content"] == chunks_text(evts)
     finally:
         relay.stop()
-    if early_check_fails:
-        assert calls == [(rid, False), (rid, True)]
-    else:
+    if early_check == "answered":
         assert calls == [(rid, False)]
+    else:
+        assert calls == [(rid, False), (rid, True)]

@@ -63,6 +63,11 @@ CANCEL_REDELIVERY_SECONDS = 5.0
 """A cancel is delivered to a run's task again at most this often while the graph, which has
 produced nothing since, has not ended (see `_Running.deliver_cancel`)."""
 
+OWNERSHIP_FRESH_SECONDS = 0.5
+"""How old an ownership check may be for a cancelled run to write its thread on its answer:
+LangGraph unwinds a cancel in milliseconds, but a graph that swallows the cancel takes the one
+delivered again, seconds later, and a lease lost meanwhile must not go unseen."""
+
 PROMOTE_SECONDS = 0.5
 """How often a worker queues the runs put off (`after_seconds`) that are due: a run starts
 within about this long after its time, and an idle worker reads the set twice a second."""
@@ -104,10 +109,11 @@ class _Running:
     """Events the graph has produced so far."""
     cancelled: tuple[int, float] = (-1, 0.0)
     """`events` and the monotonic time when the cancel was last delivered to the task."""
-    ownership: asyncio.Task[bool] | None = None
-    """The cancelled attempt's ownership check (`RunStore.update_fenced`), started as the
-    cancel is first delivered so that its round trip overlaps LangGraph's unwinding of the
-    graph (some twenty turns of the event loop); `Worker._cancelled` takes its answer."""
+    ownership: tuple[asyncio.Task[bool], float] | None = None
+    """The cancelled attempt's ownership check (`RunStore.update_fenced`) and the monotonic
+    time it was sent: started as the cancel is first delivered, so that its round trip overlaps
+    LangGraph's unwinding of the graph (some twenty turns of the event loop); `Worker._cancelled`
+    takes its answer while it is fresh (`OWNERSHIP_FRESH_SECONDS`)."""
 
     def deliver_cancel(self) -> None:
         """Cancel the task, unless it is still unwinding the cancel delivered before.
@@ -371,7 +377,7 @@ class Worker:
         if running.in_graph:
             check = asyncio.create_task(self.runs.update_fenced(run_id, running.attempt))
             check.add_done_callback(_answer_taken)
-            running.ownership = check
+            running.ownership = (check, time.monotonic())
             running.deliver_cancel()
 
     def _on_cancel_signal(self, run_id: str, value: bytes) -> None:
@@ -604,15 +610,16 @@ class Worker:
 
     async def _still_owns(self, run_id: str, attempt: int) -> bool:
         """Whether `attempt` still owns the run (and its `updated_at` set): the answer of the
-        check started when the cancel was delivered, else (none started, or it failed) of one
+        check started when the cancel was delivered, if it was sent less than
+        `OWNERSHIP_FRESH_SECONDS` ago, else (none started, a stale one, or it failed) of one
         made now."""
         running = self._running.get(run_id)
         early = running.ownership if running is not None and running.attempt == attempt else None
         if running is not None:
             running.ownership = None
-        if early is not None:
+        if early is not None and time.monotonic() - early[1] < OWNERSHIP_FRESH_SECONDS:
             with contextlib.suppress(Exception):
-                return await early
+                return await early[0]
         return await self.runs.update_fenced(run_id, attempt)
 
     async def _failed(
