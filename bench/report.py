@@ -573,17 +573,22 @@ def replace_columns(full: dict[str, Any], rerun: dict[str, Any], why: str) -> di
 
 
 def _replaced(results: dict[str, Any]) -> str:
+    """What the report says above the table of columns run again: one sentence per later run
+    (its date, commit, length and why), naming the columns it replaced."""
     replaced = results.get("replaced") or {}
-    if not replaced:
-        return ""
-    quoted = [f"`{n}`" for n in replaced]
-    names = " and ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
-    first = next(iter(replaced.values()))
-    return (
-        f"\n\nThe figures of {names} are from a second run of those alone, on {first['date']} "
-        f"at commit `{first['commit'] or 'unknown'}` ({first['seconds']:.0f} s), in place of this "
-        f"run's: {first['why']}"
-    )
+    runs: dict[tuple[str, str, float, str], list[str]] = {}
+    for name, r in replaced.items():
+        key = (r["date"], r["commit"] or "unknown", r["seconds"], r["why"])
+        runs.setdefault(key, []).append(name)
+    out = ""
+    for (date, commit, seconds, why), names in runs.items():
+        quoted = [f"`{n}`" for n in names]
+        listed = " and ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+        out += (
+            f"\n\nThe figures of {listed} are from a second run of those alone, on {date} at "
+            f"commit `{commit}` ({seconds:.0f} s), in place of this run's: {why}"
+        )
+    return out
 
 
 def write_docs(results: dict[str, Any], out_dir: Path) -> None:

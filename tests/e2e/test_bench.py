@@ -174,6 +174,16 @@ def test_a_column_run_again_replaces_the_full_runs_and_the_report_says_so() -> N
     assert "12,345" in text
     assert "second run" not in report.section(full)
 
+    # A later run of other columns is named on its own, with its own date and commit.
+    other = {**rerun, "machine": {**rerun["machine"], "date": "2026-02-03T04:05:06+00:00",
+                                  "commit": "def"}, "systems": {"naive": column}}  # fmt: skip
+    other.pop("astream")
+    both = report.section(report.replace_columns(merged, other, "the naive column again"))
+    assert "The figures of `tokenrelay` and `astream` are from a second run" in both
+    assert "commit `abc` (99 s)" in both
+    assert "The figures of `naive` are from a second run of those alone, on " in both
+    assert "2026-02-03T04:05:06+00:00 at commit `def`" in both and "the naive column again" in both
+
 
 @pytest.mark.timeout(300)
 def test_the_workers_own_cost_is_measured() -> None:
