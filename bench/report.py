@@ -90,20 +90,8 @@ def _cpu_rows(scenario: str, *path: str) -> list[tuple[str, Getter, bool]]:
 
 
 def _under_load_rows(k: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
-    """(k) at each of its levels: one request at a time (the goal's), then several. A run made
-    before the levels had one, at `concurrency` at a time from the scenario's own process."""
-    levels = k.get("concurrency")
-    if not isinstance(levels, list):
-        at = f"{levels} at a time" if levels else "several at a time"
-        return [
-            (f"(k) under load ({k['load_runs']} runs streaming, {at}): resume first token p50 "
-             "(ms)", _get("k", "resume", "p50_ms"), False),
-            ("(k) under load: resume first token p99 (ms)", _get("k", "resume", "p99_ms"), False),
-            ("(k) under load: cancel `wait=1`, partial kept, p50 (ms)",
-             _get("k", "cancel", "p50_ms"), False),
-            ("(k) under load: cancel `wait=1`, partial kept, p99 (ms)",
-             _get("k", "cancel", "p99_ms"), False),
-        ]  # fmt: skip
+    """(k) at each of its levels: one request at a time (the goal's), then several."""
+    levels = k.get("concurrency") or [1]
     out: list[tuple[str, Getter, bool]] = []
     runs = int(k["load_runs"])
     for level in levels:
