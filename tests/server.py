@@ -69,6 +69,11 @@ class Tokenrelay:
             time.sleep(0.05)
         raise RuntimeError("tokenrelay did not start")
 
+    def connections(self) -> set[object]:
+        """The connections the server holds open (its protocol objects), copied."""
+        assert self._server is not None
+        return set(self._server.server_state.connections)
+
     def stop(self) -> None:
         """Stop the server and its worker; safe to call whether or not start() ran or
         succeeded."""

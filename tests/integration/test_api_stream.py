@@ -4,7 +4,9 @@ expired history, time budgets, long-poll, shutdown and Redis outages."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from tests.conftest import RedisServer, live_subscribers, make_settings
 from tests.graphs import FLOOD_EVENTS
@@ -120,6 +123,41 @@ async def test_readers_waiting_on_a_live_run_get_its_batches_written_from_the_fa
     assert fanout_writes[True] > 50  # a token at a time, to 11 readers, for 60 tokens
     assert all(same(got, reference) for got in results[:5])
     assert all(same(got, reference[2:]) for got in results[5:])
+
+
+async def test_a_closed_connection_is_freed_without_the_collector(relay: Tokenrelay) -> None:
+    """Once its client hangs up, a connection and its requests (scope, cycle, transport) are
+    freed as it closes, not left in reference cycles for the garbage collector: a process
+    serving many reconnecting clients would pile them up and pause every stream to collect
+    them. Each kind of request is tried: a plain one, a run streamed to its end, a resume read
+    to the end and a live stream cut by its client."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable is kept, to be seen
+    try:
+        before = weakref.WeakSet(relay.connections())
+        async with httpx.AsyncClient(base_url=relay.url, timeout=30) as c:
+            tid = await new_thread(c)
+            assert (await c.get(f"/threads/{tid}")).status_code == 200
+            head, _ = await stream_run(c, tid, run_body())
+            run_id = head[0].json()["run_id"]
+            assert await join(c, tid, run_id, head[1].id)
+            async with c.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+                assert await events(r, limit=3)  # then hung up mid-stream
+            assert (await c.get(f"/threads/{tid}/runs")).status_code == 200
+            # Held weakly: a reference from here would keep them, and their cycles, alive.
+            opened = weakref.WeakSet(p for p in relay.connections() if p not in before)
+            assert len(opened) > 0
+        for _ in range(200):
+            gc.collect()  # moves anything left in a cycle to gc.garbage, where it stays
+            if len(opened) == 0:
+                break
+            await asyncio.sleep(0.05)
+        cycles = sum(isinstance(o, RequestResponseCycle) for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert len(opened) == 0
+    assert cycles == 0
 
 
 async def test_slow_client_memory_stays_bounded_and_it_gets_everything(
