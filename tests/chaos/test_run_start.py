@@ -165,9 +165,14 @@ async def test_worker_recreates_its_queue_when_it_vanishes(
             tid = await new_thread(c)
             evts, _ = await stream_run(c, tid, run_body("fast"))
             assert evts[-1].event == "values"
+            queue = Keys(s.key_prefix).queue()
             for i in range(3):  # the worker is blocked reading the queue when it goes
-                await redis.delete(Keys(s.key_prefix).queue())
+                await redis.delete(queue)
                 while worker.log_path.read_text().count("recreating") <= i:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                # The worker logs before it recreates the queue: deleted again in between, the
+                # queue would be recreated after that deletion, which nobody would then notice.
+                while not await redis.exists(queue):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             assert worker.proc is not None and worker.proc.poll() is None
             runs: list[Any] = []
