@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -458,6 +459,35 @@ def graph_alone_once(sizes: dict[str, Any]) -> dict[str, Any]:
     return dict(run_loadgen(spec, module="bench.astream"))
 
 
+PACKAGES = (
+    "redis",
+    "hiredis",
+    "langgraph",
+    "langchain-core",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "msgpack",
+    "orjson",
+    "pydantic",
+)
+"""The packages whose versions a run records: those on a token's way through the relay. CI and a
+fresh install take their newest releases, so two runs may differ in them as well as in code."""
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each of `PACKAGES` (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def machine() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -466,6 +496,7 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "packages": package_versions(),
     }
 
 

@@ -44,6 +44,8 @@ def test_every_system_ran(results: dict[str, Any]) -> None:
     assert all(results["skipped"].values())
     assert set(results["systems"]) | set(results["skipped"]) == set(SYSTEMS)
     assert len(results["machine"]["commit"]) == 40
+    packages = results["machine"]["packages"]
+    assert packages["langgraph"] and packages["redis"] and packages["uvicorn"]
     assert results["repetitions"] == 1
 
 
