@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.integration.test_stream import join, new_thread, run_body, stream_run
 from tests.server import Tokenrelay, WorkerProcess
 from tests.sse import SSE, events, iter_sse
 from tokenrelay.broker.connection import connect
-from tokenrelay.broker.embedded import EmbeddedRedis
+from tokenrelay.broker.embedded import EmbeddedCluster, EmbeddedRedis
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.settings import Settings
 
@@ -160,14 +161,41 @@ async def test_a_closed_connection_is_freed_without_the_collector(relay: Tokenre
     assert cycles == 0
 
 
+@pytest.fixture
+def unbounded_pubsub_output(redis_server: RedisServer) -> Iterator[None]:
+    """Redis closes a pub/sub connection whose unread output passes its limit (32 MB by
+    default), which a 50 MB flood can reach when the API falls behind on a loaded machine. The
+    API's readers then catch up from the stream, which is right but is another fallback than a
+    slow client's: lifted here so the test sees the one it is about."""
+    import redis  # the blocking client: this runs between the test's awaits, briefly
+
+    nodes = redis_server.nodes if isinstance(redis_server, EmbeddedCluster) else [redis_server]
+    saved = []
+    for node in nodes:
+        with redis.Redis(port=node.port) as r:
+            saved.append(r.config_get("client-output-buffer-limit")["client-output-buffer-limit"])
+            r.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+    try:
+        yield
+    finally:
+        for node, limits in zip(nodes, saved, strict=True):
+            with redis.Redis(port=node.port) as r:
+                r.config_set("client-output-buffer-limit", limits)
+
+
 async def test_slow_client_memory_stays_bounded_and_it_gets_everything(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, unbounded_pubsub_output: None
 ) -> None:
     api = WorkerProcess(settings, tmp_path / "api.log", command="api").start()
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     try:
         proc = psutil.Process(api.proc.pid)  # type: ignore[union-attr]
-        async with httpx.AsyncClient(base_url=api.url, timeout=120) as c:
+        # A small receive buffer: the kernel may otherwise grow a stalled connection's to 32 MB,
+        # which holds most of the flood, and the API's live queue would rarely fill.
+        small = httpx.AsyncHTTPTransport(
+            socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)]
+        )
+        async with httpx.AsyncClient(base_url=api.url, timeout=120, transport=small) as c:
             body = {"assistant_id": "flood", "input": {"messages": []}, "stream_mode": "custom"}
             # Warm-up: a client that reads along, so the allocator reaches its working size.
             tid = await new_thread(c)
