@@ -84,6 +84,24 @@ async def test_join_stream_after_a_dropped_connection(relay: Tokenrelay) -> None
     assert text.count(" ") + 1 == 60
 
 
+async def test_thread_join_stream(relay: Tokenrelay) -> None:
+    """`threads.join_stream` joins the thread's active run, and finds nothing, without an
+    error, when none is."""
+    client = get_client(url=relay.url)
+    tid = (await client.threads.create())["thread_id"]
+    assert [p async for p in await client.threads.join_stream(tid)] == []
+    run = await client.runs.create(
+        tid, "slow", input=say("join the thread"), stream_mode=["values", "messages-tuple"]
+    )
+    joined = [p async for p in await client.threads.join_stream(tid, last_event_id="-1")]
+    assert joined[0].event == "metadata" and joined[0].data["run_id"] == run["run_id"]
+    text = "".join(p.data[0]["content"] for p in joined if p.event == "messages")
+    assert text.count(" ") + 1 == 60
+    again = client.runs.join_stream(tid, run["run_id"], last_event_id="-1")
+    assert [p.id async for p in again] == [p.id for p in joined]
+    assert [p async for p in await client.threads.join_stream(tid)] == []
+
+
 async def test_wait_raises_the_run_error_and_join_returns_it(relay: Tokenrelay) -> None:
     client = get_client(url=relay.url)
     tid = (await client.threads.create())["thread_id"]

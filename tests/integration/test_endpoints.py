@@ -195,6 +195,10 @@ async def test_join_can_select_stream_modes(client: httpx.AsyncClient) -> None:
 async def test_thread_join_stream(client: httpx.AsyncClient) -> None:
     tid = await new_thread(client)
     assert (await client.get(f"/threads/{tid}/stream")).status_code == 204
+    # A client that asks for an event stream by name gets an empty one.
+    idle = await client.get(f"/threads/{tid}/stream", headers={"Accept": "text/event-stream"})
+    assert (idle.status_code, idle.content) == (200, b"")
+    assert idle.headers["content-type"].startswith("text/event-stream")
     async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
         head = await events(r, limit=3)
         async with client.stream(
@@ -204,7 +208,37 @@ async def test_thread_join_stream(client: httpx.AsyncClient) -> None:
             joined = await events(j)
         reference = head + await events(r)
     assert [e.id for e in joined] == [e.id for e in reference]
+    assert (await client.get(f"/threads/{tid}/stream")).status_code == 204
     assert (await client.get("/threads/nope/stream")).status_code == 404
+
+
+async def test_thread_join_selects_stream_modes(client: httpx.AsyncClient) -> None:
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run_body("slow")) as r:
+        head = await events(r, limit=3)
+        async with client.stream(
+            "GET", f"/threads/{tid}/stream", params={"stream_mode": "values"},
+            headers={"Last-Event-ID": "-1"},
+        ) as j:  # fmt: skip
+            only = await events(j)
+        reference = head + await events(r)
+    assert {e.event for e in only} == {"metadata", "values"}
+    assert [e.id for e in only] == [e.id for e in reference if e.event in ("metadata", "values")]
+    # The SDKs' own thread modes: "run_modes" (their default) is every event, "lifecycle" the
+    # run's start.
+    for mode in ("run_modes", "lifecycle"):
+        run = (await client.post(f"/threads/{tid}/runs", json=run_body("slow"))).json()
+        async with client.stream(
+            "GET", f"/threads/{tid}/stream", params={"stream_mode": mode},
+            headers={"Last-Event-ID": "-1"},
+        ) as j:  # fmt: skip
+            got = await events(j)
+        url = f"/threads/{tid}/runs/{run['run_id']}/stream"
+        async with client.stream("GET", url, headers={"Last-Event-ID": "-1"}) as r:
+            everything = await events(r)
+        keep = {"metadata"} if mode == "lifecycle" else {e.event for e in everything}
+        assert [e.id for e in got] == [e.id for e in everything if e.event in keep], mode
+        assert len(got) == 1 if mode == "lifecycle" else len(got) > 3
 
 
 async def test_assistants(client: httpx.AsyncClient) -> None:

@@ -22,6 +22,7 @@ from tokenrelay.api.routes.runs import cancel_run, repair_active, start_run, unb
 from tokenrelay.api.schemas import RunCreate, id_in_path, iso
 from tokenrelay.api.sse import (
     HEARTBEAT,
+    SSE_HEADERS,
     EventStreamResponse,
     LiveWriter,
     format_error,
@@ -62,6 +63,21 @@ def wanted(modes: list[str] | None) -> set[str] | None:
         else:
             names.add(mode)
     return names
+
+
+THREAD_MODES = frozenset({"run_modes", "lifecycle", "state_update"})
+"""The stream modes of a thread join in the LangGraph SDKs (`ThreadStreamMode`; they send
+"run_modes" unless told otherwise)."""
+
+
+def thread_wanted(modes: list[str] | None) -> set[str] | None:
+    """Event names a thread join asked for: every event of the run for "run_modes" (or none
+    given), its `metadata` and `error` for "lifecycle" and "state_update" (no state update events
+    are streamed), and a run's stream modes select as in a run join."""
+    picked = [m for m in modes or [] if m]
+    if not picked or "run_modes" in picked:
+        return None
+    return wanted([m for m in picked if m not in THREAD_MODES]) or {"metadata", "error"}
 
 
 async def run_events(
@@ -357,19 +373,28 @@ async def join_thread_stream(
     last_event_id_header: str | None = Header(default=None, alias="Last-Event-ID"),
     last_event_id: str | None = Query(default=None),
     max_seconds: float | None = MaxSeconds,
+    stream_mode: list[str] | None = StreamModes,
+    accept: str | None = Header(default=None),
     svc: Services = Depends(services),
     who: Caller = Depends(caller),
 ) -> EventStreamResponse | Response:
-    """Join whatever run is active on the thread (204 when idle): enough to rejoin, and stop,
-    from a page that only knows the thread."""
+    """Join whatever run is active on the thread: enough to rejoin, and stop, from a page that
+    only knows the thread. When none is, 204; but a client that asks for an event stream by
+    name (`Accept: text/event-stream`, as the Python SDK's `join_stream` does, which refuses any
+    other answer) gets an empty one, which ends at once."""
     after = parse_last_event_id(last_event_id_header, last_event_id)
     await who.thread(thread_id)
     run_id = await svc.runs.active_run(thread_id)
     if run_id is None or await repair_active(svc, thread_id, run_id):
+        if accept is not None and "text/event-stream" in accept.lower():
+            return Response(media_type="text/event-stream", headers=SSE_HEADERS)
         return Response(status_code=204)
     last = None if after is None else await svc.log.last_entry(run_id)
     await refuse_past_end(svc, run_id, after, last)
-    return await stream_response(svc, thread_id, run_id, after, max_seconds=max_seconds, last=last)
+    return await stream_response(
+        svc, thread_id, run_id, after, max_seconds=max_seconds,
+        names=thread_wanted(query_modes(stream_mode)), last=last,
+    )  # fmt: skip
 
 
 async def join_run_stream(
@@ -400,8 +425,8 @@ _PLAIN_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
 
 
 def _bind_join(request: Request) -> dict[str, Any] | None:
-    """The arguments of `join_thread_stream` as FastAPI binds them, or None when `max_seconds`
-    needs validating."""
+    """The arguments both joins share, as FastAPI binds them, or None when `max_seconds` needs
+    validating."""
     query = request.query_params
     raw = query.get("max_seconds")
     max_seconds = None
@@ -414,9 +439,18 @@ def _bind_join(request: Request) -> dict[str, Any] | None:
         "last_event_id_header": request.headers.get("last-event-id"),
         "last_event_id": query.get("last_event_id"),
         "max_seconds": max_seconds,
+        "stream_mode": query.getlist("stream_mode") or None,
         "svc": services_of(request),
         "who": caller_of(request),
     }
+
+
+def _bind_thread_join(request: Request) -> dict[str, Any] | None:
+    """The arguments of `join_thread_stream`, as `_bind_join`."""
+    args = _bind_join(request)
+    if args is not None:
+        args["accept"] = request.headers.get("accept")
+    return args
 
 
 def _bind_run_join(request: Request) -> dict[str, Any] | None:
@@ -424,13 +458,12 @@ def _bind_run_join(request: Request) -> dict[str, Any] | None:
     args = _bind_join(request)
     if args is not None:
         args["run_id"] = request.path_params["run_id"]
-        args["stream_mode"] = request.query_params.getlist("stream_mode") or None
     return args
 
 
 router.add_api_route(
     "/threads/{thread_id}/stream", join_thread_stream, methods=["GET"], response_model=None,
-    route_class_override=direct_route(_bind_join),
+    route_class_override=direct_route(_bind_thread_join),
 )  # fmt: skip
 router.add_api_route(
     "/threads/{thread_id}/runs/{run_id}/stream", join_run_stream, methods=["GET"],
