@@ -64,6 +64,44 @@ async def test_resume_replays_from_start_and_goes_live(client: httpx.AsyncClient
     assert text_of(resumed).count(" ") + 1 == 60
 
 
+async def test_a_graphs_tool_calls_and_results_are_dynamic_tool_parts(
+    client: httpx.AsyncClient,
+) -> None:
+    # A whole AI message with a tool call, the ToolNode's result, then the streamed answer.
+    async with client.stream("POST", "/ai/chat", json=chat_body(str(uuid.uuid4()), "x",
+                                                              "tooluse")) as r:  # fmt: skip
+        ps = parts(await events(r))
+    server = {"dynamic": True, "providerExecuted": True}
+    call = {"toolCallId": "call_lookup", "toolName": "lookup"}
+    assert ps[1:4] == [
+        {"type": "tool-input-start", **call, **server},
+        {"type": "tool-input-available", **call, "input": {"query": "streams"}, **server},
+        {"type": "tool-output-available", "toolCallId": "call_lookup", "output": "found streams",
+         **server},
+    ]  # fmt: skip
+    assert [p["type"] for p in ps[4:6]] == ["text-start", "text-delta"]
+    assert ps[-3:] == [{"type": "text-end", "id": ps[4]["id"]}, {"type": "finish"}, "[DONE]"]
+
+    # A call streamed argument by argument: its input is available once the message is whole,
+    # and a resume replays the same parts.
+    chat_id = str(uuid.uuid4())
+    async with client.stream("POST", "/ai/chat", json=chat_body(chat_id, "x", "tools")) as r:
+        head = parts(await events(r, limit=7))
+    async with client.stream("GET", f"/ai/chat/{chat_id}/stream") as r:
+        ps = parts(await events(r))
+    assert ps[: len(head)] == head
+    call = {"toolCallId": "call_1", "toolName": "search"}
+    calls = [p for p in ps if isinstance(p, dict) and p["type"].startswith("tool-")]
+    assert calls[0] == {"type": "tool-input-start", **call, **server}
+    deltas = [p["inputTextDelta"] for p in calls if p["type"] == "tool-input-delta"]
+    assert "".join(deltas) == '{"query": "resumable streams and more"}'
+    assert calls[-1] == {"type": "tool-input-available", **call,
+                         "input": {"query": "resumable streams and more"}, **server}  # fmt: skip
+    assert text_of(ps) == "Let me look"
+    assert [p if isinstance(p, str) else p["type"] for p in ps[-3:]] == [
+        "text-end", "finish", "[DONE]"]  # fmt: skip
+
+
 async def test_stop_keeps_the_partial_text(client: httpx.AsyncClient) -> None:
     chat_id = str(uuid.uuid4())
     async with client.stream("POST", "/ai/chat", json=chat_body(chat_id, "hi", "slow")) as r:

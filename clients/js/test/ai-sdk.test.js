@@ -8,7 +8,7 @@ import { afterEach, describe, test } from "node:test";
 
 import { useChat } from "@ai-sdk/react";
 import { cleanup, render, waitFor } from "@testing-library/react";
-import { DefaultChatTransport, readUIMessageStream } from "ai";
+import { DefaultChatTransport, lastAssistantMessageIsCompleteWithToolCalls, readUIMessageStream } from "ai";
 import { createElement as h } from "react";
 
 import { URL, browserTab, client, eventually, textOf, threadMessages } from "../lib/helpers.js";
@@ -193,6 +193,32 @@ describe("ai DefaultChatTransport and @ai-sdk/react useChat", { timeout: 60000 }
     await waitFor(() => assert.equal(later.probe.current.status, "ready"), WAIT);
     await new Promise((resolve) => setTimeout(resolve, 100));
     assert.deepEqual(later.probe.current.messages, messages);
+  });
+
+  test("useChat: a graph's tool call and its result show as a dynamic tool part, left to the server", async () => {
+    const toolCalls = [];
+    const { probe } = mountChat({
+      id: newChatId(),
+      transport: transport({ body: { assistant_id: "tooluse" } }),
+      // What an app with client-side tools sets: neither may act on the graph's own tools.
+      onToolCall: ({ toolCall }) => toolCalls.push(toolCall),
+      sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithToolCalls,
+    });
+    await probe.current.sendMessage({ text: "look it up" });
+    await waitFor(() => {
+      assert.equal(probe.current.status, "ready");
+      assert.equal(probe.current.messages.length, 2);
+    }, WAIT);
+    const reply = probe.current.messages[1];
+    const tools = reply.parts.filter((p) => p.type === "dynamic-tool");
+    assert.deepEqual(
+      tools.map(({ toolName, toolCallId, state, input, output }) => ({ toolName, toolCallId, state, input, output })),
+      [{ toolName: "lookup", toolCallId: "call_lookup", state: "output-available", input: { query: "streams" }, output: "found streams" }],
+    );
+    assert.ok(words(uiText(reply)) > 0, "the answer after the tool");
+    assert.deepEqual(toolCalls, []);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(probe.current.messages.length, 2, "no automatic resend");
   });
 
   test("useChat resume: true after a dropped connection shows the reply exactly once", async () => {

@@ -3,7 +3,8 @@
 A chat is a thread (chat id = thread id). ``POST /ai/chat`` starts a run with the last user
 message and streams it as UI message parts; ``GET /ai/chat/{id}/stream`` replays the chat's
 active run from its ``start`` part and goes live (204 when nothing is active); ``POST
-/ai/chat/{id}/stop`` cancels it, keeping the partial reply in the thread.
+/ai/chat/{id}/stop`` cancels it, keeping the partial reply in the thread. Text becomes text
+parts; the graph's tool calls and their results, dynamic tool parts (`UIParts`).
 """
 
 from __future__ import annotations
@@ -71,14 +72,27 @@ def _error_part(error: bytes) -> bytes:
 
 
 class UIParts:
-    """Turns a run's entries into UI message stream parts. What a reader carries from one entry
-    to the next: the text part it has open, whether the run failed and whether it ended."""
+    """Turns a run's entries into UI message stream parts: an AI message's text as a text part,
+    its tool calls as dynamic tool parts whose input streams (`tool-input-start`, `-delta`, then
+    `-available` once the message is whole), and a tool message as that call's output. The tools
+    are the graph's, run on the server: the parts say so (`providerExecuted`), so a client's
+    `onToolCall` and `sendAutomaticallyWhen` leave them alone.
 
-    __slots__ = ("ended", "failed", "open_text", "run_id")
+    What a reader carries from one entry to the next: the text part it has open, the tool calls
+    of the AI message being streamed, the calls the client knows of, whether the run failed and
+    whether it ended."""
+
+    __slots__ = ("announced", "calls", "calls_of", "ended", "failed", "open_text", "run_id")
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.open_text: str | None = None
+        self.calls: dict[object, tuple[str, str, str]] = {}
+        """The streaming AI message's tool calls by index: call id, tool name, input so far."""
+        self.calls_of: str | None = None
+        """The id of the message `calls` belong to."""
+        self.announced: set[str] = set()
+        """Ids of the calls whose input was sent: only those can be given an output."""
         self.failed = False
         self.ended = False
 
@@ -90,38 +104,131 @@ class UIParts:
                 self.ended = True
                 break
             if entry.name == "messages":
-                self._text(out, entry.data)
+                self._message(out, entry.data)
             elif entry.name == "error":
                 self.failed = True
                 out.append(_error_part(entry.data))
         return b"".join(out)
 
+    def finish(self) -> bytes:
+        """What closes the parts still open at the run's end."""
+        out: list[bytes] = []
+        self._close_calls(out)
+        self._close_text(out)
+        return b"".join(out)
+
     def offer(self, entries: list[Entry], write: Callable[[bytes], bool]) -> bool:
         """Render `entries` and `write` them; if the write is refused, the state is as before,
         so the reader renders them again when it takes them itself."""
-        before = self.open_text, self.failed, self.ended
+        before = self.open_text, self.failed, self.ended, self.calls_of
+        calls, announced = dict(self.calls), set(self.announced)
         frames = self.render(entries)
         if frames and not write(frames):
-            self.open_text, self.failed, self.ended = before
+            self.open_text, self.failed, self.ended, self.calls_of = before
+            self.calls, self.announced = calls, announced
             return False
         return True
 
-    def _text(self, out: list[bytes], data: bytes) -> None:
+    def _message(self, out: list[bytes], data: bytes) -> None:
         chunk, _meta = codec.json_loads(data)
-        if chunk.get("type") not in ("AIMessageChunk", "ai"):
+        kind = chunk.get("type")
+        if kind == "tool":
+            self._tool_output(out, chunk)
             return
+        if kind not in ("AIMessageChunk", "ai"):
+            return
+        msg_id = str(chunk.get("id") or self.run_id)
+        if self.calls and self.calls_of != msg_id:
+            self._close_calls(out)
         content = chunk.get("content")
         if isinstance(content, list):
             content = "".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
-        if not content:
-            return
-        msg_id = str(chunk.get("id") or self.run_id)
-        if self.open_text != msg_id:
-            if self.open_text is not None:
-                out.append(_part({"type": "text-end", "id": self.open_text}))
-            self.open_text = msg_id
-            out.append(_part({"type": "text-start", "id": msg_id}))
-        out.append(_part({"type": "text-delta", "id": msg_id, "delta": content}))
+        if content:
+            if self.open_text != msg_id:
+                self._close_text(out)
+                self.open_text = msg_id
+                out.append(_part({"type": "text-start", "id": msg_id}))
+            out.append(_part({"type": "text-delta", "id": msg_id, "delta": content}))
+        if kind == "AIMessageChunk":
+            for call in chunk.get("tool_call_chunks") or ():
+                self._call_chunk(out, msg_id, call)
+            if chunk.get("chunk_position") == "last":
+                self._close_calls(out)
+        else:  # a whole message: its calls are whole too
+            for call in chunk.get("tool_calls") or ():
+                call_id, name = call.get("id"), call.get("name")
+                if call_id and name:
+                    self._announce(out, str(call_id), str(name))
+                    out.append(_part({
+                        "type": "tool-input-available", "toolCallId": str(call_id),
+                        "toolName": str(name), "input": call.get("args") or {}, **_SERVER_TOOL,
+                    }))  # fmt: skip
+
+    def _announce(self, out: list[bytes], call_id: str, name: str) -> None:
+        self.announced.add(call_id)
+        out.append(_part({
+            "type": "tool-input-start", "toolCallId": call_id, "toolName": name, **_SERVER_TOOL,
+        }))  # fmt: skip
+
+    def _call_chunk(self, out: list[bytes], msg_id: str, chunk: dict[str, Any]) -> None:
+        index = chunk.get("index")
+        key = chunk.get("id") if index is None else index
+        call = self.calls.get(key)
+        if call is None:
+            call_id, name = chunk.get("id"), chunk.get("name")
+            if not call_id or not name:
+                return  # arguments of a call that never started: nothing to add them to
+            call = (str(call_id), str(name), "")
+            self.calls_of = msg_id
+            self._announce(out, call[0], call[1])
+        args = chunk.get("args")
+        if isinstance(args, str) and args:
+            call = (call[0], call[1], call[2] + args)
+            out.append(_part({"type": "tool-input-delta", "toolCallId": call[0],
+                              "inputTextDelta": args}))  # fmt: skip
+        self.calls[key] = call
+
+    def _close_calls(self, out: list[bytes]) -> None:
+        """The streamed calls' whole input: the AI message they belong to is complete."""
+        for call_id, name, text in self.calls.values():
+            try:
+                value = codec.json_loads(text) if text.strip() else {}
+            except ValueError:
+                out.append(_part({
+                    "type": "tool-input-error", "toolCallId": call_id, "toolName": name,
+                    "input": text, "errorText": "the tool call's arguments are not valid JSON",
+                    **_SERVER_TOOL,
+                }))  # fmt: skip
+                continue
+            out.append(_part({
+                "type": "tool-input-available", "toolCallId": call_id, "toolName": name,
+                "input": value, **_SERVER_TOOL,
+            }))  # fmt: skip
+        self.calls = {}
+        self.calls_of = None
+
+    def _close_text(self, out: list[bytes]) -> None:
+        if self.open_text is not None:
+            out.append(_part({"type": "text-end", "id": self.open_text}))
+            self.open_text = None
+
+    def _tool_output(self, out: list[bytes], chunk: dict[str, Any]) -> None:
+        self._close_calls(out)
+        call_id = chunk.get("tool_call_id")
+        if call_id not in self.announced:
+            return  # the client has no such call to put it in
+        content = chunk.get("content")
+        if chunk.get("status") == "error":
+            text = content if isinstance(content, str) else codec.json_bytes(content).decode()
+            out.append(_part({"type": "tool-output-error", "toolCallId": call_id,
+                              "errorText": text, **_SERVER_TOOL}))  # fmt: skip
+        else:
+            out.append(_part({"type": "tool-output-available", "toolCallId": call_id,
+                              "output": content, **_SERVER_TOOL}))  # fmt: skip
+
+
+_SERVER_TOOL = {"dynamic": True, "providerExecuted": True}
+"""A graph's tool, which the client does not declare and the server runs."""
 
 
 async def ui_parts(
@@ -162,8 +269,9 @@ async def ui_parts(
                 yield frames
             if ui.ended:
                 break
-    if ui.open_text is not None:
-        yield _part({"type": "text-end", "id": ui.open_text})
+    closing = ui.finish()
+    if closing:
+        yield closing
     if not ui.failed:
         run = await svc.runs.get(run_id)
         if run.status is RunStatus.INTERRUPTED:
