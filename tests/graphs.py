@@ -125,6 +125,25 @@ class ToolCallingModel(FakeStreamingChatModel):
 tools = _chat(ToolCallingModel())
 
 
+class ThinkingModel(FakeStreamingChatModel):
+    """Streams its reasoning as content blocks (LangChain's `reasoning`, then Anthropic's
+    `thinking`), then its answer as text blocks."""
+
+    async def _astream(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def,override]
+        blocks: list[dict[str, Any]] = [
+            {"type": "reasoning", "reasoning": "The user"},
+            {"type": "thinking", "thinking": " wants a word."},
+            {"type": "text", "text": "Here"},
+            {"type": "text", "text": " it is"},
+        ]
+        for block in blocks:
+            await asyncio.sleep(0.01)
+            yield ChatGenerationChunk(message=AIMessageChunk(content=[block]))
+
+
+thinking = _chat(ThinkingModel())
+
+
 class StubbornModel(FakeStreamingChatModel):
     """Streams slowly and swallows the first cancellation, as a client library's retry loop
     may, carrying on streaming."""
@@ -207,6 +226,7 @@ GRAPHS = {
     "tooluse": "tests.graphs:tooluse",
     "nested": "tests.graphs:nested",
     "tools": "tests.graphs:tools",
+    "thinking": "tests.graphs:thinking",
     "chatty": "tests.graphs:chatty",
     "flood": "tests.graphs:flood",
     "twostep": "tests.graphs:twostep",

@@ -102,6 +102,25 @@ async def test_a_graphs_tool_calls_and_results_are_dynamic_tool_parts(
         "text-end", "finish", "[DONE]"]  # fmt: skip
 
 
+async def test_reasoning_blocks_are_reasoning_parts(client: httpx.AsyncClient) -> None:
+    async with client.stream("POST", "/ai/chat", json=chat_body(str(uuid.uuid4()), "x",
+                                                              "thinking")) as r:  # fmt: skip
+        ps = parts(await events(r))
+    msg = ps[1]["id"]
+    assert ps[1:] == [
+        {"type": "reasoning-start", "id": msg},
+        {"type": "reasoning-delta", "id": msg, "delta": "The user"},
+        {"type": "reasoning-delta", "id": msg, "delta": " wants a word."},
+        {"type": "reasoning-end", "id": msg},
+        {"type": "text-start", "id": msg},
+        {"type": "text-delta", "id": msg, "delta": "Here"},
+        {"type": "text-delta", "id": msg, "delta": " it is"},
+        {"type": "text-end", "id": msg},
+        {"type": "finish"},
+        "[DONE]",
+    ]
+
+
 async def test_stop_keeps_the_partial_text(client: httpx.AsyncClient) -> None:
     chat_id = str(uuid.uuid4())
     async with client.stream("POST", "/ai/chat", json=chat_body(chat_id, "hi", "slow")) as r:

@@ -221,6 +221,21 @@ describe("ai DefaultChatTransport and @ai-sdk/react useChat", { timeout: 60000 }
     assert.equal(probe.current.messages.length, 2, "no automatic resend");
   });
 
+  test("readUIMessageStream: a model's reasoning blocks become a reasoning part before the text", async () => {
+    let message;
+    const stream = await transport({ body: { assistant_id: "thinking" } }).sendMessages({
+      chatId: newChatId(),
+      messages: [userMessage("think first")],
+      trigger: "submit-message",
+      messageId: undefined,
+    });
+    for await (const m of readUIMessageStream({ stream })) message = m;
+    assert.deepEqual(
+      message.parts.filter((p) => p.type === "reasoning" || p.type === "text").map((p) => [p.type, p.text, p.state]),
+      [["reasoning", "The user wants a word.", "done"], ["text", "Here it is", "done"]],
+    );
+  });
+
   test("useChat resume: true after a dropped connection shows the reply exactly once", async () => {
     const id = newChatId();
     const tab = browserTab();

@@ -4,7 +4,8 @@ A chat is a thread (chat id = thread id). ``POST /ai/chat`` starts a run with th
 message and streams it as UI message parts; ``GET /ai/chat/{id}/stream`` replays the chat's
 active run from its ``start`` part and goes live (204 when nothing is active); ``POST
 /ai/chat/{id}/stop`` cancels it, keeping the partial reply in the thread. Text becomes text
-parts; the graph's tool calls and their results, dynamic tool parts (`UIParts`).
+parts, reasoning blocks reasoning parts; the graph's tool calls and their results, dynamic tool
+parts (`UIParts`).
 """
 
 from __future__ import annotations
@@ -82,11 +83,15 @@ class UIParts:
     of the AI message being streamed, the calls the client knows of, whether the run failed and
     whether it ended."""
 
-    __slots__ = ("announced", "calls", "calls_of", "ended", "failed", "open_text", "run_id")
+    __slots__ = (
+        "announced", "calls", "calls_of", "ended", "failed", "open_reasoning", "open_text",
+        "run_id",
+    )  # fmt: skip
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.open_text: str | None = None
+        self.open_reasoning: str | None = None
         self.calls: dict[object, tuple[str, str, str]] = {}
         """The streaming AI message's tool calls by index: call id, tool name, input so far."""
         self.calls_of: str | None = None
@@ -114,17 +119,18 @@ class UIParts:
         """What closes the parts still open at the run's end."""
         out: list[bytes] = []
         self._close_calls(out)
+        self._close_reasoning(out)
         self._close_text(out)
         return b"".join(out)
 
     def offer(self, entries: list[Entry], write: Callable[[bytes], bool]) -> bool:
         """Render `entries` and `write` them; if the write is refused, the state is as before,
         so the reader renders them again when it takes them itself."""
-        before = self.open_text, self.failed, self.ended, self.calls_of
+        before = self.open_text, self.open_reasoning, self.failed, self.ended, self.calls_of
         calls, announced = dict(self.calls), set(self.announced)
         frames = self.render(entries)
         if frames and not write(frames):
-            self.open_text, self.failed, self.ended, self.calls_of = before
+            self.open_text, self.open_reasoning, self.failed, self.ended, self.calls_of = before
             self.calls, self.announced = calls, announced
             return False
         return True
@@ -141,9 +147,17 @@ class UIParts:
         if self.calls and self.calls_of != msg_id:
             self._close_calls(out)
         content = chunk.get("content")
+        thought = ""
         if isinstance(content, list):
-            content = "".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
+            content, thought = _blocks(content)
+        if thought:
+            if self.open_reasoning != msg_id:
+                self._close_reasoning(out)
+                self.open_reasoning = msg_id
+                out.append(_part({"type": "reasoning-start", "id": msg_id}))
+            out.append(_part({"type": "reasoning-delta", "id": msg_id, "delta": thought}))
         if content:
+            self._close_reasoning(out)  # the model has stopped thinking aloud
             if self.open_text != msg_id:
                 self._close_text(out)
                 self.open_text = msg_id
@@ -207,6 +221,11 @@ class UIParts:
         self.calls = {}
         self.calls_of = None
 
+    def _close_reasoning(self, out: list[bytes]) -> None:
+        if self.open_reasoning is not None:
+            out.append(_part({"type": "reasoning-end", "id": self.open_reasoning}))
+            self.open_reasoning = None
+
     def _close_text(self, out: list[bytes]) -> None:
         if self.open_text is not None:
             out.append(_part({"type": "text-end", "id": self.open_text}))
@@ -225,6 +244,28 @@ class UIParts:
         else:
             out.append(_part({"type": "tool-output-available", "toolCallId": call_id,
                               "output": content, **_SERVER_TOOL}))  # fmt: skip
+
+
+def _blocks(blocks: list[Any]) -> tuple[str, str]:
+    """The text and the reasoning of a message's content blocks: LangChain's `reasoning`
+    blocks (their text, or their summaries' as OpenAI's carry it) and Anthropic's `thinking`."""
+    text: list[str] = []
+    thought: list[str] = []
+    for block in blocks:
+        if isinstance(block, str):
+            text.append(block)
+        elif not isinstance(block, dict):
+            continue
+        elif block.get("type") in ("reasoning", "thinking"):
+            value = block.get("reasoning", block.get("thinking"))
+            if isinstance(value, str):
+                thought.append(value)
+            for summary in block.get("summary") or ():
+                if isinstance(summary, dict):
+                    thought.append(str(summary.get("text", "")))
+        else:
+            text.append(str(block.get("text", "")))
+    return "".join(text), "".join(thought)
 
 
 _SERVER_TOOL = {"dynamic": True, "providerExecuted": True}
