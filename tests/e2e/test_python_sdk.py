@@ -188,6 +188,37 @@ async def test_errors_come_back_as_sdk_exceptions(relay: Tokenrelay) -> None:
     assert exc.value.response.status_code == 404
 
 
+async def test_events_stream_mode(relay: Tokenrelay) -> None:
+    """`stream_mode="events"`: LangChain's event stream, beside the other modes, resumable,
+    and a cancel still keeps the partial reply."""
+    client = get_client(url=relay.url)
+    tid = (await client.threads.create())["thread_id"]
+    parts = [p async for p in client.runs.stream(
+        tid, "fast", input=say("hi"), stream_mode=["events", "values"])]  # fmt: skip
+    assert {p.event for p in parts} == {"metadata", "events", "values"}
+    evs = [p.data for p in parts if p.event == "events"]
+    assert evs[0]["event"] == "on_chain_start" and evs[-1]["event"] == "on_chain_end"
+    tokens = [e["data"]["chunk"]["content"] for e in evs if e["event"] == "on_chat_model_stream"]
+    assert "".join(tokens) == reply_text([HumanMessage("hi")], FAST_WORDS)
+    values = [p.data for p in parts if p.event == "values"]
+    assert values[-1]["messages"][-1]["content"] == "".join(tokens)
+    run_id = parts[0].data["run_id"]
+    joined = [p async for p in client.runs.join_stream(
+        tid, run_id, last_event_id="-1", stream_mode="events")]  # fmt: skip
+    assert [p.data for p in joined if p.event == "events"] == evs
+
+    seen = []
+    async for part in client.runs.stream(tid, "slow", input=say("stop"), stream_mode="events"):
+        seen.append(part)
+        if sum(p.event == "events" and p.data["event"] == "on_chat_model_stream"
+               for p in seen) == 8:  # fmt: skip
+            break
+    await client.runs.cancel(tid, seen[0].data["run_id"], wait=True, action="interrupt")
+    partial = (await client.threads.get_state(tid))["values"]["messages"][-1]
+    assert partial["response_metadata"]["finish_reason"] == "cancelled"
+    assert 8 <= len(partial["content"].split()) < 60
+
+
 async def test_cancel_keeps_the_partial_and_multitask_strategies(relay: Tokenrelay) -> None:
     client = get_client(url=relay.url)
     tid = (await client.threads.create())["thread_id"]

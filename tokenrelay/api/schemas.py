@@ -26,7 +26,8 @@ from tokenrelay.broker.runs import RunRecord
 from tokenrelay.broker.threads import ThreadRecord
 
 StreamModeName = Literal[
-    "values", "updates", "messages-tuple", "messages", "custom", "debug", "tasks", "checkpoints"
+    "values", "updates", "messages-tuple", "messages", "custom", "debug", "tasks", "checkpoints",
+    "events",
 ]  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import uuid
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -47,7 +48,9 @@ _GRAPH_MODE = {
     "tasks": "tasks",
     "checkpoints": "checkpoints",
 }
-STREAM_MODES = frozenset(_GRAPH_MODE)
+STREAM_MODES = frozenset({*_GRAPH_MODE, "events"})
+"""`events` is LangChain's event stream (``astream_events(version="v2")``): the graph is run
+through it, and the other modes are read from the root's `on_chain_stream` events."""
 
 AGENT_PROTOCOL = "agent"
 """`stream_protocol` of runs started through the agent streaming protocol (``run.start``)."""
@@ -434,6 +437,32 @@ class GraphRun:
             else:
                 yield Event(method + suffix, codec.json_bytes(data))
 
+    async def _with_events(
+        self,
+        config: dict[str, Any],
+        graph_modes: list[str],
+        subgraphs: bool,
+        kwargs: dict[str, Any],
+    ) -> AsyncIterator[Any]:
+        """The graph run through LangChain's event stream: each event as an `events` Event,
+        except the root's `on_chain_stream`, whose chunk is what `astream` would have yielded
+        (the other modes); events tagged hidden stay hidden, as in LangSmith."""
+        root = uuid.uuid4()
+        config = {**config, "run_id": root}
+        stream = self.graph.astream_events(  # type: ignore[call-overload]
+            self._input(),
+            config,
+            version="v2",
+            stream_mode=graph_modes,
+            subgraphs=subgraphs,
+            **kwargs,
+        )
+        async for event in stream:
+            if event["event"] == "on_chain_stream" and event["run_id"] == str(root):
+                yield event["data"]["chunk"]
+            elif "langsmith:hidden" not in (event.get("tags") or ()):
+                yield Event("events", codec.json_bytes(event))
+
     async def events(self) -> AsyncIterator[Event]:
         if self.protocol:
             async for event in self.protocol_events():
@@ -442,17 +471,26 @@ class GraphRun:
         # `messages` is always streamed internally: a cancel turns the chunks into the partial
         # message it keeps, whether or not the client asked for them.
         # `updates` too: an interrupt shows there, and the protocol's `input` channel needs it.
-        graph_modes = sorted({_GRAPH_MODE[m] for m in self.modes} | {"messages", "updates"})
+        graph_modes = sorted(
+            {_GRAPH_MODE[m] for m in self.modes if m in _GRAPH_MODE} | {"messages", "updates"}
+        )
         kwargs = self._graph_kwargs()
         subgraphs = bool(self.run.kwargs.get("subgraphs"))
-        stream = self.graph.astream(  # type: ignore[call-overload]
-            self._input(),
-            run_config(self.run, self.graph_id),  # type: ignore[arg-type]
-            stream_mode=graph_modes,  # type: ignore[arg-type]
-            subgraphs=subgraphs,
-            **kwargs,
-        )
+        config = run_config(self.run, self.graph_id)
+        if "events" in self.modes:
+            stream = self._with_events(config, graph_modes, subgraphs, kwargs)
+        else:
+            stream = self.graph.astream(  # type: ignore[call-overload]
+                self._input(),
+                config,  # type: ignore[arg-type]
+                stream_mode=graph_modes,  # type: ignore[arg-type]
+                subgraphs=subgraphs,
+                **kwargs,
+            )
         async for chunk in stream:
+            if isinstance(chunk, Event):
+                yield chunk
+                continue
             ns, mode, data = chunk if subgraphs else ((), *chunk)
             suffix = "|" + "|".join(ns) if ns else ""
             if mode == "messages":
