@@ -144,6 +144,27 @@ class ThinkingModel(FakeStreamingChatModel):
 thinking = _chat(ThinkingModel())
 
 
+async def _report(state: MessagesState) -> dict[str, Any]:
+    """Custom events an app shows beside the reply: progress kept by id, a passing status."""
+    write = get_stream_writer()
+    write({"type": "progress", "id": "search", "done": 1, "of": 2})
+    write({"type": "status", "text": "reading"})
+    write({"type": "progress", "id": "search", "done": 2, "of": 2})
+    write("plain")
+    return {}
+
+
+progress = (
+    StateGraph(MessagesState)
+    .add_node("report", _report)
+    .add_node("llm", fast.nodes["llm"].bound)
+    .add_edge(START, "report")
+    .add_edge("report", "llm")
+    .add_edge("llm", END)
+    .compile()
+)
+
+
 class StubbornModel(FakeStreamingChatModel):
     """Streams slowly and swallows the first cancellation, as a client library's retry loop
     may, carrying on streaming."""
@@ -227,6 +248,7 @@ GRAPHS = {
     "nested": "tests.graphs:nested",
     "tools": "tests.graphs:tools",
     "thinking": "tests.graphs:thinking",
+    "progress": "tests.graphs:progress",
     "chatty": "tests.graphs:chatty",
     "flood": "tests.graphs:flood",
     "twostep": "tests.graphs:twostep",

@@ -121,6 +121,20 @@ async def test_reasoning_blocks_are_reasoning_parts(client: httpx.AsyncClient) -
     ]
 
 
+async def test_custom_events_are_data_parts(client: httpx.AsyncClient) -> None:
+    async with client.stream("POST", "/ai/chat", json=chat_body(str(uuid.uuid4()), "x",
+                                                              "progress")) as r:  # fmt: skip
+        ps = parts(await events(r))
+    progress = {"type": "progress", "id": "search", "of": 2}
+    assert ps[1:5] == [
+        {"type": "data-progress", "id": "search", "data": {**progress, "done": 1}},
+        {"type": "data-status", "data": {"type": "status", "text": "reading"}, "transient": True},
+        {"type": "data-progress", "id": "search", "data": {**progress, "done": 2}},
+        {"type": "data-custom", "data": "plain", "transient": True},
+    ]
+    assert text_of(ps) == reply_text([HumanMessage("x")], FAST_WORDS)
+
+
 async def test_stop_keeps_the_partial_text(client: httpx.AsyncClient) -> None:
     chat_id = str(uuid.uuid4())
     async with client.stream("POST", "/ai/chat", json=chat_body(chat_id, "hi", "slow")) as r:

@@ -236,6 +236,29 @@ describe("ai DefaultChatTransport and @ai-sdk/react useChat", { timeout: 60000 }
     );
   });
 
+  test("useChat: a graph's custom events are data parts, kept by id or passed to onData", async () => {
+    const passing = [];
+    const { probe } = mountChat({
+      id: newChatId(),
+      transport: transport({ body: { assistant_id: "progress" } }),
+      onData: (part) => passing.push(part),
+    });
+    await probe.current.sendMessage({ text: "report" });
+    await waitFor(() => {
+      assert.equal(probe.current.status, "ready");
+      assert.equal(probe.current.messages.length, 2);
+    }, WAIT);
+    const kept = probe.current.messages[1].parts.filter((p) => p.type.startsWith("data-"));
+    assert.deepEqual(kept, [
+      { type: "data-progress", id: "search", data: { type: "progress", id: "search", done: 2, of: 2 } },
+    ]);
+    assert.deepEqual(
+      passing.filter((p) => p.transient).map((p) => [p.type, p.data]),
+      [["data-status", { type: "status", text: "reading" }], ["data-custom", "plain"]],
+    );
+    assert.ok(words(uiText(probe.current.messages[1])) > 0);
+  });
+
   test("useChat resume: true after a dropped connection shows the reply exactly once", async () => {
     const id = newChatId();
     const tab = browserTab();

@@ -5,7 +5,7 @@ message and streams it as UI message parts; ``GET /ai/chat/{id}/stream`` replays
 active run from its ``start`` part and goes live (204 when nothing is active); ``POST
 /ai/chat/{id}/stop`` cancels it, keeping the partial reply in the thread. Text becomes text
 parts, reasoning blocks reasoning parts; the graph's tool calls and their results, dynamic tool
-parts (`UIParts`).
+parts; its custom events, data parts (`UIParts`).
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ class UIParts:
                 break
             if entry.name == "messages":
                 self._message(out, entry.data)
+            elif entry.name == "custom":
+                out.append(_data_part(codec.json_loads(entry.data)))
             elif entry.name == "error":
                 self.failed = True
                 out.append(_error_part(entry.data))
@@ -246,6 +248,22 @@ class UIParts:
                               "output": content, **_SERVER_TOOL}))  # fmt: skip
 
 
+def _data_part(value: Any) -> bytes:
+    """A custom event (the graph's `get_stream_writer()`) as a data part: `data-<type>` for a
+    dict with a string `type`, kept in the message when it has an `id` too (a later part with the
+    same id replaces it) and passed to `onData` only otherwise; anything else, `data-custom`,
+    passed to `onData` only."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str) or not kind:
+        return _part({"type": "data-custom", "data": value, "transient": True})
+    part: dict[str, Any] = {"type": f"data-{kind}", "data": value}
+    if isinstance(value.get("id"), str):
+        part["id"] = value["id"]
+    else:
+        part["transient"] = True
+    return _part(part)
+
+
 def _blocks(blocks: list[Any]) -> tuple[str, str]:
     """The text and the reasoning of a message's content blocks: LangChain's `reasoning`
     blocks (their text, or their summaries' as OpenAI's carry it) and Anthropic's `thinking`."""
@@ -353,7 +371,7 @@ async def chat(
     run_body = RunCreate(
         assistant_id=assistant,
         input={"messages": [{"role": "user", "content": last.text(), "id": last.id}]},
-        stream_mode=["messages-tuple"],
+        stream_mode=["messages-tuple", "custom"],
         multitask_strategy="interrupt",
         if_not_exists="create",
     )
