@@ -150,6 +150,21 @@ async def test_stop_keeps_the_partial_text(client: httpx.AsyncClient) -> None:
     assert (await client.post(f"/ai/chat/{chat_id}/stop")).json() == {"stopped": None}
 
 
+async def test_a_stop_mid_tool_call_ends_the_call_as_stopped(client: httpx.AsyncClient) -> None:
+    chat_id = str(uuid.uuid4())
+    async with client.stream("POST", "/ai/chat", json=chat_body(chat_id, "hi", "tools")) as r:
+        head = parts(await events(r, limit=6))  # start, the text (4 parts), the call's start
+        assert head[-1]["type"] == "tool-input-start"
+        assert (await client.post(f"/ai/chat/{chat_id}/stop")).json()["stopped"]
+        ps = head + parts(await events(r))
+    end = [p for p in ps if isinstance(p, dict) and p["type"] == "tool-input-error"]
+    assert len(end) == 1 and end[0]["errorText"] == (
+        "the run was stopped before the tool call's arguments were complete"
+    )
+    assert ps.index(end[0]) == len(ps) - 4
+    assert [p["type"] for p in ps[-3:-1]] == ["text-end", "abort"]
+
+
 async def test_bad_chat_requests_are_422(client: httpx.AsyncClient) -> None:
     assert (await client.post("/ai/chat", json={"id": "x", "messages": []})).status_code == 422
     bad = chat_body("x", "hi")

@@ -117,10 +117,10 @@ class UIParts:
                 out.append(_error_part(entry.data))
         return b"".join(out)
 
-    def finish(self) -> bytes:
-        """What closes the parts still open at the run's end."""
+    def finish(self, stopped: bool = False) -> bytes:
+        """What closes the parts still open at the run's end (`stopped`: by a cancel)."""
         out: list[bytes] = []
-        self._close_calls(out)
+        self._close_calls(out, stopped)
         self._close_reasoning(out)
         self._close_text(out)
         return b"".join(out)
@@ -204,22 +204,25 @@ class UIParts:
                               "inputTextDelta": args}))  # fmt: skip
         self.calls[key] = call
 
-    def _close_calls(self, out: list[bytes]) -> None:
-        """The streamed calls' whole input: the AI message they belong to is complete."""
+    def _close_calls(self, out: list[bytes], stopped: bool = False) -> None:
+        """The streamed calls' whole input, now that the AI message they belong to is complete;
+        or, when the run was `stopped` first, their end as calls that never ran."""
         for call_id, name, text in self.calls.values():
             try:
-                value = codec.json_loads(text) if text.strip() else {}
+                value: Any = codec.json_loads(text) if text.strip() else {}
+                error = _STOPPED if stopped else None
             except ValueError:
+                value, error = text, _STOPPED if stopped else _NOT_JSON
+            if error is None:
+                out.append(_part({
+                    "type": "tool-input-available", "toolCallId": call_id, "toolName": name,
+                    "input": value, **_SERVER_TOOL,
+                }))  # fmt: skip
+            else:
                 out.append(_part({
                     "type": "tool-input-error", "toolCallId": call_id, "toolName": name,
-                    "input": text, "errorText": "the tool call's arguments are not valid JSON",
-                    **_SERVER_TOOL,
+                    "input": value, "errorText": error, **_SERVER_TOOL,
                 }))  # fmt: skip
-                continue
-            out.append(_part({
-                "type": "tool-input-available", "toolCallId": call_id, "toolName": name,
-                "input": value, **_SERVER_TOOL,
-            }))  # fmt: skip
         self.calls = {}
         self.calls_of = None
 
@@ -286,6 +289,9 @@ def _blocks(blocks: list[Any]) -> tuple[str, str]:
     return "".join(text), "".join(thought)
 
 
+_NOT_JSON = "the tool call's arguments are not valid JSON"
+_STOPPED = "the run was stopped before the tool call's arguments were complete"
+
 _SERVER_TOOL = {"dynamic": True, "providerExecuted": True}
 """A graph's tool, which the client does not declare and the server runs."""
 
@@ -328,15 +334,12 @@ async def ui_parts(
                 yield frames
             if ui.ended:
                 break
-    closing = ui.finish()
+    stopped = not ui.failed and (await svc.runs.get(run_id)).status is RunStatus.INTERRUPTED
+    closing = ui.finish(stopped)
     if closing:
         yield closing
     if not ui.failed:
-        run = await svc.runs.get(run_id)
-        if run.status is RunStatus.INTERRUPTED:
-            yield _part({"type": "abort"})
-        else:
-            yield _part({"type": "finish"})
+        yield _part({"type": "abort" if stopped else "finish"})
     yield format_data(DONE)
 
 
