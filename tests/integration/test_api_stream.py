@@ -54,6 +54,18 @@ def same(a: list[SSE], b: list[SSE]) -> bool:
     return [(e.id, e.event, e.data) for e in a] == [(e.id, e.event, e.data) for e in b]
 
 
+def differs(got: list[SSE], want: list[SSE]) -> str | None:
+    """None when `got` is `want`, event for event; else where they part, to read in a failure."""
+    a = [(e.id, e.event, e.data[:80]) for e in got]
+    b = [(e.id, e.event, e.data[:80]) for e in want]
+    if a == b:
+        return None
+    at = next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+    return f"{len(a)} events against {len(b)}; from {at}: {a[at : at + 2]} / {b[at : at + 2]}"
+
+
 @pytest.fixture(scope="module")
 def settings(redis_server: RedisServer) -> Settings:
     return make_settings(redis_server)
@@ -104,7 +116,7 @@ async def test_200_clients_on_one_run_share_one_subscription(
             results = await asyncio.gather(*readers)
         reference = head + await events(r)
     assert subscribers == 1  # one API process: one subscription, whatever the client count
-    assert all(same(got, reference) for got in results)
+    assert [differs(got, reference) for got in results] == [None] * len(results)
 
 
 async def test_readers_waiting_on_a_live_run_get_its_batches_written_from_the_fan_out(
