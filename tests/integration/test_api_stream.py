@@ -25,6 +25,7 @@ from tests.sse import SSE, events, iter_sse
 from tokenrelay.broker.connection import connect
 from tokenrelay.broker.embedded import EmbeddedCluster, EmbeddedRedis
 from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.log import LiveBatch
 from tokenrelay.broker.settings import Settings
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.redis("standalone", "cluster")]
@@ -247,6 +248,42 @@ async def test_slow_client_memory_stays_bounded_and_it_gets_everything(
         if line.startswith("tokenrelay_api_slow_client_fallbacks_total")
     ]
     assert fallbacks and fallbacks[0] >= 1
+
+
+@pytest.mark.redis("standalone")  # a pattern subscription, which sharded pub/sub lacks
+async def test_a_flood_is_published_in_bounded_batches(
+    client: httpx.AsyncClient, relay: Tokenrelay, unbounded_pubsub_output: None
+) -> None:
+    """However fast a graph writes, one append of a run, so one live batch (one pub/sub
+    message for every reader of the run), carries at most `flush_max_events` of its events."""
+    redis = connect(relay.settings.resolved_redis_url())
+    pubsub = redis.pubsub()
+    await pubsub.psubscribe(Keys(relay.settings.key_prefix).live("*"))
+    sizes: list[int] = []
+
+    async def listen() -> None:
+        while True:
+            msg = await pubsub.get_message(timeout=1.0)
+            if msg is not None and msg["type"] == "pmessage":
+                sizes.append(len(LiveBatch.decode(msg["data"]).entries))
+
+    listening = asyncio.create_task(listen())
+    try:
+        tid = await new_thread(client)
+        body = {"assistant_id": "flood", "input": {"messages": []}, "stream_mode": "custom"}
+        async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body) as r:
+            got = await events(r)
+        for _ in range(100):
+            if sum(sizes) > FLOOD_EVENTS:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        listening.cancel()
+        await pubsub.aclose()
+        await redis.aclose()
+    assert [e.json()["i"] for e in got if e.event == "custom"] == list(range(FLOOD_EVENTS))
+    assert sum(sizes) > FLOOD_EVENTS  # the run's end is an entry too
+    assert max(sizes) <= relay.settings.flush_max_events, max(sizes)
 
 
 async def test_trimmed_history_gives_stream_gap_and_expired_run_410(

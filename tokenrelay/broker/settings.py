@@ -33,7 +33,12 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     stream_max_seconds: float = Field(default=0.0, ge=0, description="0 means no budget.")
     flush_ms: float = Field(default=2.0, ge=0)
-    flush_max_events: int = Field(default=256, ge=1)
+    flush_max_events: int = Field(
+        default=256,
+        ge=1,
+        description="A worker writes as soon as this many events are buffered, and one append "
+        "(so one live batch) carries at most this many of one run's.",
+    )
     lease_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     cancel_ttl_seconds: int = Field(default=3600, ge=1)

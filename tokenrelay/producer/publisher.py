@@ -3,8 +3,10 @@
 Events of all runs of a worker are written at most once per short flush window (sooner when a
 count bound is reached), in one round trip and one append script call for all its runs (one
 per run on a cluster); the first
-event after a quiet window is written at once. Each append also returns the
-run's durable cancel request, so checking for a cancel costs nothing extra.
+event after a quiet window is written at once. One append carries at most the count bound of
+one run's events; a run that wrote more has the rest written by the next flush, at once. Each
+append also returns the run's durable cancel request, so checking for a cancel costs nothing
+extra.
 
 Every append carries the run's attempt, so the append script fences off a superseded attempt
 (`Superseded` for whoever waits on the write); batches are numbered per attempt, so attempts
@@ -241,7 +243,7 @@ class Publisher:
             if not self._pending:
                 continue  # a waiter on a batch already in flight: nothing new to write
             last_flush = loop.time()
-            batch, self._pending, self._count = self._pending, {}, 0
+            batch = self._take()
             try:
                 results = await self._write(batch)
             except asyncio.CancelledError:
@@ -260,6 +262,29 @@ class Publisher:
                 else:
                     self._settle(run_id, pending, reply)
             telemetry.EVENTS_PUBLISHED.inc(self.events_published - published)
+
+    def _take(self) -> dict[str, _Pending]:
+        """What the next flush writes: every run's buffered events, but at most `max_events` of
+        any one run, so one append (its script's time in Redis, its live batch, the pub/sub
+        message readers get) stays bounded however fast a graph writes. A run's rest stays
+        buffered, with its end and its waiters, and goes out in the next flush, at once."""
+        cap = self._max_events
+        taken: dict[str, _Pending] = {}
+        rest: dict[str, _Pending] = {}
+        for run_id, pending in self._pending.items():
+            if len(pending.rows) <= cap:
+                taken[run_id] = pending
+                continue
+            taken[run_id] = _Pending(rows=pending.rows[:cap], blobs=pending.blobs)
+            pending.rows = pending.rows[cap:]
+            pending.blobs = []
+            rest[run_id] = pending
+        self._pending = rest
+        self._count = sum(len(p.rows) for p in rest.values())
+        if rest:
+            self._dirty.set()
+            self._urgent.set()
+        return taken
 
     def _settle(self, run_id: str, pending: _Pending, reply: Reply) -> None:
         """Wake the batch's waiters with its outcome and tell the worker what it must act on."""
