@@ -175,16 +175,12 @@ class UIParts:
                 call_id, name = call.get("id"), call.get("name")
                 if call_id and name:
                     self._announce(out, str(call_id), str(name))
-                    out.append(_part({
-                        "type": "tool-input-available", "toolCallId": str(call_id),
-                        "toolName": str(name), "input": call.get("args") or {}, **_SERVER_TOOL,
-                    }))  # fmt: skip
+                    out.append(_tool("tool-input-available", str(call_id), toolName=str(name),
+                                     input=call.get("args") or {}))  # fmt: skip
 
     def _announce(self, out: list[bytes], call_id: str, name: str) -> None:
         self.announced.add(call_id)
-        out.append(_part({
-            "type": "tool-input-start", "toolCallId": call_id, "toolName": name, **_SERVER_TOOL,
-        }))  # fmt: skip
+        out.append(_tool("tool-input-start", call_id, toolName=name))
 
     def _call_chunk(self, out: list[bytes], msg_id: str, chunk: dict[str, Any]) -> None:
         index = chunk.get("index")
@@ -214,15 +210,10 @@ class UIParts:
             except ValueError:
                 value, error = text, _STOPPED if stopped else _NOT_JSON
             if error is None:
-                out.append(_part({
-                    "type": "tool-input-available", "toolCallId": call_id, "toolName": name,
-                    "input": value, **_SERVER_TOOL,
-                }))  # fmt: skip
+                out.append(_tool("tool-input-available", call_id, toolName=name, input=value))
             else:
-                out.append(_part({
-                    "type": "tool-input-error", "toolCallId": call_id, "toolName": name,
-                    "input": value, "errorText": error, **_SERVER_TOOL,
-                }))  # fmt: skip
+                out.append(_tool("tool-input-error", call_id, toolName=name, input=value,
+                                 errorText=error))  # fmt: skip
         self.calls = {}
         self.calls_of = None
 
@@ -244,11 +235,9 @@ class UIParts:
         content = chunk.get("content")
         if chunk.get("status") == "error":
             text = content if isinstance(content, str) else codec.json_bytes(content).decode()
-            out.append(_part({"type": "tool-output-error", "toolCallId": call_id,
-                              "errorText": text, **_SERVER_TOOL}))  # fmt: skip
+            out.append(_tool("tool-output-error", call_id, errorText=text))
         else:
-            out.append(_part({"type": "tool-output-available", "toolCallId": call_id,
-                              "output": content, **_SERVER_TOOL}))  # fmt: skip
+            out.append(_tool("tool-output-available", call_id, output=content))
 
 
 def _data_part(value: Any) -> bytes:
@@ -292,8 +281,12 @@ def _blocks(blocks: list[Any]) -> tuple[str, str]:
 _NOT_JSON = "the tool call's arguments are not valid JSON"
 _STOPPED = "the run was stopped before the tool call's arguments were complete"
 
-_SERVER_TOOL = {"dynamic": True, "providerExecuted": True}
-"""A graph's tool, which the client does not declare and the server runs."""
+
+def _tool(kind: str, call_id: str, **fields: Any) -> bytes:
+    """A part of a graph's tool call: a dynamic tool (the client does not declare it) that the
+    server runs (`providerExecuted`)."""
+    return _part({"type": kind, "toolCallId": call_id, **fields, "dynamic": True,
+                  "providerExecuted": True})  # fmt: skip
 
 
 async def ui_parts(
