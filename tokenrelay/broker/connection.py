@@ -27,8 +27,10 @@ from redis.exceptions import (
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
-    TimeoutError,
     TryAgainError,
+)
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
 )
 
 RedisClient = Redis | RedisCluster
@@ -44,7 +46,7 @@ POOL_TIMEOUT = 20.0
 
 UNAVAILABLE: tuple[type[Exception], ...] = (
     ConnectionError,
-    TimeoutError,
+    RedisTimeoutError,
     ClusterDownError,
     TryAgainError,
     SlotNotCoveredError,
