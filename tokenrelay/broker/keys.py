@@ -48,6 +48,10 @@ class Keys:
         thread's queue is young as an active run, however long it waited."""
         return f"{self.prefix}:thread:{{{thread_id}}}:since"
 
+    def thread_released(self, thread_id: str) -> str:
+        """The thread's last release of its active run: what a release sent again answers."""
+        return f"{self.prefix}:thread:{{{thread_id}}}:released"
+
     def thread_pending(self, thread_id: str) -> str:
         """List of run ids waiting for the thread's active run to end (multitask enqueue)."""
         return f"{self.prefix}:thread:{{{thread_id}}}:pending"

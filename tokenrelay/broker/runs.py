@@ -18,6 +18,10 @@ from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.scripts import AnyPipeline, RoundTrip, in_sequence
 from tokenrelay.broker.thread_index import ThreadIndex
 
+RELEASE_MEMORY_SECONDS = 600
+"""How long a thread remembers its last release (`release_active`), for a release sent again
+because its reply was lost: longer than a client's retries and a worker's retried steps."""
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -367,22 +371,27 @@ class RunStore:
     async def release_active(self, thread_id: str, run_id: str) -> str | None:
         """Clear the thread's active pointer if it still names `run_id`; returns the queued run
         that became active in its place, if any."""
-        k = self._keys
-        keys = [k.thread_active(thread_id), k.thread_pending(thread_id), k.thread_since(thread_id)]
-        reply = await self._release(self._redis, keys, [run_id, now_ms()])
-        promoted = self.promoted_of(reply)
+        keys, args = self._release_call(thread_id, run_id, new_id())
+        promoted = self.promoted_of(await self._release(self._redis, keys, args))
         if promoted is None:
             await self._index.not_busy(thread_id)
             await self.keep_busy_if_claimed(thread_id)
         return promoted
 
-    def release_active_in(self, trip: RoundTrip, thread_id: str, run_id: str) -> int:
+    def release_active_in(self, trip: RoundTrip, thread_id: str, run_id: str, token: str) -> int:
         """Queue `release_active`'s compare-and-delete on `trip`; returns where its reply will
         be, which `promoted_of` reads. The caller then takes the thread out of the busy index
-        (`not_busy_in`) if none was promoted, and after that calls `keep_busy_if_claimed`."""
+        (`not_busy_in`) if none was promoted, and after that calls `keep_busy_if_claimed`.
+        `token` names the release: a caller that makes it again, not knowing whether it landed,
+        passes the same one and gets the same answer."""
+        return trip.script(self._release, *self._release_call(thread_id, run_id, token))
+
+    def _release_call(self, thread_id: str, run_id: str, token: str
+    ) -> tuple[list[str], list[Any]]:  # fmt: skip
         k = self._keys
-        keys = [k.thread_active(thread_id), k.thread_pending(thread_id), k.thread_since(thread_id)]
-        return trip.script(self._release, keys, [run_id, now_ms()])
+        keys = [k.thread_active(thread_id), k.thread_pending(thread_id), k.thread_since(thread_id),
+                k.thread_released(thread_id)]  # fmt: skip
+        return keys, [run_id, now_ms(), token, RELEASE_MEMORY_SECONDS]
 
     @staticmethod
     def promoted_of(reply: bytes | None) -> str | None:

@@ -85,6 +85,12 @@ class ThreadIndex:
         digests = (metadata_digest(k, v) for k, v in metadata.items())
         return {self._keys.threads_with_metadata(d) for d in digests if d is not None}
 
+    async def added(self, thread_id: str, ts: int, metadata: Mapping[str, Any]) -> None:
+        """The index entries of a thread just created (`added_in`), in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        self.added_in(pipe, thread_id, ts, metadata)
+        await pipe.execute()
+
     def added_in(
         self, pipe: AnyPipeline, thread_id: str, ts: int, metadata: Mapping[str, Any]
     ) -> None:

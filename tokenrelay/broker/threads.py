@@ -44,6 +44,7 @@ class ThreadStore:
         self._keys = keys
         self._advance_seq = scripts.script("advance_seq")
         self._set_metadata = scripts.script("set_metadata")
+        self._create = scripts.script("create_thread")
         self.index = ThreadIndex(redis, keys)
 
     async def last_seq(self, thread_id: str) -> int:
@@ -77,20 +78,23 @@ class ThreadStore:
     ) -> ThreadRecord:
         """Create a thread; an existing id raises Conflict, or is returned with `do_nothing`.
         Without `thread_id` the thread gets a new id, which no thread can have: it is written
-        without asking Redis first whether it exists (a round trip less)."""
+        without asking Redis first whether it exists. With one, the record is made whole in one
+        step only if the id is free, so no half-made record is ever left (a client gone, a
+        process stopped midway), and the same step sent again finds it made."""
         _check_metadata(metadata or {})
         tid = thread_id or new_id()
         key = self._keys.thread_meta(tid)
         ts = now_ms()
-        fields: dict[str, Any] = {}
-        if thread_id is None:
-            fields["thread_id"] = tid
-        elif not await self._redis.hsetnx(key, "thread_id", tid):  # type: ignore[misc]
-            if if_exists == "do_nothing":
-                return await self.get(tid)
-            raise Conflict(f"Thread with ID {tid} already exists")
         record = ThreadRecord(tid, ts, ts, dict(metadata or {}))
-        fields.update(created_at=ts, updated_at=ts, metadata=codec.json_bytes(record.metadata))
+        packed = codec.json_bytes(record.metadata)
+        if thread_id is not None:
+            if not await self._create(self._redis, [key], [tid, ts, packed]):
+                if if_exists == "do_nothing":
+                    return await self.get(tid)
+                raise Conflict(f"Thread with ID {tid} already exists")
+            await self.index.added(tid, ts, record.metadata)
+            return record
+        fields = {"thread_id": tid, "created_at": ts, "updated_at": ts, "metadata": packed}
         # Indexed only once its fields are there (a search reads the hash of each id it finds).
         await in_sequence(
             self._redis,
@@ -184,6 +188,7 @@ class ThreadStore:
             self._keys.thread_active(thread_id),
             self._keys.thread_pending(thread_id),
             self._keys.thread_since(thread_id),
+            self._keys.thread_released(thread_id),
         )
         await self.index.removed(thread_id, thread.metadata)
 
@@ -199,7 +204,9 @@ class ThreadStore:
         k = self._keys
         for key in (k.thread_meta(thread_id), k.thread_runs(thread_id)):
             pipe.expire(key, ttl_seconds)
-        pipe.delete(k.thread_pending(thread_id), k.thread_since(thread_id))
+        pipe.delete(
+            k.thread_pending(thread_id), k.thread_since(thread_id), k.thread_released(thread_id)
+        )
         pipe.zrem(k.threads_index(), thread_id)
 
     async def list_ids(self) -> list[str]:

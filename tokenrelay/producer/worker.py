@@ -41,7 +41,7 @@ from tokenrelay.broker.models import END_EVENT, LIFECYCLE_EVENT, Event, Job, Run
 from tokenrelay.broker.pubsub import subscriber
 from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.retry import Backoff, is_transient
-from tokenrelay.broker.runs import RunStore, now_ms
+from tokenrelay.broker.runs import RunStore, new_id, now_ms
 from tokenrelay.broker.runtime import cancel_and_wait
 from tokenrelay.broker.scripts import AnyPipeline, RoundTrip, in_sequence
 from tokenrelay.broker.settings import Settings
@@ -477,10 +477,10 @@ class Worker:
     ) -> T:
         """One step of a run's start or of what follows its end, retried (bounded) while Redis
         is down or restarting: a Redis that comes back within a minute costs the run that time,
-        not the run. A step may run twice (its reply lost): starting an attempt again only
-        supersedes the one that did not learn it started; the other steps read, or write what
-        they wrote (a release whose reply was lost finds the pointer gone and promotes nothing
-        a second time: the thread's repair starts what it would have promoted)."""
+        not the run. A step may land twice (its reply lost, by redis-py's own resend or by a try
+        here): each answers as it did the first time. Starting the attempt of a job its worker
+        already started gives that attempt again; a release sent again with its token gives the
+        run it promoted; the other steps read, or write what they wrote."""
         backoff = Backoff()
         while True:
             try:
@@ -728,11 +728,13 @@ class Worker:
 
         last_seq, thread, *_ = await self._redis_step(read, ctx, "ending")
 
+        token = new_id()  # the same in each try of the step: a try that landed is answered again
+
         async def release() -> tuple[list[Any], int]:
             trip = RoundTrip(self._redis)
             self.threads.advance_seq_in(trip, tid, RunStore.last_seq_of(last_seq))
             self.threads.set_status_in(trip.pipe, tid, thread_status, ts)
-            released = self.runs.release_active_in(trip, tid, rid)
+            released = self.runs.release_active_in(trip, tid, rid, token)
             return await trip.execute(raise_on_error=False), released
 
         replies, released = await self._redis_step(release, ctx, "ending")

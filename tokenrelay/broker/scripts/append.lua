@@ -18,7 +18,7 @@
 -- attempt that is no longer the run's current one (its worker lost the lease and another took
 -- over): that append writes nothing.
 -- A batch whose sequence number was already applied is skipped, so a producer may retry a batch
--- after a lost reply without duplicating it. Publishes msgpack [prev_id, [[id, event, data,
+-- after a lost reply without duplicating it; so is an end (a status) the run already has. Publishes msgpack [prev_id, [[id, event, data,
 -- blob_ref], ...]]: prev_id lets a reader see that it missed a batch.
 -- Entry ids are `<thread seq>-<ms>`: the run's first event takes the thread seq `s0` (set in the
 -- meta hash when the run starts, see RunStore.assign_seq_base) and each later one the next, so
@@ -43,11 +43,14 @@ local function append(k, run)
   if attempt > 0 and tonumber(m[1] or '0') ~= attempt then
     return '!fenced'
   end
-  if attempt < 0 and (tonumber(m[1] or '0') ~= 0 or m[6] ~= 'pending') then
+  -- The same end again (sent twice, its reply lost): answered as the first, nothing written.
+  -- Ends without a batch number are the API's (a worker's have one); nothing follows an end.
+  local again = m[6] == status and status ~= '' and status ~= 'pending' and status ~= 'running'
+  if attempt < 0 and (tonumber(m[1] or '0') ~= 0 or (m[6] ~= 'pending' and not again)) then
     return '!fenced'
   end
   local cancel = redis.call('GET', cancel_key)
-  if seq > 0 and seq <= tonumber(m[2] or '0') then return cancel end
+  if again or (seq > 0 and seq <= tonumber(m[2] or '0')) then return cancel end
   for _, blob in ipairs(new_blobs) do
     redis.call('HSETNX', blobs, blob[1], blob[2])
   end

@@ -10,8 +10,18 @@
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'done', 0, 0} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'pending' and status ~= 'running' then return {'done', 0, 0} end
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local m = redis.call('HMGET', KEYS[1], 'attempt', 'seq', 'worker', 'job')
+local seq = tonumber(m[2] or '0')
+if status == 'running' and ARGV[4] ~= '' then
+  -- The same worker asking again for the same job (its reply was lost and the call sent
+  -- again): the attempt it started, not one more, which would fence the one it runs and use
+  -- up the run's attempts while Redis is slow to answer.
+  if m[3] == ARGV[1] and m[4] == ARGV[4] then return {'run', tonumber(m[1]), seq} end
+  -- Another job of a run already running (its queueing was sent twice): nothing to do. A
+  -- takeover claims the same job; a hand-back makes the run pending before queueing it again.
+  if m[4] and m[4] ~= '' and m[4] ~= ARGV[4] then return {'done', 0, 0} end
+end
+local attempt = tonumber(m[1] or '0') + 1
 if attempt > tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'attempt', attempt, 'updated_at', ARGV[2],
     'job', ARGV[4])

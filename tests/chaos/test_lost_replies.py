@@ -1,0 +1,206 @@
+"""A write whose reply is lost lands twice: redis-py sends it again on a new connection, and the
+relay's own steps try again. Each must answer the second time as it did the first, so the client
+sees one thread, one run, one attempt, one promotion.
+
+The Redis here sits behind `tests.lossy.LossyRedis`, which lets an armed command through and cuts
+its connection before the reply comes back."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from importlib.resources import files
+from typing import Any, NamedTuple
+
+import httpx
+import pytest
+
+from tests.conftest import make_settings
+from tests.integration.test_stream import (
+    expected_text,
+    message_text,
+    new_thread,
+    run_body,
+    stream_run,
+    wait_status,
+)
+from tests.lossy import LossyRedis, lossy
+from tests.server import Tokenrelay
+from tokenrelay.broker import scripts
+from tokenrelay.broker.connection import RedisClient, connect
+from tokenrelay.broker.embedded import EmbeddedRedis
+from tokenrelay.broker.keys import Keys
+from tokenrelay.broker.models import END_EVENT, RunStatus
+from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
+from tokenrelay.broker.scripts import RoundTrip
+from tokenrelay.broker.threads import ThreadStore
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+def sha(name: str) -> bytes:
+    return scripts.script(name).sha.encode()
+
+
+async def load_scripts(url: str) -> None:
+    """Every script known to Redis first: a reply lost must be the one of the call that did the
+    work, not of a call answered NOSCRIPT."""
+    redis = connect(url)
+    try:
+        for entry in files(scripts.__name__).iterdir():
+            if entry.name.endswith(".lua"):
+                await scripts.script(entry.name[:-4]).load(redis)
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture
+async def proxy(own_redis: EmbeddedRedis) -> AsyncIterator[LossyRedis]:
+    await load_scripts(own_redis.url)
+    with lossy(own_redis.port) as p:
+        yield p
+
+
+class Relay(NamedTuple):
+    client: httpx.AsyncClient
+    keys: Keys
+    redis: RedisClient
+    """A client of the Redis itself, not through the proxy."""
+
+
+@contextlib.asynccontextmanager
+async def relay(
+    proxy: LossyRedis, own_redis: EmbeddedRedis, *, with_worker: bool = True
+) -> AsyncIterator[Relay]:
+    """tokenrelay (API, and a worker unless told otherwise) on the Redis behind `proxy`."""
+    s = make_settings(own_redis, redis_url=proxy.url)
+    server = Tokenrelay(s, with_worker=with_worker).start()
+    redis = connect(own_redis.url)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            yield Relay(c, Keys(s.key_prefix), redis)
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+async def two_runs(c: httpx.AsyncClient, assistant: str) -> tuple[str, Any, Any]:
+    """A new thread, a run of `assistant` on it and a run queued behind that one."""
+    tid = await new_thread(c)
+    first = (await c.post(f"/threads/{tid}/runs", json=run_body(assistant))).json()
+    body = run_body("fast", multitask_strategy="enqueue")
+    queued = (await c.post(f"/threads/{tid}/runs", json=body)).json()
+    assert queued["status"] == "pending"
+    return tid, first, queued
+
+
+async def test_a_thread_made_with_its_id_whose_reply_is_lost_is_made_once(
+    proxy: LossyRedis, own_redis: EmbeddedRedis
+) -> None:
+    async with relay(proxy, own_redis, with_worker=False) as (c, _, _):
+        tid = new_id()
+        proxy.arm(sha("create_thread"))
+        r = await c.post("/threads", json={"thread_id": tid, "metadata": {"k": "v"}})
+        assert proxy.lost == [sha("create_thread")]
+        assert r.status_code == 200, r.text
+        got = await c.get(f"/threads/{tid}")
+        assert got.status_code == 200 and got.json()["metadata"] == {"k": "v"}
+        # Another creation of the same id is still refused.
+        again = await c.post("/threads", json={"thread_id": tid, "metadata": {"k": "w"}})
+        assert again.status_code == 409, again.text
+
+
+async def test_a_run_whose_start_replies_are_lost_runs_once_as_attempt_1(
+    proxy: LossyRedis, own_redis: EmbeddedRedis
+) -> None:
+    async with relay(proxy, own_redis) as (c, _, _):
+        tid = await new_thread(c)
+        # The API's round trip that records the run and claims its thread, then the
+        # worker's that starts its attempt.
+        proxy.arm(sha("claim_thread"))
+        proxy.arm(sha("start_attempt"))
+        evts, _ = await stream_run(c, tid, run_body("fast"))
+        assert sorted(proxy.lost) == sorted([sha("claim_thread"), sha("start_attempt")])
+        metadata = [e.json() for e in evts if e.event == "metadata"]
+        assert [m["attempt"] for m in metadata] == [1], metadata
+        assert message_text(evts) == expected_text()
+        rid = metadata[0]["run_id"]
+        await wait_status(c, tid, rid, "success")
+        runs = (await c.get(f"/threads/{tid}/runs")).json()
+        assert [r["run_id"] for r in runs] == [rid]
+        assert (await c.get(f"/threads/{tid}")).json()["status"] == "idle"
+
+
+async def test_a_release_whose_reply_is_lost_still_starts_the_run_queued_behind(
+    proxy: LossyRedis, own_redis: EmbeddedRedis
+) -> None:
+    async with relay(proxy, own_redis) as (c, _, _):
+        tid, first, queued = await two_runs(c, "slow")
+        proxy.arm(sha("release_active"))
+        await wait_status(c, tid, first["run_id"], "success")
+        await wait_status(c, tid, queued["run_id"], "success")
+        assert proxy.lost == [sha("release_active")]
+        assert (await c.get(f"/threads/{tid}")).json()["status"] == "idle"
+
+
+async def test_a_cancel_of_a_queued_run_whose_reply_is_lost_promotes_the_next(
+    proxy: LossyRedis, own_redis: EmbeddedRedis
+) -> None:
+    async with relay(proxy, own_redis, with_worker=False) as (c, keys, redis):
+        tid, run, behind = await two_runs(c, "fast")
+        # No worker: the cancel ends the run in place (its end appended by the API).
+        proxy.arm(sha("append"))
+        r = await c.post(f"/threads/{tid}/runs/{run['run_id']}/cancel", params={"wait": 1})
+        assert proxy.lost == [sha("append")]
+        assert r.status_code == 200 and r.json()["status"] == "interrupted", r.text
+        rows = await redis.xrange(keys.run_events(run["run_id"]))
+        assert [f[b"e"] for _, f in rows] == [END_EVENT.encode()]
+        # The run queued behind it is the thread's active run now, and queued for a worker.
+        assert await redis.get(keys.thread_active(tid)) == behind["run_id"].encode()
+        jobs = await redis.xrange(keys.queue())
+        assert sum(behind["run_id"].encode() in f[b"j"] for _, f in jobs) == 1
+
+
+async def test_each_step_answers_again_as_it_did_the_first_time(own_redis: EmbeddedRedis) -> None:
+    """The scripts themselves, called twice with the same arguments (what a resend does), and
+    the calls that must still be told apart from a resend."""
+    keys = Keys(f"t{new_id()[:8]}")
+    redis = connect(own_redis.url)
+    runs = RunStore(redis, keys, ttl_seconds=600)
+    threads = ThreadStore(redis, keys)
+    try:
+        tid = (await threads.create()).thread_id
+        ts = now_ms()
+        run, behind = (RunRecord(new_id(), tid, "agent", RunStatus.PENDING, ts, ts) for _ in "ab")
+        await runs.create(run)
+        await runs.create(behind)
+        claim = [run.run_id, behind.run_id]
+        for _ in range(2):
+            assert await runs.claim_thread(tid, claim[0], enqueue=False, mark_busy=False) == (
+                "started",
+                "",
+            )
+        for _ in range(2):
+            assert await runs.claim_thread(tid, claim[1], enqueue=True, mark_busy=False) == (
+                "queued",
+                "",
+            )
+        assert await redis.lrange(keys.thread_pending(tid), 0, -1) == [behind.run_id.encode()]
+
+        start = runs.start_attempt
+        assert await start(run.run_id, "w1", 3, b"1-1") == ("run", 1, 0)
+        assert await start(run.run_id, "w1", 3, b"1-1") == ("run", 1, 0)  # sent again
+        assert await start(run.run_id, "w1", 3, b"1-2") == ("done", 0, 0)  # queued twice
+        assert await start(run.run_id, "w2", 3, b"1-1") == ("run", 2, 0)  # a takeover
+
+        async def release(token: str) -> str | None:
+            trip = RoundTrip(redis)
+            at = runs.release_active_in(trip, tid, run.run_id, token)
+            return RunStore.promoted_of((await trip.execute())[at])
+
+        assert await release("a") == behind.run_id
+        assert await release("a") == behind.run_id  # sent again
+        assert await release("b") is None  # another release of the same run: nothing to do
+        assert await redis.get(keys.thread_active(tid)) == behind.run_id.encode()
+    finally:
+        await redis.aclose()
