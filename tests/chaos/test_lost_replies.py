@@ -7,6 +7,7 @@ its connection before the reply comes back."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from importlib.resources import files
@@ -30,7 +31,8 @@ from tokenrelay.broker import scripts
 from tokenrelay.broker.connection import RedisClient, connect
 from tokenrelay.broker.embedded import EmbeddedRedis
 from tokenrelay.broker.keys import Keys
-from tokenrelay.broker.models import END_EVENT, RunStatus
+from tokenrelay.broker.models import END_EVENT, Job, RunStatus
+from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.runs import RunRecord, RunStore, new_id, now_ms
 from tokenrelay.broker.scripts import RoundTrip
 from tokenrelay.broker.threads import ThreadStore
@@ -202,5 +204,46 @@ async def test_each_step_answers_again_as_it_did_the_first_time(own_redis: Embed
         assert await release("a") == behind.run_id  # sent again
         assert await release("b") is None  # another release of the same run: nothing to do
         assert await redis.get(keys.thread_active(tid)) == behind.run_id.encode()
+    finally:
+        await redis.aclose()
+
+
+async def test_takeovers_wait_a_lease_after_nobody_could_reach_redis(
+    own_redis: EmbeddedRedis,
+) -> None:
+    """The lease clock itself: a job whose owner stopped renewing is taken after its lease
+    while workers read the clock; after a gap in the readings, only a lease later."""
+    keys = Keys(f"t{new_id()[:8]}")
+    redis = connect(own_redis.url)
+    queue = RunQueue(redis, keys)
+    lease, stall = 600, 300
+
+    async def reclaim(count: int = 10) -> list[str]:
+        taken = await queue.reclaim("b", lease, count, stall)
+        for msg_id, _ in taken:
+            await queue.ack(msg_id, "b")  # done with it
+        return [job.run_id for _, job in taken]
+
+    try:
+        await queue.ensure_group()
+        for run_id in ("r1", "r2"):
+            await queue.enqueue(Job(run_id, "t", "agent"))
+        assert [job.run_id for _, job in await queue.claim("a", 1, 0)] == ["r1"]
+        # Readings every 100 ms: r1 is taken once its lease is over, not before.
+        taken: list[str] = []
+        for _ in range(9):
+            taken += await reclaim()
+            await asyncio.sleep(0.1)
+        assert taken == ["r1"]
+        assert [job.run_id for _, job in await queue.claim("a", 1, 0)] == ["r2"]
+        await asyncio.sleep(0.8)  # no reading for longer than `stall`, r2's lease over
+        assert await reclaim() == []
+        await asyncio.sleep(0.2)
+        assert await reclaim(0) == []  # with no room: a reading, nothing taken
+        assert await reclaim() == []  # still held
+        await asyncio.sleep(0.2)
+        assert await reclaim() == []
+        await asyncio.sleep(0.25)  # the hold (a lease from the gap) is over
+        assert await reclaim() == ["r2"]
     finally:
         await redis.aclose()

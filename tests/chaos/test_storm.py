@@ -330,3 +330,38 @@ async def test_redis_paused_past_the_socket_timeout_runs_go_on(own_redis: Embedd
         with contextlib.suppress(ProcessLookupError):
             os.kill(own_redis.pid, signal.SIGCONT)
         server.stop()
+
+
+async def test_redis_paused_past_the_lease_takes_no_run_from_a_live_worker(
+    own_redis: EmbeddedRedis, postgres_url: str, tmp_path: Path
+) -> None:
+    # Jobs' idle times run on Redis's clock, which goes on while Redis is stopped: once it
+    # answers, every run looks abandoned. The pause is shorter than the socket timeout, so no
+    # command fails; the workers' renewals and claims all wait in line, and none may take a
+    # run from the other (the lease clock holds takeovers for a lease after the stall).
+    s = make_settings(own_redis, checkpointer=postgres_url, lease_seconds=1.5)
+    server = Tokenrelay(s, with_worker=False).start()
+    workers = [WorkerProcess(s, tmp_path / f"worker{i}.log").start() for i in range(2)]
+    assert own_redis.pid is not None
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            tids = [await new_thread(c) for _ in range(6)]
+            tasks = readers([server.url], tids, worker_body("twostep"), drop_after=10_000)
+            await streaming(s, tids)
+            for _ in range(2):  # whether a worker's claim comes first after a pause is luck
+                os.kill(own_redis.pid, signal.SIGSTOP)
+                await asyncio.sleep(3)  # two leases
+                os.kill(own_redis.pid, signal.SIGCONT)
+                await asyncio.sleep(1)
+            for tid, rid, got, _ in await asyncio.gather(*tasks):
+                assert [e.json()["attempt"] for e in got if e.event == "metadata"] == [1]
+                assert words(got).count(" ") + 1 == LONG_WORDS
+                await wait_status(c, tid, rid, "success")
+        logs = "".join((tmp_path / f"worker{i}.log").read_text() for i in range(2))
+        assert "taking over run" not in logs
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(own_redis.pid, signal.SIGCONT)
+        for w in workers:
+            w.stop()
+        server.stop()

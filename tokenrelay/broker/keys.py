@@ -85,6 +85,11 @@ class Keys:
     def queue(self) -> str:
         return f"{self.prefix}:queue"
 
+    def lease_clock(self) -> str:
+        """When a worker last read Redis's clock, and until when takeovers wait (see
+        `RunQueue.reclaim`): in the queue's hash slot, which its tag names."""
+        return f"{{{self.prefix}:queue}}:clock"
+
     def queue_delayed(self) -> str:
         """Jobs of runs that start later (`after_seconds`), scored by when (ms)."""
         return f"{self.prefix}:queue:delayed"

@@ -34,6 +34,8 @@ class RunQueue:
         self._delayed = keys.queue_delayed()
         self._renew = scripts.script("renew_jobs")
         self._ack = scripts.script("ack_job")
+        self._reclaim = scripts.script("reclaim_jobs")
+        self._clock = keys.lease_clock()
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) once; later calls are no-ops."""
@@ -101,16 +103,26 @@ class RunQueue:
         lost = await self._renew(self._redis, [self._key], [GROUP, consumer, *msg_ids])
         return [bytes(m) for m in lost]
 
-    async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[bytes, Job]]:
-        """Take over up to `count` jobs whose owner has not renewed them for `min_idle_ms`."""
-        reply: list[Any] = await self._redis.xautoclaim(
-            self._key, GROUP, consumer, min_idle_ms, start_id="0-0", count=count
+    async def reclaim(
+        self, consumer: str, lease_ms: int, count: int, stall_ms: int
+    ) -> list[tuple[bytes, Job]]:
+        """Take over up to `count` jobs whose owner has not renewed them for `lease_ms`, unless
+        the lease clock shows that nobody could renew lately: no worker read it for `stall_ms`
+        (Redis paused or cut off), so owners get a lease to renew first. Every worker calls
+        this at each heartbeat, with `count` 0 when it has no room (it only reads the clock)."""
+        reply = cast(
+            list[Any],
+            await self._reclaim(
+                self._redis, [self._key, self._clock], [GROUP, consumer, lease_ms, count, stall_ms]
+            ),
         )
         jobs: list[tuple[bytes, Job]] = []
-        for msg_id, fields in reply[1]:
-            if fields and b"j" in fields:
+        for row in reply:
+            msg_id, flat = (row[0], row[1]) if row else (b"", None)
+            fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+            if b"j" in fields:
                 jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
-            else:  # its payload is gone: nothing to run
+            elif msg_id:  # its payload is gone: nothing to run
                 await self.ack(msg_id, consumer)
         return jobs
 

@@ -321,24 +321,28 @@ class Worker:
         for msg_id in await self.queue.renew(self.id, list(owned)):
             running = owned[msg_id]
             self._fence(running.job.run_id, "its job was taken over by another worker or deleted")
-        free = self.concurrency - len(self._running)
-        if free > 0:
-            try:
-                reclaimed = await self.queue.reclaim(self.id, int(lease * 1000), free)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self.queue.ensure_group()
-                return
-            for msg_id, job in reclaimed:
-                if job.run_id in self._running:
-                    continue
-                telemetry.RUNS_RECLAIMED.inc()
-                log.info(
-                    "taking over run from a worker whose lease lapsed",
-                    extra={**self._ctx, "run_id": job.run_id, "thread_id": job.thread_id},
-                )
-                self._start(msg_id, job)
+        # The lease clock is read at every heartbeat, with no room too (count 0): a gap in its
+        # readings means no worker could reach Redis. Heartbeats come every third of a lease,
+        # so half a lease without a reading is a stall.
+        free = max(0, self.concurrency - len(self._running))
+        try:
+            reclaimed = await self.queue.reclaim(
+                self.id, int(lease * 1000), free, stall_ms=int(lease * 500)
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.queue.ensure_group()
+            return
+        for msg_id, job in reclaimed:
+            if job.run_id in self._running:
+                continue
+            telemetry.RUNS_RECLAIMED.inc()
+            log.info(
+                "taking over run from a worker whose lease lapsed",
+                extra={**self._ctx, "run_id": job.run_id, "thread_id": job.thread_id},
+            )
+            self._start(msg_id, job)
 
     async def _control_loop(self) -> None:
         """Cancel requests sent to this worker (``tr:ctl:<worker>``), acted on at once."""
