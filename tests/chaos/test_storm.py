@@ -6,7 +6,6 @@ full replay of the run."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import signal
@@ -299,6 +298,17 @@ async def test_redis_restarted_with_aof_runs_go_on(aof_redis: EmbeddedRedis) -> 
         server.stop()
 
 
+async def paused(redis: EmbeddedRedis, seconds: float) -> None:
+    """Stop `redis` (SIGSTOP) for `seconds`: it keeps its connections open and answers nothing.
+    It goes on however the wait ends."""
+    assert redis.pid is not None
+    os.kill(redis.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+
+
 async def test_redis_paused_past_the_socket_timeout_runs_go_on(own_redis: EmbeddedRedis) -> None:
     # SIGSTOP: Redis keeps its connections open and answers nothing. The pause outlasts the
     # socket timeout (5 s) and redis-py's own retries of a command, so the relay's retries
@@ -307,15 +317,12 @@ async def test_redis_paused_past_the_socket_timeout_runs_go_on(own_redis: Embedd
     # after their senders gave up on them and sent them again. The worker's lease lapses too.
     s = make_settings(own_redis)
     server = Tokenrelay(s).start()
-    assert own_redis.pid is not None
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             tids = [await new_thread(c) for _ in range(3)]
             tasks = readers([server.url], tids, run_body("twostep"), drop_after=20)
             await streaming(s, tids)
-            os.kill(own_redis.pid, signal.SIGSTOP)
-            await asyncio.sleep(20)
-            os.kill(own_redis.pid, signal.SIGCONT)
+            await paused(own_redis, 20)
             results = await asyncio.gather(*tasks)
             for tid, rid, got, _ in results:
                 reference = await join(c, tid, rid, "-1")
@@ -327,8 +334,6 @@ async def test_redis_paused_past_the_socket_timeout_runs_go_on(own_redis: Embedd
                 assert reply.count(" ") + 1 == LONG_WORDS, reply
                 await wait_status(c, tid, rid, "success")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(own_redis.pid, signal.SIGCONT)
         server.stop()
 
 
@@ -342,16 +347,13 @@ async def test_redis_paused_past_the_lease_takes_no_run_from_a_live_worker(
     s = make_settings(own_redis, checkpointer=postgres_url, lease_seconds=1.5)
     server = Tokenrelay(s, with_worker=False).start()
     workers = [WorkerProcess(s, tmp_path / f"worker{i}.log").start() for i in range(2)]
-    assert own_redis.pid is not None
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             tids = [await new_thread(c) for _ in range(6)]
             tasks = readers([server.url], tids, worker_body("twostep"), drop_after=10_000)
             await streaming(s, tids)
             for _ in range(2):  # whether a worker's claim comes first after a pause is luck
-                os.kill(own_redis.pid, signal.SIGSTOP)
-                await asyncio.sleep(3)  # two leases
-                os.kill(own_redis.pid, signal.SIGCONT)
+                await paused(own_redis, 3)  # two leases
                 await asyncio.sleep(1)
             for tid, rid, got, _ in await asyncio.gather(*tasks):
                 assert [e.json()["attempt"] for e in got if e.event == "metadata"] == [1]
@@ -360,8 +362,6 @@ async def test_redis_paused_past_the_lease_takes_no_run_from_a_live_worker(
         logs = "".join((tmp_path / f"worker{i}.log").read_text() for i in range(2))
         assert "taking over run" not in logs
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(own_redis.pid, signal.SIGCONT)
         for w in workers:
             w.stop()
         server.stop()
