@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.graphs import LONG_WORDS
 from tests.integration.test_stream import new_thread
 from tests.integration.test_worker import TWOSTEP_REPLY, body, ran_twice, thread_state, words
 from tests.server import WorkerProcess
@@ -85,3 +86,88 @@ async def test_a_worker_paused_past_its_lease_writes_nothing_more(
     # The thread is free: the next run starts at once.
     follow = await client.post(f"/threads/{tid}/runs", json=body("fast"))
     assert follow.status_code == 200
+
+
+def streamed_reply(evts: list[SSE], mode: str) -> str:
+    """The text of the `llm` node's message as `evts` streamed it, in stream mode `mode`."""
+    if mode == "messages-tuple":
+        return words(evts)
+    partials = [e.json()[0] for e in evts if e.event == "messages/partial"]
+    return str(partials[-1]["content"])
+
+
+@pytest.mark.parametrize("mode", ["messages-tuple", "messages"])
+async def test_a_cancel_the_next_worker_carries_out_keeps_what_the_paused_one_streamed(
+    client: httpx.AsyncClient, workers: Any, settings: Settings, mode: str
+) -> None:
+    # The run's worker is paused mid-reply; the user's cancel reaches a run nobody acts on,
+    # and the worker that takes it over finds the cancel before its attempt starts. The
+    # partial reply lived in the paused worker's memory and in the run's stream: the stream's
+    # copy is what is kept.
+    first = workers()
+    tid = await new_thread(client)
+    run = {**body("twostep"), "stream_mode": [mode, "values"]}
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run) as r:
+        head = await until_messages(r, 8)
+        run_id = str(head[0].json()["run_id"])
+        await asyncio.sleep(0.3)  # a few more tokens flushed
+        first.signal(signal.SIGSTOP)
+        try:
+            cancel = asyncio.create_task(
+                client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
+            )
+            await asyncio.sleep(0.2)
+            second = workers()
+            answer = await cancel
+            await log_line(second, "run cancelled (interrupt)")
+        finally:
+            first.signal(signal.SIGCONT)
+        evts = head + await events(r)
+    assert answer.status_code == 200, answer.text
+
+    streamed = streamed_reply(evts, mode)
+    assert 0 < len(streamed.split()) < LONG_WORDS
+    assert TWOSTEP_REPLY.startswith(streamed)
+    state = await thread_state(settings, tid)
+    assert [m.type for m in state.values["messages"]] == ["human", "ai", "ai"]
+    kept = state.values["messages"][-1]
+    assert kept.content == streamed
+    assert kept.response_metadata["finish_reason"] == "cancelled"
+    # Its clients saw the saved state last, and the run ended interrupted with its fork point.
+    assert evts[-1].event == "values"
+    assert evts[-1].json()["messages"][-1]["content"] == streamed
+    got = (await client.get(f"/threads/{tid}/runs/{run_id}")).json()
+    assert got["status"] == "interrupted"
+    assert got["attempt"] == 2
+    await log_line(first, "nothing more")  # superseded, found at its cancel or its next write
+    assert (await thread_state(settings, tid)).values["messages"][-1].content == streamed
+
+
+async def test_a_rollback_the_next_worker_carries_out_undoes_what_the_paused_one_wrote(
+    client: httpx.AsyncClient, workers: Any, settings: Settings
+) -> None:
+    first = workers()
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body("fast")) as r:
+        await events(r)
+    before = (await client.get(f"/threads/{tid}/state")).json()["values"]
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body("twostep")) as r:
+        head = await until_messages(r, 5)  # past `plan`, which checkpointed
+        run_id = str(head[0].json()["run_id"])
+        first.signal(signal.SIGSTOP)
+        try:
+            cancel = asyncio.create_task(client.post(
+                f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1, "action": "rollback"}
+            ))  # fmt: skip
+            await asyncio.sleep(0.2)
+            second = workers()
+            answer = await cancel
+            await log_line(second, "run cancelled (rollback)")
+        finally:
+            first.signal(signal.SIGCONT)
+        await events(r)
+    assert answer.status_code == 204, answer.text
+    assert len(before["messages"]) == 2
+    assert (await client.get(f"/threads/{tid}/state")).json()["values"] == before
+    assert (await client.get(f"/threads/{tid}/runs/{run_id}")).status_code == 404
+    await log_line(first, "nothing more")

@@ -87,6 +87,8 @@ class StreamId(NamedTuple):
 
 _new_tuple = tuple.__new__
 ZERO_ID = StreamId(0, 0)
+LAST_ID = StreamId(2**64 - 1, 2**64 - 1)
+"""Past every entry of any stream."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import copy
 import logging
 import uuid
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, ClassVar
 
 from langchain_core._api.beta_decorator import LangChainBetaWarning
@@ -30,6 +30,7 @@ from tokenrelay.broker.models import (
     LIFECYCLE_EVENT,
     MESSAGES_EVENT,
     TOOLS_EVENT,
+    Entry,
     Event,
 )
 from tokenrelay.broker.protocol import CHECKPOINT_EVENT, checkpoint_summary
@@ -116,6 +117,15 @@ def _whole_message_events(message: BaseMessage) -> list[dict[str, Any]]:
         finish["usage"] = dict(message.usage_metadata)
     out.append(finish)
     return out
+
+
+def _message_of(data: dict[str, Any]) -> BaseMessage:
+    """A message as a `messages` event carries it (its `model_dump`)."""
+    if data.get("type") == "AIMessageChunk":
+        return AIMessageChunk.model_validate(data)
+    if data.get("type") == "ai":
+        return AIMessage.model_validate(data)
+    return BaseMessage.model_construct(**data)  # not the AI's: tracked as a whole message
 
 
 def run_config(run: RunRecord, graph_id: str) -> dict[str, Any]:
@@ -289,15 +299,55 @@ class GraphRun:
         step = int(meta.get("langgraph_step") or 0)
         self._partials[message.id] = ([message], str(node), step)
 
-    def partial_message(self) -> tuple[AIMessage, str] | None:
+    def replay(self, entries: Iterable[Entry]) -> None:
+        """Track the messages an earlier attempt streamed, from the run's stored events, as if
+        this run had streamed them: a cancel carried out between attempts (its worker gone)
+        keeps what that attempt's clients saw. Only the last attempt that streamed a message
+        counts: a later attempt starts over from the thread's last checkpoint."""
+        attempt = streaming = 0
+        metadata: dict[str, Any] = {}  # legacy `messages` mode: message id -> its metadata
+        for index, entry in enumerate(entries):
+            mode, _, rest = entry.name.partition("|")
+            ns = tuple(rest.split("|")) if rest else ()
+            if mode == "metadata":
+                attempt = int(codec.json_loads(entry.data).get("attempt") or attempt)
+                continue
+            if mode != MESSAGES_EVENT and not mode.startswith("messages"):
+                continue
+            if streaming != attempt:  # this attempt's first message: the last one's are moot
+                self._partials.clear()
+                self._texts.clear()
+                streaming = attempt
+            data = codec.json_loads(entry.data)
+            if self.protocol:
+                if mode == MESSAGES_EVENT and isinstance(data, dict):
+                    node = entry.node.decode() if entry.node else ""
+                    # Later events win where steps tie: the order is the stream's.
+                    self._track_protocol(data, {"langgraph_node": node, "langgraph_step": index},
+                                         ns)  # fmt: skip
+            elif mode == "messages":  # messages-tuple: [chunk, metadata]
+                self._track(_message_of(data[0]), data[1], ns)
+            elif mode == "messages/metadata":
+                metadata.update({k: (v or {}).get("metadata") or {} for k, v in data.items()})
+            elif mode == "messages/partial":  # the message so far, whole
+                message = _message_of(data[0])
+                self._partials.pop(message.id or "", None)
+                self._track(message, metadata.get(message.id or "", {}), ns)
+            elif mode == "messages/complete":
+                for message in data:
+                    self._partials.pop(str(message.get("id") or ""), None)
+
+    def partial_message(self, saved: frozenset[str] = frozenset()) -> tuple[AIMessage, str] | None:
         """The AI message that was streaming when the run stopped, marked as cancelled, and the
-        node that streamed it."""
+        node that streamed it. Messages whose ids are in `saved` (the thread has them: their
+        node completed) are not partial."""
         for msg_id, (texts, node_of, step) in self._texts.items():
             chunk = AIMessageChunk(content="".join(texts), id=msg_id)
             self._partials.setdefault(msg_id, ([chunk], node_of, step))
-        if not self._partials:
+        partials = [p for msg_id, p in self._partials.items() if msg_id not in saved]
+        if not partials:
             return None
-        chunks, node, _ = max(self._partials.values(), key=lambda p: p[2])
+        chunks, node, _ = max(partials, key=lambda p: p[2])
         first, *rest = chunks
         merged = add_ai_message_chunks(first, *rest) if rest else first
         message = message_chunk_to_message(merged)
@@ -327,7 +377,12 @@ class GraphRun:
         """Write the partial message into the thread as its node's output; returns the new
         checkpoint id and the saved state's values."""
         config: RunnableConfig = {"configurable": {"thread_id": self.run.thread_id}}
-        found = self.partial_message()
+        before = await self.graph.aget_state(config)
+        values = before.values if isinstance(before.values, dict) else {}
+        saved = frozenset(
+            str(m.id) for m in values.get("messages") or () if isinstance(m, BaseMessage) and m.id
+        )
+        found = self.partial_message(saved)
         if found is not None:
             message, node = found
             await self.graph.aupdate_state(config, {"messages": [message]}, as_node=node or None)

@@ -37,7 +37,15 @@ from tokenrelay.broker.errors import AppendFailed, AssistantNotFound, Superseded
 from tokenrelay.broker.graphs import GraphRegistry
 from tokenrelay.broker.keys import Keys
 from tokenrelay.broker.log import FENCED, EventLog
-from tokenrelay.broker.models import END_EVENT, LIFECYCLE_EVENT, Event, Job, RunStatus
+from tokenrelay.broker.models import (
+    END_EVENT,
+    LAST_ID,
+    LIFECYCLE_EVENT,
+    Entry,
+    Event,
+    Job,
+    RunStatus,
+)
 from tokenrelay.broker.pubsub import subscriber
 from tokenrelay.broker.queue import RunQueue
 from tokenrelay.broker.retry import Backoff, is_transient
@@ -433,9 +441,10 @@ class Worker:
         meta = await self._redis_step(lambda: self._number(job, after), ctx)
         try:
             if verdict.startswith("cancel:"):
-                # Cancelled while it waited in the queue: nothing ran, so nothing to keep.
+                # Cancelled while it waited in the queue: this attempt ran nothing; an earlier
+                # one may have (its worker stopped), and what it streamed is kept.
                 action = CancelAction(verdict.split(":", 1)[1])
-                await self._cancelled(msg_id, job, attempt, action, None, ctx)
+                await self._cancelled(msg_id, job, attempt, action, None, ctx, meta=meta)
                 return
             if verdict == "exhausted":
                 log.error("run gave up after %d attempts", attempt - 1, extra=ctx)
@@ -527,7 +536,7 @@ class Worker:
             if running.stop_reason.startswith("cancel:"):
                 running.stopping = True
                 action = CancelAction(running.stop_reason.split(":", 1)[1])
-                await self._cancelled(msg_id, job, attempt, action, None, ctx)
+                await self._cancelled(msg_id, job, attempt, action, None, ctx, meta=meta)
                 return
             if running.stop_reason == "handback":  # the worker drained while it was set up
                 await self._stopped(msg_id, job, attempt, ctx)
@@ -580,8 +589,15 @@ class Worker:
         action: CancelAction,
         graph_run: GraphRun | None,
         ctx: dict[str, object],
+        *,
+        meta: dict[bytes, bytes] | None = None,
     ) -> None:
-        """End a cancelled run: keep its partial output (interrupt) or undo it (rollback)."""
+        """End a cancelled run: keep its partial output (interrupt) or undo it (rollback).
+
+        `graph_run` is None when this attempt's graph did not start; `meta` is then the run's
+        hash, and an attempt past the first ends what the earlier ones did: it keeps the
+        partial message the last of them streamed (from the run's stored events) or undoes
+        the checkpoints they wrote."""
         rid = job.run_id
         final: list[Event] = []
         error = ""
@@ -590,6 +606,10 @@ class Worker:
         if not await self._still_owns(rid, attempt):
             raise Superseded(rid, attempt)
         try:
+            if graph_run is None and meta is not None and attempt > 1:
+                graph_run = GraphRun(self.registry, RunStore.record(rid, meta))
+                if action is CancelAction.INTERRUPT:
+                    graph_run.replay(await self._stored(rid))
             if graph_run is not None and action is CancelAction.INTERRUPT:
                 # The fork checkpoint id is recorded with the run's end, in its one fenced
                 # append: a client that sees the end reads the run with it.
@@ -611,6 +631,14 @@ class Worker:
         if action is CancelAction.ROLLBACK:
             await self.runs.delete(await self.runs.get(rid))
         log.info("run cancelled (%s)", action.value, extra=ctx)
+
+    async def _stored(self, run_id: str) -> list[Entry]:
+        """Every event of the run stored so far (what a trim left of them)."""
+        out: list[Entry] = []
+        async for page in self.log.history(run_id, LAST_ID):
+            if isinstance(page, list):
+                out.extend(page)
+        return out
 
     async def _still_owns(self, run_id: str, attempt: int) -> bool:
         """Whether `attempt` still owns the run (and its `updated_at` set): the answer of the
