@@ -241,6 +241,25 @@ tooluse = (
     .compile()
 )
 
+
+async def _after_the_reply(state: MessagesState) -> dict[str, list[BaseMessage]]:
+    await asyncio.sleep(3)
+    return {"messages": []}
+
+
+# A streamed reply whose node completes, then a slow node that streams nothing: a cancel there
+# finds no message partial.
+afterword = (
+    StateGraph(MessagesState)
+    .add_node("llm", fast.nodes["llm"].bound)
+    .add_node("after", _after_the_reply)
+    .add_edge(START, "llm")
+    .add_edge("llm", "after")
+    .add_edge("after", END)
+    .compile()
+)
+
+
 GRAPHS = {
     "ask": "tests.graphs:ask",
     "interrupt": "tests.graphs:approve",
@@ -255,6 +274,7 @@ GRAPHS = {
     "quiet": "tests.graphs:quiet",
     "agent": "tokenrelay.producer.demo:graph",
     "fast": "tests.graphs:fast",
+    "afterword": "tests.graphs:afterword",
     "slow": "tests.graphs:slow",
     "failing": "tests.graphs:failing",
     "stubborn": "tests.graphs:stubborn",

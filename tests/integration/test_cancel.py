@@ -414,3 +414,26 @@ async def test_a_cancelled_runs_ownership_is_checked_while_langgraph_unwinds(
         assert calls == [(rid, False)]
     else:
         assert calls == [(rid, False), (rid, True)]
+
+
+async def test_a_cancel_after_the_reply_completed_leaves_the_reply_as_it_is(
+    client: httpx.AsyncClient,
+) -> None:
+    # The reply streamed and its node completed; the run is cancelled in the next node, which
+    # streams nothing. Nothing was cut short: the thread keeps the reply as its node wrote it.
+    tid = await new_thread(client)
+    async with client.stream(
+        "POST", f"/threads/{tid}/runs/stream", json=run_body("afterword")
+    ) as r:
+        head: list[SSE] = []
+        while not any(e.event == "updates" and "llm" in e.json() for e in head):
+            head += await events(r, limit=1)
+        run_id = head[0].json()["run_id"]
+        cancelled = await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
+        evts = head + await events(r)
+    assert cancelled.json()["status"] == "interrupted"
+    reply = chunks_text(evts)
+    messages = (await client.get(f"/threads/{tid}/state")).json()["values"]["messages"]
+    assert [m["type"] for m in messages] == ["human", "ai"]
+    assert messages[-1]["content"] == reply
+    assert "cancelled" not in messages[-1]["response_metadata"]
