@@ -79,6 +79,20 @@ long_model = FakeStreamingChatModel(reply_words=LONG_WORDS, token_delay_ms=50)
 # plan (checkpointed), then a 5 s streamed reply: long enough to kill or drain a worker mid-node
 twostep = _two_step(long_model)
 
+
+class _Pondering(FakeStreamingChatModel):
+    """`long_model`, thinking 1.5 s before its first token, every time it is called."""
+
+    async def _astream(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.5)
+        async for chunk in super()._astream(*args, **kwargs):
+            yield chunk
+
+
+# `twostep` whose reply starts 1.5 s into its node: an attempt that takes the run over is
+# set to stream, and has streamed nothing yet.
+ponder = _two_step(_Pondering(reply_words=LONG_WORDS, token_delay_ms=50))
+
 chatty_model = FakeStreamingChatModel(reply_words=300, token_delay_ms=2)
 chatty = _chat(chatty_model)
 
@@ -271,6 +285,7 @@ GRAPHS = {
     "chatty": "tests.graphs:chatty",
     "flood": "tests.graphs:flood",
     "twostep": "tests.graphs:twostep",
+    "ponder": "tests.graphs:ponder",
     "quiet": "tests.graphs:quiet",
     "agent": "tokenrelay.producer.demo:graph",
     "fast": "tests.graphs:fast",

@@ -171,3 +171,33 @@ async def test_a_rollback_the_next_worker_carries_out_undoes_what_the_paused_one
     assert (await client.get(f"/threads/{tid}/state")).json()["values"] == before
     assert (await client.get(f"/threads/{tid}/runs/{run_id}")).status_code == 404
     await log_line(first, "nothing more")
+
+
+async def test_a_cancel_before_the_next_attempt_streams_keeps_what_the_last_one_streamed(
+    client: httpx.AsyncClient, workers: Any, settings: Settings
+) -> None:
+    # The attempt that took the run over is in its graph, thinking before its first token,
+    # when the cancel reaches it: what its clients saw last is attempt 1's partial reply.
+    first = workers()
+    tid = await new_thread(client)
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body("ponder")) as r:
+        head = await until_messages(r, 8)
+        run_id = str(head[0].json()["run_id"])
+        first.signal(signal.SIGSTOP)
+        try:
+            second = workers()
+            await log_line(second, "attempt=2")
+            answer = await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
+        finally:
+            first.signal(signal.SIGCONT)
+        evts = head + await events(r)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["attempt"] == 2
+    assert words(evts, attempt=2) == ""
+    streamed = words(evts, attempt=1)
+    assert 0 < len(streamed.split()) < LONG_WORDS
+    kept = (await thread_state(settings, tid)).values["messages"][-1]
+    assert kept.content == streamed
+    assert kept.response_metadata["finish_reason"] == "cancelled"
+    assert evts[-1].event == "values"
+    assert evts[-1].json()["messages"][-1]["content"] == streamed

@@ -270,6 +270,8 @@ class GraphRun:
         # are merged only if the run is cancelled: merging per token would cost the worker more
         # than everything else it does for that token.
         self._partials: dict[str, tuple[list[AIMessageChunk], str, int]] = {}
+        self.streamed = False
+        """Whether this attempt streamed a message (a `messages` chunk or protocol event)."""
 
     async def prepare(self) -> None:
         """On a later attempt, continue from the run's last checkpoint if it wrote one."""
@@ -286,6 +288,7 @@ class GraphRun:
             )
 
     def _track(self, message: BaseMessage, meta: dict[str, Any], ns: tuple[str, ...]) -> None:
+        self.streamed = True
         if not isinstance(message, AIMessageChunk) or not message.id:
             self._partials.pop(message.id or "", None)  # a whole message: nothing is partial
             return
@@ -417,6 +420,7 @@ class GraphRun:
     def _track_protocol(self, event: dict[str, Any], meta: dict[str, Any], ns: tuple[str, ...]
     ) -> None:  # fmt: skip
         """Keep what a cancel needs to save the partial message: the text streamed so far."""
+        self.streamed = True
         kind = event.get("event")
         if kind == "message-start":
             if event.get("role", "ai") != "ai" or not event.get("id"):

@@ -595,9 +595,9 @@ class Worker:
         """End a cancelled run: keep its partial output (interrupt) or undo it (rollback).
 
         `graph_run` is None when this attempt's graph did not start; `meta` is then the run's
-        hash, and an attempt past the first ends what the earlier ones did: it keeps the
-        partial message the last of them streamed (from the run's stored events) or undoes
-        the checkpoints they wrote."""
+        hash. An attempt past the first that streamed no message yet ends what the earlier ones
+        did: it keeps the partial message the last of them streamed (from the run's stored
+        events), or undoes the checkpoints they wrote."""
         rid = job.run_id
         final: list[Event] = []
         error = ""
@@ -608,9 +608,10 @@ class Worker:
         try:
             if graph_run is None and meta is not None and attempt > 1:
                 graph_run = GraphRun(self.registry, RunStore.record(rid, meta))
-                if action is CancelAction.INTERRUPT:
-                    graph_run.replay(await self._stored(rid))
             if graph_run is not None and action is CancelAction.INTERRUPT:
+                if attempt > 1 and not graph_run.streamed:
+                    # What its clients saw last is an earlier attempt's partial message.
+                    graph_run.replay(await self._stored(rid))
                 # The fork checkpoint id is recorded with the run's end, in its one fenced
                 # append: a client that sees the end reads the run with it.
                 checkpoint_id, values = await graph_run.save_partial()
