@@ -270,6 +270,7 @@ class GraphRun:
         # are merged only if the run is cancelled: merging per token would cost the worker more
         # than everything else it does for that token.
         self._partials: dict[str, tuple[list[AIMessageChunk], str, int]] = {}
+        self._replayed = False
         self.streamed = False
         """Whether this attempt streamed a message (a `messages` chunk or protocol event)."""
 
@@ -307,6 +308,7 @@ class GraphRun:
         this run had streamed them: a cancel carried out between attempts (its worker gone)
         keeps what that attempt's clients saw. Only the last attempt that streamed a message
         counts: a later attempt starts over from the thread's last checkpoint."""
+        self._replayed = True
         attempt = streaming = 0
         metadata: dict[str, Any] = {}  # legacy `messages` mode: message id -> its metadata
         for index, entry in enumerate(entries):
@@ -339,6 +341,15 @@ class GraphRun:
             elif mode == "messages/complete":
                 for message in data:
                     self._partials.pop(str(message.get("id") or ""), None)
+
+    def _completed(self, update: dict[str, Any]) -> None:
+        """A node completed with `update` (its output, by node): the messages it returned are
+        whole, none of them partial any more."""
+        for output in update.values():
+            found = output.get("messages") if isinstance(output, dict) else None
+            for message in found if isinstance(found, list) else [found]:
+                if isinstance(message, BaseMessage) and message.id:
+                    self._partials.pop(message.id, None)
 
     def partial_message(self, saved: frozenset[str] = frozenset()) -> tuple[AIMessage, str] | None:
         """The AI message that was streaming when the run stopped, marked as cancelled, and the
@@ -380,11 +391,13 @@ class GraphRun:
         """Write the partial message into the thread as its node's output; returns the new
         checkpoint id and the saved state's values."""
         config: RunnableConfig = {"configurable": {"thread_id": self.run.thread_id}}
-        before = await self.graph.aget_state(config)
-        values = before.values if isinstance(before.values, dict) else {}
-        saved = frozenset(
-            str(m.id) for m in values.get("messages") or () if isinstance(m, BaseMessage) and m.id
-        )
+        saved: frozenset[str] = frozenset()
+        if self._replayed:
+            # Replayed events may not say which nodes completed: the thread does.
+            before = await self.graph.aget_state(config)
+            values = before.values if isinstance(before.values, dict) else {}
+            saved = frozenset(str(m.id) for m in values.get("messages") or ()
+                              if isinstance(m, BaseMessage) and m.id)  # fmt: skip
         found = self.partial_message(saved)
         if found is not None:
             message, node = found
@@ -561,6 +574,8 @@ class GraphRun:
                     for event in self._accumulator.events(suffix, message, meta):
                         yield event
             else:
+                if mode == "updates" and isinstance(data, dict):
+                    self._completed(data)
                 if mode == "updates" and isinstance(data, dict) and "__interrupt__" in data:
                     self.interrupted = True
                     for interrupt in data["__interrupt__"]:
