@@ -8,6 +8,7 @@ starts on first use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -126,23 +127,37 @@ async def client(relay: Tokenrelay) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+ADMIN_POSTGRES = os.environ.get("TOKENRELAY_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
+"""A Postgres database on a server where the tests may create databases of their own."""
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """The URL of a new database on `ADMIN_POSTGRES`'s server, dropped afterwards (with the
+    connections still open to it)."""
+    import psycopg
+
+    name = f"tokenrelay_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(ADMIN_POSTGRES, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{ADMIN_POSTGRES.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with psycopg.connect(ADMIN_POSTGRES, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database on the machine's Postgres (127.0.0.1:5432), dropped afterwards."""
     import psycopg
 
-    admin = os.environ.get("TOKENRELAY_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
-    name = f"tokenrelay_{uuid.uuid4().hex[:10]}"
     try:
-        conn = psycopg.connect(admin, autocommit=True, connect_timeout=5)
+        psycopg.connect(ADMIN_POSTGRES, connect_timeout=5).close()
     except psycopg.OperationalError as exc:
         pytest.fail(
-            f"these tests need a Postgres server at {admin} where they may create databases "
-            f"(start one there, or set TOKENRELAY_TEST_POSTGRES to another's URL): {exc}"
+            f"these tests need a Postgres server at {ADMIN_POSTGRES} where they may create "
+            f"databases (start one there, or set TOKENRELAY_TEST_POSTGRES to another's URL): {exc}"
         )
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = admin.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database() as url:
+        yield url

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -33,13 +32,13 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tests.conftest import fresh_database
 from tests.graphs import GRAPHS
 from tests.integration.test_worker import TWOSTEP_REPLY
 from tests.server import WorkerProcess, stop_leftovers
@@ -327,21 +326,6 @@ async def soak(args: argparse.Namespace, database: str) -> int:
     print(json.dumps({"runs": len(outcomes), "failed": len(bad), "faults": cluster.faults,
                       "attempts": dict(sorted(attempts.items())), "logs": str(logs)}))  # fmt: skip
     return 1 if bad else 0
-
-
-@contextlib.contextmanager
-def fresh_database() -> Iterator[str]:
-    import psycopg
-
-    admin = os.environ.get("TOKENRELAY_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
-    name = f"tokenrelay_soak_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main() -> None:

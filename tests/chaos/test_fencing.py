@@ -96,6 +96,34 @@ def streamed_reply(evts: list[SSE], mode: str) -> str:
     return str(partials[-1]["content"])
 
 
+async def paused_then_cancelled(
+    client: httpx.AsyncClient, workers: Any, first: WorkerProcess, tid: str,
+    run: dict[str, Any], params: dict[str, Any], *, takeover_first: bool = False,
+) -> tuple[str, list[SSE], httpx.Response]:  # fmt: skip
+    """Stream `run` on worker `first`, pause it (SIGSTOP) mid-reply, and cancel the run with
+    `params` while a second worker takes it over: before that worker starts its attempt, or
+    (`takeover_first`) once it has. Returns the run id, what the stream got and the cancel's
+    answer; `first` is resumed."""
+    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run) as r:
+        head = await until_messages(r, 8)  # past `plan`, which checkpointed
+        run_id = str(head[0].json()["run_id"])
+        where = f"/threads/{tid}/runs/{run_id}/cancel"
+        first.signal(signal.SIGSTOP)
+        try:
+            if takeover_first:
+                await log_line(workers(), "attempt=2")
+                answer = await client.post(where, params=params)
+            else:
+                cancel = asyncio.create_task(client.post(where, params=params))
+                await asyncio.sleep(0.2)  # the cancel is asked for while nobody acts on it
+                workers()
+                answer = await cancel
+        finally:
+            first.signal(signal.SIGCONT)
+        evts = head + await events(r)
+    return run_id, evts, answer
+
+
 @pytest.mark.parametrize("mode", ["messages-tuple", "messages"])
 async def test_a_cancel_the_next_worker_carries_out_keeps_what_the_paused_one_streamed(
     client: httpx.AsyncClient, workers: Any, settings: Settings, mode: str
@@ -107,22 +135,9 @@ async def test_a_cancel_the_next_worker_carries_out_keeps_what_the_paused_one_st
     first = workers()
     tid = await new_thread(client)
     run = {**body("twostep"), "stream_mode": [mode, "values"]}
-    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=run) as r:
-        head = await until_messages(r, 8)
-        run_id = str(head[0].json()["run_id"])
-        await asyncio.sleep(0.3)  # a few more tokens flushed
-        first.signal(signal.SIGSTOP)
-        try:
-            cancel = asyncio.create_task(
-                client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
-            )
-            await asyncio.sleep(0.2)
-            second = workers()
-            answer = await cancel
-            await log_line(second, "run cancelled (interrupt)")
-        finally:
-            first.signal(signal.SIGCONT)
-        evts = head + await events(r)
+    run_id, evts, answer = await paused_then_cancelled(
+        client, workers, first, tid, run, {"wait": 1}
+    )
     assert answer.status_code == 200, answer.text
 
     streamed = streamed_reply(evts, mode)
@@ -144,28 +159,16 @@ async def test_a_cancel_the_next_worker_carries_out_keeps_what_the_paused_one_st
 
 
 async def test_a_rollback_the_next_worker_carries_out_undoes_what_the_paused_one_wrote(
-    client: httpx.AsyncClient, workers: Any, settings: Settings
+    client: httpx.AsyncClient, workers: Any
 ) -> None:
     first = workers()
     tid = await new_thread(client)
     async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body("fast")) as r:
         await events(r)
     before = (await client.get(f"/threads/{tid}/state")).json()["values"]
-    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body("twostep")) as r:
-        head = await until_messages(r, 5)  # past `plan`, which checkpointed
-        run_id = str(head[0].json()["run_id"])
-        first.signal(signal.SIGSTOP)
-        try:
-            cancel = asyncio.create_task(client.post(
-                f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1, "action": "rollback"}
-            ))  # fmt: skip
-            await asyncio.sleep(0.2)
-            second = workers()
-            answer = await cancel
-            await log_line(second, "run cancelled (rollback)")
-        finally:
-            first.signal(signal.SIGCONT)
-        await events(r)
+    run_id, _, answer = await paused_then_cancelled(
+        client, workers, first, tid, body("twostep"), {"wait": 1, "action": "rollback"}
+    )
     assert answer.status_code == 204, answer.text
     assert len(before["messages"]) == 2
     assert (await client.get(f"/threads/{tid}/state")).json()["values"] == before
@@ -180,17 +183,9 @@ async def test_a_cancel_before_the_next_attempt_streams_keeps_what_the_last_one_
     # when the cancel reaches it: what its clients saw last is attempt 1's partial reply.
     first = workers()
     tid = await new_thread(client)
-    async with client.stream("POST", f"/threads/{tid}/runs/stream", json=body("ponder")) as r:
-        head = await until_messages(r, 8)
-        run_id = str(head[0].json()["run_id"])
-        first.signal(signal.SIGSTOP)
-        try:
-            second = workers()
-            await log_line(second, "attempt=2")
-            answer = await client.post(f"/threads/{tid}/runs/{run_id}/cancel", params={"wait": 1})
-        finally:
-            first.signal(signal.SIGCONT)
-        evts = head + await events(r)
+    _, evts, answer = await paused_then_cancelled(
+        client, workers, first, tid, body("ponder"), {"wait": 1}, takeover_first=True
+    )
     assert answer.status_code == 200, answer.text
     assert answer.json()["attempt"] == 2
     assert words(evts, attempt=2) == ""

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
+from tests.conftest import fresh_database
 from tokenrelay.broker.graphs import open_checkpointer
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -19,13 +17,8 @@ pytestmark = [pytest.mark.timeout(120)]
 
 @pytest.fixture
 def fresh_postgres() -> Iterator[str]:
-    admin = os.environ.get("TOKENRELAY_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
-    name = f"tokenrelay_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{admin.rsplit('/', 1)[0]}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.mark.parametrize("replicas", [4, 8])
