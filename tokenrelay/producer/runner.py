@@ -289,14 +289,15 @@ class GraphRun:
             )
 
     def _track(self, message: BaseMessage, meta: dict[str, Any], ns: tuple[str, ...]) -> None:
-        self.streamed = True
         if not isinstance(message, AIMessageChunk) or not message.id:
+            self.streamed = True
             self._partials.pop(message.id or "", None)  # a whole message: nothing is partial
             return
         known = self._partials.get(message.id)
-        if known is not None:
+        if known is not None:  # per token: no more than this
             known[0].append(message)
             return
+        self.streamed = True  # a message's first chunk
         # Inside a subgraph the thread's node is the first namespace segment ("node:task").
         path = ns or tuple(str(meta.get("langgraph_checkpoint_ns", "")).split("|"))[:-1]
         node = path[0].split(":")[0] if path else meta.get("langgraph_node", "")
@@ -433,9 +434,9 @@ class GraphRun:
     def _track_protocol(self, event: dict[str, Any], meta: dict[str, Any], ns: tuple[str, ...]
     ) -> None:  # fmt: skip
         """Keep what a cancel needs to save the partial message: the text streamed so far."""
-        self.streamed = True
         kind = event.get("event")
         if kind == "message-start":
+            self.streamed = True
             if event.get("role", "ai") != "ai" or not event.get("id"):
                 return
             self._current = str(event["id"])
@@ -576,9 +577,9 @@ class GraphRun:
             else:
                 if mode == "updates" and isinstance(data, dict):
                     self._completed(data)
-                if mode == "updates" and isinstance(data, dict) and "__interrupt__" in data:
-                    self.interrupted = True
-                    for interrupt in data["__interrupt__"]:
+                    if "__interrupt__" in data:  # empty at a static breakpoint
+                        self.interrupted = True
+                    for interrupt in data.get("__interrupt__") or ():
                         payload = {"interrupt_id": interrupt.id, "payload": interrupt.value}
                         yield Event(INPUT_EVENT + suffix, codec.json_bytes(payload))
                 if mode != "updates" or "updates" in self.modes:
