@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import make_settings
 from tests.integration.test_stream import (
     expected_text,
+    join,
     message_text,
     new_thread,
     run_body,
@@ -27,7 +28,7 @@ from tests.integration.test_stream import (
 )
 from tests.lossy import LossyRedis, lossy
 from tests.server import Tokenrelay
-from tokenrelay.broker import scripts
+from tokenrelay.broker import scripts, telemetry
 from tokenrelay.broker.connection import RedisClient, connect
 from tokenrelay.broker.embedded import EmbeddedRedis
 from tokenrelay.broker.keys import Keys
@@ -72,10 +73,10 @@ class Relay(NamedTuple):
 
 @contextlib.asynccontextmanager
 async def relay(
-    proxy: LossyRedis, own_redis: EmbeddedRedis, *, with_worker: bool = True
+    proxy: LossyRedis, own_redis: EmbeddedRedis, *, with_worker: bool = True, **settings: Any
 ) -> AsyncIterator[Relay]:
     """tokenrelay (API, and a worker unless told otherwise) on the Redis behind `proxy`."""
-    s = make_settings(own_redis, redis_url=proxy.url)
+    s = make_settings(own_redis, redis_url=proxy.url, **settings)
     server = Tokenrelay(s, with_worker=with_worker).start()
     redis = connect(own_redis.url)
     try:
@@ -131,6 +132,36 @@ async def test_a_run_whose_start_replies_are_lost_runs_once_as_attempt_1(
         runs = (await c.get(f"/threads/{tid}/runs")).json()
         assert [r["run_id"] for r in runs] == [rid]
         assert (await c.get(f"/threads/{tid}")).json()["status"] == "idle"
+
+
+async def test_a_job_whose_delivery_is_lost_starts_before_its_lease_lapses(
+    proxy: LossyRedis, own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's blocking read of the queue is cut after Redis handed it the job, so the job
+    sits in the worker's pending entries and redis-py's resend of the read gets nothing. Its
+    next heartbeat finds the job it never started and starts it as attempt 1; no takeover
+    after a lease is needed."""
+    lease = 6.0
+    taken_over = telemetry.RUNS_RECLAIMED._value.get()
+    async with relay(proxy, own_redis, lease_seconds=lease) as (c, _, _):
+        warm = await new_thread(c)
+        await c.post(f"/threads/{warm}/runs/wait", json=run_body("fast"))  # the worker is up
+        tid = await new_thread(c)
+        # Each read blocks for up to 500 ms: the run is queued while an armed one waits.
+        proxy.arm(b"XREADGROUP", times=3)
+        for _ in range(200):
+            if proxy.lost:
+                break
+            await asyncio.sleep(0.01)
+        assert proxy.lost == [b"XREADGROUP"]
+        run = (await c.post(f"/threads/{tid}/runs", json=run_body("fast"))).json()
+        await wait_status(c, tid, run["run_id"], "success")
+        evts = await join(c, tid, run["run_id"], "-1")
+        assert [e.json()["attempt"] for e in evts if e.event == "metadata"] == [1]
+        assert message_text(evts) == expected_text()
+    adopted = [r for r in caplog.records if "delivery to this worker was lost" in r.message]
+    assert [r.run_id for r in adopted] == [run["run_id"]]  # type: ignore[attr-defined]
+    assert telemetry.RUNS_RECLAIMED._value.get() == taken_over
 
 
 async def test_a_release_whose_reply_is_lost_still_starts_the_run_queued_behind(

@@ -93,15 +93,39 @@ class RunQueue:
                 jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
         return jobs
 
-    async def renew(self, consumer: str, msg_ids: list[bytes]) -> list[bytes]:
+    async def renew(
+        self, consumer: str, msg_ids: list[bytes], stray_ms: int
+    ) -> tuple[list[bytes], list[bytes]]:
         """Reset the idle time of `consumer`'s jobs: the lease renewal other workers watch.
 
         Returns the jobs `consumer` no longer owns (taken over by another worker, or gone):
-        their runs were superseded, and renewing them would steal them back."""
-        if not msg_ids:
-            return []
-        lost = await self._renew(self._redis, [self._key], [GROUP, consumer, *msg_ids])
-        return [bytes(m) for m in lost]
+        their runs were superseded, and renewing them would steal them back. Then its strays:
+        the jobs it holds, idle for `stray_ms`, that it did not name (`adopt` takes them)."""
+        lost, strays = await self._renew(
+            self._redis, [self._key], [GROUP, consumer, stray_ms, *msg_ids]
+        )
+        return [bytes(m) for m in lost], [bytes(m) for m in strays]
+
+    async def adopt(
+        self, consumer: str, msg_ids: list[bytes], min_idle_ms: int
+    ) -> list[tuple[bytes, Job]]:
+        """The jobs of `msg_ids` that `consumer` still holds, idle for `min_idle_ms`, claimed
+        again (which resets their idle time) with what they carry, to be started now: jobs a
+        read delivered to `consumer` whose reply it never received."""
+        ids: list[Any] = list(msg_ids)
+        rows = cast(
+            list[Any], await self._redis.xclaim(self._key, GROUP, consumer, min_idle_ms, ids)
+        )
+        jobs: list[tuple[bytes, Job]] = []
+        for row in rows:
+            if not row:
+                continue
+            msg_id, fields = row
+            if fields and b"j" in fields:
+                jobs.append((bytes(msg_id), Job(**codec.unpack(fields[b"j"]))))
+            else:  # its payload is gone: nothing to run
+                await self.ack(bytes(msg_id), consumer)
+        return jobs
 
     async def reclaim(
         self, consumer: str, lease_ms: int, count: int, stall_ms: int

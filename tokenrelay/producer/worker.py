@@ -76,6 +76,11 @@ OWNERSHIP_FRESH_SECONDS = 0.5
 LangGraph unwinds a cancel in milliseconds, but a graph that swallows the cancel takes the one
 delivered again, seconds later, and a lease lost meanwhile must not go unseen."""
 
+STARTED_KEPT = 16_384
+"""How many of the jobs it started a worker remembers (`Worker._started`): one it started and
+holds unrenewed (its task ended before its acknowledgement landed) is taken over once its lease
+lapses, within a lease or two, long before this many more runs have started."""
+
 PROMOTE_SECONDS = 0.5
 """How often a worker queues the runs put off (`after_seconds`) that are due: a run starts
 within about this long after its time, and an idle worker reads the set twice a second."""
@@ -173,6 +178,10 @@ class Worker:
             on_failed=self._on_append_failed,
         )
         self._running: dict[str, _Running] = {}
+        self._started: dict[bytes, None] = {}
+        """The jobs this worker started, latest last (at most `STARTED_KEPT`): a job it holds
+        and did not start is a stray (`Worker._adopt`); one it started and holds unrenewed is
+        left for a takeover, as a new attempt."""
         self._ctx = {"worker_id": self.id}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -293,6 +302,9 @@ class Worker:
     def _start(self, msg_id: bytes, job: Job) -> None:
         if job.run_id in self._running:
             return
+        self._started[msg_id] = None
+        if len(self._started) > STARTED_KEPT:
+            del self._started[next(iter(self._started))]
         task = asyncio.create_task(self._execute(msg_id, job), name=f"run-{job.run_id}")
         self._running[job.run_id] = _Running(job, msg_id, task)
         telemetry.RUNS_ACTIVE.inc()
@@ -326,9 +338,12 @@ class Worker:
         await self._redis.set(self.keys.worker(self.id), b"1", ex=max(1, math.ceil(lease)))
         await self.runs.data_since()  # marks when an emptied Redis began to hold data again
         owned = {r.msg_id: r for r in self._running.values() if not r.stop_reason}
-        for msg_id in await self.queue.renew(self.id, list(owned)):
+        stray_ms = int(lease * 1000 / 3)
+        lost, strays = await self.queue.renew(self.id, list(owned), stray_ms)
+        for msg_id in lost:
             running = owned[msg_id]
             self._fence(running.job.run_id, "its job was taken over by another worker or deleted")
+        await self._adopt([m for m in strays if m not in self._started], stray_ms)
         # The lease clock is read at every heartbeat, with no room too (count 0): a gap in its
         # readings means no worker could reach Redis. Heartbeats come every third of a lease,
         # so half a lease without a reading is a stall.
@@ -348,6 +363,20 @@ class Worker:
             telemetry.RUNS_RECLAIMED.inc()
             log.info(
                 "taking over run from a worker whose lease lapsed",
+                extra={**self._ctx, "run_id": job.run_id, "thread_id": job.thread_id},
+            )
+            self._start(msg_id, job)
+
+    async def _adopt(self, strays: list[bytes], min_idle_ms: int) -> None:
+        """Start the jobs Redis handed this worker that it never received: a read of the queue
+        that delivered them while its connection was being cut (a partition, a proxy's reset)
+        lost its reply, and redis-py's resend of the read finds nothing new. Without this they
+        would wait a whole lease, then run as a second attempt."""
+        if not strays:
+            return
+        for msg_id, job in await self.queue.adopt(self.id, strays, min_idle_ms):
+            log.warning(
+                "starting a run whose delivery to this worker was lost",
                 extra={**self._ctx, "run_id": job.run_id, "thread_id": job.thread_id},
             )
             self._start(msg_id, job)
