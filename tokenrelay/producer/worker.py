@@ -343,7 +343,9 @@ class Worker:
         for msg_id in lost:
             running = owned[msg_id]
             self._fence(running.job.run_id, "its job was taken over by another worker or deleted")
-        await self._adopt([m for m in strays if m not in self._started], stray_ms)
+        # Within the worker's concurrency: the rest are left to a takeover after their lease.
+        free = max(0, self.concurrency - len(self._running))
+        await self._adopt([m for m in strays if m not in self._started][:free], stray_ms)
         # The lease clock is read at every heartbeat, with no room too (count 0): a gap in its
         # readings means no worker could reach Redis. Heartbeats come every third of a lease,
         # so half a lease without a reading is a stall.
