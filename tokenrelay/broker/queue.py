@@ -116,16 +116,7 @@ class RunQueue:
         rows = cast(
             list[Any], await self._redis.xclaim(self._key, GROUP, consumer, min_idle_ms, ids)
         )
-        jobs: list[tuple[bytes, Job]] = []
-        for row in rows:
-            if not row:
-                continue
-            msg_id, fields = row
-            if fields and b"j" in fields:
-                jobs.append((bytes(msg_id), Job(**codec.unpack(fields[b"j"]))))
-            else:  # its payload is gone: nothing to run
-                await self.ack(bytes(msg_id), consumer)
-        return jobs
+        return await self._taken(consumer, [(row[0], row[1] or {}) for row in rows if row])
 
     async def reclaim(
         self, consumer: str, lease_ms: int, count: int, stall_ms: int
@@ -140,14 +131,23 @@ class RunQueue:
                 self._redis, [self._key, self._clock], [GROUP, consumer, lease_ms, count, stall_ms]
             ),
         )
-        jobs: list[tuple[bytes, Job]] = []
+        rows = []
         for row in reply:
             msg_id, flat = (row[0], row[1]) if row else (b"", None)
-            fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+            rows.append((msg_id, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}))
+        return await self._taken(consumer, rows)
+
+    async def _taken(
+        self, consumer: str, rows: list[tuple[bytes, dict[bytes, bytes]]]
+    ) -> list[tuple[bytes, Job]]:
+        """The jobs of entries `consumer` has just claimed; an entry whose payload is gone has
+        nothing to run and is acknowledged."""
+        jobs: list[tuple[bytes, Job]] = []
+        for msg_id, fields in rows:
             if b"j" in fields:
-                jobs.append((msg_id, Job(**codec.unpack(fields[b"j"]))))
-            elif msg_id:  # its payload is gone: nothing to run
-                await self.ack(msg_id, consumer)
+                jobs.append((bytes(msg_id), Job(**codec.unpack(fields[b"j"]))))
+            elif msg_id:
+                await self.ack(bytes(msg_id), consumer)
         return jobs
 
     async def holds(self, msg_id: str) -> bool:

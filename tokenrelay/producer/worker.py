@@ -300,11 +300,14 @@ class Worker:
                 self._start(msg_id, job)
 
     def _start(self, msg_id: bytes, job: Job) -> None:
-        if job.run_id in self._running:
-            return
+        # Known from here, started or not: a second job of a run already running is left to a
+        # takeover once its lease lapses (`start_attempt` then finds nothing to do), not taken
+        # for a stray at every heartbeat.
         self._started[msg_id] = None
         if len(self._started) > STARTED_KEPT:
             del self._started[next(iter(self._started))]
+        if job.run_id in self._running:
+            return
         task = asyncio.create_task(self._execute(msg_id, job), name=f"run-{job.run_id}")
         self._running[job.run_id] = _Running(job, msg_id, task)
         telemetry.RUNS_ACTIVE.inc()
